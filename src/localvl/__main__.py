@@ -1,0 +1,3 @@
+from localvl.cli import main
+
+raise SystemExit(main())

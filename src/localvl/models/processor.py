@@ -1,0 +1,58 @@
+"""Loading a model folder's processor, with or without torchvision.
+
+Every stock Qwen-VL processor class insists on a video processor, and video processors need
+torchvision, which CPU-only installs often lack. localvl only feeds images, so when torchvision is
+missing it loads the same processor class without its video part.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def image_only(processor_class: type) -> type:
+    """A subclass of a stock processor class whose constructor takes no video processor.
+
+    ProcessorMixin discovers its parts from the constructor's signature, so leaving
+    ``video_processor`` out of it is all that is needed; the subclass keeps the base's name so
+    that what it saves reads exactly like the stock processor.
+    """
+
+    def __init__(self: Any, image_processor: Any = None, tokenizer: Any = None, chat_template: Any = None, **kwargs: Any) -> None:
+        processor_class.__init__(self, image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+    return type(processor_class.__name__, (processor_class,), {"__init__": __init__, "__module__": processor_class.__module__})
+
+
+def _processor_class_name(folder: str) -> str | None:
+    for name in ("processor_config.json", "preprocessor_config.json"):
+        path = Path(folder) / name
+        if path.is_file():
+            value = json.loads(path.read_text()).get("processor_class")
+            if value:
+                return value
+    return None
+
+
+def load_processor(name_or_path: str, **kwargs: Any) -> Any:
+    """``AutoProcessor.from_pretrained``, falling back to an image-only processor without torchvision."""
+    import transformers
+    from transformers import AutoConfig, AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(name_or_path, **kwargs)
+    except ImportError as error:
+        if "torchvision" not in str(error).lower():
+            raise
+    class_name = _processor_class_name(name_or_path)
+    if class_name is None:
+        from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+
+        model_type = AutoConfig.from_pretrained(name_or_path, **kwargs).model_type
+        class_name = PROCESSOR_MAPPING_NAMES.get(model_type)
+    processor_class = getattr(transformers, class_name or "", None)
+    if processor_class is None:
+        raise ImportError(f"cannot load the processor of {name_or_path} without torchvision (class {class_name!r})")
+    return image_only(processor_class).from_pretrained(name_or_path, **kwargs)

@@ -1,0 +1,45 @@
+"""Shared fixtures: tiny model folders (built once per session) and test images."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory: pytest.TempPathFactory):
+    """``model_dir(family, vocab="tiny")``: a tiny model folder, built on first request."""
+    from localvl.models.tiny import build_tiny_model
+
+    built: dict[tuple[str, str], Path] = {}
+
+    def get(family: str = "qwen2_5_vl", vocab: str = "tiny") -> Path:
+        key = (family, vocab)
+        if key not in built:
+            built[key] = build_tiny_model(tmp_path_factory.mktemp(f"{family}-{vocab}"), family, vocab)
+        return built[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def loaded_model(model_dir):
+    """``loaded_model(family, vocab="tiny")``: a LoadedModel (fp32, CPU), loaded once."""
+    from localvl.models.loader import load_model
+
+    cache: dict[tuple[str, str], object] = {}
+
+    def get(family: str = "qwen2_5_vl", vocab: str = "tiny"):
+        key = (family, vocab)
+        if key not in cache:
+            cache[key] = load_model(str(model_dir(family, vocab)), device="cpu", dtype="float32")
+        return cache[key]
+
+    return get

@@ -1,0 +1,41 @@
+import json
+
+import pytest
+from transformers import GenerationConfig, Qwen2Config
+
+from localvl.engine.sampling import ResolvedSampling
+from localvl.models.loader import ModelLoadError, load_model, sampling_defaults
+
+
+def test_loads_each_family_with_context_and_eos(loaded_model):
+    loaded = loaded_model("qwen3_vl")
+    assert loaded.model_type == "qwen3_vl"
+    assert loaded.context_length == 32768
+    assert loaded.tokenizer.convert_tokens_to_ids("<|im_end|>") in loaded.eos_token_ids
+
+
+def test_max_model_len_overrides_the_context(model_dir):
+    loaded = load_model(str(model_dir("qwen2_vl")), max_model_len=512)
+    assert loaded.context_length == 512
+
+
+def test_a_text_only_model_is_refused_with_a_clear_message(tmp_path):
+    Qwen2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                num_attention_heads=2, num_key_value_heads=1).save_pretrained(tmp_path)
+    with pytest.raises(ModelLoadError, match="'qwen2' model; localvl serves Qwen vision-language models"):
+        load_model(str(tmp_path))
+
+
+def test_a_missing_folder_or_unreachable_hub_id_says_what_to_do(tmp_path):
+    with pytest.raises(ModelLoadError, match="could not read the config"):
+        load_model(str(tmp_path / "nothing-here"))
+    with pytest.raises(ModelLoadError, match="hub id"):
+        load_model("Qwen/Qwen2.5-VL-3B-Instruct")  # HF_HUB_OFFLINE=1 in tests
+
+
+def test_sampling_defaults_follow_the_folder():
+    assert sampling_defaults(None) == ResolvedSampling()
+    assert sampling_defaults(GenerationConfig()) == ResolvedSampling()
+    assert sampling_defaults(GenerationConfig(do_sample=False)) == ResolvedSampling(temperature=0.0)
+    qwen = GenerationConfig(do_sample=True, temperature=0.7, top_p=0.8, top_k=20)
+    assert sampling_defaults(qwen) == ResolvedSampling(temperature=0.7, top_p=0.8, top_k=20)

@@ -1,0 +1,49 @@
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoProcessor
+
+from localvl.models import processor as processor_module
+from localvl.models.processor import image_only, load_processor
+from tests.conftest import FAMILIES
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_image_only_fallback_matches_the_stock_processor(model_dir, family, monkeypatch):
+    folder = str(model_dir(family))
+    reference = load_processor(folder)
+
+    def no_torchvision(*args, **kwargs):
+        raise ImportError("Qwen2VLVideoProcessor requires the Torchvision library but it was not found")
+
+    monkeypatch.setattr(AutoProcessor, "from_pretrained", no_torchvision)
+    fallback = load_processor(folder)
+    assert type(fallback).__name__ == type(reference).__name__
+    assert getattr(fallback, "video_processor", None) is None
+    text = fallback.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}], tokenize=False
+    )
+    picture = Image.new("RGB", (80, 50), (10, 20, 30))
+    a = fallback(text=[text], images=[picture], return_tensors="pt")
+    b = reference(text=[text], images=[picture], return_tensors="pt")
+    assert torch.equal(a["input_ids"], b["input_ids"])
+    assert torch.equal(a["image_grid_thw"], b["image_grid_thw"])
+    assert torch.allclose(a["pixel_values"], b["pixel_values"])
+
+
+def test_other_import_errors_are_not_swallowed(model_dir, monkeypatch):
+    def broken(*args, **kwargs):
+        raise ImportError("some other library is missing")
+
+    monkeypatch.setattr(AutoProcessor, "from_pretrained", broken)
+    with pytest.raises(ImportError, match="some other library"):
+        load_processor(str(model_dir("qwen2_5_vl")))
+
+
+def test_image_only_keeps_the_stock_name():
+    from transformers import Qwen2_5_VLProcessor
+
+    cls = image_only(Qwen2_5_VLProcessor)
+    assert cls.__name__ == "Qwen2_5_VLProcessor" and issubclass(cls, Qwen2_5_VLProcessor)
+    assert "video_processor" not in cls.get_attributes()
+    assert processor_module.image_only is image_only
