@@ -1,0 +1,115 @@
+"""The neutral conversation: what every API dialect converts a request into.
+
+Nothing here knows about HTTP or any vendor's field names. A dialect builds a ``Conversation``
+plus ``SamplingParams`` from its request body; prompt rendering and the engine consume only these.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal, Union
+
+if TYPE_CHECKING:
+    from PIL.Image import Image as PILImage
+
+
+@dataclass(frozen=True)
+class Text:
+    text: str
+
+
+@dataclass(frozen=True, eq=False)
+class Image:
+    """A decoded, validated image. ``sha256`` is of the encoded bytes: the key for caches."""
+
+    pixels: PILImage
+    media_type: str
+    sha256: str
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.pixels.size
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    id: str
+    name: str
+    input: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ToolResult:
+    tool_call_id: str
+    content: tuple[Union[Text, Image], ...]
+    is_error: bool = False
+
+
+@dataclass(frozen=True)
+class Thinking:
+    text: str
+    signature: str | None = None
+
+
+Part = Union[Text, Image, ToolCall, ToolResult, Thinking]
+Role = Literal["system", "user", "assistant"]
+
+
+@dataclass
+class Turn:
+    role: Role
+    parts: list[Part]
+
+    @property
+    def text(self) -> str:
+        return "".join(part.text for part in self.parts if isinstance(part, Text))
+
+    def images(self) -> list[Image]:
+        found: list[Image] = []
+        for part in self.parts:
+            if isinstance(part, Image):
+                found.append(part)
+            elif isinstance(part, ToolResult):
+                found.extend(p for p in part.content if isinstance(p, Image))
+        return found
+
+
+@dataclass(frozen=True)
+class Tool:
+    name: str
+    description: str | None
+    input_schema: dict[str, Any]
+
+
+@dataclass
+class Conversation:
+    """Turns in order; a final assistant turn is a prefill that the answer continues."""
+
+    turns: list[Turn]
+    tools: list[Tool] = field(default_factory=list)
+
+    @property
+    def prefill(self) -> Turn | None:
+        return self.turns[-1] if self.turns and self.turns[-1].role == "assistant" else None
+
+    def images(self) -> list[Image]:
+        return [image for turn in self.turns for image in turn.images()]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request sampling. ``None`` means "the model folder's default, else the API's"."""
+
+    max_tokens: int
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    stop_sequences: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+@dataclass
+class GenerationRequest:
+    id: str
+    conversation: Conversation
+    sampling: SamplingParams

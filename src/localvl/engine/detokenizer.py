@@ -1,0 +1,52 @@
+"""Incremental detokenisation that never splits a character and never yields empty text.
+
+Byte-level BPE tokens can end in the middle of a multi-byte UTF-8 character. Text is decoded
+over a short window of recent tokens and released only once it no longer ends in an incomplete
+character, so the concatenation of everything released equals the decoded whole.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+_REPLACEMENT = "\ufffd"
+
+
+class IncrementalDetokenizer:
+    def __init__(self, tokenizer: Any, skip_token_ids: Iterable[int] = ()) -> None:
+        self._tokenizer = tokenizer
+        self._skip = frozenset(skip_token_ids)
+        self._ids: list[int] = []
+        self._prefix = 0  # window start: everything before it has been released
+        self._read = 0  # tokens up to here have been released as text
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    def add(self, token_id: int) -> str:
+        """Feed one generated token; return newly complete text (possibly "")."""
+        if token_id in self._skip:
+            return ""
+        self._ids.append(token_id)
+        seen = self._decode(self._ids[self._prefix : self._read])
+        text = self._decode(self._ids[self._prefix :])
+        if text.endswith(_REPLACEMENT) or len(text) <= len(seen):
+            return ""
+        self._prefix, self._read = self._read, len(self._ids)
+        return text[len(seen) :]
+
+    def flush(self) -> str:
+        """Whatever is still held at the end of generation (an incomplete character decodes as U+FFFD)."""
+        seen = self._decode(self._ids[self._prefix : self._read])
+        text = self._decode(self._ids[self._prefix :])
+        self._prefix = self._read = len(self._ids)
+        return text[len(seen) :] if len(text) > len(seen) else ""
+
+
+def special_token_ids(tokenizer: Any) -> frozenset[int]:
+    """Ids of every added token marked special: what ``decode(skip_special_tokens=True)`` drops.
+
+    (``all_special_ids`` lists only the named ones such as eos and pad, not ``<|im_start|>``.)
+    """
+    ids = {int(i) for i, token in getattr(tokenizer, "added_tokens_decoder", {}).items() if token.special}
+    return frozenset(ids | set(tokenizer.all_special_ids))

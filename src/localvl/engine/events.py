@@ -1,0 +1,33 @@
+"""Neutral events an engine streams for one request; dialects turn them into their own shapes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Union
+
+# eos: the model ended its turn · max_tokens: the request's limit · stop_sequence: a client stop
+# string matched · context_window: the model's context filled up before either of those.
+FinishReason = Literal["eos", "max_tokens", "stop_sequence", "context_window"]
+
+
+@dataclass(frozen=True)
+class Usage:
+    input_tokens: int
+    output_tokens: int
+    cache_read_input_tokens: int = 0
+    cache_creation_input_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    text: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    reason: FinishReason
+    usage: Usage
+    stop_sequence: str | None = None
+
+
+Event = Union[TextDelta, Finished]

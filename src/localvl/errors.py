@@ -1,0 +1,92 @@
+"""One error hierarchy for everything a request can run into.
+
+Any layer (dialect conversion, media decoding, prompt rendering, the engine) raises these; each
+API dialect maps them onto its own error envelope. ``kind`` names the error in the words of
+Anthropic's API, which has the finest-grained vocabulary of the dialects localvl speaks.
+"""
+
+from __future__ import annotations
+
+
+class LocalvlError(Exception):
+    """An error whose message is safe to show the client (it never echoes request content)."""
+
+    status: int = 500
+    kind: str = "api_error"
+
+    def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.headers = headers or {}
+
+
+class InvalidRequestError(LocalvlError):
+    status = 400
+    kind = "invalid_request_error"
+
+
+class AuthenticationError(LocalvlError):
+    status = 401
+    kind = "authentication_error"
+
+
+class PermissionDeniedError(LocalvlError):
+    status = 403
+    kind = "permission_error"
+
+
+class NotFoundError(LocalvlError):
+    status = 404
+    kind = "not_found_error"
+
+
+class MethodNotAllowedError(LocalvlError):
+    status = 405
+    kind = "invalid_request_error"
+
+
+class RequestTooLargeError(LocalvlError):
+    status = 413
+    kind = "request_too_large"
+
+
+class RateLimitError(LocalvlError):
+    status = 429
+    kind = "rate_limit_error"
+
+
+class InternalError(LocalvlError):
+    status = 500
+    kind = "api_error"
+
+
+class OverloadedError(LocalvlError):
+    status = 529
+    kind = "overloaded_error"
+
+
+class ServiceUnavailableError(LocalvlError):
+    status = 503
+    kind = "overloaded_error"
+
+
+def status_error(status: int, message: str) -> LocalvlError:
+    """The hierarchy's error for a bare HTTP status (from routing, say)."""
+    for cls in (
+        InvalidRequestError,
+        AuthenticationError,
+        PermissionDeniedError,
+        NotFoundError,
+        MethodNotAllowedError,
+        RequestTooLargeError,
+        RateLimitError,
+        OverloadedError,
+        ServiceUnavailableError,
+    ):
+        if cls.status == status:
+            return cls(message)
+    if 400 <= status < 500:
+        error: LocalvlError = InvalidRequestError(message)
+        error.status = status
+        return error
+    return InternalError(message)

@@ -1,0 +1,84 @@
+"""Turning image bytes from a request into validated pixels plus a content hash."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import io
+import warnings
+
+from PIL import Image as PILImageModule
+from PIL import ImageOps, UnidentifiedImageError
+
+from localvl.conversation import Image
+from localvl.errors import InvalidRequestError
+
+SUPPORTED_MEDIA_TYPES = ("image/jpeg", "image/png", "image/gif", "image/webp")
+MAX_SIDE = 8000
+
+
+def sniff_media_type(data: bytes) -> str | None:
+    """The media type the bytes themselves declare, by their magic numbers."""
+    if data.startswith(b"\xff\xd8\xff"):
+        return "image/jpeg"
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "image/png"
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return "image/gif"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    return None
+
+
+def decode_base64(data: str, where: str) -> bytes:
+    compact = "".join(data.split())
+    try:
+        return base64.b64decode(compact, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidRequestError(f"{where}: invalid base64 data") from None
+
+
+def load_image(data: bytes, media_type: str | None, where: str) -> Image:
+    """Validate and decode an image. ``media_type`` (if given) must match what the bytes are."""
+    if not data:
+        raise InvalidRequestError(f"{where}: image data is empty")
+    actual = sniff_media_type(data)
+    if actual is None:
+        raise InvalidRequestError(
+            f"{where}: the data is not a supported image (supported: {', '.join(SUPPORTED_MEDIA_TYPES)})"
+        )
+    if media_type is not None and media_type != actual:
+        raise InvalidRequestError(f"{where}: image data is {actual} but media_type says {media_type}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", PILImageModule.DecompressionBombWarning)
+            picture = PILImageModule.open(io.BytesIO(data))
+            width, height = picture.size
+            if width > MAX_SIDE or height > MAX_SIDE:
+                raise InvalidRequestError(f"{where}: image is {width}x{height} px; at most {MAX_SIDE}x{MAX_SIDE} is allowed")
+            picture.load()
+            picture = ImageOps.exif_transpose(picture)
+            rgb = _to_rgb(picture)
+    except InvalidRequestError:
+        raise
+    except (PILImageModule.DecompressionBombError, PILImageModule.DecompressionBombWarning):
+        raise InvalidRequestError(f"{where}: image has too many pixels") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
+        raise InvalidRequestError(f"{where}: could not decode the {actual} image ({type(error).__name__})") from None
+    return Image(pixels=rgb, media_type=actual, sha256=hashlib.sha256(data).hexdigest())
+
+
+def _to_rgb(picture: PILImageModule.Image) -> PILImageModule.Image:
+    """RGB pixels; transparency is composited on white, 16-bit samples scaled (not clipped) to 8 bits."""
+    if picture.mode in ("I;16", "I;16B", "I;16L", "I"):
+        import numpy as np
+
+        samples = np.asarray(picture).astype(np.uint32)
+        picture = PILImageModule.fromarray((np.minimum(samples, 65535) >> 8).astype(np.uint8), mode="L")
+    if picture.mode in ("RGBA", "LA", "PA") or "transparency" in picture.info:
+        rgba = picture.convert("RGBA")
+        background = PILImageModule.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    return picture if picture.mode == "RGB" else picture.convert("RGB")

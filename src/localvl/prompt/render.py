@@ -1,0 +1,119 @@
+"""From a neutral conversation to model inputs, through the model folder's own template and processor.
+
+There is exactly one path from conversation to token ids; generation, ``usage.input_tokens`` and
+``count_tokens`` all take it, so the three always agree. The prompt format is never written here:
+it is whatever the folder's chat template says.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import jinja2
+import torch
+
+from localvl.conversation import Conversation, Image, Text, Thinking, ToolCall, ToolResult, Turn
+from localvl.engine.qwen_vl import PromptInputs
+from localvl.errors import InvalidRequestError
+
+
+def _content(parts: list[Any]) -> str | list[dict[str, Any]]:
+    """Template content for text and images: a plain string when there are no images."""
+    items: list[dict[str, Any]] = []
+    for part in parts:
+        if isinstance(part, Text):
+            items.append({"type": "text", "text": part.text})
+        elif isinstance(part, Image):
+            items.append({"type": "image"})
+    if all(item["type"] == "text" for item in items):
+        return "".join(item["text"] for item in items)
+    return items
+
+
+def template_messages(conversation: Conversation) -> list[dict[str, Any]]:
+    """The conversation as the list of messages HF chat templates take (OpenAI-like dicts)."""
+    messages: list[dict[str, Any]] = []
+    for turn in conversation.turns:
+        if turn.role == "assistant":
+            messages.append(_assistant_message(turn))
+            continue
+        rest: list[Any] = []
+        for part in turn.parts:
+            if isinstance(part, ToolResult):
+                content = list(part.content)
+                messages.append({"role": "tool", "tool_call_id": part.tool_call_id, "content": _content(content)})
+            else:
+                rest.append(part)
+        if rest or not any(isinstance(p, ToolResult) for p in turn.parts):
+            messages.append({"role": turn.role, "content": _content(rest)})
+    return messages
+
+
+def _assistant_message(turn: Turn) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": _content([p for p in turn.parts if isinstance(p, Text)])}
+    calls = [p for p in turn.parts if isinstance(p, ToolCall)]
+    if calls:
+        message["tool_calls"] = [
+            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.input}} for c in calls
+        ]
+    thinking = "".join(p.text for p in turn.parts if isinstance(p, Thinking))
+    if thinking:
+        message["reasoning_content"] = thinking
+    return message
+
+
+def template_tools(conversation: Conversation) -> list[dict[str, Any]] | None:
+    if not conversation.tools:
+        return None
+    return [
+        {
+            "type": "function",
+            "function": {"name": t.name, "description": t.description or "", "parameters": t.input_schema},
+        }
+        for t in conversation.tools
+    ]
+
+
+class Renderer:
+    """Renders conversations with one processor. Safe to call from any thread."""
+
+    def __init__(self, processor: Any, template_kwargs: dict[str, Any] | None = None) -> None:
+        self.processor = processor
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.template_kwargs = dict(template_kwargs or {})
+        # Rust tokenizers raise "Already borrowed" when one instance is used from two threads.
+        self._lock = threading.Lock()
+
+    def prompt_text(self, conversation: Conversation) -> str:
+        prefill = conversation.prefill
+        if prefill is not None and prefill.text != prefill.text.rstrip():
+            raise InvalidRequestError("final assistant content cannot end with trailing whitespace")
+        kwargs: dict[str, Any] = dict(self.template_kwargs)
+        tools = template_tools(conversation)
+        if tools:
+            kwargs["tools"] = tools
+        if prefill is not None:
+            kwargs.update(add_generation_prompt=False, continue_final_message=True)
+        else:
+            kwargs.update(add_generation_prompt=True)
+        template_owner = self.processor if getattr(self.processor, "chat_template", None) else self.tokenizer
+        try:
+            return template_owner.apply_chat_template(template_messages(conversation), tokenize=False, **kwargs)
+        except jinja2.TemplateError as error:
+            raise InvalidRequestError(f"the model's chat template rejected the conversation: {error}") from None
+        except ValueError as error:  # e.g. continue_final_message on content the template rewrote
+            raise InvalidRequestError(f"the model's chat template rejected the conversation: {error}") from None
+
+    def render(self, conversation: Conversation) -> PromptInputs:
+        text = self.prompt_text(conversation)
+        images = [image.pixels for image in conversation.images()]
+        with self._lock:
+            out = self.processor(text=[text], images=images or None, return_tensors="pt")
+        input_ids = out["input_ids"][0].to(torch.long)
+        if images:
+            return PromptInputs(input_ids, out["pixel_values"], out["image_grid_thw"])
+        return PromptInputs(input_ids)
+
+    def count(self, conversation: Conversation) -> int:
+        return int(self.render(conversation).input_ids.numel())

@@ -1,0 +1,191 @@
+import asyncio
+import dataclasses
+import time
+
+import pytest
+import torch
+
+from localvl.conversation import Conversation, GenerationRequest, Image, SamplingParams, Text, Turn
+from localvl.engine.events import Finished, TextDelta
+from localvl.engine.local import LocalEngine
+from localvl.errors import InvalidRequestError
+from localvl.media.images import load_image
+from tests.helpers import image_bytes
+
+
+def conversation(text="Describe the picture, please.", image=False) -> Conversation:
+    parts = [load_image(image_bytes("PNG", size=(90, 60)), "image/png", "test")] if image else []
+    return Conversation([Turn("user", [*parts, Text(text)])])
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def generate(engine, conv, request_id="r", **sampling):
+    sampling.setdefault("max_tokens", 16)
+    sampling.setdefault("temperature", 0.0)
+    stream = await engine.submit(GenerationRequest(request_id, conv, SamplingParams(**sampling)))
+    events = [event async for event in stream]
+    return stream, events
+
+
+async def with_engine(loaded, body, **kwargs):
+    engine = LocalEngine(loaded, **kwargs)
+    await engine.start()
+    try:
+        return await body(engine)
+    finally:
+        await engine.stop()
+
+
+@pytest.mark.parametrize("image", [False, True])
+def test_greedy_text_equals_generate_and_usage_is_exact(loaded_model, image):
+    loaded = loaded_model("qwen2_5_vl")
+    conv = conversation(image=image)
+
+    async def body(engine):
+        stream, events = await generate(engine, conv, max_tokens=20)
+        return stream, events, await engine.count_tokens(conv)
+
+    stream, events, counted = run(with_engine(loaded, body, prefill_chunk_tokens=7))
+    *deltas, finished = events
+    assert isinstance(finished, Finished) and all(isinstance(d, TextDelta) and d.text for d in deltas)
+    assert finished.usage.input_tokens == stream.input_tokens == counted
+
+    prompt = dataclasses.replace(LocalEngine(loaded).renderer.render(conv))
+    inputs = {"input_ids": prompt.input_ids[None], "attention_mask": torch.ones_like(prompt.input_ids)[None]}
+    if image:
+        inputs.update(pixel_values=prompt.pixel_values, image_grid_thw=prompt.image_grid_thw)
+        inputs["mm_token_type_ids"] = (prompt.input_ids == loaded.model.config.image_token_id).int()[None]
+    padding_ids = list(range(len(loaded.tokenizer), loaded.model.config.get_text_config().vocab_size))
+    reference = loaded.model.generate(**inputs, max_new_tokens=20, do_sample=False, suppress_tokens=padding_ids)
+    reference = reference[0, prompt.input_ids.numel() :]
+    assert finished.usage.output_tokens == reference.numel()
+    expected = loaded.tokenizer.decode(reference, skip_special_tokens=True)
+    assert "".join(d.text for d in deltas) == expected
+    assert finished.reason == ("eos" if int(reference[-1]) in loaded.eos_token_ids else "max_tokens")
+
+
+def test_stop_sequence_cuts_the_text_before_it(loaded_model):
+    loaded = loaded_model("qwen2_vl")
+    conv = conversation("tell me a story")
+
+    async def body(engine):
+        _, events = await generate(engine, conv, max_tokens=40)
+        full = "".join(e.text for e in events if isinstance(e, TextDelta))
+        stop = full[len(full) // 2 : len(full) // 2 + 2]
+        _, stopped = await generate(engine, conv, max_tokens=40, stop_sequences=(stop, "never-appears"))
+        return full, stop, stopped
+
+    full, stop, stopped = run(with_engine(loaded, body))
+    assert len(full) >= 4
+    *deltas, finished = stopped
+    assert finished.reason == "stop_sequence" and finished.stop_sequence == stop
+    assert "".join(d.text for d in deltas) == full[: full.find(stop)]
+
+
+def test_max_tokens_clamped_to_the_context_ends_with_context_window(loaded_model):
+    base = loaded_model("qwen2_5_vl")
+    conv = conversation("hi")
+
+    async def measure(engine):
+        return await engine.count_tokens(conv)
+
+    prompt_tokens = run(with_engine(base, measure))
+    small = dataclasses.replace(base, context_length=prompt_tokens + 3)
+
+    async def body(engine):
+        _, clamped = await generate(engine, conv, max_tokens=100)
+        _, exact = await generate(engine, conv, max_tokens=3)
+        return clamped[-1], exact[-1]
+
+    eos_free = dataclasses.replace(small, eos_token_ids=frozenset())  # so the model cannot end early
+    clamped, exact = run(with_engine(eos_free, body))
+    assert clamped.reason == "context_window" and clamped.usage.output_tokens == 3
+    assert exact.reason == "max_tokens" and exact.usage.output_tokens == 3
+
+
+def test_a_prompt_longer_than_the_context_is_refused(loaded_model):
+    base = loaded_model("qwen2_5_vl")
+    conv = conversation("word " * 50)
+
+    async def body(engine):
+        n = await engine.count_tokens(conv)
+        engine._info = dataclasses.replace(engine.info, context_length=n - 1)
+        with pytest.raises(InvalidRequestError) as caught:
+            await engine.submit(GenerationRequest("r", conv, SamplingParams(max_tokens=5)))
+        return n, caught.value
+
+    n, error = run(with_engine(base, body))
+    assert error.message == f"prompt is too long: {n} tokens > {n - 1} maximum"
+
+
+def test_seeded_sampling_is_reproducible(loaded_model):
+    loaded = loaded_model("qwen3_vl")
+    conv = conversation()
+
+    async def body(engine):
+        runs = []
+        for seed in (7, 7, 8):
+            _, events = await generate(engine, conv, temperature=1.0, seed=seed, max_tokens=24)
+            runs.append("".join(e.text for e in events if isinstance(e, TextDelta)))
+        return runs
+
+    a, b, c = run(with_engine(loaded, body))
+    assert a == b and a != c
+
+
+def test_closing_a_stream_stops_its_generation(loaded_model):
+    loaded = dataclasses.replace(loaded_model("qwen2_5_vl"), eos_token_ids=frozenset())
+
+    async def body(engine):
+        steps = 0
+        decode = engine.runner.decode
+
+        def counting_decode(*args, **kwargs):
+            nonlocal steps
+            steps += 1
+            return decode(*args, **kwargs)
+
+        engine.runner.decode = counting_decode
+        stream = await engine.submit(GenerationRequest("long", conversation(), SamplingParams(max_tokens=100_000, temperature=0)))
+        await stream.__anext__()
+        await stream.aclose()
+        deadline = time.monotonic() + 30
+        while "long" in engine._active and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        stopped_at = steps
+        await asyncio.sleep(0.2)
+        return "long" in engine._active, stopped_at, steps
+
+    still_active, stopped_at, later = run(with_engine(loaded, body))
+    assert not still_active
+    assert stopped_at == later < 100_000
+
+
+def test_concurrent_requests_queue_and_all_complete(loaded_model):
+    loaded = loaded_model("qwen2_vl")
+
+    async def body(engine):
+        convs = [conversation(f"question number {i}", image=i % 2 == 0) for i in range(4)]
+        results = await asyncio.gather(*(generate(engine, c, f"r{i}", max_tokens=8) for i, c in enumerate(convs)))
+        counts = [await engine.count_tokens(c) for c in convs]
+        return results, counts
+
+    results, counts = run(with_engine(loaded, body))
+    for (stream, events), count in zip(results, counts):
+        assert isinstance(events[-1], Finished) and events[-1].usage.input_tokens == count
+
+
+def test_submit_after_stop_is_refused(loaded_model):
+    from localvl.errors import ServiceUnavailableError
+
+    async def body():
+        engine = LocalEngine(loaded_model("qwen2_vl"))
+        await engine.start()
+        await engine.stop()
+        with pytest.raises(ServiceUnavailableError):
+            await engine.submit(GenerationRequest("r", conversation(), SamplingParams(max_tokens=2)))
+
+    run(body())

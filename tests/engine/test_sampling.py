@@ -1,0 +1,122 @@
+"""sample_next: greedy, top-k, top-p, masked ids, seeding, and the sampled distribution."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+
+from localvl.engine.sampling import ResolvedSampling, sample_next
+
+LOGITS = torch.tensor([0.3, 2.0, -1.0, 1.2, 0.9, 1.7, -0.4, 0.0])
+ARGMAX = 1
+
+
+def draws(logits, params, n=300, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return [sample_next(logits, params, generator) for _ in range(n)]
+
+
+def test_temperature_zero_is_argmax():
+    assert set(draws(LOGITS, ResolvedSampling(temperature=0.0), n=20)) == {ARGMAX}
+
+
+def test_negative_temperature_is_treated_as_greedy():
+    assert sample_next(LOGITS, ResolvedSampling(temperature=-1.0)) == ARGMAX
+
+
+def test_top_k_one_is_argmax_at_any_temperature():
+    assert set(draws(LOGITS, ResolvedSampling(temperature=1.0, top_k=1), n=50)) == {ARGMAX}
+
+
+def test_returns_a_python_int():
+    assert type(sample_next(LOGITS, ResolvedSampling())) is int
+
+
+def test_half_precision_logits_are_accepted():
+    assert sample_next(LOGITS.half(), ResolvedSampling(temperature=0.0)) == ARGMAX
+
+
+@pytest.mark.parametrize("k", [2, 3, 5])
+def test_top_k_samples_only_from_the_k_largest_logits(k):
+    allowed = set(torch.topk(LOGITS, k).indices.tolist())
+    seen = set(draws(LOGITS, ResolvedSampling(temperature=1.0, top_k=k), n=400))
+    assert seen <= allowed
+    assert len(seen) == k  # and every one of them does occur
+
+
+def test_top_k_larger_than_vocabulary_is_no_cut():
+    seen = set(draws(LOGITS, ResolvedSampling(temperature=1.0, top_k=100), n=2000))
+    assert seen == set(range(len(LOGITS)))
+
+
+def test_top_k_zero_is_no_cut():
+    seen = set(draws(LOGITS, ResolvedSampling(temperature=1.0, top_k=0), n=2000))
+    assert seen == set(range(len(LOGITS)))
+
+
+@pytest.mark.parametrize("top_p", [1e-6, 0.01, 0.2])
+def test_small_top_p_keeps_only_the_top_token(top_p):
+    # the top token alone holds about a third of the mass
+    assert set(draws(LOGITS, ResolvedSampling(temperature=1.0, top_p=top_p), n=200)) == {ARGMAX}
+
+
+def test_top_p_keeps_the_smallest_prefix_reaching_the_mass():
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    seen = set(draws(logits, ResolvedSampling(temperature=1.0, top_p=0.75), n=500))
+    assert seen == {0, 1}
+
+
+def test_top_p_zero_keeps_only_the_top_token():
+    assert sample_next(LOGITS, ResolvedSampling(temperature=1.0, top_p=0.0)) == ARGMAX
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        ResolvedSampling(temperature=1.0),
+        ResolvedSampling(temperature=1.0, top_k=3),
+        ResolvedSampling(temperature=1.0, top_p=0.999),
+        ResolvedSampling(temperature=0.0),
+    ],
+    ids=["plain", "top_k", "top_p", "greedy"],
+)
+def test_minus_infinity_logits_are_never_sampled(params):
+    logits = torch.tensor([float("-inf"), 0.0, float("-inf"), 0.1, float("-inf"), -0.1])
+    seen = set(draws(logits, params, n=500))
+    assert seen <= {1, 3, 5}
+
+
+def test_a_single_finite_logit_is_always_chosen():
+    logits = torch.full((50,), float("-inf"))
+    logits[17] = -3.0
+    assert set(draws(logits, ResolvedSampling(temperature=1.0, top_k=5), n=50)) == {17}
+
+
+def test_seeded_generator_reproduces_samples():
+    params = ResolvedSampling(temperature=1.0, top_p=0.9, top_k=6)
+    assert draws(LOGITS, params, n=100, seed=42) == draws(LOGITS, params, n=100, seed=42)
+
+
+def test_different_seeds_give_different_samples():
+    params = ResolvedSampling(temperature=1.0)
+    assert draws(LOGITS, params, n=100, seed=1) != draws(LOGITS, params, n=100, seed=2)
+
+
+def test_temperature_one_follows_softmax():
+    n = 8000
+    counts = Counter(draws(LOGITS, ResolvedSampling(temperature=1.0), n=n, seed=7))
+    expected = torch.softmax(LOGITS, dim=-1).tolist()
+    for token, p in enumerate(expected):
+        # binomial std is at most 0.0056 here: 0.025 is a generous bound (> 4 sigma)
+        assert abs(counts[token] / n - p) < 0.025, (token, counts[token] / n, p)
+
+
+def test_lower_temperature_sharpens_the_distribution():
+    n = 3000
+    hot = Counter(draws(LOGITS, ResolvedSampling(temperature=1.0), n=n, seed=3))
+    cold = Counter(draws(LOGITS, ResolvedSampling(temperature=0.3), n=n, seed=3))
+    expected_cold = torch.softmax(LOGITS / 0.3, dim=-1)[ARGMAX].item()
+    assert cold[ARGMAX] > hot[ARGMAX]
+    assert abs(cold[ARGMAX] / n - expected_cold) < 0.04
