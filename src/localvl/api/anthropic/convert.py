@@ -1,0 +1,165 @@
+"""Anthropic request bodies -> the neutral conversation (images decoded and validated on the way)."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from localvl.api.anthropic import schemas as s
+from localvl.conversation import (
+    Conversation,
+    GenerationRequest,
+    Image,
+    Part,
+    SamplingParams,
+    Text,
+    Thinking,
+    Tool,
+    ToolCall,
+    ToolResult,
+    Turn,
+)
+from localvl.errors import InvalidRequestError
+from localvl.media.images import decode_base64, load_image
+
+
+def _image(block: s.ImageBlockParam, where: str) -> Image:
+    source = block.source
+    if isinstance(source, s.Base64ImageSource):
+        return load_image(decode_base64(source.data, f"{where}.source.data"), source.media_type, f"{where}.source")
+    raise InvalidRequestError(
+        f"{where}.source.type: image sources of type {source.type!r} are not supported yet; send the image as base64"
+    )
+
+
+def _document(block: s.DocumentBlockParam, where: str) -> list[Text | Image]:
+    source = block.source
+    kind = source.get("type")
+    parts: list[Text | Image] = []
+    heading = "\n".join(x for x in (block.title, block.context) if x)
+    if heading:
+        parts.append(Text(heading + "\n"))
+    if kind == "text" and isinstance(source.get("data"), str):
+        parts.append(Text(source["data"]))
+    elif kind == "content" and isinstance(source.get("content"), (str, list)):
+        content = source["content"]
+        if isinstance(content, str):
+            parts.append(Text(content))
+        else:
+            for j, item in enumerate(content):
+                tag = item.get("type") if isinstance(item, dict) else None
+                if tag == "text" and isinstance(item.get("text"), str):
+                    parts.append(Text(item["text"]))
+                elif tag == "image":
+                    at = f"{where}.source.content.{j}"
+                    parts.append(_image(s.parse_value(s.ImageBlockParam, item, at), at))
+                else:
+                    raise InvalidRequestError(f"{where}.source.content.{j}: expected a text or image block")
+    else:
+        raise InvalidRequestError(
+            f"{where}.source.type: document sources of type {kind!r} are not supported yet "
+            "(supported: text, content)"
+        )
+    return parts
+
+
+def _search_result(block: s.SearchResultBlockParam) -> Text:
+    body = "\n".join(t.text for t in block.content)
+    return Text(f"{block.title}\n{block.source}\n{body}")
+
+
+def _parts(role: str, content: str | list[Any], where: str) -> list[Part]:
+    if isinstance(content, str):
+        return [Text(content)] if content else []
+    parts: list[Part] = []
+    for j, block in enumerate(content):
+        at = f"{where}.content.{j}"
+        if isinstance(block, s.TextBlockParam):
+            if not block.text and role != "assistant":
+                raise InvalidRequestError(f"{at}.text: text content blocks must be non-empty")
+            if block.text:
+                parts.append(Text(block.text))
+        elif isinstance(block, s.ImageBlockParam):
+            parts.append(_image(block, at))
+        elif isinstance(block, s.DocumentBlockParam):
+            parts.extend(_document(block, at))
+        elif isinstance(block, s.SearchResultBlockParam):
+            parts.append(_search_result(block))
+        elif isinstance(block, s.ToolUseBlockParam):
+            if role != "assistant":
+                raise InvalidRequestError(f"{at}: tool_use blocks may only appear in assistant messages")
+            parts.append(ToolCall(block.id, block.name, block.input))
+        elif isinstance(block, s.ToolResultBlockParam):
+            if role != "user":
+                raise InvalidRequestError(f"{at}: tool_result blocks may only appear in user messages")
+            parts.append(_tool_result(block, at))
+        elif isinstance(block, s.ThinkingBlockParam):
+            parts.append(Thinking(block.thinking, block.signature))
+        # redacted_thinking and Anthropic's server-tool blocks carry nothing a local model can read.
+    return parts
+
+
+def _tool_result(block: s.ToolResultBlockParam, where: str) -> ToolResult:
+    content: list[Text | Image] = []
+    if isinstance(block.content, str):
+        content.append(Text(block.content))
+    elif block.content:
+        for k, item in enumerate(block.content):
+            at = f"{where}.content.{k}"
+            if isinstance(item, s.TextBlockParam):
+                content.append(Text(item.text))
+            elif isinstance(item, s.ImageBlockParam):
+                content.append(_image(item, at))
+            elif isinstance(item, s.DocumentBlockParam):
+                content.extend(_document(item, at))
+            elif isinstance(item, s.SearchResultBlockParam):
+                content.append(_search_result(item))
+    return ToolResult(block.tool_use_id, tuple(content), bool(block.is_error))
+
+
+def _system_turn(system: str | list[s.TextBlockParam] | None) -> Turn | None:
+    if system is None:
+        return None
+    text = system if isinstance(system, str) else "\n".join(b.text for b in system)
+    return Turn("system", [Text(text)]) if text else None
+
+
+def conversation_from(body: s._ConversationFields) -> Conversation:
+    """Build the neutral conversation; consecutive turns of one role merge, as Anthropic's API does."""
+    turns: list[Turn] = []
+    if (system := _system_turn(body.system)) is not None:
+        turns.append(system)
+    for i, message in enumerate(body.messages):
+        parts = _parts(message.role, message.content, f"messages.{i}")
+        if not parts and (message.role != "assistant" or not message.content or isinstance(message.content, str)):
+            if not (message.role == "assistant" and i == len(body.messages) - 1):
+                raise InvalidRequestError(f"messages.{i}: {message.role} messages must have non-empty content")
+        if not parts:
+            # an empty final prefill, or an assistant turn that held only blocks a local model
+            # cannot read (redacted thinking, Anthropic's server tools): nothing to render
+            continue
+        if turns and turns[-1].role == message.role:
+            turns[-1].parts.extend(parts)
+        else:
+            turns.append(Turn(message.role, parts))
+    dialogue = [t for t in turns if t.role != "system"]
+    if not dialogue:
+        raise InvalidRequestError("messages: at least one user message is required")
+    if dialogue[0].role != "user":
+        raise InvalidRequestError('messages: the first message must use the "user" role')
+    return Conversation(turns=turns, tools=_tools(body.tools or []))
+
+
+def _tools(tools: Sequence[s.ToolParam]) -> list[Tool]:
+    # Anthropic's server tools (web search, code execution, ...) have no schema and no local runner.
+    return [Tool(t.name, t.description, t.input_schema) for t in tools if t.input_schema is not None]
+
+
+def generation_request(request_id: str, body: s.MessagesRequest) -> GenerationRequest:
+    sampling = SamplingParams(
+        max_tokens=body.max_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        top_k=body.top_k or None,
+        stop_sequences=tuple(body.stop_sequences or ()),
+    )
+    return GenerationRequest(id=request_id, conversation=conversation_from(body), sampling=sampling)

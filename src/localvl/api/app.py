@@ -1,0 +1,67 @@
+"""The HTTP application: middleware, error envelopes, routers, and the engine's lifetime."""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+from datetime import datetime, timezone
+from typing import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from localvl import __version__
+from localvl.api.anthropic.routes import router as anthropic_router
+from localvl.api.errors import install_error_handlers
+from localvl.api.middleware import RequestContextMiddleware
+from localvl.api.model_names import ModelNames, ServedModel, parse_aliases
+from localvl.engine.protocol import Engine
+from localvl.settings import Settings
+
+
+def served_name(settings: Settings, engine: Engine) -> str:
+    """The API name of the model: --served-model-name, else the last part of its path or id."""
+    if settings.served_model_name:
+        return settings.served_model_name
+    return engine.info.name_or_path.rstrip("/").split("/")[-1] or engine.info.name_or_path
+
+
+def model_names(settings: Settings, engine: Engine, created_at: datetime | None = None) -> ModelNames:
+    name = served_name(settings, engine)
+    served = ServedModel(name, created_at or datetime.now(timezone.utc), engine.info.context_length)
+    return ModelNames([served], parse_aliases(settings.alias, name))
+
+
+def create_app(settings: Settings, engine: Engine) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await engine.start()
+        app.state.ready = True
+        try:
+            yield
+        finally:
+            app.state.ready = False
+            await engine.stop()
+
+    app = FastAPI(
+        title="localvl",
+        version=__version__,
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.model_names = model_names(settings, engine)
+    app.state.ready = False
+    install_error_handlers(app)
+    app.add_middleware(RequestContextMiddleware, max_request_bytes=settings.max_request_bytes)
+
+    @app.get("/health")
+    async def health(request: Request) -> JSONResponse:
+        if not request.app.state.ready:
+            return JSONResponse({"status": "starting"}, status_code=503)
+        return JSONResponse({"status": "ok", "model": served_name(settings, engine)})
+
+    app.include_router(anthropic_router)
+    return app

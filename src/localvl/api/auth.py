@@ -1,0 +1,38 @@
+"""API keys: ``x-api-key`` or ``Authorization: Bearer``, compared in constant time."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Sequence
+
+from starlette.requests import Request
+
+from localvl.errors import AuthenticationError
+
+
+def presented_keys(request: Request) -> list[str]:
+    keys = []
+    if value := request.headers.get("x-api-key"):
+        keys.append(value.strip())
+    authorization = request.headers.get("authorization", "")
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        keys.append(token.strip())
+    return keys
+
+
+def check_api_key(request: Request, accepted: Sequence[str]) -> None:
+    """Raise ``AuthenticationError`` unless a presented key is accepted (no keys configured: open)."""
+    if not accepted:
+        return
+    presented = presented_keys(request)
+    if not presented:
+        raise AuthenticationError("x-api-key header is required")
+    for key in presented:
+        # Compare against every accepted key so timing does not tell which one nearly matched.
+        matched = False
+        for candidate in accepted:
+            matched |= hmac.compare_digest(key.encode(), candidate.encode())
+        if matched:
+            return
+    raise AuthenticationError("invalid x-api-key")

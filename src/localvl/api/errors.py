@@ -1,0 +1,61 @@
+"""Every error leaves the server in the envelope of the API dialect its route belongs to."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from localvl.api.anthropic.errors import error_body as anthropic_error_body
+from localvl.errors import InvalidRequestError, LocalvlError, status_error
+
+Envelope = Callable[[LocalvlError, str], dict[str, Any]]
+# (path prefix, envelope); the first match wins, Anthropic's is the default.
+ENVELOPES: list[tuple[str, Envelope]] = []
+
+
+def envelope_for(path: str) -> Envelope:
+    for prefix, envelope in ENVELOPES:
+        if path.startswith(prefix):
+            return envelope
+    return anthropic_error_body
+
+
+def request_id_of(scope_or_request: Any) -> str:
+    scope = scope_or_request.scope if hasattr(scope_or_request, "scope") else scope_or_request
+    return scope.get("state", {}).get("request_id", "")
+
+
+def error_response(path: str, request_id: str, error: LocalvlError) -> JSONResponse:
+    body = envelope_for(path)(error, request_id)
+    return JSONResponse(body, status_code=error.status, headers=error.headers)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    async def on_localvl_error(request: Request, error: Exception) -> JSONResponse:
+        assert isinstance(error, LocalvlError)
+        return error_response(request.url.path, request_id_of(request), error)
+
+    async def on_http_error(request: Request, error: Exception) -> JSONResponse:
+        assert isinstance(error, StarletteHTTPException)
+        if error.status_code == 404:
+            message = f"{request.method} {request.url.path} is not an endpoint of this server"
+        elif error.status_code == 405:
+            message = f"{request.method} is not allowed on {request.url.path}"
+        else:
+            message = str(error.detail)
+        return error_response(request.url.path, request_id_of(request), status_error(error.status_code, message))
+
+    async def on_validation_error(request: Request, error: Exception) -> JSONResponse:
+        assert isinstance(error, RequestValidationError)
+        first = error.errors()[0] if error.errors() else {"loc": (), "msg": "invalid request"}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path"))
+        message = f"{where}: {first.get('msg')}" if where else str(first.get("msg"))
+        return error_response(request.url.path, request_id_of(request), InvalidRequestError(message))
+
+    app.add_exception_handler(LocalvlError, on_localvl_error)
+    app.add_exception_handler(StarletteHTTPException, on_http_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)

@@ -1,0 +1,123 @@
+"""The ``localvl`` command: ``serve`` and ``tiny-model``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from localvl import __version__
+
+
+def _serve_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve a model behind Anthropic's Messages API",
+        description="Every flag can also be set by a LOCALVL_<NAME> environment variable or in the "
+        "TOML file given by --config (flags win over the environment, which wins over the file).",
+        argument_default=argparse.SUPPRESS,
+    )
+    p.add_argument("--config", type=Path, help="TOML file with settings (LOCALVL_CONFIG)")
+    p.add_argument("--model", help="model folder or hub id (default: the built-in demo model)")
+    p.add_argument("--revision", help="hub revision of --model")
+    p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port to listen on (default 8000)")
+    p.add_argument("--api-key", dest="api_key", action="append", help="accepted API key (repeatable)")
+    p.add_argument("--served-model-name", dest="served_model_name", help="the model's name in the API")
+    p.add_argument(
+        "--alias",
+        action="append",
+        help="PATTERN[=NAME]: request model names matching the glob mean NAME (default: claude-* means "
+        "the served model; giving --alias replaces that default)",
+    )
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--dtype", help="auto, bfloat16, float16, float32")
+    p.add_argument("--max-model-len", dest="max_model_len", type=int, help="context length in tokens")
+    p.add_argument("--prefill-chunk-tokens", dest="prefill_chunk_tokens", type=int, help="prompt tokens per prefill step")
+    p.add_argument("--max-request-bytes", dest="max_request_bytes", type=int, help="largest request body")
+    p.add_argument("--ping-interval", dest="ping_interval", type=float, help="seconds between SSE pings")
+    p.add_argument("--cache-dir", dest="cache_dir", type=Path, help="where the demo model is kept")
+    p.add_argument("--log-level", dest="log_level", help="debug, info, warning, error")
+
+
+def _tiny_parser(sub: Any) -> None:
+    p = sub.add_parser("tiny-model", help="build a tiny random Qwen-VL model folder, offline")
+    p.add_argument("dir", type=Path)
+    p.add_argument("--family", choices=["qwen2_vl", "qwen2_5_vl", "qwen3_vl"], default="qwen2_5_vl")
+    p.add_argument("--vocab", choices=["tiny", "qwen"], default="tiny", help="qwen: the real 151k Qwen vocabulary")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-position-embeddings", type=int, default=32768)
+
+
+def serve(flags: dict[str, Any]) -> int:
+    from pydantic import ValidationError
+
+    from localvl.settings import Settings
+
+    try:
+        settings = Settings(**flags)
+    except ValidationError as error:
+        print(f"localvl serve: invalid settings:\n{error}", file=sys.stderr)
+        return 2
+    except ValueError as error:
+        print(f"localvl serve: {error}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    import uvicorn
+
+    from localvl.api.app import create_app
+    from localvl.engine.local import LocalEngine
+    from localvl.models.demo import BANNER, demo_model_path
+    from localvl.models.loader import ModelLoadError, load_model
+
+    model = settings.model
+    if model is None:
+        print(BANNER, file=sys.stderr, flush=True)
+        model = str(demo_model_path(settings.cache_dir))
+        if settings.served_model_name is None:
+            settings.served_model_name = "localvl-demo"
+    try:
+        loaded = load_model(
+            model,
+            device=settings.device,
+            dtype=settings.dtype,
+            revision=settings.revision,
+            max_model_len=settings.max_model_len,
+        )
+    except ModelLoadError as error:
+        print(f"localvl serve: {error}", file=sys.stderr)
+        return 1
+    engine = LocalEngine(loaded, prefill_chunk_tokens=settings.prefill_chunk_tokens)
+    try:
+        app = create_app(settings, engine)
+    except ValueError as error:  # e.g. an alias naming a model that is not served
+        print(f"localvl serve: {error}", file=sys.stderr)
+        return 2
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower())
+    return 0
+
+
+def tiny_model(args: argparse.Namespace) -> int:
+    from localvl.models.tiny import build_tiny_model
+
+    path = build_tiny_model(
+        args.dir, args.family, args.vocab, seed=args.seed, max_position_embeddings=args.max_position_embeddings
+    )
+    print(path)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="localvl", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"localvl {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _serve_parser(sub)
+    _tiny_parser(sub)
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        flags = {k: v for k, v in vars(args).items() if k != "command"}
+        return serve(flags)
+    return tiny_model(args)

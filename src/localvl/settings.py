@@ -1,0 +1,88 @@
+"""All configuration, from one place: command-line flags > ``LOCALVL_*`` environment > config file > defaults.
+
+Every ``localvl serve`` flag is a field here with the same name (``--api-key`` is ``api_key``, set
+by ``LOCALVL_API_KEY`` or ``api_key = [...]`` in the TOML file named by ``--config`` /
+``LOCALVL_CONFIG``). List fields take a comma-separated value from the environment.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, field_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+DEFAULT_ALIAS = "claude-*"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LOCALVL_", extra="forbid", validate_default=True)
+
+    config: Path | None = Field(None, description="TOML file with any of these settings")
+    model: str | None = Field(None, description="model folder or hub id; the built-in demo model when unset")
+    revision: str | None = Field(None, description="hub revision (branch, tag or commit) of --model")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    api_key: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="accepted API keys; none means no authentication"
+    )
+    served_model_name: str | None = Field(None, description="the model's name in the API; default: from --model")
+    alias: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: [DEFAULT_ALIAS],
+        description="PATTERN or PATTERN=NAME: request model names (glob) that mean a served model",
+    )
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:1, ...")
+    dtype: str = Field("auto", description="auto, bfloat16, float16 or float32")
+    max_model_len: int | None = Field(None, ge=16, description="context length; default: the model's")
+    prefill_chunk_tokens: int = Field(2048, ge=16, description="prompt tokens per prefill step")
+    max_request_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="largest request body accepted")
+    ping_interval: float = Field(10.0, gt=0, description="seconds between SSE pings while nothing else is sent")
+    cache_dir: Path | None = Field(None, description="where localvl keeps the demo model and vocabularies")
+    log_level: str = "info"
+
+    @field_validator("api_key", "alias", mode="before")
+    @classmethod
+    def _split_commas(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _ConfigFileSource(settings_cls))
+
+
+class _ConfigFileSource(PydanticBaseSettingsSource):
+    """The TOML file named by ``config`` in a higher-priority source (flag or environment)."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        path = self.current_state.get("config")
+        if not path:
+            return {}
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"config file {path} does not exist")
+        with path.open("rb") as handle:
+            values = tomllib.load(handle)
+        unknown = sorted(set(values) - set(self.settings_cls.model_fields))
+        if unknown:
+            raise ValueError(f"unknown settings in {path}: {', '.join(unknown)}")
+        return values

@@ -1,0 +1,376 @@
+"""Anthropic request bodies -> the neutral Conversation / GenerationRequest."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from localvl.api.anthropic.convert import conversation_from, generation_request
+from localvl.api.anthropic.schemas import CountTokensRequest, MessagesRequest, parse_body
+from localvl.conversation import Image, Text, Thinking, Tool, ToolCall, ToolResult
+from localvl.errors import InvalidRequestError
+from tests.helpers import image_b64
+
+
+def request(messages, **fields):
+    return MessagesRequest.model_validate({"model": "m", "max_tokens": 32, "messages": messages, **fields}, strict=False)
+
+
+def convert(messages, **fields):
+    return conversation_from(request(messages, **fields))
+
+
+def refused(messages, **fields) -> str:
+    with pytest.raises(InvalidRequestError) as caught:
+        convert(messages, **fields)
+    return caught.value.message
+
+
+def roles(conversation):
+    return [turn.role for turn in conversation.turns]
+
+
+def image_block(fmt="PNG", media_type="image/png", **kwargs):
+    return {"type": "image", "source": {"type": "base64", "media_type": media_type, "data": image_b64(fmt, **kwargs)}}
+
+
+USER = {"role": "user", "content": "hello"}
+
+
+# ----------------------------------------------------------------------------- turns
+
+
+def test_plain_user_message():
+    conversation = convert([USER])
+    assert roles(conversation) == ["user"]
+    assert conversation.turns[0].parts == [Text("hello")]
+    assert conversation.prefill is None
+    assert conversation.tools == []
+
+
+def test_system_string_becomes_a_leading_system_turn():
+    conversation = convert([USER], system="be brief")
+    assert roles(conversation) == ["system", "user"]
+    assert conversation.turns[0].parts == [Text("be brief")]
+
+
+def test_system_blocks_become_one_leading_system_turn():
+    conversation = convert([USER], system=[{"type": "text", "text": "one"}, {"type": "text", "text": "two"}])
+    assert roles(conversation) == ["system", "user"]
+    assert conversation.turns[0].text == "one\ntwo"
+
+
+@pytest.mark.parametrize("system", ["", []])
+def test_empty_system_adds_no_turn(system):
+    assert roles(convert([USER], system=system)) == ["user"]
+
+
+def test_system_role_message_stays_in_place():
+    conversation = convert(
+        [USER, {"role": "assistant", "content": "hi"}, {"role": "system", "content": "new rule"}, {"role": "user", "content": "ok"}]
+    )
+    assert roles(conversation) == ["user", "assistant", "system", "user"]
+    assert conversation.turns[2].parts == [Text("new rule")]
+
+
+def test_leading_system_message_follows_the_system_field():
+    conversation = convert([{"role": "system", "content": "b"}, USER], system="a")
+    assert roles(conversation) == ["system", "user"]
+    assert conversation.turns[0].parts == [Text("a"), Text("b")]
+
+
+def test_consecutive_same_role_messages_merge():
+    conversation = convert(
+        [
+            {"role": "user", "content": "one"},
+            {"role": "user", "content": [{"type": "text", "text": "two"}]},
+            {"role": "assistant", "content": "three"},
+            {"role": "assistant", "content": "four"},
+            {"role": "user", "content": "five"},
+        ]
+    )
+    assert roles(conversation) == ["user", "assistant", "user"]
+    assert conversation.turns[0].parts == [Text("one"), Text("two")]
+    assert conversation.turns[1].parts == [Text("three"), Text("four")]
+
+
+def test_final_assistant_turn_is_a_prefill():
+    conversation = convert([USER, {"role": "assistant", "content": "The answer is"}])
+    assert roles(conversation) == ["user", "assistant"]
+    assert conversation.prefill is conversation.turns[-1]
+    assert conversation.prefill.text == "The answer is"
+
+
+@pytest.mark.parametrize("content", ["", [], [{"type": "text", "text": ""}]], ids=["string", "list", "empty_block"])
+def test_empty_final_assistant_turn_is_dropped(content):
+    conversation = convert([USER, {"role": "assistant", "content": content}])
+    assert roles(conversation) == ["user"]
+    assert conversation.prefill is None
+
+
+def test_empty_assistant_turn_before_the_end_is_refused():
+    message = refused([USER, {"role": "assistant", "content": ""}, {"role": "user", "content": "x"}])
+    assert message.startswith("messages.1")
+
+
+def test_first_non_system_turn_from_assistant_is_refused():
+    assert refused([{"role": "assistant", "content": "hi"}, USER]).startswith("messages")
+
+
+def test_assistant_first_after_a_system_message_is_refused():
+    assert refused([{"role": "system", "content": "s"}, {"role": "assistant", "content": "hi"}]).startswith("messages")
+
+
+def test_only_system_messages_are_refused():
+    assert refused([{"role": "system", "content": "s"}], system="t").startswith("messages")
+
+
+@pytest.mark.parametrize("content", ["", []], ids=["string", "list"])
+def test_empty_user_content_is_refused(content):
+    assert refused([{"role": "user", "content": content}]).startswith("messages.0")
+
+
+def test_empty_user_text_block_is_refused_at_the_block():
+    message = refused([{"role": "user", "content": [{"type": "text", "text": "ok"}, {"type": "text", "text": ""}]}])
+    assert message.startswith("messages.0.content.1")
+
+
+def test_empty_text_block_inside_assistant_turn_is_skipped():
+    conversation = convert([USER, {"role": "assistant", "content": [{"type": "text", "text": ""}, {"type": "text", "text": "x"}]}])
+    assert conversation.turns[1].parts == [Text("x")]
+
+
+# ----------------------------------------------------------------------------- tools
+
+
+def test_tool_use_in_assistant_turn_becomes_a_tool_call():
+    call = {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Oslo"}}
+    conversation = convert([USER, {"role": "assistant", "content": [call]}])
+    assert conversation.turns[1].parts == [ToolCall("toolu_1", "get_weather", {"city": "Oslo"})]
+
+
+def test_tool_use_in_user_turn_is_refused():
+    call = {"type": "tool_use", "id": "toolu_1", "name": "f", "input": {}}
+    assert refused([{"role": "user", "content": [{"type": "text", "text": "x"}, call]}]).startswith("messages.0.content.1")
+
+
+def test_tool_result_in_assistant_turn_is_refused():
+    result = {"type": "tool_result", "tool_use_id": "toolu_1", "content": "r"}
+    assert refused([USER, {"role": "assistant", "content": [result]}]).startswith("messages.1.content.0")
+
+
+def test_tool_result_with_string_content():
+    result = {"type": "tool_result", "tool_use_id": "toolu_1", "content": "sunny"}
+    part = convert([{"role": "user", "content": [result]}]).turns[0].parts[0]
+    assert part == ToolResult("toolu_1", (Text("sunny"),), False)
+
+
+def test_tool_result_with_text_and_image_blocks():
+    result = {
+        "type": "tool_result",
+        "tool_use_id": "toolu_1",
+        "is_error": True,
+        "content": [{"type": "text", "text": "see"}, image_block(size=(20, 10))],
+    }
+    part = convert([{"role": "user", "content": [result]}]).turns[0].parts[0]
+    assert isinstance(part, ToolResult)
+    assert part.tool_call_id == "toolu_1"
+    assert part.is_error is True
+    assert part.content[0] == Text("see")
+    assert isinstance(part.content[1], Image)
+    assert part.content[1].size == (20, 10)
+
+
+def test_tool_result_without_content_is_empty():
+    part = convert([{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "a"}]}]).turns[0].parts[0]
+    assert part == ToolResult("a", (), False)
+
+
+def test_tool_result_image_is_found_by_conversation_images():
+    result = {"type": "tool_result", "tool_use_id": "a", "content": [image_block()]}
+    assert len(convert([{"role": "user", "content": [result]}]).images()) == 1
+
+
+def test_tools_with_input_schema_become_tools_and_server_tools_are_dropped():
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}}
+    conversation = convert(
+        [USER],
+        tools=[
+            {"name": "get_weather", "description": "weather", "input_schema": schema},
+            {"type": "web_search_20250305", "name": "web_search", "max_uses": 3},
+            {"name": "no_description", "input_schema": {"type": "object"}},
+        ],
+    )
+    assert conversation.tools == [
+        Tool("get_weather", "weather", schema),
+        Tool("no_description", None, {"type": "object"}),
+    ]
+
+
+# ----------------------------------------------------------------------------- images and documents
+
+
+@pytest.mark.parametrize(
+    "fmt, media_type", [("PNG", "image/png"), ("JPEG", "image/jpeg"), ("GIF", "image/gif"), ("WEBP", "image/webp")]
+)
+def test_base64_image_block_becomes_an_image_part(fmt, media_type):
+    conversation = convert([{"role": "user", "content": [image_block(fmt, media_type, size=(30, 20)), {"type": "text", "text": "what?"}]}])
+    image, text = conversation.turns[0].parts
+    assert isinstance(image, Image)
+    assert image.size == (30, 20)
+    assert image.media_type == media_type
+    assert text == Text("what?")
+
+
+def test_image_with_mismatched_media_type_is_refused_at_the_source():
+    message = refused([{"role": "user", "content": [image_block("PNG", "image/jpeg")]}])
+    assert message.startswith("messages.0.content.0.source")
+
+
+def test_image_with_invalid_base64_is_refused_at_the_data():
+    block = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "@@not base64@@"}}
+    assert refused([{"role": "user", "content": [block]}]).startswith("messages.0.content.0.source.data")
+
+
+@pytest.mark.parametrize(
+    "source",
+    [{"type": "url", "url": "https://example.com/cat.png"}, {"type": "file", "file_id": "file_123"}],
+    ids=["url", "file"],
+)
+def test_non_base64_image_sources_are_refused(source):
+    message = refused([{"role": "user", "content": [{"type": "image", "source": source}]}])
+    assert message.startswith("messages.0.content.0.source.type")
+
+
+def test_document_with_text_source_becomes_text():
+    document = {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "the body"}}
+    assert convert([{"role": "user", "content": [document]}]).turns[0].parts == [Text("the body")]
+
+
+def test_document_title_and_context_come_before_the_body():
+    document = {
+        "type": "document",
+        "title": "Title",
+        "context": "Context",
+        "source": {"type": "text", "media_type": "text/plain", "data": "the body"},
+    }
+    parts = convert([{"role": "user", "content": [document]}]).turns[0].parts
+    assert parts[-1] == Text("the body")
+    heading = "".join(p.text for p in parts[:-1])
+    assert heading.index("Title") < heading.index("Context")
+
+
+def test_document_with_string_content_source_becomes_text():
+    document = {"type": "document", "source": {"type": "content", "content": "inline body"}}
+    assert convert([{"role": "user", "content": [document]}]).turns[0].parts == [Text("inline body")]
+
+
+def test_document_with_content_blocks_becomes_text_and_image_parts():
+    document = {
+        "type": "document",
+        "source": {"type": "content", "content": [{"type": "text", "text": "page one"}, image_block(size=(12, 8))]},
+    }
+    parts = convert([{"role": "user", "content": [document]}]).turns[0].parts
+    assert parts[0] == Text("page one")
+    assert isinstance(parts[1], Image)
+    assert parts[1].size == (12, 8)
+
+
+def test_document_content_block_of_another_type_is_refused():
+    document = {"type": "document", "source": {"type": "content", "content": [{"type": "tool_use"}]}}
+    assert refused([{"role": "user", "content": [document]}]).startswith("messages.0.content.0.source.content.0")
+
+
+def test_pdf_document_is_refused():
+    document = {"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": "JVBERi0xLjcK"}}
+    assert refused([{"role": "user", "content": [document]}]).startswith("messages.0.content.0.source.type")
+
+
+def test_malformed_image_inside_a_document_is_refused_as_invalid_request():
+    bad_image = {"type": "image", "source": {"type": "base64", "media_type": "image/bmp", "data": image_b64()}}
+    document = {"type": "document", "source": {"type": "content", "content": [bad_image]}}
+    with pytest.raises(InvalidRequestError):
+        convert([{"role": "user", "content": [document]}])
+
+
+def test_search_result_becomes_text_with_title_source_and_content():
+    block = {
+        "type": "search_result",
+        "source": "https://example.com",
+        "title": "Result",
+        "content": [{"type": "text", "text": "first"}, {"type": "text", "text": "second"}],
+    }
+    (part,) = convert([{"role": "user", "content": [block]}]).turns[0].parts
+    assert isinstance(part, Text)
+    for piece in ("Result", "https://example.com", "first", "second"):
+        assert piece in part.text
+
+
+# ----------------------------------------------------------------------------- thinking and ignored blocks
+
+
+def test_thinking_block_becomes_thinking_part():
+    thinking = {"type": "thinking", "thinking": "let me see", "signature": "sig"}
+    conversation = convert([USER, {"role": "assistant", "content": [thinking, {"type": "text", "text": "42"}]}])
+    assert conversation.turns[1].parts == [Thinking("let me see", "sig"), Text("42")]
+
+
+def test_redacted_thinking_and_server_tool_blocks_are_dropped():
+    blocks = [
+        {"type": "redacted_thinking", "data": "xyz"},
+        {"type": "server_tool_use", "id": "srv", "name": "web_search", "input": {}},
+        {"type": "web_search_tool_result", "tool_use_id": "srv", "content": []},
+        {"type": "text", "text": "found it"},
+    ]
+    conversation = convert([USER, {"role": "assistant", "content": blocks}])
+    assert conversation.turns[1].parts == [Text("found it")]
+
+
+def test_an_assistant_turn_of_only_unreadable_blocks_is_skipped_not_refused():
+    server_only = {"role": "assistant", "content": [{"type": "redacted_thinking", "data": "xyz"}]}
+    conversation = convert([USER, server_only, {"role": "user", "content": "next"}])
+    assert roles(conversation) == ["user"]
+    assert conversation.turns[0].parts == [Text("hello"), Text("next")]
+    assert "non-empty" in refused([USER, {"role": "assistant", "content": ""}, {"role": "user", "content": "x"}])
+
+
+# ----------------------------------------------------------------------------- generation_request
+
+
+def test_generation_request_carries_sampling_parameters():
+    generation = generation_request(
+        "msg_1",
+        request([USER], temperature=0.3, top_p=0.8, top_k=20, stop_sequences=["END", "\n\n"], max_tokens=77),
+    )
+    assert generation.id == "msg_1"
+    sampling = generation.sampling
+    assert sampling.max_tokens == 77
+    assert (sampling.temperature, sampling.top_p, sampling.top_k) == (0.3, 0.8, 20)
+    assert sampling.stop_sequences == ("END", "\n\n")
+    assert roles(generation.conversation) == ["user"]
+
+
+def test_unset_sampling_parameters_stay_none():
+    sampling = generation_request("msg_1", request([USER])).sampling
+    assert (sampling.temperature, sampling.top_p, sampling.top_k) == (None, None, None)
+    assert sampling.stop_sequences == ()
+
+
+def test_top_k_zero_means_unset():
+    assert generation_request("msg_1", request([USER], top_k=0)).sampling.top_k is None
+
+
+def test_temperature_zero_is_kept():
+    assert generation_request("msg_1", request([USER], temperature=0)).sampling.temperature == 0
+
+
+def test_works_from_a_parsed_json_body():
+    raw = json.dumps({"model": "m", "max_tokens": 5, "system": "s", "messages": [USER]}).encode()
+    generation = generation_request("msg_2", parse_body(MessagesRequest, raw))
+    assert roles(generation.conversation) == ["system", "user"]
+
+
+def test_count_tokens_request_converts_too():
+    raw = json.dumps({"model": "m", "messages": [USER]}).encode()
+    assert roles(conversation_from(parse_body(CountTokensRequest, raw))) == ["user"]

@@ -1,0 +1,112 @@
+"""The SSE encoder on its own: event order, heartbeats, and failures after the stream began."""
+
+import asyncio
+import json
+
+from localvl.api.anthropic.stream import collect_message, message_events
+from localvl.engine.events import Finished, TextDelta, Usage
+from localvl.errors import InternalError, OverloadedError
+
+
+class FakeStream:
+    def __init__(self, items, delay=0.0):
+        self.request_id = "r1"
+        self.input_tokens = 7
+        self.items = list(items)
+        self.delay = delay
+        self.closed = False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        await asyncio.sleep(self.delay)
+        if not self.items:
+            raise StopAsyncIteration
+        item = self.items.pop(0)
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+    async def aclose(self):
+        self.closed = True
+
+
+def parse(frames: list[bytes]) -> list[tuple[str, dict]]:
+    events = []
+    for frame in frames:
+        text = frame.decode()
+        assert text.endswith("\n\n")
+        name_line, data_line = text.strip().split("\n")
+        name, data = name_line.removeprefix("event: "), json.loads(data_line.removeprefix("data: "))
+        assert data["type"] == name
+        events.append((name, data))
+    return events
+
+
+async def drain(stream, interval=10.0, stop_after=None):
+    frames = []
+    generator = message_events(stream, "msg_1", "claude-x", interval)
+    async for frame in generator:
+        frames.append(frame)
+        if stop_after is not None and len(frames) >= stop_after:
+            await generator.aclose()
+            break
+    return frames
+
+
+def test_event_sequence_of_a_text_answer():
+    usage = Usage(input_tokens=7, output_tokens=2)
+    stream = FakeStream([TextDelta("Hel"), TextDelta("lo"), Finished("eos", usage)])
+    events = parse(asyncio.run(drain(stream)))
+    assert [n for n, _ in events] == [
+        "message_start", "ping", "content_block_start", "content_block_delta", "content_block_delta",
+        "content_block_stop", "message_delta", "message_stop",
+    ]
+    assert events[0][1]["message"]["usage"]["input_tokens"] == 7
+    assert events[6][1]["delta"] == {"stop_reason": "end_turn", "stop_sequence": None}
+    assert events[6][1]["usage"]["output_tokens"] == 2
+    assert stream.closed
+
+
+def test_an_answer_without_text_has_no_content_block():
+    stream = FakeStream([Finished("max_tokens", Usage(7, 1))])
+    names = [n for n, _ in parse(asyncio.run(drain(stream)))]
+    assert names == ["message_start", "ping", "message_delta", "message_stop"]
+
+
+def test_a_failure_after_the_stream_began_is_an_error_event():
+    stream = FakeStream([TextDelta("partial"), OverloadedError("engine overloaded")])
+    events = parse(asyncio.run(drain(stream)))
+    assert events[-1] == ("error", {"type": "error", "error": {"type": "overloaded_error", "message": "engine overloaded"}})
+    stream = FakeStream([TextDelta("partial"), RuntimeError("secret content")])
+    name, data = parse(asyncio.run(drain(stream)))[-1]
+    assert name == "error" and data["error"]["type"] == "api_error" and "secret" not in data["error"]["message"]
+
+
+def test_heartbeats_fill_silences():
+    stream = FakeStream([TextDelta("a"), Finished("eos", Usage(7, 1))], delay=0.2)
+    names = [n for n, _ in parse(asyncio.run(drain(stream, interval=0.03)))]
+    assert names.count("ping") >= 4  # the opening ping, then at least one per silent stretch
+
+
+def test_a_consumer_that_leaves_early_closes_the_generation():
+    stream = FakeStream([TextDelta("a"), TextDelta("b"), TextDelta("c"), Finished("eos", Usage(7, 3))])
+    asyncio.run(drain(stream, stop_after=3))
+    assert stream.closed
+
+
+def test_collect_message_builds_the_whole_message():
+    stream = FakeStream([TextDelta("a"), TextDelta("b"), Finished("stop_sequence", Usage(7, 3), "STOP")])
+    message = asyncio.run(collect_message(stream, "msg_1", "claude-x"))
+    assert message["content"] == [{"type": "text", "text": "ab"}]
+    assert message["stop_reason"] == "stop_sequence" and message["stop_sequence"] == "STOP"
+    assert message["usage"]["input_tokens"] == 7 and message["usage"]["output_tokens"] == 3
+    assert stream.closed
+
+
+def test_collect_message_without_a_result_is_an_internal_error():
+    import pytest
+
+    with pytest.raises(InternalError):
+        asyncio.run(collect_message(FakeStream([TextDelta("a")]), "msg_1", "claude-x"))

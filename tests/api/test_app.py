@@ -1,0 +1,190 @@
+"""The HTTP surface in process: envelopes, request ids, auth, limits, the multipart form."""
+
+import json
+
+import pytest
+from fastapi.testclient import TestClient
+
+from localvl.api.app import create_app
+from localvl.engine.local import LocalEngine
+from localvl.settings import Settings
+from tests.helpers import image_b64, image_bytes
+
+KEY = "sk-test-123"
+
+
+@pytest.fixture(scope="module")
+def client(loaded_model):
+    settings = Settings(api_key=[KEY, "second-key"], max_request_bytes=64 * 1024, served_model_name="tiny-vl",
+                        alias=["claude-*", "gpt-4o=tiny-vl"])
+    app = create_app(settings, LocalEngine(loaded_model("qwen2_5_vl")))
+    with TestClient(app, headers={"x-api-key": KEY}) as test_client:
+        yield test_client
+
+
+def body(**overrides):
+    payload = {"model": "claude-sonnet-4-5", "max_tokens": 8, "messages": [{"role": "user", "content": "Hello"}]}
+    payload.update(overrides)
+    return payload
+
+
+def assert_error(response, status, kind):
+    assert response.status_code == status, response.text
+    payload = response.json()
+    assert payload["type"] == "error" and payload["error"]["type"] == kind
+    assert payload["error"]["message"]
+    assert payload["request_id"] == response.headers["request-id"] and payload["request_id"].startswith("req_")
+    return payload["error"]["message"]
+
+
+def test_health_is_open_and_every_response_has_a_request_id(client):
+    response = client.get("/health", headers={"x-api-key": ""})
+    assert response.status_code == 200 and response.json()["status"] == "ok"
+    assert response.headers["request-id"].startswith("req_")
+    ok = client.post("/v1/messages", json=body())
+    assert ok.status_code == 200 and ok.headers["request-id"] != response.headers["request-id"]
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{"x-api-key": KEY}, {"x-api-key": "", "authorization": f"Bearer {KEY}"}, {"x-api-key": "second-key"}],
+)
+def test_either_header_authenticates(client, headers):
+    assert client.post("/v1/messages/count_tokens", json=body(), headers=headers).status_code == 200
+
+
+@pytest.mark.parametrize("headers", [{"x-api-key": ""}, {"x-api-key": "wrong"}, {"x-api-key": "", "authorization": "Bearer nope"}])
+def test_missing_or_wrong_keys_are_401(client, headers):
+    for path in ("/v1/messages", "/v1/messages/count_tokens"):
+        assert_error(client.post(path, json=body(), headers=headers), 401, "authentication_error")
+    assert_error(client.get("/v1/models", headers=headers), 401, "authentication_error")
+
+
+def test_routing_errors_use_the_envelope(client):
+    assert_error(client.get("/v1/nothing"), 404, "not_found_error")
+    assert_error(client.delete("/v1/messages"), 405, "invalid_request_error")
+    message = assert_error(client.get("/v1/models", params={"limit": "many"}), 400, "invalid_request_error")
+    assert message.startswith("limit")  # framework validation (a 422 by default) is a 400 here
+
+
+def test_body_over_the_limit_is_413(client):
+    big = body(messages=[{"role": "user", "content": "x" * 70_000}])
+    assert_error(client.post("/v1/messages", json=big), 413, "request_too_large")
+
+    def chunks():  # no content-length: counted while reading
+        data = json.dumps(big).encode()
+        for i in range(0, len(data), 8192):
+            yield data[i : i + 8192]
+
+    response = client.post("/v1/messages", content=chunks(), headers={"content-type": "application/json"})
+    assert_error(response, 413, "request_too_large")
+
+
+@pytest.mark.parametrize(
+    "payload, where",
+    [
+        (body(messages=[]), "messages"),
+        (body(max_tokens=-1), "max_tokens"),
+        (body(max_tokens="8"), "max_tokens"),
+        ({"model": "claude-x", "messages": [{"role": "user", "content": "hi"}]}, "max_tokens"),
+        (body(messages=[{"role": "assistant", "content": "hi"}]), "messages"),
+        (body(messages=[{"role": "user", "content": [{"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "@@notbase64@@"}}]}]), "messages.0.content.0.source.data"),
+        (body(messages=[{"role": "user", "content": [{"type": "image", "source": {"type": "base64", "media_type": "image/jpeg", "data": image_b64("PNG")}}]}]), "messages.0.content.0.source"),
+        (body(messages=[{"role": "user", "content": [{"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": image_b64("PNG")[:60]}}]}]), "messages.0.content.0.source"),
+        (body(messages=[{"role": "user", "content": [{"type": "image", "source": {"type": "url", "url": "http://example.com/a.png"}}]}]), "messages.0.content.0.source.type"),
+        (body(messages=[{"role": "user", "content": ""}]), "messages.0"),
+        (body(temperature=2), "temperature"),
+    ],
+)
+def test_bad_input_is_a_400_that_says_where(client, payload, where):
+    message = assert_error(client.post("/v1/messages", json=payload), 400, "invalid_request_error")
+    assert message.startswith(where), message
+
+
+def test_non_json_and_empty_bodies_are_400(client):
+    for content in (b"", b"{not json", b"[1, 2]"):
+        response = client.post("/v1/messages", content=content, headers={"content-type": "application/json"})
+        assert_error(response, 400, "invalid_request_error")
+
+
+def test_unknown_fields_betas_and_ignored_blocks_are_accepted(client):
+    payload = body(
+        context_management={"edits": []},
+        thinking={"type": "enabled", "budget_tokens": 1024},
+        service_tier="auto",
+        metadata={"user_id": "u-1"},
+        some_future_field={"x": 1},
+        messages=[
+            {"role": "user", "content": [{"type": "text", "text": "hi", "cache_control": {"type": "ephemeral"}, "extra": 1}]},
+            {"role": "assistant", "content": [{"type": "server_tool_use", "id": "srvtoolu_1", "name": "web_search", "input": {}}, {"type": "text", "text": "ok"}]},
+            {"role": "user", "content": "and?"},
+        ],
+    )
+    response = client.post("/v1/messages?beta=true", json=payload, headers={"anthropic-beta": "made-up-2099-01-01,context-1m-2025-08-07"})
+    assert response.status_code == 200, response.text
+
+
+def test_unknown_model_is_404_and_aliases_resolve(client):
+    assert_error(client.post("/v1/messages", json=body(model="gpt-5")), 404, "not_found_error")
+    for name in ("tiny-vl", "claude-3-5-haiku-latest", "gpt-4o"):
+        response = client.post("/v1/messages", json=body(model=name))
+        assert response.status_code == 200 and response.json()["model"] == name
+
+
+def test_models_list_get_and_paginate(client):
+    listing = client.get("/v1/models").json()
+    assert [m["id"] for m in listing["data"]] == ["tiny-vl", "gpt-4o"]
+    assert listing["first_id"] == "tiny-vl" and listing["last_id"] == "gpt-4o" and not listing["has_more"]
+    page = client.get("/v1/models", params={"limit": 1}).json()
+    assert [m["id"] for m in page["data"]] == ["tiny-vl"] and page["has_more"]
+    after = client.get("/v1/models", params={"limit": 1, "after_id": "tiny-vl"}).json()
+    assert [m["id"] for m in after["data"]] == ["gpt-4o"] and not after["has_more"]
+    before = client.get("/v1/models", params={"before_id": "gpt-4o"}).json()
+    assert [m["id"] for m in before["data"]] == ["tiny-vl"]
+    assert client.get("/v1/models/claude-opus-4-1").json()["id"] == "claude-opus-4-1"
+    assert_error(client.get("/v1/models/llama-3"), 404, "not_found_error")
+    assert_error(client.get("/v1/models", params={"limit": 0}), 400, "invalid_request_error")
+
+
+def test_multipart_form_answers_with_a_message(client):
+    files = {"image": ("photo.bin", image_bytes("JPEG"), "application/octet-stream")}
+    response = client.post("/v1/messages", data={"prompt": "What is this?", "max_tokens": "5"}, files=files)
+    assert response.status_code == 200, response.text
+    message = response.json()
+    assert message["type"] == "message" and message["usage"]["output_tokens"] <= 5
+    with_image = message["usage"]["input_tokens"]
+    text_only = client.post("/v1/messages", data={"prompt": "What is this?", "max_tokens": "5"}).json()
+    assert with_image > text_only["usage"]["input_tokens"]
+
+
+def test_multipart_form_errors_are_400(client):
+    assert_error(client.post("/v1/messages", data={"max_tokens": "5"}, files={"x": ("a", b"b")}), 400, "invalid_request_error")
+    bad = {"image": ("a.png", b"not an image at all", "image/png")}
+    assert_error(client.post("/v1/messages", data={"prompt": "hi"}, files=bad), 400, "invalid_request_error")
+    assert_error(client.post("/v1/messages", data={"prompt": "hi", "max_tokens": "many"}), 400, "invalid_request_error")
+
+
+def test_an_unexpected_failure_is_a_500_that_leaks_nothing(client, monkeypatch):
+    engine = client.app.state.engine
+
+    async def explode(conversation):
+        raise RuntimeError("secret user content")
+
+    monkeypatch.setattr(engine, "count_tokens", explode)
+    message = assert_error(client.post("/v1/messages/count_tokens", json=body()), 500, "api_error")
+    assert "secret" not in message
+
+
+def test_stream_events_have_consecutive_indices(client):
+    with client.stream("POST", "/v1/messages", json=body(stream=True, max_tokens=6)) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        raw = "".join(response.iter_text())
+    events = []
+    for frame in raw.strip().split("\n\n"):
+        lines = dict(line.split(": ", 1) for line in frame.split("\n"))
+        data = json.loads(lines["data"])
+        assert data["type"] == lines["event"]
+        events.append(data)
+    names = [e["type"] for e in events]
+    assert names[0] == "message_start" and names[-2:] == ["message_delta", "message_stop"]
+    assert all(e["index"] == 0 for e in events if "index" in e)

@@ -1,0 +1,75 @@
+import json
+import subprocess
+import sys
+
+import httpx
+import pytest
+
+from localvl.cli import main
+from tests.e2e.conftest import free_port
+
+
+def test_tiny_model_command_builds_a_loadable_folder(tmp_path, capsys):
+    assert main(["tiny-model", str(tmp_path / "m"), "--family", "qwen3_vl", "--seed", "5"]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "m")
+    meta = json.loads((tmp_path / "m" / "localvl-tiny.json").read_text())
+    assert meta["family"] == "qwen3_vl" and meta["vocab"] == "tiny" and meta["seed"] == 5
+    from localvl.models.loader import load_model
+
+    assert load_model(str(tmp_path / "m")).model_type == "qwen3_vl"
+
+
+def test_bad_flags_and_settings_exit_with_a_message(capsys, tmp_path):
+    with pytest.raises(SystemExit) as caught:
+        main(["serve", "--port", "eighty"])
+    assert caught.value.code == 2
+    assert main(["serve", "--port", "99999"]) == 2
+    assert "port" in capsys.readouterr().err
+    assert main(["serve", "--config", str(tmp_path / "missing.toml")]) == 2
+
+
+def test_an_unservable_model_exits_1_with_the_reason(tmp_path, capsys):
+    assert main(["serve", "--model", str(tmp_path / "nothing")]) == 1
+    assert "could not read the config" in capsys.readouterr().err
+
+
+def test_serve_without_a_model_serves_the_demo_and_says_so(tmp_path):
+    port = free_port()
+    command = [sys.executable, "-m", "localvl", "serve", "--port", str(port), "--cache-dir", str(tmp_path)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for _ in range(600):
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
+                if health.status_code == 200:
+                    break
+            except httpx.HTTPError:
+                if process.poll() is not None:
+                    break
+            import time
+
+            time.sleep(0.1)
+        assert health.json()["model"] == "localvl-demo"
+        models = httpx.get(f"http://127.0.0.1:{port}/v1/models").json()
+        assert models["data"][0]["id"] == "localvl-demo"
+    finally:
+        process.terminate()
+        output = process.communicate(timeout=30)[0]
+    assert "DEMO model" in output and "RANDOM" in output and "--model" in output
+    assert (tmp_path / "demo-qwen2_5_vl-v1" / "model.safetensors").is_file()
+
+
+def test_flags_beat_the_environment(monkeypatch, tmp_path):
+    from localvl.settings import Settings
+
+    monkeypatch.setenv("LOCALVL_PORT", "9100")
+    monkeypatch.setenv("LOCALVL_API_KEY", "env-key")
+    captured = {}
+
+    def fake_serve(flags):
+        captured.update(Settings(**flags).model_dump())
+        return 0
+
+    monkeypatch.setattr("localvl.cli.serve", fake_serve)
+    assert main(["serve", "--api-key", "a", "--api-key", "b", "--alias", "gpt-*"]) == 0
+    assert captured["port"] == 9100 and captured["api_key"] == ["a", "b"] and captured["alias"] == ["gpt-*"]
