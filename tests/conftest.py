@@ -11,6 +11,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+# The engine tests run on the CPU in CI; LOCALVL_TEST_DEVICE=cuda runs them on a GPU (fp32 still,
+# so equality with the reference model holds).
+TEST_DEVICE = os.environ.get("LOCALVL_TEST_DEVICE", "cpu")
 
 
 @pytest.fixture(scope="session")
@@ -39,7 +42,7 @@ def loaded_model(model_dir):
     def get(family: str = "qwen2_5_vl", vocab: str = "tiny"):
         key = (family, vocab)
         if key not in cache:
-            cache[key] = load_model(str(model_dir(family, vocab)), device="cpu", dtype="float32")
+            cache[key] = load_model(str(model_dir(family, vocab)), device=TEST_DEVICE, dtype="float32")
         return cache[key]
 
     return get

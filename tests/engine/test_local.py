@@ -58,6 +58,7 @@ def test_greedy_text_equals_generate_and_usage_is_exact(loaded_model, image):
     if image:
         inputs.update(pixel_values=prompt.pixel_values, image_grid_thw=prompt.image_grid_thw)
         inputs["mm_token_type_ids"] = (prompt.input_ids == loaded.model.config.image_token_id).int()[None]
+    inputs = {name: value.to(loaded.model.device) for name, value in inputs.items()}
     padding_ids = list(range(len(loaded.tokenizer), loaded.model.config.get_text_config().vocab_size))
     reference = loaded.model.generate(**inputs, max_new_tokens=20, do_sample=False, suppress_tokens=padding_ids)
     reference = reference[0, prompt.input_ids.numel() :]

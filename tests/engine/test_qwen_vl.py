@@ -54,7 +54,8 @@ def test_chunked_prefill_and_decode_equal_generate(loaded_model, family, images,
     loaded = loaded_model(family)
     inputs = _inputs(loaded, IMAGE_SETS[images])
     steps = 12
-    expected = loaded.model.generate(**inputs, max_new_tokens=steps, do_sample=False, min_new_tokens=steps)
+    on_device = inputs.to(loaded.model.device)
+    expected = loaded.model.generate(**on_device, max_new_tokens=steps, do_sample=False, min_new_tokens=steps)
     expected = expected[0, inputs["input_ids"].shape[1] :].tolist()
 
     runner = QwenVLRunner(loaded.model)
