@@ -188,3 +188,19 @@ def test_stream_events_have_consecutive_indices(client):
     names = [e["type"] for e in events]
     assert names[0] == "message_start" and names[-2:] == ["message_delta", "message_stop"]
     assert all(e["index"] == 0 for e in events if "index" in e)
+
+
+def test_served_name_is_the_folder_name_or_the_whole_hub_id(tmp_path):
+    from types import SimpleNamespace
+
+    from localvl.api.app import served_name
+    from localvl.engine.protocol import ModelInfo
+
+    def engine(source):
+        return SimpleNamespace(info=ModelInfo(source, "qwen2_5_vl", 4096))
+
+    folder = tmp_path / "Qwen2.5-VL-7B-Instruct"
+    folder.mkdir()
+    assert served_name(Settings(), engine(str(folder) + "/")) == "Qwen2.5-VL-7B-Instruct"
+    assert served_name(Settings(), engine("Qwen/Qwen2.5-VL-7B-Instruct")) == "Qwen/Qwen2.5-VL-7B-Instruct"
+    assert served_name(Settings(served_model_name="vl"), engine("Qwen/Qwen2.5-VL-7B-Instruct")) == "vl"

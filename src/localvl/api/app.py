@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from contextlib import asynccontextmanager
+from pathlib import Path
 from datetime import datetime, timezone
 from typing import AsyncIterator
 
@@ -19,10 +20,11 @@ from localvl.settings import Settings
 
 
 def served_name(settings: Settings, engine: Engine) -> str:
-    """The API name of the model: --served-model-name, else the last part of its path or id."""
+    """The API name of the model: --served-model-name, else a folder's name or the hub id itself."""
     if settings.served_model_name:
         return settings.served_model_name
-    return engine.info.name_or_path.rstrip("/").split("/")[-1] or engine.info.name_or_path
+    source = engine.info.name_or_path
+    return Path(source).name if Path(source).is_dir() else source
 
 
 def model_names(settings: Settings, engine: Engine, created_at: datetime | None = None) -> ModelNames:

@@ -44,6 +44,11 @@ class ModelNames:
                 raise ValueError(f"alias {alias.pattern!r} points at {alias.target!r}, which is not served")
         self.aliases = aliases
 
+    @property
+    def default(self) -> ServedModel:
+        """The first served model: what a request that names none gets."""
+        return next(iter(self.models.values()))
+
     def resolve(self, requested: str) -> ServedModel | None:
         if requested in self.models:
             return self.models[requested]

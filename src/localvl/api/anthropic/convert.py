@@ -67,23 +67,30 @@ def _search_result(block: s.SearchResultBlockParam) -> Text:
     return Text(f"{block.title}\n{block.source}\n{body}")
 
 
+def _readable(block: Any, at: str) -> list[Text | Image] | None:
+    """Text, image, document and search-result blocks, wherever they sit; None for other blocks."""
+    if isinstance(block, s.TextBlockParam):
+        return [Text(block.text)] if block.text else []
+    if isinstance(block, s.ImageBlockParam):
+        return [_image(block, at)]
+    if isinstance(block, s.DocumentBlockParam):
+        return _document(block, at)
+    if isinstance(block, s.SearchResultBlockParam):
+        return [_search_result(block)]
+    return None
+
+
 def _parts(role: str, content: str | list[Any], where: str) -> list[Part]:
     if isinstance(content, str):
         return [Text(content)] if content else []
     parts: list[Part] = []
     for j, block in enumerate(content):
         at = f"{where}.content.{j}"
-        if isinstance(block, s.TextBlockParam):
-            if not block.text and role != "assistant":
-                raise InvalidRequestError(f"{at}.text: text content blocks must be non-empty")
-            if block.text:
-                parts.append(Text(block.text))
-        elif isinstance(block, s.ImageBlockParam):
-            parts.append(_image(block, at))
-        elif isinstance(block, s.DocumentBlockParam):
-            parts.extend(_document(block, at))
-        elif isinstance(block, s.SearchResultBlockParam):
-            parts.append(_search_result(block))
+        if isinstance(block, s.TextBlockParam) and not block.text and role != "assistant":
+            raise InvalidRequestError(f"{at}.text: text content blocks must be non-empty")
+        readable = _readable(block, at)
+        if readable is not None:
+            parts.extend(readable)
         elif isinstance(block, s.ToolUseBlockParam):
             if role != "assistant":
                 raise InvalidRequestError(f"{at}: tool_use blocks may only appear in assistant messages")
@@ -104,15 +111,7 @@ def _tool_result(block: s.ToolResultBlockParam, where: str) -> ToolResult:
         content.append(Text(block.content))
     elif block.content:
         for k, item in enumerate(block.content):
-            at = f"{where}.content.{k}"
-            if isinstance(item, s.TextBlockParam):
-                content.append(Text(item.text))
-            elif isinstance(item, s.ImageBlockParam):
-                content.append(_image(item, at))
-            elif isinstance(item, s.DocumentBlockParam):
-                content.extend(_document(item, at))
-            elif isinstance(item, s.SearchResultBlockParam):
-                content.append(_search_result(item))
+            content.extend(_readable(item, f"{where}.content.{k}") or [])
     return ToolResult(block.tool_use_id, tuple(content), bool(block.is_error))
 
 
@@ -130,12 +129,12 @@ def conversation_from(body: s._ConversationFields) -> Conversation:
         turns.append(system)
     for i, message in enumerate(body.messages):
         parts = _parts(message.role, message.content, f"messages.{i}")
-        if not parts and (message.role != "assistant" or not message.content or isinstance(message.content, str)):
-            if not (message.role == "assistant" and i == len(body.messages) - 1):
-                raise InvalidRequestError(f"messages.{i}: {message.role} messages must have non-empty content")
         if not parts:
-            # an empty final prefill, or an assistant turn that held only blocks a local model
-            # cannot read (redacted thinking, Anthropic's server tools): nothing to render
+            empty_prefill = message.role == "assistant" and i == len(body.messages) - 1
+            # e.g. only redacted thinking or Anthropic's server-tool blocks: nothing a local model reads
+            unreadable_reply = message.role == "assistant" and isinstance(message.content, list) and bool(message.content)
+            if not (empty_prefill or unreadable_reply):
+                raise InvalidRequestError(f"messages.{i}: {message.role} messages must have non-empty content")
             continue
         if turns and turns[-1].role == message.role:
             turns[-1].parts.extend(parts)

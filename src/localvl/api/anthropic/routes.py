@@ -86,7 +86,7 @@ async def _form_body(request: Request, names: ModelNames) -> MessagesRequest:
             {"type": "image", "source": {"type": "base64", "media_type": media_type, "data": base64.b64encode(data).decode()}}
         )
     content.append({"type": "text", "text": prompt})
-    body: dict[str, Any] = {"model": form.get("model") or next(iter(names.models)), "messages": [{"role": "user", "content": content}]}
+    body: dict[str, Any] = {"model": form.get("model") or names.default.name, "messages": [{"role": "user", "content": content}]}
     max_tokens = form.get("max_tokens") or "1024"
     try:
         body["max_tokens"] = int(str(max_tokens))
