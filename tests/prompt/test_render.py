@@ -69,3 +69,10 @@ def test_the_folders_template_is_used_not_ours(loaded_model):
     processor.chat_template = "{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}"
     text = Renderer(processor).prompt_text(Conversation([Turn("user", [Text("hi")])]))
     assert text == "[user]hi"
+
+
+def test_an_image_the_processor_refuses_is_a_400(loaded_model):
+    renderer = Renderer(loaded_model("qwen2_5_vl").processor)
+    sliver = picture(size=(3000, 10))  # Qwen's resize refuses aspect ratios over 200:1
+    with pytest.raises(InvalidRequestError, match="processor rejected an image"):
+        renderer.render(Conversation([Turn("user", [sliver, Text("what is this?")])]))

@@ -109,7 +109,10 @@ class Renderer:
         text = self.prompt_text(conversation)
         images = [image.pixels for image in conversation.images()]
         with self._lock:
-            out = self.processor(text=[text], images=images or None, return_tensors="pt")
+            try:
+                out = self.processor(text=[text], images=images or None, return_tensors="pt")
+            except ValueError as error:  # e.g. Qwen's resize refuses aspect ratios over 200:1
+                raise InvalidRequestError(f"the model's processor rejected an image: {error}") from None
         input_ids = out["input_ids"][0].to(torch.long)
         if images:
             return PromptInputs(input_ids, out["pixel_values"], out["image_grid_thw"])
