@@ -70,8 +70,8 @@ class ServiceUnavailableError(LocalvlError):
     kind = "overloaded_error"
 
 
-def status_error(status: int, message: str) -> LocalvlError:
-    """The hierarchy's error for a bare HTTP status (from routing, say)."""
+_BY_STATUS: dict[int, type[LocalvlError]] = {
+    cls.status: cls
     for cls in (
         InvalidRequestError,
         AuthenticationError,
@@ -82,11 +82,14 @@ def status_error(status: int, message: str) -> LocalvlError:
         RateLimitError,
         OverloadedError,
         ServiceUnavailableError,
-    ):
-        if cls.status == status:
-            return cls(message)
-    if 400 <= status < 500:
-        error: LocalvlError = InvalidRequestError(message)
-        error.status = status
-        return error
-    return InternalError(message)
+    )
+}
+
+
+def status_error(status: int, message: str) -> LocalvlError:
+    """The hierarchy's error for a bare HTTP status (from routing, say)."""
+    if status in _BY_STATUS:
+        return _BY_STATUS[status](message)
+    error: LocalvlError = InvalidRequestError(message) if 400 <= status < 500 else InternalError(message)
+    error.status = status if 400 <= status < 500 else 500
+    return error

@@ -24,9 +24,8 @@ def envelope_for(path: str) -> Envelope:
     return anthropic_error_body
 
 
-def request_id_of(scope_or_request: Any) -> str:
-    scope = scope_or_request.scope if hasattr(scope_or_request, "scope") else scope_or_request
-    return scope.get("state", {}).get("request_id", "")
+def request_id_of(request: Request) -> str:
+    return request.scope.get("state", {}).get("request_id", "")
 
 
 def error_response(path: str, request_id: str, error: LocalvlError) -> JSONResponse:
