@@ -21,3 +21,9 @@ def image_bytes(fmt: str = "PNG", size: tuple[int, int] = (64, 48), color=(200, 
 
 def image_b64(fmt: str = "PNG", **kwargs) -> str:
     return base64.b64encode(image_bytes(fmt, **kwargs)).decode()
+
+
+def prompt_tokens(usage) -> int:
+    """All prompt tokens of an Anthropic usage (SDK object or dict): uncached + cache writes + cache reads."""
+    get = usage.get if isinstance(usage, dict) else lambda name: getattr(usage, name)
+    return get("input_tokens") + (get("cache_creation_input_tokens") or 0) + (get("cache_read_input_tokens") or 0)

@@ -35,7 +35,16 @@ def _serve_parser(sub: Any) -> None:
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--dtype", help="auto, bfloat16, float16, float32")
     p.add_argument("--max-model-len", dest="max_model_len", type=int, help="context length in tokens")
-    p.add_argument("--prefill-chunk-tokens", dest="prefill_chunk_tokens", type=int, help="prompt tokens per prefill step")
+    p.add_argument("--max-batch-tokens", dest="max_batch_tokens", type=int, help="tokens per engine step (default 2048)")
+    p.add_argument("--max-num-seqs", dest="max_num_seqs", type=int, help="requests in the running batch (default 64)")
+    p.add_argument("--block-size", dest="block_size", type=int, help="tokens per KV-cache block (default 16)")
+    p.add_argument("--kv-cache-memory", dest="kv_cache_memory", type=int, help="bytes of KV cache (default: auto)")
+    p.add_argument(
+        "--gpu-memory-utilization", dest="gpu_memory_utilization", type=float,
+        help="share of free GPU memory for the KV cache (default 0.85)",
+    )
+    p.add_argument("--image-cache-memory", dest="image_cache_memory", type=int, help="bytes of image embeddings kept")
+    p.add_argument("--max-queue", dest="max_queue", type=int, help="waiting requests before 529 (default 256)")
     p.add_argument("--max-request-bytes", dest="max_request_bytes", type=int, help="largest request body")
     p.add_argument("--ping-interval", dest="ping_interval", type=float, help="seconds between SSE pings")
     p.add_argument("--cache-dir", dest="cache_dir", type=Path, help="where the demo model is kept")
@@ -90,7 +99,7 @@ def serve(flags: dict[str, Any]) -> int:
     except ModelLoadError as error:
         print(f"localvl serve: {error}", file=sys.stderr)
         return 1
-    engine = LocalEngine(loaded, prefill_chunk_tokens=settings.prefill_chunk_tokens)
+    engine = LocalEngine(loaded, engine_config(settings))
     try:
         app = create_app(settings, engine)
     except ValueError as error:  # e.g. an alias naming a model that is not served
@@ -98,6 +107,20 @@ def serve(flags: dict[str, Any]) -> int:
         return 2
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower())
     return 0
+
+
+def engine_config(settings: Any) -> Any:
+    from localvl.engine.local import EngineConfig
+
+    return EngineConfig(
+        max_batch_tokens=settings.max_batch_tokens,
+        max_num_seqs=settings.max_num_seqs,
+        block_size=settings.block_size,
+        kv_cache_memory=settings.kv_cache_memory,
+        gpu_memory_utilization=settings.gpu_memory_utilization,
+        image_cache_memory=settings.image_cache_memory,
+        max_queue=settings.max_queue,
+    )
 
 
 def tiny_model(args: argparse.Namespace) -> int:

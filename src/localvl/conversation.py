@@ -113,3 +113,4 @@ class GenerationRequest:
     id: str
     conversation: Conversation
     sampling: SamplingParams
+    priority: int = 0  # lower runs first: interactive 0, background work (batches) higher

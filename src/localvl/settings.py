@@ -42,7 +42,15 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="auto, cpu, cuda, cuda:1, ...")
     dtype: str = Field("auto", description="auto, bfloat16, float16 or float32")
     max_model_len: int | None = Field(None, ge=16, description="context length; default: the model's")
-    prefill_chunk_tokens: int = Field(2048, ge=16, description="prompt tokens per prefill step")
+    max_batch_tokens: int = Field(2048, ge=16, description="tokens per engine step (decodes plus prefill chunks)")
+    max_num_seqs: int = Field(64, ge=1, description="requests in the running batch at once")
+    block_size: int = Field(16, ge=1, le=1024, description="tokens per KV-cache block")
+    kv_cache_memory: int | None = Field(
+        None, ge=1, description="bytes of KV cache; default: 2 GiB on a CPU, gpu_memory_utilization of free GPU memory"
+    )
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="share of free GPU memory for the KV cache")
+    image_cache_memory: int = Field(512 << 20, ge=0, description="bytes of vision-tower outputs kept for reuse")
+    max_queue: int = Field(256, ge=1, description="waiting requests beyond which new ones get 529 overloaded")
     max_request_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="largest request body accepted")
     ping_interval: float = Field(10.0, gt=0, description="seconds between SSE pings while nothing else is sent")
     cache_dir: Path | None = Field(None, description="where localvl keeps the demo model and vocabularies")

@@ -8,7 +8,7 @@ from fastapi.testclient import TestClient
 from localvl.api.app import create_app
 from localvl.engine.local import LocalEngine
 from localvl.settings import Settings
-from tests.helpers import image_b64, image_bytes
+from tests.helpers import image_b64, image_bytes, prompt_tokens
 
 KEY = "sk-test-123"
 
@@ -152,9 +152,9 @@ def test_multipart_form_answers_with_a_message(client):
     assert response.status_code == 200, response.text
     message = response.json()
     assert message["type"] == "message" and message["usage"]["output_tokens"] <= 5
-    with_image = message["usage"]["input_tokens"]
+    with_image = prompt_tokens(message["usage"])
     text_only = client.post("/v1/messages", data={"prompt": "What is this?", "max_tokens": "5"}).json()
-    assert with_image > text_only["usage"]["input_tokens"]
+    assert with_image > prompt_tokens(text_only["usage"])
 
 
 def test_multipart_form_errors_are_400(client):

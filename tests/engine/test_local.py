@@ -3,13 +3,14 @@ import dataclasses
 import time
 
 import pytest
-import torch
 
 from localvl.conversation import Conversation, GenerationRequest, Image, SamplingParams, Text, Turn
 from localvl.engine.events import Finished, TextDelta
-from localvl.engine.local import LocalEngine
+from localvl.engine.local import EngineConfig, LocalEngine
 from localvl.errors import InvalidRequestError
 from localvl.media.images import load_image
+from localvl.prompt.render import Renderer
+from tests.engine.reference import reference_text
 from tests.helpers import image_bytes
 
 
@@ -31,7 +32,7 @@ async def generate(engine, conv, request_id="r", **sampling):
 
 
 async def with_engine(loaded, body, **kwargs):
-    engine = LocalEngine(loaded, **kwargs)
+    engine = LocalEngine(loaded, EngineConfig(**kwargs))
     await engine.start()
     try:
         return await body(engine)
@@ -48,24 +49,17 @@ def test_greedy_text_equals_generate_and_usage_is_exact(loaded_model, image):
         stream, events = await generate(engine, conv, max_tokens=20)
         return stream, events, await engine.count_tokens(conv)
 
-    stream, events, counted = run(with_engine(loaded, body, prefill_chunk_tokens=7))
+    stream, events, counted = run(with_engine(loaded, body, max_batch_tokens=16))
     *deltas, finished = events
     assert isinstance(finished, Finished) and all(isinstance(d, TextDelta) and d.text for d in deltas)
-    assert finished.usage.input_tokens == stream.input_tokens == counted
+    usage = finished.usage
+    assert usage.input_tokens + usage.cache_read_input_tokens + usage.cache_creation_input_tokens == counted
+    assert stream.input_tokens == counted and usage.cache_read_input_tokens == 0  # the first request
 
-    prompt = dataclasses.replace(LocalEngine(loaded).renderer.render(conv))
-    inputs = {"input_ids": prompt.input_ids[None], "attention_mask": torch.ones_like(prompt.input_ids)[None]}
-    if image:
-        inputs.update(pixel_values=prompt.pixel_values, image_grid_thw=prompt.image_grid_thw)
-        inputs["mm_token_type_ids"] = (prompt.input_ids == loaded.model.config.image_token_id).int()[None]
-    inputs = {name: value.to(loaded.model.device) for name, value in inputs.items()}
-    padding_ids = list(range(len(loaded.tokenizer), loaded.model.config.get_text_config().vocab_size))
-    reference = loaded.model.generate(**inputs, max_new_tokens=20, do_sample=False, suppress_tokens=padding_ids)
-    reference = reference[0, prompt.input_ids.numel() :]
-    assert finished.usage.output_tokens == reference.numel()
-    expected = loaded.tokenizer.decode(reference, skip_special_tokens=True)
+    expected, count, ended = reference_text(loaded, Renderer(loaded.processor).render(conv), 20)
+    assert usage.output_tokens == count
     assert "".join(d.text for d in deltas) == expected
-    assert finished.reason == ("eos" if int(reference[-1]) in loaded.eos_token_ids else "max_tokens")
+    assert finished.reason == ("eos" if ended else "max_tokens")
 
 
 def test_stop_sequence_cuts_the_text_before_it(loaded_model):
@@ -102,7 +96,7 @@ def test_max_tokens_clamped_to_the_context_ends_with_context_window(loaded_model
         return clamped[-1], exact[-1]
 
     eos_free = dataclasses.replace(small, eos_token_ids=frozenset())  # so the model cannot end early
-    clamped, exact = run(with_engine(eos_free, body))
+    clamped, exact = run(with_engine(eos_free, body, block_size=4))
     assert clamped.reason == "context_window" and clamped.usage.output_tokens == 3
     assert exact.reason == "max_tokens" and exact.usage.output_tokens == 3
 
@@ -141,27 +135,18 @@ def test_closing_a_stream_stops_its_generation(loaded_model):
     loaded = dataclasses.replace(loaded_model("qwen2_5_vl"), eos_token_ids=frozenset())
 
     async def body(engine):
-        steps = 0
-        decode = engine.runner.decode
-
-        def counting_decode(*args, **kwargs):
-            nonlocal steps
-            steps += 1
-            return decode(*args, **kwargs)
-
-        engine.runner.decode = counting_decode
         stream = await engine.submit(GenerationRequest("long", conversation(), SamplingParams(max_tokens=100_000, temperature=0)))
         await stream.__anext__()
         await stream.aclose()
         deadline = time.monotonic() + 30
         while "long" in engine._active and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
-        stopped_at = steps
+        stopped_at = engine.steps
         await asyncio.sleep(0.2)
-        return "long" in engine._active, stopped_at, steps
+        return "long" in engine._active, stopped_at, engine.steps, engine.blocks.used_blocks
 
-    still_active, stopped_at, later = run(with_engine(loaded, body))
-    assert not still_active
+    still_active, stopped_at, later, used = run(with_engine(loaded, body))
+    assert not still_active and used == 0
     assert stopped_at == later < 100_000
 
 
@@ -176,7 +161,9 @@ def test_concurrent_requests_queue_and_all_complete(loaded_model):
 
     results, counts = run(with_engine(loaded, body))
     for (stream, events), count in zip(results, counts):
-        assert isinstance(events[-1], Finished) and events[-1].usage.input_tokens == count
+        usage = events[-1].usage
+        assert isinstance(events[-1], Finished)
+        assert usage.input_tokens + usage.cache_read_input_tokens + usage.cache_creation_input_tokens == count
 
 
 def test_submit_after_stop_is_refused(loaded_model):

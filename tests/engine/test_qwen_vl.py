@@ -48,31 +48,30 @@ def test_positions_equal_the_models_get_rope_index(loaded_model, family, images)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("images", ["one", "two-sizes"])
-@pytest.mark.parametrize("chunk", [4096, 5])
-def test_chunked_prefill_and_decode_equal_generate(loaded_model, family, images, chunk):
+def test_images_of_several_requests_encode_in_one_call_as_they_do_alone(loaded_model, family):
     loaded = loaded_model(family)
-    inputs = _inputs(loaded, IMAGE_SETS[images])
-    steps = 12
-    on_device = inputs.to(loaded.model.device)
-    expected = loaded.model.generate(**on_device, max_new_tokens=steps, do_sample=False, min_new_tokens=steps)
-    expected = expected[0, inputs["input_ids"].shape[1] :].tolist()
-
+    inputs = _inputs(loaded, IMAGE_SETS["two-sizes"])
     runner = QwenVLRunner(loaded.model)
-    prompt = runner.embed_prompt(PromptInputs(inputs["input_ids"][0], inputs["pixel_values"], inputs["image_grid_thw"]))
-    cache = runner.new_cache()
-    length = len(prompt)
-    for start in range(0, length, chunk):  # chunk 5 splits images across prefill steps
-        hidden = runner.prefill(prompt, cache, start, min(length, start + chunk))
-    produced = []
-    for i in range(steps):
-        with torch.inference_mode():
-            logits = runner.logits(hidden)
-            logits[list(loaded.eos_token_ids)] = float("-inf")  # as min_new_tokens does
-            token = int(torch.argmax(logits))
-        produced.append(token)
-        hidden = runner.decode(token, length + i, prompt.delta, cache)
-    assert produced == expected
+    grids = inputs["image_grid_thw"]
+    rows = inputs["pixel_values"].split([int(t * h * w) for t, h, w in grids.tolist()])
+    together = runner.encode_images(inputs["pixel_values"], grids)
+    alone = [runner.encode_images(rows[i], grids[i : i + 1])[0] for i in range(2)]
+    for both, one, grid in zip(together, alone, grids.tolist()):
+        assert both.embeds.shape == (runner.image_tokens(tuple(grid)), loaded.model.config.get_text_config().hidden_size)
+        torch.testing.assert_close(both.embeds, one.embeds)
+        assert (both.deepstack is None) == (family != "qwen3_vl")
+        for a, b in zip(both.deepstack or [], one.deepstack or []):
+            torch.testing.assert_close(a, b)
+
+
+def test_the_stock_model_still_generates_between_engine_steps(loaded_model):
+    """The paged attention is switched on per engine call; generate() keeps plain SDPA."""
+    loaded = loaded_model("qwen2_5_vl")
+    QwenVLRunner(loaded.model)  # registers the paged attention
+    assert loaded.model.config.get_text_config()._attn_implementation != "localvl_paged"
+    inputs = _inputs(loaded, IMAGE_SETS["one"])
+    out = loaded.model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 3 or out[0, -1] in loaded.eos_token_ids
 
 
 def test_unsupported_model_type_is_refused(loaded_model):

@@ -1,9 +1,9 @@
-"""Engine v1: the model in this process, one request at a time, on its own thread.
+"""The in-process engine: continuous batching of many requests over one model, on its own thread.
 
 The asyncio side renders and validates a request (in a worker thread, so the event loop stays
-free), then hands it to the engine thread and drains its events from an asyncio queue. The
-engine thread prefills in chunks (bounded memory for 30k-token prompts) and decodes token by
-token, checking between steps whether the client has gone.
+free), then hands it to the engine thread and drains its events from an asyncio queue. The engine
+thread loops: take in new and cancelled requests → schedule a step (``scheduler.py``) → run it
+(``runner.py``) → sample, detokenize, match stop sequences and emit events → repeat.
 """
 
 from __future__ import annotations
@@ -14,37 +14,58 @@ import logging
 import queue
 import threading
 from dataclasses import dataclass, field
-from typing import Any
-
 import anyio
 import torch
 
 from localvl.conversation import Conversation, GenerationRequest, SamplingParams
+from localvl.engine.blocks import BlockManager
 from localvl.engine.detokenizer import IncrementalDetokenizer, special_token_ids
 from localvl.engine.events import Event, FinishReason, Finished, TextDelta, Usage
+from localvl.engine.kv_cache import PagedKVCache
 from localvl.engine.protocol import ModelInfo
-from localvl.engine.qwen_vl import PromptInputs, QwenVLRunner
+from localvl.engine.qwen_vl import QwenVLRunner
+from localvl.engine.runner import PromptState, StepRunner, prepare_prompt
 from localvl.engine.sampling import ResolvedSampling, sample_next
+from localvl.engine.scheduler import Scheduled, Scheduler
+from localvl.engine.sequence import Sequence
 from localvl.engine.stops import StopMatcher
-from localvl.errors import InternalError, InvalidRequestError, LocalvlError, ServiceUnavailableError
+from localvl.engine.vision import ImageCache
+from localvl.errors import InternalError, InvalidRequestError, LocalvlError, OverloadedError, ServiceUnavailableError
 from localvl.models.loader import LoadedModel
 from localvl.prompt.render import Renderer
 
 logger = logging.getLogger(__name__)
 
+GiB = 1 << 30
 
-@dataclass
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_batch_tokens: int = 2048  # tokens per step: decodes plus prefill chunks
+    max_num_seqs: int = 64  # sequences in the running batch
+    block_size: int = 16
+    kv_cache_memory: int | None = None  # bytes; None: 2 GiB on a CPU, a share of free memory on a GPU
+    gpu_memory_utilization: float = 0.85
+    image_cache_memory: int = 512 << 20
+    max_queue: int = 256  # waiting requests beyond this get 529 overloaded_error
+    check_integrity: bool = False  # audit the block tables whenever the engine goes idle (tests)
+
+
+@dataclass(eq=False)
 class _Job:
-    request_id: str
-    prompt: PromptInputs
-    max_new_tokens: int
-    context_limited: bool  # max_new_tokens was cut to what the context has left
+    """A request's state that only the engine side needs."""
+
+    prompt: PromptState
     sampling: ResolvedSampling
     stop_sequences: tuple[str, ...]
     seed: int | None
+    context_limited: bool  # max_new_tokens was cut to what the context has left
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue[Event | LocalvlError] = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    detokenizer: IncrementalDetokenizer | None = None
+    stops: StopMatcher | None = None
+    generator: torch.Generator | None = None
 
     def emit(self, item: Event | LocalvlError) -> None:
         try:
@@ -54,12 +75,12 @@ class _Job:
 
 
 class _Stream:
-    """The asyncio end of one job."""
+    """The asyncio end of one request."""
 
-    def __init__(self, job: _Job, engine: LocalEngine) -> None:
-        self.request_id = job.request_id
-        self.input_tokens = int(job.prompt.input_ids.numel())
-        self._job = job
+    def __init__(self, seq: Sequence, engine: LocalEngine) -> None:
+        self.request_id = seq.id
+        self.input_tokens = len(seq.prompt)
+        self._job: _Job = seq.payload
         self._engine = engine
         self._done = False
 
@@ -84,24 +105,72 @@ class _Stream:
 
 
 class LocalEngine:
-    def __init__(self, loaded: LoadedModel, *, prefill_chunk_tokens: int = 2048) -> None:
+    def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None) -> None:
         self.loaded = loaded
-        self.runner = QwenVLRunner(loaded.model)
+        self.config = config = config or EngineConfig()
+        self.model = QwenVLRunner(loaded.model)
         self.renderer = Renderer(loaded.processor)
-        self.prefill_chunk_tokens = max(1, prefill_chunk_tokens)
         # The engine thread decodes with its own copy: one Rust tokenizer must not serve two threads.
         self._tokenizer = copy.deepcopy(loaded.tokenizer)
         self._skip_ids = special_token_ids(self._tokenizer) - loaded.eos_token_ids
         self._vocab_limit = len(self._tokenizer)  # ids past the tokenizer are embedding padding
-        self._info = ModelInfo(loaded.name_or_path, loaded.model_type, loaded.context_length)
-        self._jobs: queue.Queue[_Job | None] = queue.Queue()
-        self._active: dict[str, _Job] = {}
+        self.kv_cache = self._make_kv_cache()
+        self.blocks = BlockManager(self.kv_cache.num_blocks, config.block_size)
+        self.scheduler = Scheduler(self.blocks, max_batch_tokens=config.max_batch_tokens, max_num_seqs=config.max_num_seqs)
+        self.image_cache = ImageCache(config.image_cache_memory)
+        self.runner = StepRunner(self.model, self.kv_cache, self.image_cache)
+        # A sequence can never outgrow the pool, whatever the model's context says.
+        capacity = self.kv_cache.num_blocks * config.block_size
+        self._info = ModelInfo(loaded.name_or_path, loaded.model_type, min(loaded.context_length, capacity))
+        self._inbox: queue.Queue[Sequence | None] = queue.Queue()
+        self._active: dict[str, Sequence] = {}
+        self._waiting_count = 0
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self.steps = 0
+        self.failures = 0
+        self.integrity_failures = 0
+
+    def _make_kv_cache(self) -> PagedKVCache:
+        text = self.model.text_config
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        shape = dict(
+            num_layers=text.num_hidden_layers, block_size=self.config.block_size,
+            kv_heads=text.num_key_value_heads, head_dim=head_dim, dtype=self.model.dtype,
+        )
+        per_block = PagedKVCache.bytes_per_block(**shape)  # type: ignore[arg-type]
+        budget = self.config.kv_cache_memory
+        device = self.model.device
+        if budget is None:
+            if device.type == "cuda":
+                free, _ = torch.cuda.mem_get_info(device)
+                budget = int(free * self.config.gpu_memory_utilization)
+            else:
+                budget = 2 * GiB
+        # More blocks than every running sequence at full context could use would be wasted.
+        useful = self.config.max_num_seqs * -(-self.loaded.context_length // self.config.block_size)
+        num_blocks = max(1, min(budget // per_block, useful))
+        logger.info("KV cache: %d blocks of %d tokens (%.2f GiB)", num_blocks, self.config.block_size, num_blocks * per_block / GiB)
+        return PagedKVCache(num_blocks=num_blocks, device=device, **shape)  # type: ignore[arg-type]
 
     @property
     def info(self) -> ModelInfo:
         return self._info
+
+    def stats(self) -> dict[str, int]:
+        """Counters for tests, benchmarks and metrics (read from any thread; approximate while running)."""
+        return {
+            "steps": self.steps,
+            "running": len(self.scheduler.running),
+            "waiting": self._waiting_count,
+            "blocks_used": self.blocks.used_blocks,
+            "blocks_total": self.blocks.num_blocks,
+            "preemptions": self.scheduler.preemptions,
+            "images_encoded": self.runner.images_encoded,
+            "image_cache_hits": self.image_cache.hits,
+            "failures": self.failures,
+            "integrity_failures": self.integrity_failures,
+        }
 
     async def start(self) -> None:
         if self._thread is None:
@@ -111,10 +180,10 @@ class LocalEngine:
 
     async def stop(self) -> None:
         self._stopping = True
-        for job in list(self._active.values()):
-            job.cancelled.set()
+        for seq in list(self._active.values()):
+            seq.payload.cancelled.set()
         if self._thread is not None:
-            self._jobs.put(None)
+            self._inbox.put(None)
             await anyio.to_thread.run_sync(self._thread.join)
             self._thread = None
 
@@ -124,31 +193,35 @@ class LocalEngine:
     async def submit(self, request: GenerationRequest) -> _Stream:
         if self._stopping or self._thread is None:
             raise ServiceUnavailableError("the engine is not running")
-        prompt = await anyio.to_thread.run_sync(self.renderer.render, request.conversation)
-        length = int(prompt.input_ids.numel())
+        if self._inbox.qsize() + self._waiting_count >= self.config.max_queue:
+            raise OverloadedError("the server is overloaded; retry shortly", headers={"retry-after": "1"})
+        rendered = await anyio.to_thread.run_sync(self.renderer.render, request.conversation)
+        length = int(rendered.input_ids.numel())
         limit = self._info.context_length
         if length > limit:
             raise InvalidRequestError(f"prompt is too long: {length} tokens > {limit} maximum")
+        ids, images, state = prepare_prompt(rendered, self.model.image_token_id, self.model.spatial_merge_size)
         room = limit - length
         sampling = request.sampling
         job = _Job(
-            request_id=request.id,
-            prompt=prompt,
-            max_new_tokens=min(sampling.max_tokens, room),
-            context_limited=sampling.max_tokens > room,
+            prompt=state,
             sampling=self._resolve(sampling),
             stop_sequences=tuple(sampling.stop_sequences),
             seed=sampling.seed,
+            context_limited=sampling.max_tokens > room,
             loop=asyncio.get_running_loop(),
         )
-        self._active[job.request_id] = job
-        self._jobs.put(job)
-        return _Stream(job, self)
+        seq = Sequence(
+            request.id, ids, images, max_new_tokens=min(sampling.max_tokens, room), priority=request.priority, payload=job
+        )
+        self._active[seq.id] = seq
+        self._inbox.put(seq)
+        return _Stream(seq, self)
 
     def abort(self, request_id: str) -> None:
-        job = self._active.get(request_id)
-        if job is not None:
-            job.cancelled.set()
+        seq = self._active.get(request_id)
+        if seq is not None:
+            seq.payload.cancelled.set()  # the engine drops it before its next step
 
     def _resolve(self, sampling: SamplingParams) -> ResolvedSampling:
         defaults = self.loaded.sampling_defaults
@@ -160,68 +233,141 @@ class LocalEngine:
 
     # ------------------------------------------------------------------ the engine thread
 
+    @torch.inference_mode()
     def _run(self) -> None:
         while True:
-            job = self._jobs.get()
-            if job is None:
-                return
+            block = len(self.scheduler) == 0
+            if block and self.config.check_integrity:
+                self._audit()
             try:
-                if not job.cancelled.is_set():
-                    self._generate(job)
-                if job.cancelled.is_set():
-                    logger.debug("%s aborted", job.request_id)
-            except Exception as error:  # the message names no request content: only the failure
-                logger.error("generation failed for %s: %s", job.request_id, type(error).__name__)
-                logger.debug("generation failure", exc_info=True)
-                job.emit(InternalError("the engine failed while generating this response"))
-            finally:
-                self._active.pop(job.request_id, None)
+                while True:
+                    seq = self._inbox.get(block=block)
+                    block = False
+                    if seq is None:
+                        if self._stopping:
+                            self._shutdown()
+                            return
+                        continue
+                    self._admit(seq)
+            except queue.Empty:
+                pass
+            self._drop_cancelled()
+            self._waiting_count = len(self.scheduler) - len(self.scheduler.running)
+            if len(self.scheduler):
+                self._step()
 
-    @torch.inference_mode()
-    def _generate(self, job: _Job) -> None:
-        runner = self.runner
-        prompt = runner.embed_prompt(job.prompt)
-        cache = runner.new_cache()
-        length = len(prompt)
-        hidden: torch.Tensor | None = None
-        for start in range(0, length, self.prefill_chunk_tokens):
-            if job.cancelled.is_set():
-                return
-            hidden = runner.prefill(prompt, cache, start, min(length, start + self.prefill_chunk_tokens))
-        assert hidden is not None  # a rendered prompt is never empty
+    def _audit(self) -> None:
+        try:
+            self.scheduler.check()
+            if self.blocks.used_blocks:
+                raise AssertionError(f"{self.blocks.used_blocks} blocks in use with no sequence left")
+        except AssertionError as error:
+            self.integrity_failures += 1
+            logger.error("KV-cache integrity check failed: %s", error)
 
-        detokenizer = IncrementalDetokenizer(self._tokenizer, self._skip_ids)
-        stops = StopMatcher(job.stop_sequences)
-        generator = None
+    def _admit(self, seq: Sequence) -> None:
+        job: _Job = seq.payload
+        job.detokenizer = IncrementalDetokenizer(self._tokenizer, self._skip_ids)
+        job.stops = StopMatcher(job.stop_sequences)
         if job.seed is not None:
-            generator = torch.Generator(device=runner.device).manual_seed(job.seed)
-        produced = 0
-        reason: FinishReason
-        while True:
-            if produced >= job.max_new_tokens:
-                reason = "context_window" if job.context_limited else "max_tokens"
-                break
-            logits = runner.logits(hidden)
-            logits[self._vocab_limit :] = float("-inf")
-            token = sample_next(logits, job.sampling, generator)
-            produced += 1
-            if token in self.loaded.eos_token_ids:
-                reason = "eos"
-                break
-            text = stops.feed(detokenizer.add(token))
+            job.generator = torch.Generator(device=self.model.device).manual_seed(job.seed)
+        self.scheduler.add(seq)
+
+    def _drop_cancelled(self) -> None:
+        for seq in [*self.scheduler.running, *self.scheduler.waiting]:
+            if seq.payload.cancelled.is_set():
+                self._finish(seq)
+                logger.debug("%s aborted", seq.id)
+
+    def _finish(self, seq: Sequence) -> None:
+        self.scheduler.remove(seq)
+        self._active.pop(seq.id, None)
+
+    def _shutdown(self) -> None:
+        for seq in [*self.scheduler.running, *self.scheduler.waiting]:
+            seq.payload.emit(ServiceUnavailableError("the server is shutting down"))
+            self._finish(seq)
+
+    def _step(self) -> None:
+        try:
+            batch = self.scheduler.schedule()
+        except MemoryError:  # a bug guard: submit keeps every sequence within the pool
+            logger.exception("scheduling failed")
+            for seq in self.scheduler.waiting:
+                seq.payload.emit(InternalError("the engine could not schedule this request"))
+                self._finish(seq)
+            return
+        self._waiting_count = len(self.scheduler) - len(self.scheduler.running)
+        if not batch:
+            return
+        self.steps += 1
+        try:
+            self._run_batch(batch)
+        except Exception as error:  # the message names no request content: only the failure
+            self.failures += 1
+            logger.error("engine step failed: %s", type(error).__name__)
+            logger.debug("engine step failure", exc_info=True)
+            for s in batch:
+                if s.sequence.id in self._active:
+                    s.sequence.payload.emit(InternalError("the engine failed while generating this response"))
+                    self._finish(s.sequence)
+
+    def _run_batch(self, batch: list[Scheduled]) -> None:
+        samplers, logits = self.runner.run(batch)
+        for s in batch:
+            seq = s.sequence
+            seq.num_computed += s.count
+            seq.cache_created_tokens += self.blocks.register(
+                seq.table, seq.tokens, seq.images, seq.num_computed, len(seq.prompt)
+            )
+        if logits is not None:
+            self._sample(samplers, logits)
+
+    def _sample(self, samplers: list[Scheduled], logits: torch.Tensor) -> None:
+        logits[:, self._vocab_limit :] = float("-inf")
+        greedy = torch.argmax(logits, dim=-1).tolist()
+        for row, s in enumerate(samplers):
+            job: _Job = s.sequence.payload
+            if job.sampling.temperature <= 0 or job.sampling.top_k == 1:
+                token = greedy[row]
+            else:
+                token = sample_next(logits[row], job.sampling, job.generator)
+            self._append(s.sequence, token)
+
+    def _append(self, seq: Sequence, token: int) -> None:
+        job: _Job = seq.payload
+        assert job.detokenizer is not None and job.stops is not None
+        if job.cancelled.is_set():
+            return  # dropped before the next step
+        reason: FinishReason | None = None
+        if len(seq.outputs) >= seq.max_new_tokens:  # a prompt that filled the context exactly
+            reason = "context_window" if job.context_limited else "max_tokens"
+        elif token in self.loaded.eos_token_ids:
+            seq.outputs.append(token)
+            reason = "eos"
+        else:
+            seq.outputs.append(token)
+            text = job.stops.feed(job.detokenizer.add(token))
             if text:
                 job.emit(TextDelta(text))
-            if stops.matched is not None:
+            if job.stops.matched is not None:
                 reason = "stop_sequence"
-                break
-            if job.cancelled.is_set():
-                return
-            hidden = runner.decode(token, length + produced - 1, prompt.delta, cache)
-        if stops.matched is None:
-            tail = stops.feed(detokenizer.flush())
-            tail += stops.flush()
+            elif len(seq.outputs) >= seq.max_new_tokens:
+                reason = "context_window" if job.context_limited else "max_tokens"
+        if reason is None:
+            return
+        if job.stops.matched is None:
+            tail = job.stops.feed(job.detokenizer.flush()) + job.stops.flush()
             if tail:
                 job.emit(TextDelta(tail))
-            if stops.matched is not None:
+            if job.stops.matched is not None:
                 reason = "stop_sequence"
-        job.emit(Finished(reason, Usage(input_tokens=length, output_tokens=produced), stops.matched))
+        read, created = seq.cache_read_tokens, seq.cache_created_tokens
+        usage = Usage(
+            input_tokens=len(seq.prompt) - read - created,
+            output_tokens=len(seq.outputs),
+            cache_read_input_tokens=read,
+            cache_creation_input_tokens=created,
+        )
+        job.emit(Finished(reason, usage, job.stops.matched))
+        self._finish(seq)

@@ -1,21 +1,20 @@
 """Driving a stock transformers Qwen-VL model piece by piece.
 
-The engine does not call ``generate``: it runs the vision tower, builds the prompt's input
-embeddings, and steps the text decoder itself, in chunks, with positions it computed per request.
-That is what lets it prefill long prompts in bounded memory, stop between steps, and (later)
-batch requests. Everything specific to a Qwen-VL family is in this module, keyed by model_type.
+The engine does not call ``generate``: it runs the vision tower (several images of several
+requests in one call), and steps the text decoder itself over a packed batch of tokens from many
+sequences, with positions it computed per request and the paged attention of ``kv_cache.py``.
+Everything specific to a Qwen-VL family is in this module, keyed by model_type.
 """
 
 from __future__ import annotations
 
 import contextlib
-import inspect
 from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
 
-from localvl.engine.positions import mrope_positions
+from localvl.engine.kv_cache import ATTENTION_NAME, AttentionBatch, register_attention
 
 SUPPORTED_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
 # Qwen3-VL adds vision features to the hidden states of its first decoder layers ("deepstack").
@@ -29,18 +28,20 @@ class PromptInputs:
     input_ids: torch.Tensor  # [L]
     pixel_values: torch.Tensor | None = None
     image_grid_thw: torch.Tensor | None = None  # [images, 3]
+    image_keys: tuple[str, ...] = ()  # content hash of each image, in prompt order
 
 
 @dataclass
-class EmbeddedPrompt:
-    embeds: torch.Tensor  # [L, hidden]
-    positions: torch.Tensor  # [3, L]
-    delta: int  # decode token i (i >= L) sits at position i + delta
-    visual_mask: torch.Tensor | None = None  # [L] bool, deepstack families only
-    deepstack: list[torch.Tensor] | None = None  # per injected layer: [visual tokens, hidden]
+class ImageFeatures:
+    """The vision tower's output for one image: what replaces its tokens' embeddings."""
 
-    def __len__(self) -> int:
-        return int(self.embeds.shape[0])
+    embeds: torch.Tensor  # [tokens, hidden]
+    deepstack: list[torch.Tensor] | None = None  # deepstack families: per injected layer [tokens, hidden]
+
+    @property
+    def nbytes(self) -> int:
+        tensors = [self.embeds, *(self.deepstack or [])]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
 
 class QwenVLRunner:
@@ -57,9 +58,7 @@ class QwenVLRunner:
         self.image_token_id = int(model.config.image_token_id)
         self.spatial_merge_size = int(model.config.vision_config.spatial_merge_size)
         self.deepstack = model_type in DEEPSTACK_MODEL_TYPES
-        # transformers renamed past_key_values to cache in 5.2x; take whichever this one has.
-        parameters = inspect.signature(self.language_model.forward).parameters
-        self._cache_kwarg = "cache" if "cache" in parameters else "past_key_values"
+        register_attention()
 
     @contextlib.contextmanager
     def _attention_kernels(self) -> Iterator[None]:
@@ -85,77 +84,69 @@ class QwenVLRunner:
     def dtype(self) -> torch.dtype:
         return self.lm_head.weight.dtype
 
-    def new_cache(self) -> Any:
-        from transformers import DynamicCache
-
-        return DynamicCache(config=self.text_config)
+    def image_tokens(self, grid: tuple[int, int, int]) -> int:
+        t, h, w = grid
+        return t * h * w // (self.spatial_merge_size**2)
 
     @torch.inference_mode()
-    def embed_prompt(self, prompt: PromptInputs) -> EmbeddedPrompt:
-        ids = prompt.input_ids.to(self.device)
-        embeds = self.language_model.embed_tokens(ids)
-        positions, delta = mrope_positions(
-            prompt.input_ids, prompt.image_grid_thw, self.image_token_id, self.spatial_merge_size
-        )
-        visual_mask = None
-        deepstack = None
-        if prompt.pixel_values is not None and prompt.image_grid_thw is not None:
-            with self._attention_kernels():
-                out = self.visual(
-                    prompt.pixel_values.to(self.device, self.visual.dtype),
-                    grid_thw=prompt.image_grid_thw.to(self.device),
-                    return_dict=True,
-                )
-            mask = ids == self.image_token_id
-            features = out.pooler_output.to(embeds.dtype)
-            if int(mask.sum()) != features.shape[0]:
-                raise ValueError(f"{int(mask.sum())} image tokens but {features.shape[0]} image features")
-            embeds = embeds.masked_scatter(mask.unsqueeze(-1), features)
-            if self.deepstack:
-                visual_mask = mask
-                deepstack = [f.to(embeds.dtype) for f in out.deepstack_features]
-        return EmbeddedPrompt(embeds, positions.to(self.device), delta, visual_mask, deepstack)
+    def encode_images(self, pixel_values: torch.Tensor, grids: torch.Tensor) -> list[ImageFeatures]:
+        """Run the vision tower once over several images (patches concatenated in ``grids`` order)."""
+        with self._attention_kernels():
+            out = self.visual(
+                pixel_values.to(self.device, self.visual.dtype), grid_thw=grids.to(self.device), return_dict=True
+            )
+        sizes = [self.image_tokens(tuple(int(x) for x in grid)) for grid in grids]
+        dtype = self.dtype
+        embeds = out.pooler_output.to(dtype).split(sizes)
+        if not self.deepstack:
+            return [ImageFeatures(e) for e in embeds]
+        layers = [f.to(dtype).split(sizes) for f in out.deepstack_features]
+        return [ImageFeatures(e, [layer[i] for layer in layers]) for i, e in enumerate(embeds)]
+
+    @torch.inference_mode()
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.language_model.embed_tokens(ids.to(self.device))
 
     @torch.inference_mode()
     def forward(
         self,
         embeds: torch.Tensor,
         positions: torch.Tensor,
-        cache: Any,
+        attention: AttentionBatch,
         visual_mask: torch.Tensor | None = None,
         deepstack: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """Run ``embeds [l, hidden]`` at ``positions [3, l]`` through the decoder; return the last hidden state."""
-        kwargs: dict[str, Any] = {self._cache_kwarg: cache}
-        if self.deepstack and visual_mask is not None and deepstack is not None and bool(visual_mask.any()):
+        """Run one packed step: ``embeds [tokens, hidden]`` at ``positions [3, tokens]`` → hidden states."""
+        kwargs: dict[str, Any] = {}
+        if self.deepstack and visual_mask is not None and deepstack is not None:
             kwargs["visual_pos_masks"] = visual_mask.unsqueeze(0)
             kwargs["deepstack_visual_embeds"] = deepstack
-        with self._attention_kernels():
+        # A dict mask tells Qwen2/2.5-VL the masks are made; the paged attention needs none.
+        masks = {"full_attention": None, "sliding_attention": None}
+        with self._attention_kernels(), self._paged():
             out = self.language_model(
                 inputs_embeds=embeds.unsqueeze(0),
                 position_ids=positions.unsqueeze(1),
-                use_cache=True,
+                attention_mask=None if self.deepstack else masks,
+                use_cache=False,
+                localvl_batch=attention,
                 **kwargs,
             )
-        return out.last_hidden_state[0, -1]
+        return out.last_hidden_state[0]
 
-    @torch.inference_mode()
-    def prefill(self, prompt: EmbeddedPrompt, cache: Any, start: int, end: int) -> torch.Tensor:
-        """Prefill prompt tokens ``[start, end)``; return the hidden state of the last one."""
-        visual_mask = deepstack = None
-        if prompt.visual_mask is not None and prompt.deepstack is not None:
-            visual_mask = prompt.visual_mask[start:end]
-            before = int(prompt.visual_mask[:start].sum())
-            inside = int(visual_mask.sum())
-            deepstack = [layer[before : before + inside] for layer in prompt.deepstack]
-        return self.forward(prompt.embeds[start:end], prompt.positions[:, start:end], cache, visual_mask, deepstack)
+    @contextlib.contextmanager
+    def _paged(self) -> Iterator[None]:
+        """Point the decoder's attention at the paged function for this call only.
 
-    @torch.inference_mode()
-    def decode(self, token_id: int, index: int, delta: int, cache: Any) -> torch.Tensor:
-        """Feed generated token ``token_id`` sitting at sequence index ``index``."""
-        embeds = self.language_model.embed_tokens(torch.tensor([token_id], device=self.device))
-        positions = torch.full((3, 1), index + delta, dtype=torch.long, device=self.device)
-        return self.forward(embeds, positions, cache)
+        The stock model stays usable as itself (``generate`` in tests and benchmarks) in between.
+        """
+        config = self.text_config
+        previous = config._attn_implementation
+        config._attn_implementation = ATTENTION_NAME
+        try:
+            yield
+        finally:
+            config._attn_implementation = previous
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

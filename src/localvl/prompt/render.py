@@ -107,7 +107,8 @@ class Renderer:
 
     def render(self, conversation: Conversation) -> PromptInputs:
         text = self.prompt_text(conversation)
-        images = [image.pixels for image in conversation.images()]
+        found = conversation.images()
+        images = [image.pixels for image in found]
         with self._lock:
             try:
                 out = self.processor(text=[text], images=images or None, return_tensors="pt")
@@ -115,7 +116,8 @@ class Renderer:
                 raise InvalidRequestError(f"the model's processor rejected an image: {error}") from None
         input_ids = out["input_ids"][0].to(torch.long)
         if images:
-            return PromptInputs(input_ids, out["pixel_values"], out["image_grid_thw"])
+            keys = tuple(image.sha256 for image in found)
+            return PromptInputs(input_ids, out["pixel_values"], out["image_grid_thw"], keys)
         return PromptInputs(input_ids)
 
     def count(self, conversation: Conversation) -> int:

@@ -1,0 +1,194 @@
+"""The KV-cache block allocator: which pool blocks hold which sequence's keys and values.
+
+Pure bookkeeping (no torch): the pool itself lives in ``kv_cache.py``. A block holds
+``block_size`` consecutive tokens of one sequence. Full blocks whose keys and values have been
+computed are registered under a chained hash of everything up to and including them (token ids
+and the content keys of any image inside), so a later sequence with the same prefix maps the
+same blocks instead of recomputing them. Freed blocks keep their hash until they are reused, so a
+prefix stays hittable for as long as memory allows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Sequence
+
+
+@dataclass(frozen=True)
+class ImageSpan:
+    """An image's tokens in a sequence: ``[start, start + length)``, keyed by the image's content."""
+
+    start: int
+    length: int
+    key: str
+
+    @property
+    def end(self) -> int:
+        return self.start + self.length
+
+
+def chain_hash(previous: bytes, tokens: Sequence[int], image_keys: Sequence[str]) -> bytes:
+    """The hash of one full block given the hash of the block before it."""
+    h = hashlib.blake2b(previous, digest_size=16)
+    h.update(b",".join(str(t).encode() for t in tokens))
+    for key in image_keys:  # image tokens all share one id: the picture itself must be in the hash
+        h.update(b"|" + key.encode())
+    return h.digest()
+
+
+def block_hashes(tokens: Sequence[int], images: Sequence[ImageSpan], block_size: int, count: int) -> list[bytes]:
+    """Chained hashes of the first ``count`` full blocks of ``tokens``."""
+    hashes: list[bytes] = []
+    previous = b""
+    for index in range(count):
+        start, end = index * block_size, (index + 1) * block_size
+        keys = [f"{span.key}@{start - span.start}" for span in images if span.start < end and span.end > start]
+        previous = chain_hash(previous, tokens[start:end], keys)
+        hashes.append(previous)
+    return hashes
+
+
+@dataclass
+class _Block:
+    ref_count: int = 0
+    hash: bytes | None = None
+
+
+@dataclass
+class BlockTable:
+    """One sequence's blocks, and how much of it the prefix cache supplied or it registered."""
+
+    blocks: list[int] = field(default_factory=list)
+    hashed: int = 0  # leading blocks known computed: found in the prefix cache or registered since
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int) -> None:
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError("the KV cache needs at least one block of at least one token")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self._blocks = [_Block() for _ in range(num_blocks)]
+        self._free: deque[int] = deque(range(num_blocks))  # least recently freed first
+        self._by_hash: dict[bytes, int] = {}
+
+    @property
+    def free_blocks(self) -> int:
+        return len(self._free)
+
+    @property
+    def used_blocks(self) -> int:
+        return self.num_blocks - len(self._free)
+
+    def blocks_for(self, tokens: int) -> int:
+        return -(-tokens // self.block_size)
+
+    def _take_free(self) -> int:
+        block_id = self._free.popleft()
+        block = self._blocks[block_id]
+        if block.hash is not None:  # its old content is about to be overwritten
+            if self._by_hash.get(block.hash) == block_id:
+                del self._by_hash[block.hash]
+            block.hash = None
+        block.ref_count = 1
+        return block_id
+
+    def _acquire(self, block_id: int) -> None:
+        block = self._blocks[block_id]
+        if block.ref_count == 0:
+            self._free.remove(block_id)
+        block.ref_count += 1
+
+    def cached_prefix(self, tokens: Sequence[int], images: Sequence[ImageSpan]) -> list[int]:
+        """The pool blocks already holding this prompt's leading full blocks.
+
+        The block holding the last token is never taken from the cache: its logits are needed, so
+        it is always computed.
+        """
+        usable = (len(tokens) - 1) // self.block_size
+        found: list[int] = []
+        for digest in block_hashes(tokens, images, self.block_size, usable):
+            block_id = self._by_hash.get(digest)
+            if block_id is None:
+                break
+            found.append(block_id)
+        return found
+
+    def can_allocate(self, tokens: Sequence[int], images: Sequence[ImageSpan], reserve: int = 0) -> bool:
+        hits = self.cached_prefix(tokens, images)
+        reusable_free = sum(1 for b in hits if self._blocks[b].ref_count == 0)
+        needed = self.blocks_for(len(tokens)) - len(hits)
+        return needed + reusable_free + reserve <= self.free_blocks
+
+    def allocate(self, tokens: Sequence[int], images: Sequence[ImageSpan]) -> BlockTable:
+        """Blocks for every token of a new (or re-admitted) sequence, reusing cached prefix blocks."""
+        if not self.can_allocate(tokens, images):
+            raise MemoryError("not enough free KV-cache blocks")
+        hits = self.cached_prefix(tokens, images)
+        for block_id in hits:
+            self._acquire(block_id)
+        table = BlockTable(blocks=list(hits), hashed=len(hits))
+        while len(table.blocks) < self.blocks_for(len(tokens)):
+            table.blocks.append(self._take_free())
+        return table
+
+    def append_slot(self, table: BlockTable, length: int) -> bool:
+        """Make room for a sequence growing to ``length`` tokens; False if no block is free."""
+        while len(table.blocks) < self.blocks_for(length):
+            if not self._free:
+                return False
+            table.blocks.append(self._take_free())
+        return True
+
+    def register(
+        self, table: BlockTable, tokens: Sequence[int], images: Sequence[ImageSpan], computed: int, prompt_length: int
+    ) -> int:
+        """Publish the hashes of full blocks whose keys and values are now computed.
+
+        Returns how many prompt tokens this newly added to the prefix cache.
+        """
+        full = min(computed // self.block_size, len(table.blocks))
+        if full <= table.hashed:
+            return 0
+        created = 0
+        hashes = block_hashes(tokens, images, self.block_size, full)
+        for index in range(table.hashed, full):
+            block = self._blocks[table.blocks[index]]
+            digest = hashes[index]
+            if digest not in self._by_hash:
+                self._by_hash[digest] = table.blocks[index]
+                block.hash = digest
+                if (index + 1) * self.block_size <= prompt_length:
+                    created += self.block_size
+        table.hashed = full
+        return created
+
+    def free(self, table: BlockTable) -> None:
+        # Released in reverse so a sequence's tail is reused before its (more shareable) head.
+        for block_id in reversed(table.blocks):
+            block = self._blocks[block_id]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self._free.append(block_id)
+        table.blocks = []
+        table.hashed = 0
+
+    def check(self, tables: Sequence[BlockTable]) -> None:
+        """Raise AssertionError if the allocator's books disagree with the live block tables."""
+        counts = [0] * self.num_blocks
+        for table in tables:
+            for block_id in table.blocks:
+                counts[block_id] += 1
+        free = set(self._free)
+        if len(free) != len(self._free):
+            raise AssertionError("a block is on the free list twice")
+        for block_id, block in enumerate(self._blocks):
+            if block.ref_count != counts[block_id]:
+                raise AssertionError(f"block {block_id}: ref_count {block.ref_count} but {counts[block_id]} users")
+            if (block.ref_count == 0) != (block_id in free):
+                raise AssertionError(f"block {block_id}: ref_count {block.ref_count} disagrees with the free list")
+        for digest, block_id in self._by_hash.items():
+            if self._blocks[block_id].hash != digest:
+                raise AssertionError(f"hash index points at block {block_id}, which holds other content")

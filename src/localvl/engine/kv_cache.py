@@ -1,0 +1,118 @@
+"""The paged KV cache and the attention function that reads it, registered with transformers.
+
+The stock Qwen-VL decoder layers call whatever attention function their config names. localvl
+registers ``localvl_paged`` and runs each step as one packed sequence of every scheduled token;
+the function writes the step's new keys and values into the pool at their slots, then attends each
+sequence's queries to that sequence's own cached keys, located through its block table. Sequences
+decoding one token are attended together in one padded call; prefill chunks one by one.
+Called without a step's metadata (e.g. ``model.generate`` on the same model), it is plain SDPA.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+ATTENTION_NAME = "localvl_paged"
+
+
+class PagedKVCache:
+    """Keys and values of every layer in ``num_blocks * block_size`` slots."""
+
+    def __init__(
+        self,
+        *,
+        num_layers: int,
+        num_blocks: int,
+        block_size: int,
+        kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        slots = num_blocks * block_size
+        # empty, not zeros: on a CPU the pages are only committed as blocks are first written
+        self.keys = [torch.empty(slots, kv_heads, head_dim, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.empty(slots, kv_heads, head_dim, dtype=dtype, device=device) for _ in range(num_layers)]
+
+    @staticmethod
+    def bytes_per_block(*, num_layers: int, block_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        return 2 * num_layers * block_size * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+@dataclass
+class PrefillChunk:
+    start: int  # the chunk's first token in the packed step
+    end: int
+    context_slots: torch.Tensor  # [context] slots of every token the chunk's queries see, in order
+
+
+@dataclass
+class AttentionBatch:
+    """Where one step's tokens go in the cache and what each of them attends to."""
+
+    cache: PagedKVCache
+    slot_mapping: torch.Tensor  # [tokens] the slot each new token's keys and values are written to
+    num_decode: int = 0  # the first num_decode tokens are single-token chunks
+    decode_slots: torch.Tensor | None = None  # [num_decode, longest context], padded
+    decode_mask: torch.Tensor | None = None  # [num_decode, 1, 1, longest context] True where real
+    prefills: list[PrefillChunk] = field(default_factory=list)
+
+
+def paged_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    localvl_batch: AttentionBatch | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """query ``[1, heads, tokens, dim]``, key/value ``[1, kv_heads, tokens, dim]`` → ``[1, tokens, heads, dim]``."""
+    if localvl_batch is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    batch = localvl_batch
+    layer = module.layer_idx
+    keys, values = batch.cache.keys[layer], batch.cache.values[layer]
+    keys.index_copy_(0, batch.slot_mapping, key[0].transpose(0, 1).to(keys.dtype))
+    values.index_copy_(0, batch.slot_mapping, value[0].transpose(0, 1).to(values.dtype))
+
+    q = query[0]  # [heads, tokens, dim]
+    out = torch.empty(q.shape[1], q.shape[0], q.shape[2], dtype=q.dtype, device=q.device)
+    nd = batch.num_decode
+    if nd:
+        assert batch.decode_slots is not None and batch.decode_mask is not None
+        k = keys[batch.decode_slots].transpose(1, 2)  # [nd, kv_heads, context, dim]
+        v = values[batch.decode_slots].transpose(1, 2)
+        o = F.scaled_dot_product_attention(
+            q[:, :nd].transpose(0, 1).unsqueeze(2), k, v, attn_mask=batch.decode_mask, scale=scaling, enable_gqa=True
+        )
+        out[:nd] = o[:, :, 0]
+    for chunk in batch.prefills:
+        k = keys[chunk.context_slots].transpose(0, 1).unsqueeze(0)  # [1, kv_heads, context, dim]
+        v = values[chunk.context_slots].transpose(0, 1).unsqueeze(0)
+        qc = q[:, chunk.start : chunk.end].unsqueeze(0)
+        length, context = chunk.end - chunk.start, chunk.context_slots.numel()
+        if length == context:
+            o = F.scaled_dot_product_attention(qc, k, v, is_causal=True, scale=scaling, enable_gqa=True)
+        else:  # the chunk's queries are the last `length` tokens of the context
+            rows = torch.arange(length, device=q.device).unsqueeze(1) + (context - length)
+            mask = torch.arange(context, device=q.device).unsqueeze(0) <= rows
+            o = F.scaled_dot_product_attention(qc, k, v, attn_mask=mask, scale=scaling, enable_gqa=True)
+        out[chunk.start : chunk.end] = o[0].transpose(0, 1)
+    return out.unsqueeze(0), None
+
+
+def register_attention() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTENTION_NAME, paged_attention)

@@ -1,0 +1,167 @@
+"""One engine step on the model: scheduled chunks → packed tensors → forward → next-token logits.
+
+Chunks of single tokens (decoding sequences) are packed first so the paged attention can take
+them in one padded call; prefill chunks follow. Images are encoded the first time a sequence is
+scheduled — every image of every sequence new in this step in one vision-tower call — unless the
+image cache already holds them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import torch
+
+from localvl.engine.blocks import ImageSpan
+from localvl.engine.kv_cache import AttentionBatch, PagedKVCache, PrefillChunk
+from localvl.engine.positions import mrope_positions
+from localvl.engine.qwen_vl import ImageFeatures, PromptInputs, QwenVLRunner
+from localvl.engine.scheduler import Scheduled
+from localvl.engine.sequence import Sequence
+from localvl.engine.vision import ImageCache
+
+
+@dataclass
+class PromptState:
+    """What the model needs of a sequence's prompt beyond its token ids."""
+
+    positions: torch.Tensor  # [3, prompt length] M-RoPE positions, on the CPU
+    delta: int  # token i past the prompt sits at position i + delta
+    keys: list[str] = field(default_factory=list)  # one per image span
+    pixels: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # until encoded
+    features: list[ImageFeatures] | None = None
+
+
+def prepare_prompt(
+    prompt: PromptInputs, image_token_id: int, merge: int
+) -> tuple[list[int], tuple[ImageSpan, ...], PromptState]:
+    """Token ids, image spans and model state of a rendered prompt (CPU only; any thread)."""
+    ids = prompt.input_ids.tolist()
+    positions, delta = mrope_positions(prompt.input_ids, prompt.image_grid_thw, image_token_id, merge)
+    state = PromptState(positions, delta)
+    spans: list[ImageSpan] = []
+    if prompt.pixel_values is not None and prompt.image_grid_thw is not None:
+        grids = prompt.image_grid_thw
+        rows = prompt.pixel_values.split([int(t * h * w) for t, h, w in grids.tolist()])
+        cursor = 0
+        for index, (grid, pixels) in enumerate(zip(grids, rows)):
+            t, h, w = (int(x) for x in grid)
+            count = t * h * w // merge**2
+            cursor = ids.index(image_token_id, cursor)
+            if index < len(prompt.image_keys):
+                content = prompt.image_keys[index]
+            else:
+                content = hashlib.sha256(pixels.numpy().tobytes()).hexdigest()
+            key = f"{content}:{t}x{h}x{w}"
+            spans.append(ImageSpan(cursor, count, key))
+            state.keys.append(key)
+            state.pixels.append((pixels, grid.unsqueeze(0)))
+            cursor += count
+    return ids, tuple(spans), state
+
+
+class StepRunner:
+    def __init__(self, model: QwenVLRunner, cache: PagedKVCache, images: ImageCache) -> None:
+        self.model = model
+        self.cache = cache
+        self.images = images
+        self.images_encoded = 0
+        self.block_size = cache.block_size
+
+    def _encode_new_images(self, batch: list[Scheduled]) -> None:
+        missing: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        found: dict[str, ImageFeatures] = {}
+        pending = [s.sequence.payload.prompt for s in batch if s.sequence.payload.prompt.features is None]
+        for state in pending:
+            for key, pixels in zip(state.keys, state.pixels):
+                if key in found or key in missing:
+                    continue
+                cached = self.images.get(key)
+                if cached is not None:
+                    found[key] = cached
+                else:
+                    missing[key] = pixels
+        if missing:
+            keys = list(missing)
+            pixel_values = torch.cat([missing[k][0] for k in keys])
+            grids = torch.cat([missing[k][1] for k in keys])
+            for key, features in zip(keys, self.model.encode_images(pixel_values, grids)):
+                found[key] = features
+                self.images.put(key, features)
+            self.images_encoded += len(keys)
+        for state in pending:
+            state.features = [found[key] for key in state.keys]
+            state.pixels = []
+
+    def _slots(self, seq: Sequence, start: int, end: int) -> torch.Tensor:
+        blocks = torch.tensor(seq.table.blocks, dtype=torch.long)
+        index = torch.arange(start, end)
+        return blocks[index // self.block_size] * self.block_size + index % self.block_size
+
+    @torch.inference_mode()
+    def run(self, batch: list[Scheduled]) -> tuple[list[Scheduled], torch.Tensor | None]:
+        """Run one step; return the chunks that sample and their logits ``[len, vocab]`` (float32)."""
+        self._encode_new_images(batch)
+        decodes = [s for s in batch if s.count == 1]
+        prefills = [s for s in batch if s.count > 1]
+        order = decodes + prefills
+        device = self.model.device
+
+        ids: list[int] = []
+        positions: list[torch.Tensor] = []
+        slots: list[torch.Tensor] = []
+        features: list[tuple[int, torch.Tensor, list[torch.Tensor] | None]] = []  # (packed start, rows, deepstack)
+        samplers: list[tuple[Scheduled, int]] = []
+        chunks: list[PrefillChunk] = []
+        decode_context: list[torch.Tensor] = []
+        for s in order:
+            seq, state = s.sequence, s.sequence.payload.prompt
+            start, end = s.start, s.start + s.count
+            packed = len(ids)
+            ids.extend(seq.tokens[start:end])
+            prompt_length = len(seq.prompt)
+            if start < prompt_length:
+                positions.append(state.positions[:, start : min(end, prompt_length)])
+            if end > prompt_length:
+                tail = torch.arange(max(start, prompt_length), end) + state.delta
+                positions.append(tail.expand(3, -1))
+            slots.append(self._slots(seq, start, end))
+            for span, image in zip(seq.images, state.features or []):
+                lo, hi = max(start, span.start), min(end, span.end)
+                if lo < hi:
+                    rows = slice(lo - span.start, hi - span.start)
+                    deep = [layer[rows] for layer in image.deepstack] if image.deepstack is not None else None
+                    features.append((packed + lo - start, image.embeds[rows], deep))
+            context = self._slots(seq, 0, end)
+            if s.count == 1:
+                decode_context.append(context)
+            else:
+                chunks.append(PrefillChunk(packed, packed + s.count, context.to(device, non_blocking=True)))
+            if s.samples:
+                samplers.append((s, packed + s.count - 1))
+
+        attention = AttentionBatch(self.cache, torch.cat(slots).to(device, non_blocking=True), prefills=chunks)
+        if decode_context:
+            lengths = torch.tensor([c.numel() for c in decode_context])
+            padded = torch.nn.utils.rnn.pad_sequence(decode_context, batch_first=True)
+            mask = torch.arange(padded.shape[1]).unsqueeze(0) < lengths.unsqueeze(1)
+            attention.num_decode = len(decode_context)
+            attention.decode_slots = padded.to(device, non_blocking=True)
+            attention.decode_mask = mask[:, None, None, :].to(device, non_blocking=True)
+
+        embeds = self.model.embed_tokens(torch.tensor(ids, dtype=torch.long))
+        visual_mask = None
+        deepstack: list[torch.Tensor] | None = None
+        if features:
+            visual_mask = torch.zeros(len(ids), dtype=torch.bool, device=device)
+            for at, rows, _ in features:
+                embeds[at : at + rows.shape[0]] = rows
+                visual_mask[at : at + rows.shape[0]] = True
+            if features[0][2] is not None:
+                deepstack = [torch.cat([f[2][i] for f in features]) for i in range(len(features[0][2]))]
+        hidden = self.model.forward(embeds, torch.cat(positions, dim=1).to(device), attention, visual_mask, deepstack)
+        if not samplers:
+            return [], None
+        rows = torch.tensor([row for _, row in samplers], device=device)
+        return [s for s, _ in samplers], self.model.logits(hidden[rows])

@@ -1,0 +1,170 @@
+"""Fidelity: batching, chunking, prefix reuse and preemption compute exactly what the model computes alone."""
+
+import asyncio
+import dataclasses
+
+import pytest
+
+from localvl.conversation import Conversation, GenerationRequest, SamplingParams, Text, Turn
+from localvl.engine.events import Finished, TextDelta
+from localvl.engine.local import EngineConfig, LocalEngine
+from localvl.engine.sequence import BACKGROUND
+from localvl.errors import OverloadedError
+from localvl.media.images import load_image
+from tests.conftest import FAMILIES
+from tests.engine.reference import reference_text
+from tests.helpers import image_bytes
+
+
+def image(seed: int, size=(90, 60)):
+    return load_image(image_bytes("PNG", size=size, color=(seed * 37 % 256, 90, 200)), "image/png", f"img{seed}")
+
+
+def mixed_conversations(n: int) -> list[Conversation]:
+    """Different prompt lengths and 0-3 images of different sizes each."""
+    convs = []
+    for i in range(n):
+        pictures = [image(10 * i + k, size=(60 + 13 * k, 40 + 9 * i)) for k in range(i % 4)]
+        convs.append(Conversation([Turn("user", [*pictures, Text(f"question {i} " * (1 + i % 5))])]))
+    return convs
+
+
+async def collect(engine, conv, request_id, max_tokens=10, **extra):
+    stream = await engine.submit(GenerationRequest(request_id, conv, SamplingParams(max_tokens=max_tokens, temperature=0), **extra))
+    events = [event async for event in stream]
+    *deltas, finished = events
+    assert isinstance(finished, Finished) and all(isinstance(d, TextDelta) for d in deltas)
+    return "".join(d.text for d in deltas), finished
+
+
+def run_engine(loaded, body, **config):
+    async def main():
+        engine = LocalEngine(loaded, EngineConfig(check_integrity=True, **config))
+        await engine.start()
+        try:
+            return await body(engine)
+        finally:
+            await engine.stop()
+            assert engine.integrity_failures == 0 and engine.blocks.used_blocks == 0
+
+    return asyncio.run(main())
+
+
+def assert_matches_reference(loaded, engine, convs, results, max_tokens=10):
+    for conv, (text, finished) in zip(convs, results):
+        expected, count, ended = reference_text(loaded, engine.renderer.render(conv), max_tokens)
+        assert text == expected
+        assert finished.usage.output_tokens == count
+        assert finished.reason == ("eos" if ended else "max_tokens")
+
+
+# block_size 4 and 40-token steps: prefill chunks split images; 32 blocks force preemptions.
+MODES = {
+    "chunked": dict(max_batch_tokens=40, block_size=4),
+    "preempting": dict(max_batch_tokens=512, block_size=4, kv_cache_memory=32 * 2048),
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("mode", MODES)
+def test_sixteen_concurrent_requests_equal_the_model_alone(loaded_model, family, mode):
+    loaded = loaded_model(family)
+    convs = mixed_conversations(16)
+
+    async def body(engine):
+        results = await asyncio.gather(*(collect(engine, c, f"r{i}") for i, c in enumerate(convs)))
+        return results, engine.stats()
+
+    engine = LocalEngine(loaded, EngineConfig(**MODES[mode]))
+    results, stats = run_engine(loaded, body, **MODES[mode])
+    assert stats["failures"] == 0
+    if mode == "preempting":
+        assert stats["preemptions"] > 0
+    assert max(stats["steps"], 0) < 16 * 10  # requests shared steps
+    assert_matches_reference(loaded, engine, convs, results)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_repeated_prompt_hits_the_prefix_cache_and_answers_the_same(loaded_model, family):
+    loaded = loaded_model(family)
+    conv = mixed_conversations(4)[3]  # three images
+
+    async def body(engine):
+        first = await collect(engine, conv, "a")
+        encoded = engine.stats()["images_encoded"]
+        second = await collect(engine, conv, "b")
+        return first, second, encoded, engine.stats()["images_encoded"]
+
+    (text1, fin1), (text2, fin2), encoded_once, encoded_after = run_engine(loaded, body, block_size=4)
+    assert text1 == text2
+    total = fin1.usage.input_tokens + fin1.usage.cache_creation_input_tokens
+    assert fin1.usage.cache_read_input_tokens == 0 and fin1.usage.cache_creation_input_tokens > 0
+    assert fin2.usage.cache_read_input_tokens == (total - 1) // 4 * 4  # all but the block holding the last token
+    assert fin2.usage.input_tokens + fin2.usage.cache_read_input_tokens + fin2.usage.cache_creation_input_tokens == total
+    assert encoded_once == encoded_after == 3  # the second time, no image went through the vision tower
+    engine = LocalEngine(loaded, EngineConfig(block_size=4))
+    assert_matches_reference(loaded, engine, [conv], [(text2, fin2)])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_second_turn_about_the_same_image_reuses_it_and_the_first_turn(loaded_model, family):
+    loaded = loaded_model(family)
+    question = Turn("user", [image(1), Text("what is in this picture?")])
+
+    async def body(engine):
+        first_text, first = await collect(engine, Conversation([question]), "t1")
+        # The client sends the image again (a fresh decode of the same bytes), as chat clients do.
+        again = Turn("user", [image(1), Text("what is in this picture?")])
+        follow_up = Conversation([again, Turn("assistant", [Text(first_text or "nothing")]), Turn("user", [Text("and the colours?")])])
+        second_text, second = await collect(engine, follow_up, "t2")
+        return follow_up, first, (second_text, second), engine.stats()
+
+    follow_up, first, (text, second), stats = run_engine(loaded, body, block_size=4)
+    assert stats["images_encoded"] == 1 and stats["image_cache_hits"] >= 1
+    first_prompt = first.usage.input_tokens + first.usage.cache_creation_input_tokens
+    # every full block of the first turn's prompt but the last is reused (templates differ after it)
+    assert second.usage.cache_read_input_tokens >= (first_prompt - 1) // 4 * 4 - 4
+    engine = LocalEngine(loaded, EngineConfig(block_size=4))
+    assert_matches_reference(loaded, engine, [follow_up], [(text, second)])
+
+
+def test_interactive_requests_overtake_background_work(loaded_model):
+    loaded = dataclasses.replace(loaded_model("qwen2_5_vl"), eos_token_ids=frozenset())
+    convs = mixed_conversations(3)
+    order: list[str] = []
+
+    async def body(engine):
+        async def tracked(conv, name, **extra):
+            result = await collect(engine, conv, name, max_tokens=20, **extra)
+            order.append(name)
+            return result
+
+        background = asyncio.ensure_future(tracked(convs[0], "background", priority=BACKGROUND))
+        while engine.steps == 0:
+            await asyncio.sleep(0.001)
+        await tracked(convs[1], "interactive")
+        await background
+
+    run_engine(loaded, body, max_num_seqs=1)
+    assert order == ["interactive", "background"]
+
+
+def test_a_full_queue_answers_overloaded_with_retry_after(loaded_model):
+    loaded = dataclasses.replace(loaded_model("qwen2_5_vl"), eos_token_ids=frozenset())
+    conv = mixed_conversations(1)[0]
+
+    async def body(engine):
+        first = await engine.submit(GenerationRequest("a", conv, SamplingParams(max_tokens=100_000, temperature=0)))
+        await first.__anext__()
+        second = await engine.submit(GenerationRequest("b", conv, SamplingParams(max_tokens=5, temperature=0)))
+        while engine.stats()["waiting"] < 1:
+            await asyncio.sleep(0.001)
+        with pytest.raises(OverloadedError) as caught:
+            await engine.submit(GenerationRequest("c", conv, SamplingParams(max_tokens=5, temperature=0)))
+        await first.aclose()
+        finished = [event async for event in second][-1]
+        return caught.value, finished
+
+    error, finished = run_engine(loaded, body, max_num_seqs=1, max_queue=1)
+    assert error.status == 529 and error.headers["retry-after"] == "1"
+    assert isinstance(finished, Finished)
