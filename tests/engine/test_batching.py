@@ -39,6 +39,7 @@ async def collect(engine, conv, request_id, max_tokens=10, **extra):
 
 def run_engine(loaded, body, **config):
     async def main():
+        config.setdefault("kv_cache_memory", 32 << 20)  # plenty for these prompts; cheap to zero
         engine = LocalEngine(loaded, EngineConfig(check_integrity=True, **config))
         await engine.start()
         try:

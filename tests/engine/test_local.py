@@ -32,6 +32,7 @@ async def generate(engine, conv, request_id="r", **sampling):
 
 
 async def with_engine(loaded, body, **kwargs):
+    kwargs.setdefault("kv_cache_memory", 32 << 20)
     engine = LocalEngine(loaded, EngineConfig(**kwargs))
     await engine.start()
     try:

@@ -11,7 +11,7 @@ prefix stays hittable for as long as memory allows.
 from __future__ import annotations
 
 import hashlib
-from collections import deque
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -71,7 +71,8 @@ class BlockManager:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self._blocks = [_Block() for _ in range(num_blocks)]
-        self._free: deque[int] = deque(range(num_blocks))  # least recently freed first
+        # Free blocks, least recently freed first (dict order; O(1) removal when a hit revives one).
+        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self._by_hash: dict[bytes, int] = {}
 
     @property
@@ -86,7 +87,7 @@ class BlockManager:
         return -(-tokens // self.block_size)
 
     def _take_free(self) -> int:
-        block_id = self._free.popleft()
+        block_id, _ = self._free.popitem(last=False)
         block = self._blocks[block_id]
         if block.hash is not None:  # its old content is about to be overwritten
             if self._by_hash.get(block.hash) == block_id:
@@ -98,7 +99,7 @@ class BlockManager:
     def _acquire(self, block_id: int) -> None:
         block = self._blocks[block_id]
         if block.ref_count == 0:
-            self._free.remove(block_id)
+            del self._free[block_id]
         block.ref_count += 1
 
     def cached_prefix(self, tokens: Sequence[int], images: Sequence[ImageSpan]) -> list[int]:
@@ -171,7 +172,7 @@ class BlockManager:
             block = self._blocks[block_id]
             block.ref_count -= 1
             if block.ref_count == 0:
-                self._free.append(block_id)
+                self._free[block_id] = None
         table.blocks = []
         table.hashed = 0
 
@@ -181,9 +182,7 @@ class BlockManager:
         for table in tables:
             for block_id in table.blocks:
                 counts[block_id] += 1
-        free = set(self._free)
-        if len(free) != len(self._free):
-            raise AssertionError("a block is on the free list twice")
+        free = self._free
         for block_id, block in enumerate(self._blocks):
             if block.ref_count != counts[block_id]:
                 raise AssertionError(f"block {block_id}: ref_count {block.ref_count} but {counts[block_id]} users")

@@ -20,7 +20,11 @@ ATTENTION_NAME = "localvl_paged"
 
 
 class PagedKVCache:
-    """Keys and values of every layer in ``num_blocks * block_size`` slots."""
+    """Keys and values of every layer in ``num_blocks * block_size`` slots.
+
+    One more block than the allocator hands out, ``scratch_block``, takes the writes of padding
+    rows (fixed-size batches for CUDA graphs) so they never land in a sequence's block.
+    """
 
     def __init__(
         self,
@@ -35,21 +39,31 @@ class PagedKVCache:
     ) -> None:
         self.num_blocks = num_blocks
         self.block_size = block_size
-        slots = num_blocks * block_size
-        # empty, not zeros: on a CPU the pages are only committed as blocks are first written
-        self.keys = [torch.empty(slots, kv_heads, head_dim, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.values = [torch.empty(slots, kv_heads, head_dim, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.scratch_block = num_blocks
+        slots = (num_blocks + 1) * block_size
+        # Zeros, not empty: attention reads whole blocks and masks the slots past a sequence's end,
+        # and a masked NaN left in uninitialised memory would still poison the weighted sum.
+        self.keys = [torch.zeros(slots, kv_heads, head_dim, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros(slots, kv_heads, head_dim, dtype=dtype, device=device) for _ in range(num_layers)]
 
     @staticmethod
     def bytes_per_block(*, num_layers: int, block_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
         return 2 * num_layers * block_size * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
 
+    def blocks(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``layer``'s keys and values viewed as ``[blocks, block_size, kv_heads, dim]``."""
+        keys, values = self.keys[layer], self.values[layer]
+        shape = (-1, self.block_size, *keys.shape[1:])
+        return keys.view(shape), values.view(shape)
+
+
 @dataclass
 class PrefillChunk:
     start: int  # the chunk's first token in the packed step
     end: int
-    context_slots: torch.Tensor  # [context] slots of every token the chunk's queries see, in order
+    context_blocks: torch.Tensor  # [blocks] the blocks of every token the chunk's queries see, in order
+    context: int  # how many tokens that is
 
 
 @dataclass
@@ -59,8 +73,8 @@ class AttentionBatch:
     cache: PagedKVCache
     slot_mapping: torch.Tensor  # [tokens] the slot each new token's keys and values are written to
     num_decode: int = 0  # the first num_decode tokens are single-token chunks
-    decode_slots: torch.Tensor | None = None  # [num_decode, longest context], padded
-    decode_mask: torch.Tensor | None = None  # [num_decode, 1, 1, longest context] True where real
+    decode_blocks: torch.Tensor | None = None  # [num_decode, most blocks], padded with the scratch block
+    decode_mask: torch.Tensor | None = None  # [num_decode, 1, 1, most blocks * block_size] True where real
     prefills: list[PrefillChunk] = field(default_factory=list)
 
 
@@ -86,22 +100,24 @@ def paged_attention(
     keys.index_copy_(0, batch.slot_mapping, key[0].transpose(0, 1).to(keys.dtype))
     values.index_copy_(0, batch.slot_mapping, value[0].transpose(0, 1).to(values.dtype))
 
+    key_blocks, value_blocks = batch.cache.blocks(layer)
     q = query[0]  # [heads, tokens, dim]
     out = torch.empty(q.shape[1], q.shape[0], q.shape[2], dtype=q.dtype, device=q.device)
     nd = batch.num_decode
     if nd:
-        assert batch.decode_slots is not None and batch.decode_mask is not None
-        k = keys[batch.decode_slots].transpose(1, 2)  # [nd, kv_heads, context, dim]
-        v = values[batch.decode_slots].transpose(1, 2)
+        assert batch.decode_blocks is not None and batch.decode_mask is not None
+        k = key_blocks[batch.decode_blocks].flatten(1, 2).transpose(1, 2)  # [nd, kv_heads, context, dim]
+        v = value_blocks[batch.decode_blocks].flatten(1, 2).transpose(1, 2)
         o = F.scaled_dot_product_attention(
             q[:, :nd].transpose(0, 1).unsqueeze(2), k, v, attn_mask=batch.decode_mask, scale=scaling, enable_gqa=True
         )
         out[:nd] = o[:, :, 0]
     for chunk in batch.prefills:
-        k = keys[chunk.context_slots].transpose(0, 1).unsqueeze(0)  # [1, kv_heads, context, dim]
-        v = values[chunk.context_slots].transpose(0, 1).unsqueeze(0)
+        context = chunk.context
+        k = key_blocks[chunk.context_blocks].flatten(0, 1)[:context].transpose(0, 1).unsqueeze(0)  # [1, kv_heads, context, dim]
+        v = value_blocks[chunk.context_blocks].flatten(0, 1)[:context].transpose(0, 1).unsqueeze(0)
         qc = q[:, chunk.start : chunk.end].unsqueeze(0)
-        length, context = chunk.end - chunk.start, chunk.context_slots.numel()
+        length = chunk.end - chunk.start
         if length == context:
             o = F.scaled_dot_product_attention(qc, k, v, is_causal=True, scale=scaling, enable_gqa=True)
         else:  # the chunk's queries are the last `length` tokens of the context

@@ -51,6 +51,33 @@ class EngineConfig:
     check_integrity: bool = False  # audit the block tables whenever the engine goes idle (tests)
 
 
+class _Outbox:
+    """Events produced during one engine step, handed to each event loop in one call.
+
+    One ``call_soon_threadsafe`` per event would wake the loop (a syscall) per token per request.
+    """
+
+    def __init__(self) -> None:
+        self._items: dict[asyncio.AbstractEventLoop, list[tuple[_Job, Event | LocalvlError]]] = {}
+
+    def add(self, job: _Job, item: Event | LocalvlError) -> None:
+        self._items.setdefault(job.loop, []).append((job, item))
+
+    def flush(self) -> None:
+        items, self._items = self._items, {}
+        for loop, batch in items.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, batch)
+            except RuntimeError:  # the event loop is gone (shutdown): nobody is listening
+                for job, _ in batch:
+                    job.cancelled.set()
+
+
+def _deliver(batch: list[tuple[_Job, Event | LocalvlError]]) -> None:
+    for job, item in batch:
+        job.events.put_nowait(item)
+
+
 @dataclass(eq=False)
 class _Job:
     """A request's state that only the engine side needs."""
@@ -61,6 +88,7 @@ class _Job:
     seed: int | None
     context_limited: bool  # max_new_tokens was cut to what the context has left
     loop: asyncio.AbstractEventLoop
+    outbox: _Outbox
     events: asyncio.Queue[Event | LocalvlError] = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     detokenizer: IncrementalDetokenizer | None = None
@@ -68,10 +96,7 @@ class _Job:
     generator: torch.Generator | None = None
 
     def emit(self, item: Event | LocalvlError) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, item)
-        except RuntimeError:  # the event loop is gone (shutdown): nobody is listening
-            self.cancelled.set()
+        self.outbox.add(self, item)
 
 
 class _Stream:
@@ -83,6 +108,7 @@ class _Stream:
         self._job: _Job = seq.payload
         self._engine = engine
         self._done = False
+        self._held: Event | LocalvlError | None = None
 
     def __aiter__(self) -> _Stream:
         return self
@@ -90,7 +116,22 @@ class _Stream:
     async def __anext__(self) -> Event:
         if self._done:
             raise StopAsyncIteration
-        item = await self._job.events.get()
+        if self._held is not None:
+            item, self._held = self._held, None
+        else:
+            item = await self._job.events.get()
+        if isinstance(item, TextDelta):
+            # A consumer that fell behind gets what queued up as one delta, not one per token.
+            events = self._job.events
+            texts = [item.text]
+            while not events.empty():
+                following = events.get_nowait()
+                if not isinstance(following, TextDelta):
+                    self._held = following
+                    break
+                texts.append(following.text)
+            if len(texts) > 1:
+                item = TextDelta("".join(texts))
         if isinstance(item, LocalvlError):
             self._done = True
             raise item
@@ -123,6 +164,7 @@ class LocalEngine:
         capacity = self.kv_cache.num_blocks * config.block_size
         self._info = ModelInfo(loaded.name_or_path, loaded.model_type, min(loaded.context_length, capacity))
         self._inbox: queue.Queue[Sequence | None] = queue.Queue()
+        self._outbox = _Outbox()
         self._active: dict[str, Sequence] = {}
         self._waiting_count = 0
         self._thread: threading.Thread | None = None
@@ -210,6 +252,7 @@ class LocalEngine:
             seed=sampling.seed,
             context_limited=sampling.max_tokens > room,
             loop=asyncio.get_running_loop(),
+            outbox=self._outbox,
         )
         seq = Sequence(
             request.id, ids, images, max_new_tokens=min(sampling.max_tokens, room), priority=request.priority, payload=job
@@ -246,6 +289,7 @@ class LocalEngine:
                     if seq is None:
                         if self._stopping:
                             self._shutdown()
+                            self._outbox.flush()
                             return
                         continue
                     self._admit(seq)
@@ -255,6 +299,7 @@ class LocalEngine:
             self._waiting_count = len(self.scheduler) - len(self.scheduler.running)
             if len(self.scheduler):
                 self._step()
+            self._outbox.flush()
 
     def _audit(self) -> None:
         try:

@@ -15,6 +15,7 @@ from typing import Any, Iterator
 import torch
 
 from localvl.engine.kv_cache import ATTENTION_NAME, AttentionBatch, register_attention
+from localvl.engine.varlen import VARLEN_NAME, register_varlen_attention
 
 SUPPORTED_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
 # Qwen3-VL adds vision features to the hidden states of its first decoder layers ("deepstack").
@@ -59,6 +60,7 @@ class QwenVLRunner:
         self.spatial_merge_size = int(model.config.vision_config.spatial_merge_size)
         self.deepstack = model_type in DEEPSTACK_MODEL_TYPES
         register_attention()
+        register_varlen_attention()
 
     @contextlib.contextmanager
     def _attention_kernels(self) -> Iterator[None]:
@@ -91,7 +93,7 @@ class QwenVLRunner:
     @torch.inference_mode()
     def encode_images(self, pixel_values: torch.Tensor, grids: torch.Tensor) -> list[ImageFeatures]:
         """Run the vision tower once over several images (patches concatenated in ``grids`` order)."""
-        with self._attention_kernels():
+        with self._attention_kernels(), self._varlen_vision():
             out = self.visual(
                 pixel_values.to(self.device, self.visual.dtype), grid_thw=grids.to(self.device), return_dict=True
             )
@@ -133,6 +135,20 @@ class QwenVLRunner:
                 **kwargs,
             )
         return out.last_hidden_state[0]
+
+    @contextlib.contextmanager
+    def _varlen_vision(self) -> Iterator[None]:
+        """Give the vision tower the batched variable-length attention, unless it has real flash-attention."""
+        config = self.visual.config
+        previous = config._attn_implementation
+        if previous is not None and "flash" in previous:
+            yield
+            return
+        config._attn_implementation = VARLEN_NAME
+        try:
+            yield
+        finally:
+            config._attn_implementation = previous
 
     @contextlib.contextmanager
     def _paged(self) -> Iterator[None]:

@@ -94,10 +94,9 @@ class StepRunner:
             state.features = [found[key] for key in state.keys]
             state.pixels = []
 
-    def _slots(self, seq: Sequence, start: int, end: int) -> torch.Tensor:
-        blocks = torch.tensor(seq.table.blocks, dtype=torch.long)
-        index = torch.arange(start, end)
-        return blocks[index // self.block_size] * self.block_size + index % self.block_size
+    def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:
+        blocks, size = seq.table.blocks, self.block_size
+        return [blocks[i // size] * size + i % size for i in range(start, end)]
 
     @torch.inference_mode()
     def run(self, batch: list[Scheduled]) -> tuple[list[Scheduled], torch.Tensor | None]:
@@ -110,11 +109,12 @@ class StepRunner:
 
         ids: list[int] = []
         positions: list[torch.Tensor] = []
-        slots: list[torch.Tensor] = []
+        slots: list[int] = []
         features: list[tuple[int, torch.Tensor, list[torch.Tensor] | None]] = []  # (packed start, rows, deepstack)
         samplers: list[tuple[Scheduled, int]] = []
         chunks: list[PrefillChunk] = []
-        decode_context: list[torch.Tensor] = []
+        decode_blocks: list[list[int]] = []
+        decode_lengths: list[int] = []
         for s in order:
             seq, state = s.sequence, s.sequence.payload.prompt
             start, end = s.start, s.start + s.count
@@ -126,28 +126,32 @@ class StepRunner:
             if end > prompt_length:
                 tail = torch.arange(max(start, prompt_length), end) + state.delta
                 positions.append(tail.expand(3, -1))
-            slots.append(self._slots(seq, start, end))
+            slots.extend(self._slots(seq, start, end))
             for span, image in zip(seq.images, state.features or []):
                 lo, hi = max(start, span.start), min(end, span.end)
                 if lo < hi:
                     rows = slice(lo - span.start, hi - span.start)
                     deep = [layer[rows] for layer in image.deepstack] if image.deepstack is not None else None
                     features.append((packed + lo - start, image.embeds[rows], deep))
-            context = self._slots(seq, 0, end)
+            blocks = seq.table.blocks[: -(-end // self.block_size)]
             if s.count == 1:
-                decode_context.append(context)
+                decode_blocks.append(blocks)
+                decode_lengths.append(end)
             else:
-                chunks.append(PrefillChunk(packed, packed + s.count, context.to(device, non_blocking=True)))
+                context_blocks = torch.tensor(blocks, dtype=torch.long).to(device, non_blocking=True)
+                chunks.append(PrefillChunk(packed, packed + s.count, context_blocks, end))
             if s.samples:
                 samplers.append((s, packed + s.count - 1))
 
-        attention = AttentionBatch(self.cache, torch.cat(slots).to(device, non_blocking=True), prefills=chunks)
-        if decode_context:
-            lengths = torch.tensor([c.numel() for c in decode_context])
-            padded = torch.nn.utils.rnn.pad_sequence(decode_context, batch_first=True)
-            mask = torch.arange(padded.shape[1]).unsqueeze(0) < lengths.unsqueeze(1)
-            attention.num_decode = len(decode_context)
-            attention.decode_slots = padded.to(device, non_blocking=True)
+        slot_mapping = torch.tensor(slots, dtype=torch.long).to(device, non_blocking=True)
+        attention = AttentionBatch(self.cache, slot_mapping, prefills=chunks)
+        if decode_blocks:
+            widest = max(len(b) for b in decode_blocks)
+            scratch = self.cache.scratch_block
+            padded = torch.tensor([b + [scratch] * (widest - len(b)) for b in decode_blocks], dtype=torch.long)
+            mask = torch.arange(widest * self.block_size).unsqueeze(0) < torch.tensor(decode_lengths).unsqueeze(1)
+            attention.num_decode = len(decode_blocks)
+            attention.decode_blocks = padded.to(device, non_blocking=True)
             attention.decode_mask = mask[:, None, None, :].to(device, non_blocking=True)
 
         embeds = self.model.embed_tokens(torch.tensor(ids, dtype=torch.long))

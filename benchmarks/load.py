@@ -1,0 +1,254 @@
+"""Load through the HTTP API: localvl's engine against the seed's one-model.generate-per-request, in one run.
+
+The workload is the seed article's: one image (448x448 by default, a different one per request, so
+the image cache does not help) and ~100 text tokens per request, a fixed number of output tokens
+(end-of-turn tokens are ignored so every request produces exactly that many). Measured side by side:
+
+- the naive baseline: ``model.generate`` per request, one after another (no HTTP: its best case);
+- the engine through a real server (uvicorn, Anthropic streaming API), at each concurrency level;
+- decode time per step by batch size, the vision tower's images/s, and the TTFT of a second turn
+  about the same image against the first.
+
+    python benchmarks/load.py                                   # tiny model on this machine
+    python benchmarks/load.py --shape 3b --concurrency 1,16,64  # Qwen2.5-VL-3B-shaped, random bf16 (GPU)
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import concurrent.futures
+import dataclasses
+import io
+import json
+import multiprocessing
+import random
+import socket
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image as PILImage
+
+from localvl.conversation import Conversation, Text, Turn
+from localvl.engine.local import EngineConfig, LocalEngine
+from localvl.models.loader import LoadedModel
+
+try:
+    from benchmarks import client
+    from benchmarks.models import build
+except ImportError:  # run as a script from the benchmarks folder
+    import client  # type: ignore[no-redef]
+    from models import build  # type: ignore[no-redef]
+
+FOLLOW_UP = [{"role": "user", "content": "And which line item is the most expensive?"}]
+QUESTION = "Read this invoice and list the total, the due date, the supplier and every line item with its price. "
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def picture(seed: int, side: int) -> bytes:
+    rng = random.Random(seed)
+    image = PILImage.frombytes("RGB", (side, side), rng.randbytes(side * side * 3))
+    out = io.BytesIO()
+    image.save(out, "PNG")
+    return out.getvalue()
+
+
+@dataclasses.dataclass
+class Request:
+    png: bytes
+    text: str
+
+    def body(self, tokens: int, history: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        image = {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                              "data": base64.b64encode(self.png).decode()}}
+        first = {"role": "user", "content": [image, {"type": "text", "text": self.text}]}
+        return {"model": "bench", "max_tokens": tokens, "stream": True, "temperature": 0,
+                "messages": [first, *(history or [])]}
+
+    def conversation(self) -> Conversation:
+        from localvl.media.images import load_image
+
+        return Conversation([Turn("user", [load_image(self.png, "image/png", "bench"), Text(self.text)])])
+
+
+def workload(count: int, side: int, seed: int = 0) -> list[Request]:
+    return [Request(picture(seed + i, side), f"Request {i}. " + QUESTION * 4) for i in range(count)]
+
+
+# ---------------------------------------------------------------- the seed's approach
+
+
+def baseline(loaded: LoadedModel, engine: LocalEngine, requests: list[Request], tokens: int) -> dict[str, float]:
+    """One ``model.generate`` per request, one request at a time."""
+    device = loaded.model.device
+    padding = list(range(len(loaded.tokenizer), loaded.model.config.get_text_config().vocab_size))
+    kwargs = dict(do_sample=False, suppress_tokens=padding or None, eos_token_id=None, pad_token_id=0)
+
+    def one(request: Request, new: int) -> None:
+        prompt = engine.renderer.render(request.conversation())
+        inputs = {
+            "input_ids": prompt.input_ids[None].to(device),
+            "attention_mask": torch.ones_like(prompt.input_ids)[None].to(device),
+            "mm_token_type_ids": (prompt.input_ids == loaded.model.config.image_token_id).int()[None].to(device),
+            "pixel_values": prompt.pixel_values.to(device),
+            "image_grid_thw": prompt.image_grid_thw.to(device),
+        }
+        loaded.model.generate(**inputs, max_new_tokens=new, min_new_tokens=new, **kwargs)
+        sync(device)
+
+    one(requests[0], 2)  # warm-up
+    start = time.perf_counter()
+    for request in requests:
+        one(request, tokens)
+    elapsed = time.perf_counter() - start
+    return {"requests": len(requests), "seconds": elapsed, "requests_per_s": len(requests) / elapsed,
+            "output_tokens_per_s": len(requests) * tokens / elapsed}
+
+
+# ---------------------------------------------------------------- the engine behind a real server
+
+
+class InProcessServer:
+    def __init__(self, engine: LocalEngine) -> None:
+        import uvicorn
+
+        from localvl.api.app import create_app
+        from localvl.settings import Settings
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        settings = Settings(served_model_name="bench", alias=["bench"], ping_interval=60, log_level="warning")
+        app = create_app(settings, engine)
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.01)
+        return f"http://127.0.0.1:{self.port}"
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join()
+
+
+class StepClock:
+    """Times every engine step (synchronised), by the number of decoding sequences in pure-decode steps."""
+
+    def __init__(self, engine: LocalEngine) -> None:
+        self.decode: dict[int, list[float]] = {}
+        run = engine.runner.run
+        device = engine.model.device
+
+        def timed(batch: Any) -> Any:
+            start = time.perf_counter()
+            out = run(batch)
+            sync(device)
+            if all(s.count == 1 for s in batch):
+                self.decode.setdefault(len(batch), []).append(time.perf_counter() - start)
+            return out
+
+        engine.runner.run = timed  # type: ignore[method-assign]
+
+    def median_ms(self, size: int) -> float | None:
+        times = self.decode.get(size)
+        return statistics.median(times) * 1000 if times else None
+
+
+def vision_rate(engine: LocalEngine, side: int, count: int) -> dict[str, float]:
+    """Images per second through the vision tower, ``count`` images in one call (as one step batches them)."""
+    rendered = [engine.renderer.render(r.conversation()) for r in workload(count, side, seed=10_000)]
+    pixels = torch.cat([p.pixel_values for p in rendered])
+    grids = torch.cat([p.image_grid_thw for p in rendered])
+    device = engine.model.device
+    engine.model.encode_images(pixels[: len(pixels) // count], grids[:1])  # warm-up
+    sync(device)
+    start = time.perf_counter()
+    engine.model.encode_images(pixels, grids)
+    sync(device)
+    elapsed = time.perf_counter() - start
+    return {"images": count, "ms": elapsed * 1000, "images_per_s": count / elapsed}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=["tiny", "3b"], default="tiny")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--concurrency", default="1,16", help="comma-separated levels; each runs --requests requests")
+    parser.add_argument("--requests", type=int, default=16)
+    parser.add_argument("--baseline-requests", type=int, default=None, help="default: --requests")
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--image", type=int, default=448, help="side of the square images, px")
+    parser.add_argument("--vision-images", type=int, default=16)
+    parser.add_argument("--max-num-seqs", type=int, default=64)
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+    levels = [int(x) for x in args.concurrency.split(",")]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        loaded = build(args.shape, args.device, args.dtype, Path(tmp))
+    loaded = dataclasses.replace(loaded, eos_token_ids=frozenset())  # every request makes --tokens tokens
+    engine = LocalEngine(loaded, EngineConfig(max_num_seqs=args.max_num_seqs, max_queue=100_000))
+    device = loaded.model.device
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    requests = workload(args.requests, args.image)
+    prompt_tokens = engine.renderer.count(requests[0].conversation())
+    result: dict[str, Any] = {"shape": args.shape, "device": name, "dtype": str(loaded.model.dtype).removeprefix("torch."),
+                              "prompt_tokens": prompt_tokens, "output_tokens": args.tokens, "image": args.image}
+    print(f"{args.shape} on {name} ({result['dtype']}); each request: one {args.image}px image + text = "
+          f"{prompt_tokens} prompt tokens, {args.tokens} output tokens", flush=True)
+
+    base = baseline(loaded, engine, requests[: args.baseline_requests or args.requests], args.tokens)
+    result["baseline"] = base
+    print(f"  naive model.generate, one at a time: {base['requests_per_s']:.3f} req/s, "
+          f"{base['output_tokens_per_s']:.1f} tok/s", flush=True)
+
+    clock = StepClock(engine)
+    # The load generator runs in its own process, so it does not take the server's CPU time (GIL).
+    pool = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+    bodies = [r.body(args.tokens) for r in requests]
+    with pool, InProcessServer(engine) as url:
+        pool.submit(client.run_load, url, [r.body(4) for r in workload(2, args.image, seed=5_000)], 2).result()
+        rows = []
+        for level in levels:
+            row = pool.submit(client.run_load, url, bodies, level).result()
+            row["vs_baseline"] = row["requests_per_s"] / base["requests_per_s"]
+            rows.append(row)
+            print(f"  engine, concurrency {level:>3}: {row['requests_per_s']:.3f} req/s, "
+                  f"{row['output_tokens_per_s']:.1f} tok/s, TTFT p50 {row['ttft_p50_ms']:.1f} ms "
+                  f"p99 {row['ttft_p99_ms']:.1f} ms — {row['vs_baseline']:.2f}x the baseline", flush=True)
+        result["engine"] = rows
+        follow_up = workload(1, args.image, seed=9_000)[0]
+        turn = pool.submit(client.run_second_turn, url, follow_up.body(8), follow_up.body(8, FOLLOW_UP)).result()
+        result["second_turn"] = turn
+    if len(rows) > 1:
+        ratio = rows[-1]["requests_per_s"] / rows[0]["requests_per_s"]
+        result["top_vs_lowest_concurrency"] = ratio
+        print(f"  concurrency {levels[-1]} vs {levels[0]}: {ratio:.2f}x the throughput")
+    print(f"  second turn about the same image: TTFT {turn['second_ttft_ms']:.1f} ms vs first "
+          f"{turn['first_ttft_ms']:.1f} ms ({turn['ratio'] * 100:.0f}%)")
+    steps = {size: clock.median_ms(size) for size in sorted(clock.decode)}
+    result["decode_ms_per_step"] = steps
+    shown = ", ".join(f"batch {k}: {v:.2f}" for k, v in steps.items() if k in (1, 2, 4, 8, 16, 32, 64) and v)
+    print(f"  decode step, median ms: {shown}")
+    result["vision"] = vision_rate(engine, args.image, args.vision_images)
+    print(f"  vision tower: {args.vision_images} images of {args.image}px in one call: "
+          f"{result['vision']['ms']:.1f} ms = {result['vision']['images_per_s']:.1f} images/s")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
