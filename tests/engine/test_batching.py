@@ -2,6 +2,7 @@
 
 import asyncio
 import dataclasses
+import threading
 
 import pytest
 
@@ -73,8 +74,15 @@ def test_sixteen_concurrent_requests_equal_the_model_alone(loaded_model, family,
     convs = mixed_conversations(16)
 
     async def body(engine):
-        results = await asyncio.gather(*(collect(engine, c, f"r{i}") for i, c in enumerate(convs)))
-        return results, engine.stats()
+        # Hold the engine until every request is in, so all 16 share the batch (and the pool).
+        gate = threading.Event()
+        step = engine._step
+        engine._step = lambda: (gate.wait(), step())
+        tasks = [asyncio.ensure_future(collect(engine, c, f"r{i}")) for i, c in enumerate(convs)]
+        while len(engine._active) < len(convs):
+            await asyncio.sleep(0.001)
+        gate.set()
+        return await asyncio.gather(*tasks), engine.stats()
 
     engine = LocalEngine(loaded, EngineConfig(**MODES[mode]))
     results, stats = run_engine(loaded, body, **MODES[mode])
