@@ -44,6 +44,10 @@ def _serve_parser(sub: Any) -> None:
         help="share of free GPU memory for the KV cache (default 0.85)",
     )
     p.add_argument("--image-cache-memory", dest="image_cache_memory", type=int, help="bytes of image embeddings kept")
+    p.add_argument(
+        "--cuda-graphs", dest="cuda_graphs", action=argparse.BooleanOptionalAction,
+        help="replay decode steps as CUDA graphs on a GPU (default on)",
+    )
     p.add_argument("--max-queue", dest="max_queue", type=int, help="waiting requests before 529 (default 256)")
     p.add_argument("--max-request-bytes", dest="max_request_bytes", type=int, help="largest request body")
     p.add_argument("--ping-interval", dest="ping_interval", type=float, help="seconds between SSE pings")
@@ -120,6 +124,7 @@ def engine_config(settings: Any) -> Any:
         gpu_memory_utilization=settings.gpu_memory_utilization,
         image_cache_memory=settings.image_cache_memory,
         max_queue=settings.max_queue,
+        cuda_graphs=settings.cuda_graphs,
     )
 
 

@@ -177,3 +177,22 @@ def test_a_full_queue_answers_overloaded_with_retry_after(loaded_model):
     error, finished = run_engine(loaded, body, max_num_seqs=1, max_queue=1)
     assert error.status == 529 and error.headers["retry-after"] == "1"
     assert isinstance(finished, Finished)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_padded_static_decode_steps_equal_the_model_alone(loaded_model, family):
+    """The CUDA-graph path (static buffers, padded batch and width) — run eagerly on a CPU."""
+    from localvl.engine.cuda_graphs import DecodeGraphs
+
+    loaded = loaded_model(family)
+    convs = mixed_conversations(5)
+
+    async def body(engine):
+        engine.runner.graphs = DecodeGraphs(engine.model, engine.kv_cache, max_batch=8, max_blocks=64)
+        results = await asyncio.gather(*(collect(engine, c, f"r{i}") for i, c in enumerate(convs)))
+        return results, engine.stats()
+
+    results, stats = run_engine(loaded, body, block_size=4)
+    assert stats["graph_replays"] > 0
+    engine = LocalEngine(loaded, EngineConfig(block_size=4, kv_cache_memory=32 << 20))
+    assert_matches_reference(loaded, engine, convs, results)

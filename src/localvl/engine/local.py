@@ -19,6 +19,7 @@ import torch
 
 from localvl.conversation import Conversation, GenerationRequest, SamplingParams
 from localvl.engine.blocks import BlockManager
+from localvl.engine.cuda_graphs import DecodeGraphs
 from localvl.engine.detokenizer import IncrementalDetokenizer, special_token_ids
 from localvl.engine.events import Event, FinishReason, Finished, TextDelta, Usage
 from localvl.engine.kv_cache import PagedKVCache
@@ -48,6 +49,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.85
     image_cache_memory: int = 512 << 20
     max_queue: int = 256  # waiting requests beyond this get 529 overloaded_error
+    cuda_graphs: bool = True  # replay decode steps as CUDA graphs (GPU only)
     check_integrity: bool = False  # audit the block tables whenever the engine goes idle (tests)
 
 
@@ -159,7 +161,11 @@ class LocalEngine:
         self.blocks = BlockManager(self.kv_cache.num_blocks, config.block_size)
         self.scheduler = Scheduler(self.blocks, max_batch_tokens=config.max_batch_tokens, max_num_seqs=config.max_num_seqs)
         self.image_cache = ImageCache(config.image_cache_memory)
-        self.runner = StepRunner(self.model, self.kv_cache, self.image_cache)
+        graphs = None
+        if config.cuda_graphs and self.model.device.type == "cuda":
+            max_blocks = -(-loaded.context_length // config.block_size)
+            graphs = DecodeGraphs(self.model, self.kv_cache, config.max_num_seqs, min(max_blocks, self.kv_cache.num_blocks))
+        self.runner = StepRunner(self.model, self.kv_cache, self.image_cache, graphs)
         # A sequence can never outgrow the pool, whatever the model's context says.
         capacity = self.kv_cache.num_blocks * config.block_size
         self._info = ModelInfo(loaded.name_or_path, loaded.model_type, min(loaded.context_length, capacity))
@@ -210,6 +216,7 @@ class LocalEngine:
             "preemptions": self.scheduler.preemptions,
             "images_encoded": self.runner.images_encoded,
             "image_cache_hits": self.image_cache.hits,
+            "graph_replays": self.runner.graphs.replays if self.runner.graphs else 0,
             "failures": self.failures,
             "integrity_failures": self.integrity_failures,
         }

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from localvl.engine.blocks import ImageSpan
+from localvl.engine.cuda_graphs import DecodeGraphs
 from localvl.engine.kv_cache import AttentionBatch, PagedKVCache, PrefillChunk
 from localvl.engine.positions import mrope_positions
 from localvl.engine.qwen_vl import ImageFeatures, PromptInputs, QwenVLRunner
@@ -62,12 +63,30 @@ def prepare_prompt(
 
 
 class StepRunner:
-    def __init__(self, model: QwenVLRunner, cache: PagedKVCache, images: ImageCache) -> None:
+    def __init__(
+        self, model: QwenVLRunner, cache: PagedKVCache, images: ImageCache, graphs: DecodeGraphs | None = None
+    ) -> None:
         self.model = model
         self.cache = cache
         self.images = images
+        self.graphs = graphs
         self.images_encoded = 0
         self.block_size = cache.block_size
+
+    def _decode_graph(self, batch: list[Scheduled]) -> torch.Tensor | None:
+        """Logits of a step where every sequence feeds one generated token, from a CUDA graph."""
+        graphs = self.graphs
+        if graphs is None or not all(s.count == 1 and s.samples and s.start >= len(s.sequence.prompt) for s in batch):
+            return None
+        size = self.block_size
+        blocks = [s.sequence.table.blocks[: s.start // size + 1] for s in batch]
+        if not graphs.fits(len(batch), max(len(b) for b in blocks)):
+            return None
+        ids = [s.sequence.tokens[s.start] for s in batch]
+        positions = torch.tensor([s.start + s.sequence.payload.prompt.delta for s in batch]).expand(3, -1)
+        slots = [b[-1] * size + s.start % size for s, b in zip(batch, blocks)]
+        lengths = [s.start + 1 for s in batch]
+        return graphs.run(ids, positions, slots, blocks, lengths)
 
     def _encode_new_images(self, batch: list[Scheduled]) -> None:
         missing: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -101,6 +120,9 @@ class StepRunner:
     @torch.inference_mode()
     def run(self, batch: list[Scheduled]) -> tuple[list[Scheduled], torch.Tensor | None]:
         """Run one step; return the chunks that sample and their logits ``[len, vocab]`` (float32)."""
+        logits = self._decode_graph(batch)
+        if logits is not None:
+            return batch, logits
         self._encode_new_images(batch)
         decodes = [s for s in batch if s.count == 1]
         prefills = [s for s in batch if s.count > 1]

@@ -1,0 +1,131 @@
+"""Decode steps replayed as CUDA graphs.
+
+A decode step of a 3B model is a few hundred small kernels; launched one by one from Python they
+take several times longer than the GPU needs to run them. Each pure-decode step (every sequence
+feeding one generated token) is instead padded to a captured shape — a batch-size bucket and a
+context-width bucket — and replayed. Shapes are captured on first use. Padding rows write to the
+KV pool's scratch block and their logits are dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import torch
+
+from localvl.engine.kv_cache import AttentionBatch, PagedKVCache
+
+if TYPE_CHECKING:
+    from localvl.engine.qwen_vl import QwenVLRunner
+
+logger = logging.getLogger(__name__)
+
+# Above this many (rows x context slots) a replay would hold a large gathered copy of the cache in
+# the graph's memory pool; such steps run eagerly.
+MAX_GRAPH_SLOTS = 1 << 19
+
+
+def buckets(limit: int, start: int = 1) -> list[int]:
+    """1, 2, 4, 8, ... below ``limit``, then ``limit`` itself."""
+    sizes: list[int] = []
+    size = start
+    while size < limit:
+        sizes.append(size)
+        size *= 2
+    sizes.append(limit)
+    return sizes
+
+
+class DecodeGraphs:
+    def __init__(self, model: QwenVLRunner, cache: PagedKVCache, max_batch: int, max_blocks: int) -> None:
+        self.model = model
+        self.cache = cache
+        self.batch_sizes = buckets(max_batch)
+        self.widths = buckets(max_blocks, start=min(4, max_blocks))
+        device = model.device
+        size = cache.block_size
+        self.max_batch = self.batch_sizes[-1]
+        self.max_width = self.widths[-1]
+        self.ids = torch.zeros(self.max_batch, dtype=torch.long, device=device)
+        self.positions = torch.zeros(3, self.max_batch, dtype=torch.long, device=device)
+        self.slots = torch.zeros(self.max_batch, dtype=torch.long, device=device)
+        self.blocks = torch.zeros(self.max_batch, self.max_width, dtype=torch.long, device=device)
+        self.mask = torch.zeros(self.max_batch, 1, 1, self.max_width * size, dtype=torch.bool, device=device)
+        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # Off a GPU the padded static-buffer step runs eagerly: the same code path, testable on a CPU.
+        self.capture = device.type == "cuda"
+        self._pool = torch.cuda.graph_pool_handle() if self.capture else None
+        self.disabled = False
+        self.replays = 0
+
+    def fits(self, rows: int, widest: int) -> bool:
+        if self.disabled or rows > self.max_batch or widest > self.max_width:
+            return False
+        batch = next(b for b in self.batch_sizes if b >= rows)
+        width = next(w for w in self.widths if w >= widest)
+        return batch * width * self.cache.block_size <= MAX_GRAPH_SLOTS
+
+    def _forward(self, batch: int, width: int) -> torch.Tensor:
+        size = self.cache.block_size
+        attention = AttentionBatch(
+            self.cache,
+            self.slots[:batch],
+            num_decode=batch,
+            decode_blocks=self.blocks[:batch, :width],
+            decode_mask=self.mask[:batch, :, :, : width * size],
+        )
+        embeds = self.model.embed_tokens(self.ids[:batch])
+        hidden = self.model.forward(embeds, self.positions[:, :batch], attention)
+        return self.model.logits(hidden)
+
+    def _capture(self, batch: int, width: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        stream = torch.cuda.Stream(self.model.device)
+        stream.wait_stream(torch.cuda.current_stream(self.model.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm up kernels and allocator outside the capture
+                self._forward(batch, width)
+        torch.cuda.current_stream(self.model.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            logits = self._forward(batch, width)
+        logger.debug("captured a decode graph for batch %d, %d blocks", batch, width)
+        return graph, logits
+
+    @torch.inference_mode()
+    def run(self, ids: list[int], positions: torch.Tensor, slots: list[int], blocks: list[list[int]], lengths: list[int]) -> torch.Tensor | None:
+        """Logits ``[rows, vocab]`` of one decode step, or None if it cannot run as a graph."""
+        rows = len(ids)
+        widest = max(len(b) for b in blocks)
+        batch = next(b for b in self.batch_sizes if b >= rows)
+        width = next(w for w in self.widths if w >= widest)
+        size = self.cache.block_size
+        scratch = self.cache.scratch_block
+        pad = batch - rows
+        host_ids = torch.tensor(ids + [0] * pad, dtype=torch.long)
+        host_positions = torch.zeros(3, batch, dtype=torch.long)
+        host_positions[:, :rows] = positions
+        host_slots = torch.tensor(slots + [scratch * size] * pad, dtype=torch.long)
+        host_blocks = torch.tensor([b + [scratch] * (width - len(b)) for b in blocks] + [[scratch] * width] * pad)
+        spans = torch.tensor(lengths + [1] * pad)
+        host_mask = torch.arange(width * size).unsqueeze(0) < spans.unsqueeze(1)
+        self.ids[:batch].copy_(host_ids, non_blocking=True)
+        self.positions[:, :batch].copy_(host_positions, non_blocking=True)
+        self.slots[:batch].copy_(host_slots, non_blocking=True)
+        self.blocks[:batch, :width].copy_(host_blocks, non_blocking=True)
+        self.mask[:batch, 0, 0, : width * size].copy_(host_mask, non_blocking=True)
+        key = (batch, width)
+        if not self.capture:
+            self.replays += 1
+            return self._forward(batch, width)[:rows]
+        if key not in self._graphs:
+            try:
+                self._graphs[key] = self._capture(batch, width)
+            except Exception as error:  # never fatal: eager steps compute the same thing
+                logger.warning("CUDA graphs disabled: capture failed (%s: %s)", type(error).__name__, error)
+                self.disabled = True
+                return None
+        graph, logits = self._graphs[key]
+        graph.replay()
+        self.replays += 1
+        return logits[:rows]

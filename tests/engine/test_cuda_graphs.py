@@ -1,0 +1,37 @@
+import pytest
+import torch
+
+from localvl.engine.cuda_graphs import buckets
+
+
+def test_buckets_double_up_to_the_limit():
+    assert buckets(64) == [1, 2, 4, 8, 16, 32, 64]
+    assert buckets(48) == [1, 2, 4, 8, 16, 32, 48]
+    assert buckets(1) == [1]
+    assert buckets(100, start=4) == [4, 8, 16, 32, 64, 100]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_decode_steps_replay_captured_graphs(loaded_model):
+    """On a GPU the engine replays decode steps; equality with generate is test_batching's job."""
+    import asyncio
+
+    from localvl.conversation import Conversation, GenerationRequest, SamplingParams, Text, Turn
+    from localvl.engine.local import EngineConfig, LocalEngine
+
+    loaded = loaded_model("qwen2_5_vl")
+    if loaded.model.device.type != "cuda":
+        pytest.skip("the test model is on the CPU (set LOCALVL_TEST_DEVICE=cuda)")
+
+    async def main():
+        engine = LocalEngine(loaded, EngineConfig(kv_cache_memory=64 << 20))
+        await engine.start()
+        try:
+            conv = Conversation([Turn("user", [Text("hello there")])])
+            stream = await engine.submit(GenerationRequest("g", conv, SamplingParams(max_tokens=8, temperature=0)))
+            [event async for event in stream]
+            return engine.stats()
+        finally:
+            await engine.stop()
+
+    assert asyncio.run(main())["graph_replays"] > 0
