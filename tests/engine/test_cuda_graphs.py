@@ -15,11 +15,12 @@ def test_buckets_double_up_to_the_limit():
 def test_decode_steps_replay_captured_graphs(loaded_model):
     """On a GPU the engine replays decode steps; equality with generate is test_batching's job."""
     import asyncio
+    import dataclasses
 
     from localvl.conversation import Conversation, GenerationRequest, SamplingParams, Text, Turn
     from localvl.engine.local import EngineConfig, LocalEngine
 
-    loaded = loaded_model("qwen2_5_vl")
+    loaded = dataclasses.replace(loaded_model("qwen2_5_vl"), eos_token_ids=frozenset())  # decode all 8
     if loaded.model.device.type != "cuda":
         pytest.skip("the test model is on the CPU (set LOCALVL_TEST_DEVICE=cuda)")
 

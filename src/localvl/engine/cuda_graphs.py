@@ -71,9 +71,9 @@ class DecodeGraphs:
         attention = AttentionBatch(
             self.cache,
             self.slots[:batch],
-            num_decode=batch,
-            decode_blocks=self.blocks[:batch, :width],
-            decode_mask=self.mask[:batch, :, :, : width * size],
+            rows=batch,
+            row_blocks=self.blocks[:batch, :width],
+            row_mask=self.mask[:batch, :, :, : width * size],
         )
         embeds = self.model.embed_tokens(self.ids[:batch])
         hidden = self.model.forward(embeds, self.positions[:, :batch], attention)

@@ -68,14 +68,65 @@ class PrefillChunk:
 
 @dataclass
 class AttentionBatch:
-    """Where one step's tokens go in the cache and what each of them attends to."""
+    """Where one step's tokens go in the cache and what each of them attends to.
+
+    Short chunks (decodes: one token each) are attended together as padded rows; the packed
+    step holds their tokens first. Long prefill chunks are attended one by one.
+    """
 
     cache: PagedKVCache
     slot_mapping: torch.Tensor  # [tokens] the slot each new token's keys and values are written to
-    num_decode: int = 0  # the first num_decode tokens are single-token chunks
-    decode_blocks: torch.Tensor | None = None  # [num_decode, most blocks], padded with the scratch block
-    decode_mask: torch.Tensor | None = None  # [num_decode, 1, 1, most blocks * block_size] True where real
+    rows: int = 0
+    row_blocks: torch.Tensor | None = None  # [rows, most blocks], padded with the scratch block
+    row_mask: torch.Tensor | None = None  # [rows, 1, queries, most blocks * block_size] True where visible
+    # More than one query per row: where each (row, query) comes from in the packed step (padding
+    # repeats a row's last token), and which of them are real, to scatter the results back.
+    row_queries: torch.Tensor | None = None  # [rows, queries]
+    row_sources: torch.Tensor | None = None  # [real queries] indices into rows * queries
+    row_targets: torch.Tensor | None = None  # [real queries] packed token indices
     prefills: list[PrefillChunk] = field(default_factory=list)
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float | None) -> torch.Tensor:
+    """SDPA for ``q [b, heads, n, d]`` over ``k/v [b, kv_heads, m, d]``; causal when ``mask`` is None.
+
+    CUDA's flash and memory-efficient kernels take no grouped KV heads (``enable_gqa`` falls back
+    to the slow math kernel), so there the KV heads are repeated instead.
+    """
+    groups = q.shape[1] // k.shape[1]
+    if q.device.type == "cuda" and groups > 1:
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=True)
+
+
+def _attend_rows(q: torch.Tensor, key_blocks: torch.Tensor, value_blocks: torch.Tensor, batch: AttentionBatch, scale: float | None, out: torch.Tensor) -> None:
+    """All short chunks in one call. The query heads sharing a KV head are folded into the query
+    axis (``[rows, kv_heads, group * queries, dim]``): no repeated keys, and kernels that take a mask
+    but not grouped heads still apply.
+    """
+    assert batch.row_blocks is not None and batch.row_mask is not None
+    heads, _, dim = q.shape
+    rows = batch.rows
+    k = key_blocks[batch.row_blocks].flatten(1, 2).transpose(1, 2)  # [rows, kv_heads, context, dim]
+    v = value_blocks[batch.row_blocks].flatten(1, 2).transpose(1, 2)
+    kv_heads = k.shape[1]
+    groups = heads // kv_heads
+    mask = batch.row_mask
+    if batch.row_queries is None:  # one query per row: the first `rows` packed tokens
+        qr = q[:, :rows].transpose(0, 1).reshape(rows, kv_heads, groups, dim)
+        o = F.scaled_dot_product_attention(qr, k, v, attn_mask=mask, scale=scale)
+        out[:rows] = o.reshape(rows, heads, dim)
+        return
+    queries = batch.row_queries.shape[1]
+    qr = q.index_select(1, batch.row_queries.flatten()).view(heads, rows, queries, dim).transpose(0, 1)
+    qr = qr.reshape(rows, kv_heads, groups * queries, dim)
+    mask = mask.unsqueeze(2).expand(rows, 1, groups, queries, mask.shape[-1]).reshape(rows, 1, groups * queries, -1)
+    o = F.scaled_dot_product_attention(qr, k, v, attn_mask=mask, scale=scale)  # [rows, kv_heads, groups*queries, dim]
+    o = o.view(rows, heads, queries, dim).transpose(1, 2).reshape(rows * queries, heads, dim)
+    assert batch.row_sources is not None and batch.row_targets is not None
+    out.index_copy_(0, batch.row_targets, o.index_select(0, batch.row_sources))
 
 
 def paged_attention(
@@ -103,27 +154,19 @@ def paged_attention(
     key_blocks, value_blocks = batch.cache.blocks(layer)
     q = query[0]  # [heads, tokens, dim]
     out = torch.empty(q.shape[1], q.shape[0], q.shape[2], dtype=q.dtype, device=q.device)
-    nd = batch.num_decode
-    if nd:
-        assert batch.decode_blocks is not None and batch.decode_mask is not None
-        k = key_blocks[batch.decode_blocks].flatten(1, 2).transpose(1, 2)  # [nd, kv_heads, context, dim]
-        v = value_blocks[batch.decode_blocks].flatten(1, 2).transpose(1, 2)
-        o = F.scaled_dot_product_attention(
-            q[:, :nd].transpose(0, 1).unsqueeze(2), k, v, attn_mask=batch.decode_mask, scale=scaling, enable_gqa=True
-        )
-        out[:nd] = o[:, :, 0]
+    if batch.rows:
+        _attend_rows(q, key_blocks, value_blocks, batch, scaling, out)
     for chunk in batch.prefills:
         context = chunk.context
         k = key_blocks[chunk.context_blocks].flatten(0, 1)[:context].transpose(0, 1).unsqueeze(0)  # [1, kv_heads, context, dim]
         v = value_blocks[chunk.context_blocks].flatten(0, 1)[:context].transpose(0, 1).unsqueeze(0)
         qc = q[:, chunk.start : chunk.end].unsqueeze(0)
         length = chunk.end - chunk.start
-        if length == context:
-            o = F.scaled_dot_product_attention(qc, k, v, is_causal=True, scale=scaling, enable_gqa=True)
-        else:  # the chunk's queries are the last `length` tokens of the context
+        mask = None
+        if length != context:  # the chunk's queries are the last `length` tokens of the context
             rows = torch.arange(length, device=q.device).unsqueeze(1) + (context - length)
             mask = torch.arange(context, device=q.device).unsqueeze(0) <= rows
-            o = F.scaled_dot_product_attention(qc, k, v, attn_mask=mask, scale=scaling, enable_gqa=True)
+        o = _sdpa(qc, k, v, mask, scaling)
         out[chunk.start : chunk.end] = o[0].transpose(0, 1)
     return out.unsqueeze(0), None
 

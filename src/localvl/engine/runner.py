@@ -23,6 +23,9 @@ from localvl.engine.sequence import Sequence
 from localvl.engine.vision import ImageCache
 
 
+SHORT_CHUNK = 16  # chunks up to this many tokens (decodes, prefix-hit remainders) attend as padded rows
+
+
 @dataclass
 class PromptState:
     """What the model needs of a sequence's prompt beyond its token ids."""
@@ -117,6 +120,29 @@ class StepRunner:
         blocks, size = seq.table.blocks, self.block_size
         return [blocks[i // size] * size + i % size for i in range(start, end)]
 
+    def _add_rows(self, attention: AttentionBatch, blocks: list[list[int]], spans: list[tuple[int, int, int]]) -> None:
+        """Describe the short chunks as padded rows: blocks, causal masks, and query placement."""
+        device = self.model.device
+        widest = max(len(b) for b in blocks)
+        scratch = self.cache.scratch_block
+        padded = torch.tensor([b + [scratch] * (widest - len(b)) for b in blocks], dtype=torch.long)
+        queries = max(count for _, count, _ in spans)
+        counts = torch.tensor([count for _, count, _ in spans])
+        ends = torch.tensor([end for _, _, end in spans])
+        # query t of a row sees keys up to its own index (end - count + t); padding repeats the last
+        t = torch.minimum(torch.arange(queries).unsqueeze(0), (counts - 1).unsqueeze(1))  # [rows, queries]
+        visible = (ends - counts).unsqueeze(1) + t
+        mask = torch.arange(widest * self.block_size).view(1, 1, -1) <= visible.unsqueeze(2)  # [rows, queries, slots]
+        attention.rows = len(blocks)
+        attention.row_blocks = padded.to(device, non_blocking=True)
+        attention.row_mask = mask.unsqueeze(1).to(device, non_blocking=True)
+        if queries > 1:
+            starts = torch.tensor([start for start, _, _ in spans])
+            attention.row_queries = (starts.unsqueeze(1) + t).to(device, non_blocking=True)
+            real = (torch.arange(queries).unsqueeze(0) < counts.unsqueeze(1)).flatten()
+            attention.row_sources = real.nonzero().flatten().to(device, non_blocking=True)
+            attention.row_targets = attention.row_queries.flatten().cpu()[real].to(device, non_blocking=True)
+
     @torch.inference_mode()
     def run(self, batch: list[Scheduled]) -> tuple[list[Scheduled], torch.Tensor | None]:
         """Run one step; return the chunks that sample and their logits ``[len, vocab]`` (float32)."""
@@ -124,9 +150,8 @@ class StepRunner:
         if logits is not None:
             return batch, logits
         self._encode_new_images(batch)
-        decodes = [s for s in batch if s.count == 1]
-        prefills = [s for s in batch if s.count > 1]
-        order = decodes + prefills
+        short = [s for s in batch if s.count <= SHORT_CHUNK]
+        order = short + [s for s in batch if s.count > SHORT_CHUNK]
         device = self.model.device
 
         ids: list[int] = []
@@ -135,8 +160,8 @@ class StepRunner:
         features: list[tuple[int, torch.Tensor, list[torch.Tensor] | None]] = []  # (packed start, rows, deepstack)
         samplers: list[tuple[Scheduled, int]] = []
         chunks: list[PrefillChunk] = []
-        decode_blocks: list[list[int]] = []
-        decode_lengths: list[int] = []
+        row_blocks: list[list[int]] = []
+        row_spans: list[tuple[int, int, int]] = []  # (packed start, tokens, context) of each short chunk
         for s in order:
             seq, state = s.sequence, s.sequence.payload.prompt
             start, end = s.start, s.start + s.count
@@ -156,9 +181,9 @@ class StepRunner:
                     deep = [layer[rows] for layer in image.deepstack] if image.deepstack is not None else None
                     features.append((packed + lo - start, image.embeds[rows], deep))
             blocks = seq.table.blocks[: -(-end // self.block_size)]
-            if s.count == 1:
-                decode_blocks.append(blocks)
-                decode_lengths.append(end)
+            if s.count <= SHORT_CHUNK:
+                row_blocks.append(blocks)
+                row_spans.append((packed, s.count, end))
             else:
                 context_blocks = torch.tensor(blocks, dtype=torch.long).to(device, non_blocking=True)
                 chunks.append(PrefillChunk(packed, packed + s.count, context_blocks, end))
@@ -167,14 +192,8 @@ class StepRunner:
 
         slot_mapping = torch.tensor(slots, dtype=torch.long).to(device, non_blocking=True)
         attention = AttentionBatch(self.cache, slot_mapping, prefills=chunks)
-        if decode_blocks:
-            widest = max(len(b) for b in decode_blocks)
-            scratch = self.cache.scratch_block
-            padded = torch.tensor([b + [scratch] * (widest - len(b)) for b in decode_blocks], dtype=torch.long)
-            mask = torch.arange(widest * self.block_size).unsqueeze(0) < torch.tensor(decode_lengths).unsqueeze(1)
-            attention.num_decode = len(decode_blocks)
-            attention.decode_blocks = padded.to(device, non_blocking=True)
-            attention.decode_mask = mask[:, None, None, :].to(device, non_blocking=True)
+        if row_blocks:
+            self._add_rows(attention, row_blocks, row_spans)
 
         embeds = self.model.embed_tokens(torch.tensor(ids, dtype=torch.long))
         visual_mask = None
