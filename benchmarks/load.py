@@ -19,6 +19,7 @@ import argparse
 import base64
 import concurrent.futures
 import dataclasses
+import logging
 import io
 import json
 import multiprocessing
@@ -224,7 +225,10 @@ def main() -> None:
     parser.add_argument("--vision-images", type=int, default=16)
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--log-level", default="warning", help="localvl's log level (debug shows engine tracebacks)")
     args = parser.parse_args()
+    logging.basicConfig(level="WARNING", format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("localvl").setLevel(args.log_level.upper())
     levels = [int(x) for x in args.concurrency.split(",")]
 
     with tempfile.TemporaryDirectory() as tmp:

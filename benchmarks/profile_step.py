@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import logging
 import tempfile
 import time
 from pathlib import Path
@@ -51,7 +52,10 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--tokens", type=int, default=48)
+    parser.add_argument("--log-level", default="warning", help="localvl's log level (debug shows engine tracebacks)")
     args = parser.parse_args()
+    logging.basicConfig(level="WARNING", format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("localvl").setLevel(args.log_level.upper())
     with tempfile.TemporaryDirectory() as tmp:
         loaded = build(args.shape, args.device, "auto", Path(tmp))
     loaded = dataclasses.replace(loaded, eos_token_ids=frozenset())

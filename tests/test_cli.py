@@ -73,3 +73,23 @@ def test_flags_beat_the_environment(monkeypatch, tmp_path):
     monkeypatch.setattr("localvl.cli.serve", fake_serve)
     assert main(["serve", "--api-key", "a", "--api-key", "b", "--alias", "gpt-*"]) == 0
     assert captured["port"] == 9100 and captured["api_key"] == ["a", "b"] and captured["alias"] == ["gpt-*"]
+
+
+def test_engine_flags_reach_the_engine_config(monkeypatch):
+    from localvl.cli import engine_config
+    from localvl.settings import Settings
+
+    monkeypatch.setenv("LOCALVL_MAX_QUEUE", "7")
+    captured = {}
+
+    def fake_serve(flags):
+        captured["config"] = engine_config(Settings(**flags))
+        return 0
+
+    monkeypatch.setattr("localvl.cli.serve", fake_serve)
+    flags = ["serve", "--max-num-seqs", "8", "--max-batch-tokens", "512", "--block-size", "32",
+             "--kv-cache-memory", "1000000", "--image-cache-memory", "0", "--no-cuda-graphs"]
+    assert main(flags) == 0
+    config = captured["config"]
+    assert (config.max_num_seqs, config.max_batch_tokens, config.block_size) == (8, 512, 32)
+    assert (config.kv_cache_memory, config.image_cache_memory, config.cuda_graphs, config.max_queue) == (1000000, 0, False, 7)

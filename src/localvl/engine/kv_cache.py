@@ -124,7 +124,7 @@ def _attend_rows(q: torch.Tensor, key_blocks: torch.Tensor, value_blocks: torch.
     qr = qr.reshape(rows, kv_heads, groups * queries, dim)
     mask = mask.unsqueeze(2).expand(rows, 1, groups, queries, mask.shape[-1]).reshape(rows, 1, groups * queries, -1)
     o = F.scaled_dot_product_attention(qr, k, v, attn_mask=mask, scale=scale)  # [rows, kv_heads, groups*queries, dim]
-    o = o.view(rows, heads, queries, dim).transpose(1, 2).reshape(rows * queries, heads, dim)
+    o = o.reshape(rows, heads, queries, dim).transpose(1, 2).reshape(rows * queries, heads, dim)
     assert batch.row_sources is not None and batch.row_targets is not None
     out.index_copy_(0, batch.row_targets, o.index_select(0, batch.row_sources))
 

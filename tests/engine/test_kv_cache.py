@@ -1,0 +1,85 @@
+"""The paged attention against plain causal attention over each sequence's whole history."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from localvl.engine.kv_cache import AttentionBatch, PagedKVCache, PrefillChunk, paged_attention
+from tests.conftest import TEST_DEVICE
+
+HEADS, KV_HEADS, DIM, BLOCK = 8, 2, 16, 4
+
+
+class Layer(torch.nn.Module):
+    layer_idx = 0
+
+
+def reference(q, k, v):
+    """q [heads, n, dim] are the last n of k/v [kv_heads, m, dim]; causal."""
+    n, m = q.shape[1], k.shape[1]
+    mask = torch.arange(m).unsqueeze(0) <= (torch.arange(n).unsqueeze(1) + m - n)
+    k = k.repeat_interleave(HEADS // KV_HEADS, 0)
+    v = v.repeat_interleave(HEADS // KV_HEADS, 0)
+    return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask.to(q.device)).transpose(0, 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16] if TEST_DEVICE != "cpu" else [torch.float32])
+def test_rows_and_chunks_attend_to_their_own_history(dtype):
+    torch.manual_seed(0)
+    device = torch.device(TEST_DEVICE)
+    cache = PagedKVCache(num_layers=1, num_blocks=64, block_size=BLOCK, kv_heads=KV_HEADS, head_dim=DIM, dtype=dtype, device=device)
+    # (history already cached, new tokens this step): two decodes, a short chunk, a long chunk
+    shapes = [(9, 1), (3, 1), (5, 6), (0, 21)]
+    free = iter(range(64))
+    histories, tables = [], []
+    for cached, new in shapes:
+        total = cached + new
+        tables.append([next(free) for _ in range(-(-total // BLOCK))])
+        histories.append((torch.randn(KV_HEADS, total, DIM, dtype=dtype, device=device),
+                          torch.randn(KV_HEADS, total, DIM, dtype=dtype, device=device),
+                          torch.randn(HEADS, new, DIM, dtype=dtype, device=device)))
+    for (cached, _), (k, v, _), table in zip(shapes, histories, tables):
+        for i in range(cached):
+            slot = table[i // BLOCK] * BLOCK + i % BLOCK
+            cache.keys[0][slot] = k[:, i]
+            cache.values[0][slot] = v[:, i]
+
+    slots, queries, keys, values = [], [], [], []
+    for (cached, new), (k, v, q), table in zip(shapes, histories, tables):
+        slots += [table[i // BLOCK] * BLOCK + i % BLOCK for i in range(cached, cached + new)]
+        queries.append(q)
+        keys.append(k[:, cached:])
+        values.append(v[:, cached:])
+    batch = AttentionBatch(cache, torch.tensor(slots, device=device))
+    # rows: the first three sequences (1, 1 and 6 new tokens); padded to 6 queries
+    rows = 3
+    width = max(len(t) for t in tables[:rows])
+    batch.rows = rows
+    batch.row_blocks = torch.tensor([t + [cache.scratch_block] * (width - len(t)) for t in tables[:rows]], device=device)
+    counts = torch.tensor([new for _, new in shapes[:rows]])
+    ends = torch.tensor([c + n for c, n in shapes[:rows]])
+    t = torch.minimum(torch.arange(6).unsqueeze(0), (counts - 1).unsqueeze(1))
+    mask = torch.arange(width * BLOCK).view(1, 1, -1) <= ((ends - counts).unsqueeze(1) + t).unsqueeze(2)
+    batch.row_mask = mask.unsqueeze(1).to(device)
+    starts = torch.tensor([0, 1, 2])
+    batch.row_queries = (starts.unsqueeze(1) + t).to(device)
+    real = (torch.arange(6).unsqueeze(0) < counts.unsqueeze(1)).flatten()
+    batch.row_sources = real.nonzero().flatten().to(device)
+    batch.row_targets = batch.row_queries.flatten().cpu()[real].to(device)
+    long_table = torch.tensor(tables[3], device=device)
+    batch.prefills = [PrefillChunk(8, 29, long_table, 21)]
+
+    q = torch.cat(queries, dim=1).unsqueeze(0)
+    out, _ = paged_attention(Layer(), q, torch.cat(keys, 1).unsqueeze(0), torch.cat(values, 1).unsqueeze(0), None, scaling=DIM**-0.5, localvl_batch=batch)
+    expected = torch.cat([reference(q_, k_, v_) for k_, v_, q_ in histories])
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out[0].float(), expected, atol=tolerance, rtol=tolerance)
+
+
+def test_without_step_metadata_it_is_plain_sdpa():
+    q, k, v = torch.randn(1, HEADS, 5, DIM), torch.randn(1, HEADS, 5, DIM), torch.randn(1, HEADS, 5, DIM)
+    layer = Layer()
+    layer.is_causal = True
+    out, _ = paged_attention(layer, q, k, v, None, scaling=DIM**-0.5)
+    expected = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
+    torch.testing.assert_close(out, expected)
