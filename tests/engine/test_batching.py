@@ -12,7 +12,7 @@ from localvl.engine.local import EngineConfig, LocalEngine
 from localvl.engine.sequence import BACKGROUND
 from localvl.errors import OverloadedError
 from localvl.media.images import load_image
-from tests.conftest import FAMILIES
+from tests.conftest import FAMILIES, TEST_DEVICE
 from tests.engine.reference import reference_text
 from tests.helpers import image_bytes
 
@@ -63,6 +63,7 @@ def assert_matches_reference(loaded, engine, convs, results, max_tokens=10):
 # block_size 4 and 40-token steps: prefill chunks split images; 32 blocks force preemptions.
 MODES = {
     "chunked": dict(max_batch_tokens=40, block_size=4),
+    "blocks-of-16": dict(max_batch_tokens=128, block_size=16),  # on a GPU: the Triton decode kernel
     "preempting": dict(max_batch_tokens=512, block_size=4, kv_cache_memory=32 * 2048),
 }
 
@@ -89,6 +90,8 @@ def test_sixteen_concurrent_requests_equal_the_model_alone(loaded_model, family,
     assert stats["failures"] == 0
     if mode == "preempting":
         assert stats["preemptions"] > 0
+    if mode == "blocks-of-16" and TEST_DEVICE.startswith("cuda"):
+        assert stats["decode_kernel"] == 1
     assert max(stats["steps"], 0) < 16 * 10  # requests shared steps
     assert_matches_reference(loaded, engine, convs, results)
 

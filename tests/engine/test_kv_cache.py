@@ -83,3 +83,19 @@ def test_without_step_metadata_it_is_plain_sdpa():
     out, _ = paged_attention(layer, q, k, v, None, scaling=DIM**-0.5)
     expected = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
     torch.testing.assert_close(out, expected)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_triton_decode_kernel_passes_its_self_test(dtype):
+    pytest.importorskip("triton")
+    from localvl.engine.triton_decode import usable
+
+    assert usable(torch.device("cuda"), dtype, block_size=16, heads=16, kv_heads=2, dim=128)
+    assert not usable(torch.device("cuda"), dtype, block_size=4, heads=16, kv_heads=2, dim=128)  # tl.dot needs 16
+
+
+def test_the_triton_decode_kernel_is_never_used_off_a_gpu():
+    from localvl.engine.triton_decode import usable
+
+    assert not usable(torch.device("cpu"), torch.float32, block_size=16, heads=16, kv_heads=2, dim=128)

@@ -52,6 +52,8 @@ class DecodeGraphs:
         self.slots = torch.zeros(self.max_batch, dtype=torch.long, device=device)
         self.blocks = torch.zeros(self.max_batch, self.max_width, dtype=torch.long, device=device)
         self.mask = torch.zeros(self.max_batch, 1, 1, self.max_width * size, dtype=torch.bool, device=device)
+        self.lengths = torch.ones(self.max_batch, dtype=torch.int32, device=device)
+        self.kernel = False  # set with the runner's: decode attention reads the pool in place
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         # Off a GPU the padded static-buffer step runs eagerly: the same code path, testable on a CPU.
         self.capture = device.type == "cuda"
@@ -74,6 +76,8 @@ class DecodeGraphs:
             rows=batch,
             row_blocks=self.blocks[:batch, :width],
             row_mask=self.mask[:batch, :, :, : width * size],
+            row_lengths=self.lengths[:batch],
+            kernel=self.kernel,
         )
         embeds = self.model.embed_tokens(self.ids[:batch])
         hidden = self.model.forward(embeds, self.positions[:, :batch], attention)
@@ -114,6 +118,7 @@ class DecodeGraphs:
         self.slots[:batch].copy_(host_slots, non_blocking=True)
         self.blocks[:batch, :width].copy_(host_blocks, non_blocking=True)
         self.mask[:batch, 0, 0, : width * size].copy_(host_mask, non_blocking=True)
+        self.lengths[:batch].copy_(spans.to(torch.int32), non_blocking=True)
         key = (batch, width)
         if not self.capture:
             self.replays += 1

@@ -79,6 +79,8 @@ class AttentionBatch:
     rows: int = 0
     row_blocks: torch.Tensor | None = None  # [rows, most blocks], padded with the scratch block
     row_mask: torch.Tensor | None = None  # [rows, 1, queries, most blocks * block_size] True where visible
+    row_lengths: torch.Tensor | None = None  # [rows] int32 context lengths, for the decode kernel
+    kernel: bool = False  # one query per row: read the pool in place (triton_decode.py)
     # More than one query per row: where each (row, query) comes from in the packed step (padding
     # repeats a row's last token), and which of them are real, to scatter the results back.
     row_queries: torch.Tensor | None = None  # [rows, queries]
@@ -109,6 +111,12 @@ def _attend_rows(q: torch.Tensor, key_blocks: torch.Tensor, value_blocks: torch.
     assert batch.row_blocks is not None and batch.row_mask is not None
     heads, _, dim = q.shape
     rows = batch.rows
+    if batch.kernel and batch.row_queries is None and batch.row_lengths is not None:
+        from localvl.engine.triton_decode import paged_decode
+
+        scale = scale if scale is not None else dim**-0.5
+        out[:rows] = paged_decode(q[:, :rows].transpose(0, 1), key_blocks, value_blocks, batch.row_blocks, batch.row_lengths, scale)
+        return
     k = key_blocks[batch.row_blocks].flatten(1, 2).transpose(1, 2)  # [rows, kv_heads, context, dim]
     v = value_blocks[batch.row_blocks].flatten(1, 2).transpose(1, 2)
     kv_heads = k.shape[1]

@@ -166,6 +166,18 @@ class LocalEngine:
             max_blocks = -(-loaded.context_length // config.block_size)
             graphs = DecodeGraphs(self.model, self.kv_cache, config.max_num_seqs, min(max_blocks, self.kv_cache.num_blocks))
         self.runner = StepRunner(self.model, self.kv_cache, self.image_cache, graphs)
+        if self.model.device.type == "cuda":
+            from localvl.engine import triton_decode
+
+            text = self.model.text_config
+            head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+            kernel = triton_decode.usable(
+                self.model.device, self.model.dtype, config.block_size,
+                text.num_attention_heads, text.num_key_value_heads, head_dim,
+            )
+            self.runner.decode_kernel = kernel
+            if graphs is not None:
+                graphs.kernel = kernel
         # A sequence can never outgrow the pool, whatever the model's context says.
         capacity = self.kv_cache.num_blocks * config.block_size
         self._info = ModelInfo(loaded.name_or_path, loaded.model_type, min(loaded.context_length, capacity))
@@ -217,6 +229,7 @@ class LocalEngine:
             "images_encoded": self.runner.images_encoded,
             "image_cache_hits": self.image_cache.hits,
             "graph_replays": self.runner.graphs.replays if self.runner.graphs else 0,
+            "decode_kernel": int(self.runner.decode_kernel),
             "failures": self.failures,
             "integrity_failures": self.integrity_failures,
         }

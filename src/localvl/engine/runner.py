@@ -73,6 +73,7 @@ class StepRunner:
         self.cache = cache
         self.images = images
         self.graphs = graphs
+        self.decode_kernel = False  # set by the engine once triton_decode's self-test passed
         self.images_encoded = 0
         self.block_size = cache.block_size
 
@@ -135,6 +136,9 @@ class StepRunner:
         mask = torch.arange(widest * self.block_size).view(1, 1, -1) <= visible.unsqueeze(2)  # [rows, queries, slots]
         attention.rows = len(blocks)
         attention.row_blocks = padded.to(device, non_blocking=True)
+        if queries == 1 and self.decode_kernel:
+            attention.kernel = True
+            attention.row_lengths = ends.to(torch.int32).to(device, non_blocking=True)
         attention.row_mask = mask.unsqueeze(1).to(device, non_blocking=True)
         if queries > 1:
             starts = torch.tensor([start for start, _, _ in spans])
