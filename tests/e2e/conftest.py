@@ -99,3 +99,12 @@ def async_client(server):
     import anthropic
 
     return anthropic.AsyncAnthropic(base_url=server.url, api_key=API_KEY, max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="session")
+def one_at_a_time_server(model_dir, tmp_path_factory):
+    """One running request and one waiting at most: the rest are turned away."""
+    s = Server(model_dir("qwen2_vl"), tmp_path_factory.mktemp("logs") / "server-busy.log",
+               "--max-model-len", "64", "--max-num-seqs", "1", "--max-queue", "1")
+    yield s
+    s.stop()

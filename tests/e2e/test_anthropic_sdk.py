@@ -246,3 +246,26 @@ def test_a_non_streaming_client_that_gives_up_stops_its_generation(server):
     while server.log().count(" aborted") == aborted_before and time.monotonic() < deadline:
         time.sleep(0.1)
     assert server.log().count(" aborted") == aborted_before + 1
+
+
+def test_a_full_queue_is_overloaded_with_retry_after(one_at_a_time_server):
+    client = anthropic.AsyncAnthropic(base_url=one_at_a_time_server.url, api_key=API_KEY, max_retries=0)
+    short = [{"role": "user", "content": "hi"}]
+
+    async def one():
+        try:
+            await client.messages.create(model="tiny-vl", max_tokens=1000, messages=short, extra_body={"temperature": 0})
+            return None
+        except anthropic.APIStatusError as error:
+            return error
+
+    async def main():
+        return await asyncio.gather(*(one() for _ in range(5)))
+
+    outcomes = asyncio.run(main())
+    refused = [e for e in outcomes if e is not None]
+    assert 1 <= len(refused) <= 3 and outcomes.count(None) >= 2  # one ran, one waited, the rest refused
+    for error in refused:
+        assert isinstance(error, anthropic.OverloadedError) and error.status_code == 529
+        assert error.body["error"]["type"] == "overloaded_error"
+        assert int(error.response.headers["retry-after"]) >= 1

@@ -93,6 +93,7 @@ class _Job:
     outbox: _Outbox
     events: asyncio.Queue[Event | LocalvlError] = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    started: bool = False  # scheduled at least once (no longer counts against max_queue)
     detokenizer: IncrementalDetokenizer | None = None
     stops: StopMatcher | None = None
     generator: torch.Generator | None = None
@@ -184,7 +185,9 @@ class LocalEngine:
         self._inbox: queue.Queue[Sequence | None] = queue.Queue()
         self._outbox = _Outbox()
         self._active: dict[str, Sequence] = {}
-        self._waiting_count = 0
+        # Requests submitted and not yet started: each counter is written by one thread only.
+        self._submitted = 0  # asyncio side
+        self._started = 0  # engine thread: first scheduled, or dropped before that
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.steps = 0
@@ -222,7 +225,7 @@ class LocalEngine:
         return {
             "steps": self.steps,
             "running": len(self.scheduler.running),
-            "waiting": self._waiting_count,
+            "waiting": self._submitted - self._started,
             "blocks_used": self.blocks.used_blocks,
             "blocks_total": self.blocks.num_blocks,
             "preemptions": self.scheduler.preemptions,
@@ -255,8 +258,7 @@ class LocalEngine:
     async def submit(self, request: GenerationRequest) -> _Stream:
         if self._stopping or self._thread is None:
             raise ServiceUnavailableError("the engine is not running")
-        if self._inbox.qsize() + self._waiting_count >= self.config.max_queue:
-            raise OverloadedError("the server is overloaded; retry shortly", headers={"retry-after": "1"})
+        self._check_queue()
         rendered = await anyio.to_thread.run_sync(self.renderer.render, request.conversation)
         length = int(rendered.input_ids.numel())
         limit = self._info.context_length
@@ -277,9 +279,15 @@ class LocalEngine:
         seq = Sequence(
             request.id, ids, images, max_new_tokens=min(sampling.max_tokens, room), priority=request.priority, payload=job
         )
+        self._check_queue()  # again: others may have queued while this one rendered
         self._active[seq.id] = seq
+        self._submitted += 1
         self._inbox.put(seq)
         return _Stream(seq, self)
+
+    def _check_queue(self) -> None:
+        if self._submitted - self._started >= self.config.max_queue:
+            raise OverloadedError("the server is overloaded; retry shortly", headers={"retry-after": "1"})
 
     def abort(self, request_id: str) -> None:
         seq = self._active.get(request_id)
@@ -316,7 +324,6 @@ class LocalEngine:
             except queue.Empty:
                 pass
             self._drop_cancelled()
-            self._waiting_count = len(self.scheduler) - len(self.scheduler.running)
             if len(self.scheduler):
                 self._step()
             self._outbox.flush()
@@ -344,7 +351,14 @@ class LocalEngine:
                 self._finish(seq)
                 logger.debug("%s aborted", seq.id)
 
+    def _mark_started(self, seq: Sequence) -> None:
+        job: _Job = seq.payload
+        if not job.started:
+            job.started = True
+            self._started += 1
+
     def _finish(self, seq: Sequence) -> None:
+        self._mark_started(seq)
         self.scheduler.remove(seq)
         self._active.pop(seq.id, None)
 
@@ -362,7 +376,8 @@ class LocalEngine:
                 seq.payload.emit(InternalError("the engine could not schedule this request"))
                 self._finish(seq)
             return
-        self._waiting_count = len(self.scheduler) - len(self.scheduler.running)
+        for s in batch:
+            self._mark_started(s.sequence)
         if not batch:
             return
         self.steps += 1
