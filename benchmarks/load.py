@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from PIL import Image as PILImage
 
+from localvl.cli import apply_cpu_threads
 from localvl.conversation import Conversation, Text, Turn
 from localvl.engine.local import EngineConfig, LocalEngine
 from localvl.models.loader import LoadedModel
@@ -224,6 +225,7 @@ def main() -> None:
     parser.add_argument("--image", type=int, default=448, help="side of the square images, px")
     parser.add_argument("--vision-images", type=int, default=16)
     parser.add_argument("--max-num-seqs", type=int, default=64)
+    parser.add_argument("--cpu-threads", type=int, default=None, help="as localvl serve's (default: cores - 1)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--log-level", default="warning", help="localvl's log level (debug shows engine tracebacks)")
     args = parser.parse_args()
@@ -234,6 +236,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         loaded = build(args.shape, args.device, args.dtype, Path(tmp))
     loaded = dataclasses.replace(loaded, eos_token_ids=frozenset())  # every request makes --tokens tokens
+    apply_cpu_threads(loaded.model.device.type, args.cpu_threads)  # as `localvl serve` does
     engine = LocalEngine(loaded, EngineConfig(max_num_seqs=args.max_num_seqs, max_queue=100_000))
     device = loaded.model.device
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"

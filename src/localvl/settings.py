@@ -50,6 +50,9 @@ class Settings(BaseSettings):
     )
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="share of free GPU memory for the KV cache")
     image_cache_memory: int = Field(512 << 20, ge=0, description="bytes of vision-tower outputs kept for reuse")
+    cpu_threads: int | None = Field(
+        None, ge=1, description="torch threads when the model runs on the CPU; default: all cores but one"
+    )
     cuda_graphs: bool = Field(True, description="replay decode steps as CUDA graphs on a GPU")
     max_queue: int = Field(256, ge=1, description="waiting requests beyond which new ones get 529 overloaded")
     max_request_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="largest request body accepted")

@@ -162,3 +162,11 @@ def test_random_workloads_keep_the_books_straight():
         assert s.blocks.free_blocks == s.blocks.num_blocks
         for seq in seqs:
             assert seq.status is Status.FINISHED
+
+
+def test_token_and_span_read_across_prompt_and_outputs():
+    seq = Sequence("s", [1, 2, 3], outputs=[4, 5])
+    assert [seq.token(i) for i in range(5)] == seq.tokens == [1, 2, 3, 4, 5]
+    for start in range(6):
+        for end in range(start, 6):
+            assert seq.span(start, end) == seq.tokens[start:end]

@@ -394,12 +394,14 @@ class LocalEngine:
 
     def _run_batch(self, batch: list[Scheduled]) -> None:
         samplers, logits = self.runner.run(batch)
+        size = self.blocks.block_size
         for s in batch:
             seq = s.sequence
             seq.num_computed += s.count
-            seq.cache_created_tokens += self.blocks.register(
-                seq.table, seq.tokens, seq.images, seq.num_computed, len(seq.prompt)
-            )
+            if seq.num_computed // size > seq.table.hashed:  # a block filled up: publish it
+                seq.cache_created_tokens += self.blocks.register(
+                    seq.table, seq.tokens, seq.images, seq.num_computed, len(seq.prompt)
+                )
         if logits is not None:
             self._sample(samplers, logits)
 

@@ -86,7 +86,7 @@ class StepRunner:
         blocks = [s.sequence.table.blocks[: s.start // size + 1] for s in batch]
         if not graphs.fits(len(batch), max(len(b) for b in blocks)):
             return None
-        ids = [s.sequence.tokens[s.start] for s in batch]
+        ids = [s.sequence.token(s.start) for s in batch]
         positions = torch.tensor([s.start + s.sequence.payload.prompt.delta for s in batch]).expand(3, -1)
         slots = [b[-1] * size + s.start % size for s, b in zip(batch, blocks)]
         lengths = [s.start + 1 for s in batch]
@@ -170,12 +170,12 @@ class StepRunner:
             seq, state = s.sequence, s.sequence.payload.prompt
             start, end = s.start, s.start + s.count
             packed = len(ids)
-            ids.extend(seq.tokens[start:end])
+            ids.extend(seq.span(start, end))
             prompt_length = len(seq.prompt)
             if start < prompt_length:
                 positions.append(state.positions[:, start : min(end, prompt_length)])
             if end > prompt_length:
-                tail = torch.arange(max(start, prompt_length), end) + state.delta
+                tail = torch.tensor(range(max(start, prompt_length) + state.delta, end + state.delta))
                 positions.append(tail.expand(3, -1))
             slots.extend(self._slots(seq, start, end))
             for span, image in zip(seq.images, state.features or []):

@@ -46,7 +46,20 @@ class Sequence:
 
     @property
     def tokens(self) -> list[int]:
+        """Prompt and outputs (a new list when there are outputs: prefer ``token``/``span`` per step)."""
         return self.prompt + self.outputs if self.outputs else self.prompt
+
+    def token(self, index: int) -> int:
+        length = len(self.prompt)
+        return self.prompt[index] if index < length else self.outputs[index - length]
+
+    def span(self, start: int, end: int) -> list[int]:
+        length = len(self.prompt)
+        if end <= length:
+            return self.prompt[start:end]
+        if start >= length:
+            return self.outputs[start - length : end - length]
+        return self.prompt[start:] + self.outputs[: end - length]
 
     def __len__(self) -> int:
         return len(self.prompt) + len(self.outputs)
