@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
+import os
 import queue
 import threading
 from dataclasses import dataclass, field
@@ -153,7 +154,9 @@ class LocalEngine:
         self.loaded = loaded
         self.config = config = config or EngineConfig()
         self.model = QwenVLRunner(loaded.model)
-        self.renderer = Renderer(loaded.processor)
+        # Renders run in worker threads beside the engine: a few in parallel keep a burst of
+        # image requests from queueing behind one processor.
+        self.renderer = Renderer(loaded.processor, workers=min(4, os.cpu_count() or 1))
         # The engine thread decodes with its own copy: one Rust tokenizer must not serve two threads.
         self._tokenizer = copy.deepcopy(loaded.tokenizer)
         self._skip_ids = special_token_ids(self._tokenizer) - loaded.eos_token_ids

@@ -7,7 +7,8 @@ it is whatever the folder's chat template says.
 
 from __future__ import annotations
 
-import threading
+import copy
+import queue
 from typing import Any
 
 import jinja2
@@ -76,14 +77,21 @@ def template_tools(conversation: Conversation) -> list[dict[str, Any]] | None:
 
 
 class Renderer:
-    """Renders conversations with one processor. Safe to call from any thread."""
+    """Renders conversations with the folder's processor. Safe to call from any thread.
 
-    def __init__(self, processor: Any, template_kwargs: dict[str, Any] | None = None) -> None:
+    Rust tokenizers raise "Already borrowed" when one instance is used from two threads, so each
+    render takes a processor of its own from a small pool of copies: ``workers`` requests are
+    processed in parallel (image preprocessing is most of a render).
+    """
+
+    def __init__(self, processor: Any, template_kwargs: dict[str, Any] | None = None, workers: int = 1) -> None:
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.template_kwargs = dict(template_kwargs or {})
-        # Rust tokenizers raise "Already borrowed" when one instance is used from two threads.
-        self._lock = threading.Lock()
+        self._processors: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._processors.put(processor)
+        for _ in range(max(1, workers) - 1):
+            self._processors.put(copy.deepcopy(processor))
 
     def prompt_text(self, conversation: Conversation) -> str:
         prefill = conversation.prefill
@@ -109,11 +117,13 @@ class Renderer:
         text = self.prompt_text(conversation)
         found = conversation.images()
         images = [image.pixels for image in found]
-        with self._lock:
-            try:
-                out = self.processor(text=[text], images=images or None, return_tensors="pt")
-            except ValueError as error:  # e.g. Qwen's resize refuses aspect ratios over 200:1
-                raise InvalidRequestError(f"the model's processor rejected an image: {error}") from None
+        processor = self._processors.get()
+        try:
+            out = processor(text=[text], images=images or None, return_tensors="pt")
+        except ValueError as error:  # e.g. Qwen's resize refuses aspect ratios over 200:1
+            raise InvalidRequestError(f"the model's processor rejected an image: {error}") from None
+        finally:
+            self._processors.put(processor)
         input_ids = out["input_ids"][0].to(torch.long)
         if images:
             keys = tuple(image.sha256 for image in found)
