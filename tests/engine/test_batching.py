@@ -146,15 +146,16 @@ def test_interactive_requests_overtake_background_work(loaded_model):
     order: list[str] = []
 
     async def body(engine):
-        async def tracked(conv, name, **extra):
-            result = await collect(engine, conv, name, max_tokens=20, **extra)
+        async def tracked(conv, name, tokens, **extra):
+            result = await collect(engine, conv, name, max_tokens=tokens, **extra)
             order.append(name)
             return result
 
-        background = asyncio.ensure_future(tracked(convs[0], "background", priority=BACKGROUND))
+        # long enough that it cannot finish while the interactive request is being rendered
+        background = asyncio.ensure_future(tracked(convs[0], "background", 400, priority=BACKGROUND))
         while engine.steps == 0:
             await asyncio.sleep(0.001)
-        await tracked(convs[1], "interactive")
+        await tracked(convs[1], "interactive", 5)
         await background
 
     run_engine(loaded, body, max_num_seqs=1)

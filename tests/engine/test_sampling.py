@@ -120,3 +120,57 @@ def test_lower_temperature_sharpens_the_distribution():
     expected_cold = torch.softmax(LOGITS / 0.3, dim=-1)[ARGMAX].item()
     assert cold[ARGMAX] > hot[ARGMAX]
     assert abs(cold[ARGMAX] / n - expected_cold) < 0.04
+
+
+# sample_batch: many rows, each under its own parameters, in one set of tensor operations.
+from localvl.engine.sampling import sample_batch  # noqa: E402
+
+
+def batch_draws(rows_params, n=300, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    logits = LOGITS.expand(len(rows_params), -1)
+    counts = [Counter() for _ in rows_params]
+    for _ in range(n):
+        for counter, token in zip(counts, sample_batch(logits, rows_params, generator)):
+            counter[token] += 1
+    return counts
+
+
+def test_batch_mixes_greedy_top_k_and_top_p_rows():
+    params = [
+        ResolvedSampling(temperature=0.0),
+        ResolvedSampling(temperature=1.0, top_k=2),
+        ResolvedSampling(temperature=1.0, top_p=0.5),
+        ResolvedSampling(temperature=1.0, top_k=1),
+        ResolvedSampling(temperature=1.0),
+    ]
+    greedy, top2, nucleus, k1, free = batch_draws(params)
+    assert set(greedy) == {ARGMAX} and set(k1) == {ARGMAX}
+    assert set(top2) == {1, 5}  # the two largest logits, 2.0 and 1.7
+    # top_p 0.5: softmax mass of 2.0 alone is < 0.5, with 1.7 it is over: exactly those two
+    assert set(nucleus) == {1, 5}
+    assert len(free) >= 6  # untruncated: nearly every token shows up in 300 draws
+
+
+def test_batch_draws_follow_each_rows_distribution():
+    params = [ResolvedSampling(temperature=1.0), ResolvedSampling(temperature=0.3)]
+    counts = batch_draws(params, n=3000)
+    for counter, temperature in zip(counts, (1.0, 0.3)):
+        expected = torch.softmax(LOGITS / temperature, dim=-1)
+        for token, p in enumerate(expected.tolist()):
+            assert abs(counter[token] / 3000 - p) < 0.035
+
+
+def test_batch_never_samples_minus_infinity():
+    logits = LOGITS.clone()
+    logits[ARGMAX] = float("-inf")
+    rows = logits.expand(3, -1)
+    params = [ResolvedSampling(temperature=2.0), ResolvedSampling(temperature=1.0, top_p=0.9), ResolvedSampling(temperature=0.0)]
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(200):
+        assert ARGMAX not in sample_batch(rows, params, generator)
+
+
+def test_batch_of_greedy_rows_is_argmax_and_returns_ints():
+    out = sample_batch(torch.stack([LOGITS, -LOGITS]), [ResolvedSampling(temperature=0.0)] * 2)
+    assert out == [ARGMAX, int(torch.argmax(-LOGITS))] and all(type(t) is int for t in out)

@@ -27,7 +27,7 @@ from localvl.engine.kv_cache import PagedKVCache
 from localvl.engine.protocol import ModelInfo
 from localvl.engine.qwen_vl import QwenVLRunner
 from localvl.engine.runner import PromptState, StepRunner, prepare_prompt
-from localvl.engine.sampling import ResolvedSampling, sample_next
+from localvl.engine.sampling import ResolvedSampling, sample_batch, sample_next
 from localvl.engine.scheduler import Scheduled, Scheduler
 from localvl.engine.sequence import Sequence
 from localvl.engine.stops import StopMatcher
@@ -410,14 +410,13 @@ class LocalEngine:
 
     def _sample(self, samplers: list[Scheduled], logits: torch.Tensor) -> None:
         logits[:, self._vocab_limit :] = float("-inf")
-        greedy = torch.argmax(logits, dim=-1).tolist()
+        # Seeded requests draw from their own generators, row by row; the rest in one batch.
+        tokens = sample_batch(logits, [s.sequence.payload.sampling for s in samplers])
         for row, s in enumerate(samplers):
             job: _Job = s.sequence.payload
-            if job.sampling.temperature <= 0 or job.sampling.top_k == 1:
-                token = greedy[row]
-            else:
-                token = sample_next(logits[row], job.sampling, job.generator)
-            self._append(s.sequence, token)
+            if job.generator is not None and job.sampling.temperature > 0 and job.sampling.top_k != 1:
+                tokens[row] = sample_next(logits[row], job.sampling, job.generator)
+            self._append(s.sequence, tokens[row])
 
     def _append(self, seq: Sequence, token: int) -> None:
         job: _Job = seq.payload

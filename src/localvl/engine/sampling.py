@@ -35,3 +35,34 @@ def sample_next(logits: torch.Tensor, params: ResolvedSampling, generator: torch
         logits = torch.full_like(logits, float("-inf")).scatter(0, order, sorted_logits)
     probs = torch.softmax(logits, dim=-1)
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def sample_batch(
+    logits: torch.Tensor, params: list[ResolvedSampling], generator: torch.Generator | None = None
+) -> list[int]:
+    """One token per row of ``logits [rows, vocab]``, each row under its own parameters.
+
+    Greedy rows are one argmax; all sampling rows share one sort, one softmax and one multinomial
+    draw (per-row sampling costs a handful of kernels per row per step: ~20 ms at batch 64 on a GPU).
+    The same cuts as ``sample_next``: exactly k for top-k, then the smallest prefix reaching top_p.
+    """
+    logits = logits.float()
+    chosen = torch.argmax(logits, dim=-1)
+    rows = [i for i, p in enumerate(params) if p.temperature > 0 and p.top_k != 1]
+    if not rows:
+        return chosen.tolist()
+    device = logits.device
+    params_of = [params[i] for i in rows]
+    index = torch.tensor(rows, device=device)
+    temperature = torch.tensor([p.temperature for p in params_of], device=device).unsqueeze(1)
+    top_k = torch.tensor([p.top_k for p in params_of], device=device).unsqueeze(1)
+    top_p = torch.tensor([p.top_p for p in params_of], device=device).unsqueeze(1)
+    sorted_logits, order = torch.sort(logits[index] / temperature, dim=-1, descending=True)
+    rank = torch.arange(sorted_logits.shape[1], device=device).unsqueeze(0)
+    sorted_logits = sorted_logits.masked_fill((top_k > 0) & (rank >= top_k), float("-inf"))
+    probs = torch.softmax(sorted_logits, dim=-1)
+    drop = (torch.cumsum(probs, dim=-1) - probs >= top_p) & (top_p < 1.0) & (rank > 0)
+    probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
+    draws = torch.multinomial(probs, 1, generator=generator)
+    chosen[index] = order.gather(1, draws).squeeze(1)
+    return chosen.tolist()
