@@ -200,3 +200,65 @@ def test_padded_static_decode_steps_equal_the_model_alone(loaded_model, family):
     assert stats["graph_replays"] > 0
     engine = LocalEngine(loaded, EngineConfig(block_size=4, kv_cache_memory=32 << 20))
     assert_matches_reference(loaded, engine, convs, results)
+
+
+def test_a_failing_step_fails_only_its_requests_and_the_engine_goes_on(loaded_model):
+    from localvl.errors import InternalError
+
+    loaded = loaded_model("qwen2_5_vl")
+    convs = mixed_conversations(3)
+
+    async def body(engine):
+        run = engine.runner.run
+        calls = {"n": 0}
+
+        def failing_once(batch):
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise RuntimeError("simulated device error")
+            return run(batch)
+
+        engine.runner.run = failing_once
+        with pytest.raises(InternalError):
+            await collect(engine, convs[0], "doomed")
+        later = await collect(engine, convs[1], "fine")
+        return later, engine.stats()
+
+    (text, finished), stats = run_engine(loaded, body, block_size=4)
+    assert stats["failures"] == 1 and finished.usage.output_tokens > 0
+
+
+def test_a_request_cancelled_while_waiting_never_runs(loaded_model):
+    loaded = dataclasses.replace(loaded_model("qwen2_5_vl"), eos_token_ids=frozenset())
+    conv = mixed_conversations(1)[0]
+
+    async def body(engine):
+        first = await engine.submit(GenerationRequest("first", conv, SamplingParams(max_tokens=100_000, temperature=0)))
+        await first.__anext__()
+        waiting = await engine.submit(GenerationRequest("waiting", conv, SamplingParams(max_tokens=5, temperature=0)))
+        while engine.stats()["waiting"] < 1:
+            await asyncio.sleep(0.001)
+        await waiting.aclose()
+        while "waiting" in engine._active:
+            await asyncio.sleep(0.001)
+        await first.aclose()
+        while engine._active:
+            await asyncio.sleep(0.001)
+        return engine.stats()
+
+    stats = run_engine(loaded, body, max_num_seqs=1)
+    assert stats["waiting"] == 0 and stats["blocks_used"] == 0
+
+
+def test_the_kv_pool_bounds_the_context_a_request_may_use(loaded_model):
+    from localvl.errors import InvalidRequestError
+
+    loaded = loaded_model("qwen2_5_vl")
+    conv = mixed_conversations(12)[11]  # three images: longer than 4 blocks of 16
+
+    async def body(engine):
+        assert engine.info.context_length == 64 < loaded.context_length
+        with pytest.raises(InvalidRequestError, match=r"prompt is too long: \d+ tokens > 64 maximum"):
+            await engine.submit(GenerationRequest("big", conv, SamplingParams(max_tokens=5)))
+
+    run_engine(loaded, body, block_size=16, kv_cache_memory=4 * 16 * 512)  # 512 bytes per token: 4 blocks
