@@ -64,6 +64,8 @@ class DecodeGraphs:
     def fits(self, rows: int, widest: int) -> bool:
         if self.disabled or rows > self.max_batch or widest > self.max_width:
             return False
+        if self.kernel:  # attention reads the pool in place: no gathered copy to bound
+            return True
         batch = next(b for b in self.batch_sizes if b >= rows)
         width = next(w for w in self.widths if w >= widest)
         return batch * width * self.cache.block_size <= MAX_GRAPH_SLOTS
@@ -112,12 +114,13 @@ class DecodeGraphs:
         host_slots = torch.tensor(slots + [scratch * size] * pad, dtype=torch.long)
         host_blocks = torch.tensor([b + [scratch] * (width - len(b)) for b in blocks] + [[scratch] * width] * pad)
         spans = torch.tensor(lengths + [1] * pad)
-        host_mask = torch.arange(width * size).unsqueeze(0) < spans.unsqueeze(1)
         self.ids[:batch].copy_(host_ids, non_blocking=True)
         self.positions[:, :batch].copy_(host_positions, non_blocking=True)
         self.slots[:batch].copy_(host_slots, non_blocking=True)
         self.blocks[:batch, :width].copy_(host_blocks, non_blocking=True)
-        self.mask[:batch, 0, 0, : width * size].copy_(host_mask, non_blocking=True)
+        if not self.kernel:  # the kernel reads lengths; the SDPA path needs the mask
+            host_mask = torch.arange(width * size).unsqueeze(0) < spans.unsqueeze(1)
+            self.mask[:batch, 0, 0, : width * size].copy_(host_mask, non_blocking=True)
         self.lengths[:batch].copy_(spans.to(torch.int32), non_blocking=True)
         key = (batch, width)
         if not self.capture:

@@ -108,7 +108,7 @@ def _attend_rows(q: torch.Tensor, key_blocks: torch.Tensor, value_blocks: torch.
     axis (``[rows, kv_heads, group * queries, dim]``): no repeated keys, and kernels that take a mask
     but not grouped heads still apply.
     """
-    assert batch.row_blocks is not None and batch.row_mask is not None
+    assert batch.row_blocks is not None
     heads, _, dim = q.shape
     rows = batch.rows
     if batch.kernel and batch.row_queries is None and batch.row_lengths is not None:
@@ -117,6 +117,7 @@ def _attend_rows(q: torch.Tensor, key_blocks: torch.Tensor, value_blocks: torch.
         scale = scale if scale is not None else dim**-0.5
         out[:rows] = paged_decode(q[:, :rows].transpose(0, 1), key_blocks, value_blocks, batch.row_blocks, batch.row_lengths, scale)
         return
+    assert batch.row_mask is not None
     k = key_blocks[batch.row_blocks].flatten(1, 2).transpose(1, 2)  # [rows, kv_heads, context, dim]
     v = value_blocks[batch.row_blocks].flatten(1, 2).transpose(1, 2)
     kv_heads = k.shape[1]

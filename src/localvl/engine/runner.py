@@ -131,14 +131,15 @@ class StepRunner:
         counts = torch.tensor([count for _, count, _ in spans])
         ends = torch.tensor([end for _, _, end in spans])
         # query t of a row sees keys up to its own index (end - count + t); padding repeats the last
+        attention.rows = len(blocks)
+        attention.row_blocks = padded.to(device, non_blocking=True)
+        if queries == 1 and self.decode_kernel:  # the kernel reads lengths; no mask to build
+            attention.kernel = True
+            attention.row_lengths = ends.to(torch.int32).to(device, non_blocking=True)
+            return
         t = torch.minimum(torch.arange(queries).unsqueeze(0), (counts - 1).unsqueeze(1))  # [rows, queries]
         visible = (ends - counts).unsqueeze(1) + t
         mask = torch.arange(widest * self.block_size).view(1, 1, -1) <= visible.unsqueeze(2)  # [rows, queries, slots]
-        attention.rows = len(blocks)
-        attention.row_blocks = padded.to(device, non_blocking=True)
-        if queries == 1 and self.decode_kernel:
-            attention.kernel = True
-            attention.row_lengths = ends.to(torch.int32).to(device, non_blocking=True)
         attention.row_mask = mask.unsqueeze(1).to(device, non_blocking=True)
         if queries > 1:
             starts = torch.tensor([start for start, _, _ in spans])
