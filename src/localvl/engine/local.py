@@ -14,25 +14,27 @@ import logging
 import os
 import queue
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
 import anyio
 import torch
 
 from localvl.conversation import Conversation, GenerationRequest, SamplingParams
 from localvl.engine.blocks import BlockManager
+from localvl.engine.bridge import Job, Outbox, Stream
 from localvl.engine.cuda_graphs import DecodeGraphs
 from localvl.engine.detokenizer import IncrementalDetokenizer, special_token_ids
-from localvl.engine.events import Event, FinishReason, Finished, TextDelta, Usage
+from localvl.engine.events import FinishReason, Finished, TextDelta, Usage
 from localvl.engine.kv_cache import PagedKVCache
 from localvl.engine.protocol import ModelInfo
 from localvl.engine.qwen_vl import QwenVLRunner
-from localvl.engine.runner import PromptState, StepRunner, prepare_prompt
+from localvl.engine.runner import StepRunner, prepare_prompt
 from localvl.engine.sampling import ResolvedSampling, sample_batch, sample_next
 from localvl.engine.scheduler import Scheduled, Scheduler
 from localvl.engine.sequence import Sequence
 from localvl.engine.stops import StopMatcher
 from localvl.engine.vision import ImageCache
-from localvl.errors import InternalError, InvalidRequestError, LocalvlError, OverloadedError, ServiceUnavailableError
+from localvl.errors import InternalError, InvalidRequestError, OverloadedError, ServiceUnavailableError
 from localvl.models.loader import LoadedModel
 from localvl.prompt.render import Renderer
 
@@ -52,101 +54,6 @@ class EngineConfig:
     max_queue: int = 256  # waiting requests beyond this get 529 overloaded_error
     cuda_graphs: bool = True  # replay decode steps as CUDA graphs (GPU only)
     check_integrity: bool = False  # audit the block tables whenever the engine goes idle (tests)
-
-
-class _Outbox:
-    """Events produced during one engine step, handed to each event loop in one call.
-
-    One ``call_soon_threadsafe`` per event would wake the loop (a syscall) per token per request.
-    """
-
-    def __init__(self) -> None:
-        self._items: dict[asyncio.AbstractEventLoop, list[tuple[_Job, Event | LocalvlError]]] = {}
-
-    def add(self, job: _Job, item: Event | LocalvlError) -> None:
-        self._items.setdefault(job.loop, []).append((job, item))
-
-    def flush(self) -> None:
-        items, self._items = self._items, {}
-        for loop, batch in items.items():
-            try:
-                loop.call_soon_threadsafe(_deliver, batch)
-            except RuntimeError:  # the event loop is gone (shutdown): nobody is listening
-                for job, _ in batch:
-                    job.cancelled.set()
-
-
-def _deliver(batch: list[tuple[_Job, Event | LocalvlError]]) -> None:
-    for job, item in batch:
-        job.events.put_nowait(item)
-
-
-@dataclass(eq=False)
-class _Job:
-    """A request's state that only the engine side needs."""
-
-    prompt: PromptState
-    sampling: ResolvedSampling
-    stop_sequences: tuple[str, ...]
-    seed: int | None
-    context_limited: bool  # max_new_tokens was cut to what the context has left
-    loop: asyncio.AbstractEventLoop
-    outbox: _Outbox
-    events: asyncio.Queue[Event | LocalvlError] = field(default_factory=asyncio.Queue)
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    started: bool = False  # scheduled at least once (no longer counts against max_queue)
-    detokenizer: IncrementalDetokenizer | None = None
-    stops: StopMatcher | None = None
-    generator: torch.Generator | None = None
-
-    def emit(self, item: Event | LocalvlError) -> None:
-        self.outbox.add(self, item)
-
-
-class _Stream:
-    """The asyncio end of one request."""
-
-    def __init__(self, seq: Sequence, engine: LocalEngine) -> None:
-        self.request_id = seq.id
-        self.input_tokens = len(seq.prompt)
-        self._job: _Job = seq.payload
-        self._engine = engine
-        self._done = False
-        self._held: Event | LocalvlError | None = None
-
-    def __aiter__(self) -> _Stream:
-        return self
-
-    async def __anext__(self) -> Event:
-        if self._done:
-            raise StopAsyncIteration
-        if self._held is not None:
-            item, self._held = self._held, None
-        else:
-            item = await self._job.events.get()
-        if isinstance(item, TextDelta):
-            # A consumer that fell behind gets what queued up as one delta, not one per token.
-            events = self._job.events
-            texts = [item.text]
-            while not events.empty():
-                following = events.get_nowait()
-                if not isinstance(following, TextDelta):
-                    self._held = following
-                    break
-                texts.append(following.text)
-            if len(texts) > 1:
-                item = TextDelta("".join(texts))
-        if isinstance(item, LocalvlError):
-            self._done = True
-            raise item
-        if isinstance(item, Finished):
-            self._done = True
-        return item
-
-    async def aclose(self) -> None:
-        if not self._done:
-            self._done = True
-            self._engine.abort(self.request_id)
 
 
 class LocalEngine:
@@ -186,7 +93,7 @@ class LocalEngine:
         capacity = self.kv_cache.num_blocks * config.block_size
         self._info = ModelInfo(loaded.name_or_path, loaded.model_type, min(loaded.context_length, capacity))
         self._inbox: queue.Queue[Sequence | None] = queue.Queue()
-        self._outbox = _Outbox()
+        self._outbox = Outbox()
         self._active: dict[str, Sequence] = {}
         # Requests submitted and not yet started: each counter is written by one thread only.
         self._submitted = 0  # asyncio side
@@ -258,7 +165,7 @@ class LocalEngine:
     async def count_tokens(self, conversation: Conversation) -> int:
         return await anyio.to_thread.run_sync(self.renderer.count, conversation)
 
-    async def submit(self, request: GenerationRequest) -> _Stream:
+    async def submit(self, request: GenerationRequest) -> Stream:
         if self._stopping or self._thread is None:
             raise ServiceUnavailableError("the engine is not running")
         self._check_queue()
@@ -270,7 +177,7 @@ class LocalEngine:
         ids, images, state = prepare_prompt(rendered, self.model.image_token_id, self.model.spatial_merge_size)
         room = limit - length
         sampling = request.sampling
-        job = _Job(
+        job = Job(
             prompt=state,
             sampling=self._resolve(sampling),
             stop_sequences=tuple(sampling.stop_sequences),
@@ -286,7 +193,7 @@ class LocalEngine:
         self._active[seq.id] = seq
         self._submitted += 1
         self._inbox.put(seq)
-        return _Stream(seq, self)
+        return Stream(seq, self.abort)
 
     def _check_queue(self) -> None:
         if self._submitted - self._started >= self.config.max_queue:
@@ -341,7 +248,7 @@ class LocalEngine:
             logger.error("KV-cache integrity check failed: %s", error)
 
     def _admit(self, seq: Sequence) -> None:
-        job: _Job = seq.payload
+        job: Job = seq.payload
         job.detokenizer = IncrementalDetokenizer(self._tokenizer, self._skip_ids)
         job.stops = StopMatcher(job.stop_sequences)
         if job.seed is not None:
@@ -355,7 +262,7 @@ class LocalEngine:
                 logger.debug("%s aborted", seq.id)
 
     def _mark_started(self, seq: Sequence) -> None:
-        job: _Job = seq.payload
+        job: Job = seq.payload
         if not job.started:
             job.started = True
             self._started += 1
@@ -413,13 +320,13 @@ class LocalEngine:
         # Seeded requests draw from their own generators, row by row; the rest in one batch.
         tokens = sample_batch(logits, [s.sequence.payload.sampling for s in samplers])
         for row, s in enumerate(samplers):
-            job: _Job = s.sequence.payload
+            job: Job = s.sequence.payload
             if job.generator is not None and job.sampling.temperature > 0 and job.sampling.top_k != 1:
                 tokens[row] = sample_next(logits[row], job.sampling, job.generator)
             self._append(s.sequence, tokens[row])
 
     def _append(self, seq: Sequence, token: int) -> None:
-        job: _Job = seq.payload
+        job: Job = seq.payload
         assert job.detokenizer is not None and job.stops is not None
         if job.cancelled.is_set():
             return  # dropped before the next step

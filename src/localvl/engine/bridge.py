@@ -1,0 +1,117 @@
+"""Between the engine thread and the asyncio side: each request's state and event queue.
+
+The engine thread produces events into an ``Outbox`` during a step and hands them to each event
+loop in one call at its end; the asyncio side reads them from the request's ``Stream``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from localvl.engine.detokenizer import IncrementalDetokenizer
+from localvl.engine.events import Event, Finished, TextDelta
+from localvl.engine.runner import PromptState
+from localvl.engine.sampling import ResolvedSampling
+from localvl.engine.sequence import Sequence
+from localvl.engine.stops import StopMatcher
+from localvl.errors import LocalvlError
+
+
+class Outbox:
+    """Events produced during one engine step, handed to each event loop in one call.
+
+    One ``call_soon_threadsafe`` per event would wake the loop (a syscall) per token per request.
+    """
+
+    def __init__(self) -> None:
+        self._items: dict[asyncio.AbstractEventLoop, list[tuple[Job, Event | LocalvlError]]] = {}
+
+    def add(self, job: Job, item: Event | LocalvlError) -> None:
+        self._items.setdefault(job.loop, []).append((job, item))
+
+    def flush(self) -> None:
+        items, self._items = self._items, {}
+        for loop, batch in items.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, batch)
+            except RuntimeError:  # the event loop is gone (shutdown): nobody is listening
+                for job, _ in batch:
+                    job.cancelled.set()
+
+
+def _deliver(batch: list[tuple[Job, Event | LocalvlError]]) -> None:
+    for job, item in batch:
+        job.events.put_nowait(item)
+
+
+@dataclass(eq=False)
+class Job:
+    """A request's state that only the engine side needs."""
+
+    prompt: PromptState
+    sampling: ResolvedSampling
+    stop_sequences: tuple[str, ...]
+    seed: int | None
+    context_limited: bool  # max_new_tokens was cut to what the context has left
+    loop: asyncio.AbstractEventLoop
+    outbox: Outbox
+    events: asyncio.Queue[Event | LocalvlError] = field(default_factory=asyncio.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    started: bool = False  # scheduled at least once (no longer counts against max_queue)
+    detokenizer: IncrementalDetokenizer | None = None
+    stops: StopMatcher | None = None
+    generator: torch.Generator | None = None
+
+    def emit(self, item: Event | LocalvlError) -> None:
+        self.outbox.add(self, item)
+
+
+class Stream:
+    """The asyncio end of one request (a ``GenerationStream``)."""
+
+    def __init__(self, seq: Sequence, abort: Callable[[str], None]) -> None:
+        self.request_id = seq.id
+        self.input_tokens = len(seq.prompt)
+        self._job: Job = seq.payload
+        self._abort = abort
+        self._done = False
+        self._held: Event | LocalvlError | None = None
+
+    def __aiter__(self) -> Stream:
+        return self
+
+    async def __anext__(self) -> Event:
+        if self._done:
+            raise StopAsyncIteration
+        if self._held is not None:
+            item, self._held = self._held, None
+        else:
+            item = await self._job.events.get()
+        if isinstance(item, TextDelta):
+            # A consumer that fell behind gets what queued up as one delta, not one per token.
+            events = self._job.events
+            texts = [item.text]
+            while not events.empty():
+                following = events.get_nowait()
+                if not isinstance(following, TextDelta):
+                    self._held = following
+                    break
+                texts.append(following.text)
+            if len(texts) > 1:
+                item = TextDelta("".join(texts))
+        if isinstance(item, LocalvlError):
+            self._done = True
+            raise item
+        if isinstance(item, Finished):
+            self._done = True
+        return item
+
+    async def aclose(self) -> None:
+        if not self._done:
+            self._done = True
+            self._abort(self.request_id)
