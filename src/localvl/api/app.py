@@ -12,6 +12,8 @@ from fastapi.responses import JSONResponse
 
 from localvl import __version__
 from localvl.api.anthropic.routes import router as anthropic_router
+from localvl.api.models import router as models_router
+from localvl.api.openai.routes import router as openai_router
 from localvl.api.errors import install_error_handlers
 from localvl.api.middleware import RequestContextMiddleware
 from localvl.api.model_names import ModelNames, ServedModel, parse_aliases
@@ -66,4 +68,6 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
         return JSONResponse({"status": "ok", "model": served_name(settings, engine)})
 
     app.include_router(anthropic_router)
+    app.include_router(models_router)
+    app.include_router(openai_router)
     return app

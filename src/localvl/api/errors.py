@@ -10,11 +10,12 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from localvl.api.anthropic.errors import error_body as anthropic_error_body
+from localvl.api.openai.errors import error_body as openai_error_body
 from localvl.errors import InvalidRequestError, LocalvlError, status_error
 
 Envelope = Callable[[LocalvlError, str], dict[str, Any]]
 # (path prefix, envelope); the first match wins, Anthropic's is the default.
-ENVELOPES: list[tuple[str, Envelope]] = []
+ENVELOPES: list[tuple[str, Envelope]] = [("/v1/chat/", openai_error_body)]
 
 
 def envelope_for(path: str) -> Envelope:

@@ -6,6 +6,8 @@ import fnmatch
 from dataclasses import dataclass
 from datetime import datetime
 
+from localvl.errors import NotFoundError
+
 
 @dataclass(frozen=True)
 class ServedModel:
@@ -56,6 +58,13 @@ class ModelNames:
             if fnmatch.fnmatchcase(requested, alias.pattern):
                 return self.models[alias.target]
         return None
+
+    def require(self, requested: str) -> ServedModel:
+        """The model a request names, or a 404 ``not_found_error`` naming it."""
+        served = self.resolve(requested)
+        if served is None:
+            raise NotFoundError(f"model: {requested}")
+        return served
 
     def listed(self) -> list[tuple[str, ServedModel]]:
         """Served names, then literal (non-glob) aliases, as (id, model)."""

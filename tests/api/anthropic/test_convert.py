@@ -7,7 +7,8 @@ import json
 import pytest
 
 from localvl.api.anthropic.convert import conversation_from, generation_request
-from localvl.api.anthropic.schemas import CountTokensRequest, MessagesRequest, parse_body
+from localvl.api.anthropic.schemas import CountTokensRequest, MessagesRequest
+from localvl.api.validation import parse_body
 from localvl.conversation import Image, Text, Thinking, Tool, ToolCall, ToolResult
 from localvl.errors import InvalidRequestError
 from tests.helpers import image_b64

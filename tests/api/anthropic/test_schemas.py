@@ -7,7 +7,8 @@ import json
 import pytest
 
 from localvl.api.anthropic import schemas as s
-from localvl.api.anthropic.schemas import CountTokensRequest, MessagesRequest, parse_body
+from localvl.api.anthropic.schemas import CountTokensRequest, MessagesRequest
+from localvl.api.validation import parse_body
 from localvl.errors import InvalidRequestError
 from tests.helpers import image_b64
 

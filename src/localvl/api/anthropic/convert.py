@@ -19,6 +19,7 @@ from localvl.conversation import (
     Turn,
 )
 from localvl.errors import InvalidRequestError
+from localvl.api.validation import parse_value
 from localvl.media.images import decode_base64, load_image
 
 
@@ -51,7 +52,7 @@ def _document(block: s.DocumentBlockParam, where: str) -> list[Text | Image]:
                     parts.append(Text(item["text"]))
                 elif tag == "image":
                     at = f"{where}.source.content.{j}"
-                    parts.append(_image(s.parse_value(s.ImageBlockParam, item, at), at))
+                    parts.append(_image(parse_value(s.ImageBlockParam, item, at), at))
                 else:
                     raise InvalidRequestError(f"{where}.source.content.{j}: expected a text or image block")
     else:

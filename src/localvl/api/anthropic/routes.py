@@ -2,27 +2,25 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
-from datetime import timezone
-from typing import Any, Awaitable, TypeVar
+from typing import Any
 
 import anyio
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from localvl.api.anthropic import convert
-from localvl.api.anthropic.schemas import CountTokensRequest, MessagesRequest, parse_body
+from localvl.api.anthropic.schemas import CountTokensRequest, MessagesRequest
+from localvl.api.validation import parse_body
 from localvl.api.anthropic.stream import collect_message, message_events
 from localvl.api.auth import check_api_key
+from localvl.api.disconnect import until_disconnect
 from localvl.api.middleware import new_id
-from localvl.api.model_names import ModelNames, ServedModel
+from localvl.api.model_names import ModelNames
 from localvl.engine.protocol import Engine
-from localvl.errors import InvalidRequestError, NotFoundError
+from localvl.errors import InvalidRequestError
 from localvl.media.images import sniff_media_type
 from localvl.settings import Settings
-
-T = TypeVar("T")
 
 
 def _require_key(request: Request) -> None:
@@ -42,31 +40,6 @@ def _names(request: Request) -> ModelNames:
 
 def _settings(request: Request) -> Settings:
     return request.app.state.settings
-
-
-def _resolve_model(names: ModelNames, requested: str) -> ServedModel:
-    served = names.resolve(requested)
-    if served is None:
-        raise NotFoundError(f"model: {requested}")
-    return served
-
-
-async def _until_disconnect(request: Request, work: Awaitable[T]) -> T:
-    """Await ``work``, cancelling it if the client goes away first (so its generation stops)."""
-    task = asyncio.ensure_future(work)
-
-    async def watch() -> None:
-        while True:
-            message = await request.receive()
-            if message["type"] == "http.disconnect":
-                task.cancel()
-                return
-
-    watcher = asyncio.ensure_future(watch())
-    try:
-        return await task
-    finally:
-        watcher.cancel()
 
 
 async def _form_body(request: Request, names: ModelNames) -> MessagesRequest:
@@ -104,7 +77,7 @@ async def create_message(request: Request) -> Any:
         body = await _form_body(request, names)
     else:
         body = parse_body(MessagesRequest, await request.body())
-    _resolve_model(names, body.model)
+    names.require(body.model)
     message_id = new_id("msg_")
     generation = await anyio.to_thread.run_sync(convert.generation_request, message_id, body)
     stream = await engine.submit(generation)
@@ -114,58 +87,13 @@ async def create_message(request: Request) -> Any:
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
-    message = await _until_disconnect(request, collect_message(stream, message_id, body.model))
+    message = await until_disconnect(request, collect_message(stream, message_id, body.model))
     return JSONResponse(message)
 
 
 @router.post("/v1/messages/count_tokens")
 async def count_tokens(request: Request) -> Any:
     body = parse_body(CountTokensRequest, await request.body())
-    _resolve_model(_names(request), body.model)
+    _names(request).require(body.model)
     conversation = await anyio.to_thread.run_sync(convert.conversation_from, body)
     return {"input_tokens": await _engine(request).count_tokens(conversation)}
-
-
-def _model_json(model_id: str, served: ServedModel) -> dict[str, Any]:
-    return {
-        "type": "model",
-        "id": model_id,
-        "display_name": served.name if model_id == served.name else f"{model_id} (served by {served.name})",
-        "created_at": served.created_at.astimezone(timezone.utc).isoformat().replace("+00:00", "Z"),
-        "lifecycle": "active",
-        "max_input_tokens": served.context_length,
-        "max_tokens": served.context_length,
-    }
-
-
-@router.get("/v1/models")
-async def list_models(
-    request: Request, limit: int = 20, after_id: str | None = None, before_id: str | None = None
-) -> Any:
-    if not 1 <= limit <= 1000:
-        raise InvalidRequestError("limit: must be between 1 and 1000")
-    entries = _names(request).listed()
-    ids = [model_id for model_id, _ in entries]
-    for cursor in (after_id, before_id):
-        if cursor is not None and cursor not in ids:
-            raise InvalidRequestError(f"unknown model id in pagination cursor: {cursor}")
-    if after_id is not None:
-        window = entries[ids.index(after_id) + 1 :]
-        page, has_more = window[:limit], len(window) > limit
-    elif before_id is not None:
-        window = entries[: ids.index(before_id)]
-        page, has_more = window[-limit:], len(window) > limit
-    else:
-        page, has_more = entries[:limit], len(entries) > limit
-    data = [_model_json(model_id, served) for model_id, served in page]
-    return {
-        "data": data,
-        "has_more": has_more,
-        "first_id": data[0]["id"] if data else None,
-        "last_id": data[-1]["id"] if data else None,
-    }
-
-
-@router.get("/v1/models/{model_id:path}")
-async def get_model(request: Request, model_id: str) -> Any:
-    return _model_json(model_id, _resolve_model(_names(request), model_id))

@@ -1,0 +1,38 @@
+"""OpenAI's error envelope: ``{"error": {"message", "type", "param", "code"}}``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from localvl.errors import LocalvlError
+
+# localvl's error kinds (Anthropic's vocabulary) in the words OpenAI's API uses.
+TYPES = {
+    "invalid_request_error": "invalid_request_error",
+    "request_too_large": "invalid_request_error",
+    "not_found_error": "invalid_request_error",
+    "authentication_error": "invalid_request_error",
+    "permission_error": "invalid_request_error",
+    "rate_limit_error": "rate_limit_error",
+    "overloaded_error": "server_error",
+    "api_error": "server_error",
+}
+CODES = {
+    "not_found_error": "model_not_found",
+    "authentication_error": "invalid_api_key",
+    "rate_limit_error": "rate_limit_exceeded",
+    "overloaded_error": "overloaded",
+}
+
+
+def error_json(error: LocalvlError) -> dict[str, Any]:
+    return {
+        "message": error.message,
+        "type": TYPES.get(error.kind, "server_error"),
+        "param": None,
+        "code": CODES.get(error.kind),
+    }
+
+
+def error_body(error: LocalvlError, request_id: str) -> dict[str, Any]:
+    return {"error": error_json(error)}

@@ -1,0 +1,54 @@
+"""OpenAI's Chat Completions route (``/v1/models`` is shared: api/models.py)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import anyio
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from localvl.api.auth import check_api_key
+from localvl.api.disconnect import until_disconnect
+from localvl.api.middleware import new_id
+from localvl.api.openai import convert
+from localvl.api.openai.schemas import ChatCompletionRequest
+from localvl.api.openai.stream import collect_completion, completion_chunks
+from localvl.api.validation import parse_body
+from localvl.engine.protocol import Engine, GenerationStream
+
+
+def _require_key(request: Request) -> None:
+    check_api_key(request, request.app.state.settings.api_key)
+
+
+router = APIRouter(dependencies=[Depends(_require_key)])
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request) -> Any:
+    state = request.app.state
+    engine: Engine = state.engine
+    body = parse_body(ChatCompletionRequest, await request.body())
+    state.model_names.require(body.model)
+    completion_id = new_id("chatcmpl-")
+    generations = await anyio.to_thread.run_sync(convert.generation_requests, completion_id, body)
+    streams: list[GenerationStream] = []
+    try:
+        for generation in generations:
+            streams.append(await engine.submit(generation))
+    except BaseException:
+        for stream in streams:
+            await stream.aclose()
+        raise
+    created = int(time.time())
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(
+            completion_chunks(streams, completion_id, body.model, created, include_usage, state.settings.ping_interval),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+    completion = await until_disconnect(request, collect_completion(streams, completion_id, body.model, created))
+    return JSONResponse(completion)

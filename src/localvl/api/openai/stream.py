@@ -1,0 +1,149 @@
+"""Neutral engine events → an OpenAI ``chat.completion`` or its ``chat.completion.chunk`` stream.
+
+A request with ``n`` choices runs as ``n`` engine requests; their events are merged by choice index.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any, AsyncIterator
+
+from localvl import __version__
+from localvl.api.openai.errors import error_json
+from localvl.api.sse import HEARTBEAT, with_heartbeats
+from localvl.engine.events import Event, FinishReason, Finished, TextDelta
+from localvl.engine.protocol import GenerationStream
+from localvl.errors import InternalError, LocalvlError
+
+logger = logging.getLogger(__name__)
+
+FINISH_REASONS: dict[FinishReason, str] = {
+    "eos": "stop",
+    "stop_sequence": "stop",
+    "max_tokens": "length",
+    "context_window": "length",
+}
+FINGERPRINT = f"localvl-{__version__}"
+
+
+def usage_json(finished: list[Finished]) -> dict[str, Any]:
+    first = finished[0].usage
+    prompt = first.input_tokens + first.cache_read_input_tokens + first.cache_creation_input_tokens
+    completion = sum(f.usage.output_tokens for f in finished)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        # choices of one request run side by side: the smallest hit is what every choice had
+        "prompt_tokens_details": {"cached_tokens": min(f.usage.cache_read_input_tokens for f in finished)},
+        "completion_tokens_details": {"reasoning_tokens": 0},
+    }
+
+
+async def merged(streams: list[GenerationStream]) -> AsyncIterator[tuple[int, Event]]:
+    """The events of several streams as ``(choice index, event)``, as they come. Closing it closes all."""
+    queue: asyncio.Queue[tuple[int, Event | LocalvlError | None]] = asyncio.Queue()
+
+    async def pump(index: int, stream: GenerationStream) -> None:
+        try:
+            async for event in stream:
+                await queue.put((index, event))
+            await queue.put((index, None))
+        except LocalvlError as error:
+            await queue.put((index, error))
+
+    pumps = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(streams)
+        while remaining:
+            index, item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, LocalvlError):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in pumps:
+            task.cancel()
+        for stream in streams:
+            await stream.aclose()
+
+
+async def collect_completion(streams: list[GenerationStream], completion_id: str, model: str, created: int) -> dict[str, Any]:
+    texts: list[list[str]] = [[] for _ in streams]
+    finished: list[Finished | None] = [None] * len(streams)
+    async for index, event in merged(streams):
+        if isinstance(event, TextDelta):
+            texts[index].append(event.text)
+        elif isinstance(event, Finished):
+            finished[index] = event
+    done = [f for f in finished if f is not None]
+    if len(done) != len(streams):
+        raise InternalError("generation ended without a result")
+    choices = [
+        {
+            "index": i,
+            "message": {"role": "assistant", "content": "".join(texts[i]), "refusal": None},
+            "logprobs": None,
+            "finish_reason": FINISH_REASONS[done[i].reason],
+        }
+        for i in range(len(streams))
+    ]
+    return {
+        "id": completion_id,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "system_fingerprint": FINGERPRINT,
+        "choices": choices,
+        "usage": usage_json(done),
+    }
+
+
+def _data(payload: dict[str, Any]) -> bytes:
+    return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n".encode()
+
+
+async def completion_chunks(
+    streams: list[GenerationStream],
+    completion_id: str,
+    model: str,
+    created: int,
+    include_usage: bool,
+    ping_interval: float,
+) -> AsyncIterator[bytes]:
+    """The SSE stream: a role chunk per choice, content chunks, a finish chunk per choice,
+    the usage chunk when asked for, then ``[DONE]``. Closing it (client gone) aborts every choice."""
+
+    def chunk(choices: list[dict[str, Any]], **extra: Any) -> bytes:
+        return _data({"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
+                      "system_fingerprint": FINGERPRINT, "choices": choices, **extra})
+
+    def choice(index: int, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+        return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+
+    finished: list[Finished] = []
+    for index in range(len(streams)):
+        yield chunk([choice(index, {"role": "assistant", "content": ""})])
+    try:
+        async for item in with_heartbeats(merged(streams), ping_interval):
+            if item is HEARTBEAT:
+                yield b": ping\n\n"
+                continue
+            index, event = item  # type: ignore[misc]
+            if isinstance(event, TextDelta):
+                yield chunk([choice(index, {"content": event.text})])
+            elif isinstance(event, Finished):
+                finished.append(event)
+                yield chunk([choice(index, {}, FINISH_REASONS[event.reason])])
+        if include_usage and finished:
+            yield chunk([], usage=usage_json(finished))
+    except LocalvlError as error:
+        yield _data({"error": error_json(error)})
+    except Exception as error:  # after the headers went out, an error chunk is the only way to say it
+        logger.error("stream failed: %s", type(error).__name__)
+        yield _data({"error": error_json(InternalError("the server failed while streaming this response"))})
+    yield b"data: [DONE]\n\n"

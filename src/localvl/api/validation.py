@@ -1,0 +1,53 @@
+"""Request-body validation shared by the dialects: every problem is a 400 that says where and what."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from localvl.errors import InvalidRequestError
+
+_TYPE_NOISE = {"str", "int", "float", "bool", "list", "dict", "none", "function-after", "function-plain"}
+
+
+def _where(loc: tuple[Any, ...]) -> str:
+    """A validation error location, written as the APIs write it (``messages.0.content.1.source``)."""
+    parts = []
+    for item in loc:
+        text = str(item)
+        if isinstance(item, str) and ("[" in text or text.lower() in _TYPE_NOISE):
+            continue  # a union branch label, not a field
+        parts.append(text)
+    return ".".join(parts)
+
+
+def _invalid(error: ValidationError, prefix: str = "") -> InvalidRequestError:
+    errors = error.errors(include_url=False, include_input=False)
+    # The deepest error is the most specific one (the others are failed union branches).
+    best = max(errors, key=lambda e: len(_where(tuple(e["loc"]))))
+    where = ".".join(x for x in (prefix, _where(tuple(best["loc"]))) if x)
+    return InvalidRequestError(f"{where}: {best['msg']}" if where else best["msg"])
+
+
+def parse_body(model: type[BaseModel], body: bytes) -> Any:
+    """Validate a JSON body; any problem becomes a 400 that says where and what."""
+    if not body.strip():
+        raise InvalidRequestError("request body is empty; expected a JSON object")
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as error:
+        errors = error.errors(include_url=False, include_input=False)
+        if errors and errors[0]["type"] == "json_invalid":
+            raise InvalidRequestError("request body is not valid JSON") from None
+        if errors and errors[0]["type"] == "model_type" and not errors[0]["loc"]:
+            raise InvalidRequestError("request body must be a JSON object") from None
+        raise _invalid(error) from None
+
+
+def parse_value(model: type[BaseModel], value: Any, where: str) -> Any:
+    """Validate a nested value (already parsed JSON) the same way, reporting ``where`` it sits."""
+    try:
+        return model.model_validate(value, strict=False)
+    except ValidationError as error:
+        raise _invalid(error, where) from None

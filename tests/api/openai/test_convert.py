@@ -1,0 +1,62 @@
+import pytest
+
+from localvl.api.openai.convert import UNLIMITED, conversation_from, generation_requests
+from localvl.api.openai.schemas import ChatCompletionRequest
+from localvl.conversation import Image, Text
+from localvl.errors import InvalidRequestError
+from tests.helpers import image_b64
+
+
+def body(**fields):
+    fields.setdefault("model", "m")
+    fields.setdefault("messages", [{"role": "user", "content": "hi"}])
+    return ChatCompletionRequest.model_validate(fields)
+
+
+def test_roles_map_to_turns_and_consecutive_ones_merge():
+    conv = conversation_from(body(messages=[
+        {"role": "developer", "content": "be brief"},
+        {"role": "system", "content": "and kind"},
+        {"role": "user", "content": [{"type": "text", "text": "look"},
+                                     {"type": "image_url", "image_url": {"url": "data:image/png;base64," + image_b64("PNG"), "detail": "low"}}]},
+        {"role": "assistant", "content": "ok"},
+        {"role": "user", "content": "more"},
+    ]))
+    assert [t.role for t in conv.turns] == ["system", "user", "assistant", "user"]
+    assert [type(p) for p in conv.turns[0].parts] == [Text, Text]
+    assert isinstance(conv.turns[1].parts[1], Image) and conv.turns[1].parts[1].media_type == "image/png"
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools: tool use is not supported yet"),
+        ({"logprobs": True}, "logprobs"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}]},
+         "messages.0.content.0.image_url.url: image URLs are not fetched yet"),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png,abc"}}]}]},
+         "only base64 data URLs"),
+        ({"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}]},
+         "content parts of type 'input_audio' are not supported yet"),
+        ({"messages": [{"role": "tool", "content": "42", "tool_call_id": "c"}]}, "tool results are not supported yet"),
+        ({"messages": [{"role": "system", "content": "only a system prompt"}]}, "at least one user message"),
+        ({"messages": [{"role": "user", "content": ""}]}, "messages.0.content: user messages must have non-empty content"),
+    ],
+)
+def test_what_cannot_be_honoured_is_a_clear_400(fields, message):
+    with pytest.raises(InvalidRequestError, match=message):
+        generation_requests("c", body(**fields))
+
+
+def test_one_request_per_choice_with_consecutive_seeds_and_stop_strings():
+    requests = generation_requests("chatcmpl-x", body(n=3, seed=10, stop="END", max_completion_tokens=7, max_tokens=99))
+    assert [r.id for r in requests] == ["chatcmpl-x-0", "chatcmpl-x-1", "chatcmpl-x-2"]
+    assert [r.sampling.seed for r in requests] == [10, 11, 12]
+    assert all(r.sampling.stop_sequences == ("END",) and r.sampling.max_tokens == 7 for r in requests)
+    assert generation_requests("c", body())[0].sampling.max_tokens == UNLIMITED
+
+
+def test_penalties_and_unknown_fields_are_accepted():
+    (request,) = generation_requests("c", body(presence_penalty=0.5, frequency_penalty=-1, user="u", store=True, metadata={"a": "b"}))
+    assert request.sampling.temperature is None

@@ -1,0 +1,121 @@
+"""The official ``openai`` SDK against a running ``localvl serve`` — only the base URL changed."""
+
+from __future__ import annotations
+
+import anthropic
+import openai
+import pytest
+
+from tests.e2e.conftest import API_KEY
+from tests.helpers import image_b64
+
+USER = [{"role": "user", "content": "Describe a cat in one sentence."}]
+
+
+def image_messages(text: str = "What is in this image?") -> list[dict]:
+    url = "data:image/png;base64," + image_b64("PNG", size=(120, 80))
+    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": text}]}]
+
+
+@pytest.fixture
+def oai(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=60)
+
+
+def test_create_returns_a_well_formed_completion(oai, server):
+    completion = oai.chat.completions.create(model="tiny-vl", messages=USER, max_tokens=8, temperature=0)
+    assert completion.id.startswith("chatcmpl-") and completion.object == "chat.completion"
+    assert completion.model == "tiny-vl" and len(completion.choices) == 1
+    choice = completion.choices[0]
+    assert choice.index == 0 and choice.message.role == "assistant" and isinstance(choice.message.content, str)
+    assert choice.finish_reason in ("stop", "length")
+    usage = completion.usage
+    assert 0 < usage.completion_tokens <= 8 and usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+    # the same rendering path as Anthropic's count_tokens
+    counted = anthropic.Anthropic(base_url=server.url, api_key=API_KEY).messages.count_tokens(model="tiny-vl", messages=USER)
+    assert usage.prompt_tokens == counted.input_tokens
+
+
+def test_an_image_as_a_data_url_is_read_and_counted(oai):
+    with_image = oai.chat.completions.create(model="tiny-vl", messages=image_messages(), max_tokens=4)
+    text_only = oai.chat.completions.create(
+        model="tiny-vl", messages=[{"role": "user", "content": "What is in this image?"}], max_tokens=4
+    )
+    assert with_image.usage.prompt_tokens > text_only.usage.prompt_tokens + 4
+
+
+def test_streaming_equals_the_whole_answer_and_ends_with_usage(oai):
+    whole = oai.chat.completions.create(model="tiny-vl", messages=image_messages(), max_tokens=12, temperature=0)
+    chunks = list(oai.chat.completions.create(
+        model="tiny-vl", messages=image_messages(), max_tokens=12, temperature=0, stream=True,
+        stream_options={"include_usage": True},
+    ))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == [whole.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert all(c.id == chunks[0].id for c in chunks)
+
+
+def test_n_choices_with_a_seed_are_reproducible(oai):
+    def ask():
+        return oai.chat.completions.create(model="tiny-vl", messages=USER, max_tokens=10, n=3, temperature=1.0, seed=5)
+
+    first, again = ask(), ask()
+    assert [c.index for c in first.choices] == [0, 1, 2]
+    assert [c.message.content for c in first.choices] == [c.message.content for c in again.choices]
+    assert len({c.message.content for c in first.choices}) > 1  # each choice has its own seed
+    assert 3 <= first.usage.completion_tokens <= 30  # summed over the choices
+
+
+def test_streamed_choices_arrive_by_index(oai):
+    chunks = list(oai.chat.completions.create(model="tiny-vl", messages=USER, max_tokens=6, n=2, temperature=1.0, seed=1, stream=True))
+    indexes = {c.choices[0].index for c in chunks if c.choices}
+    assert indexes == {0, 1}
+    assert sum(1 for c in chunks if c.choices and c.choices[0].finish_reason) == 2
+
+
+def test_a_stop_string_cuts_the_answer(oai):
+    full = oai.chat.completions.create(model="tiny-vl", messages=USER, max_tokens=30, temperature=0).choices[0].message.content
+    assert len(full) >= 4
+    stop = full[len(full) // 2 : len(full) // 2 + 2]
+    cut = oai.chat.completions.create(model="tiny-vl", messages=USER, max_tokens=30, temperature=0, stop=[stop])
+    assert cut.choices[0].message.content == full[: full.find(stop)] and cut.choices[0].finish_reason == "stop"
+
+
+def test_max_completion_tokens_ends_with_length(oai):
+    completion = oai.chat.completions.create(model="tiny-vl", messages=USER, max_completion_tokens=2, temperature=0)
+    assert completion.usage.completion_tokens <= 2
+    if completion.usage.completion_tokens == 2:
+        assert completion.choices[0].finish_reason == "length"
+
+
+def test_a_repeated_prompt_reports_cached_tokens(oai):
+    messages = [{"role": "user", "content": "A question long enough to fill a few cache blocks. " * 6}]
+    oai.chat.completions.create(model="tiny-vl", messages=messages, max_tokens=2)
+    again = oai.chat.completions.create(model="tiny-vl", messages=messages, max_tokens=2)
+    assert again.usage.prompt_tokens_details.cached_tokens >= 16
+
+
+def test_errors_map_to_the_sdk_exception_classes(oai, server):
+    with pytest.raises(openai.NotFoundError) as missing:
+        oai.chat.completions.create(model="no-such-model", messages=USER)
+    assert missing.value.body["code"] == "model_not_found" and "no-such-model" in missing.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as bad:
+        oai.chat.completions.create(model="tiny-vl", messages=[])
+    assert bad.value.body["type"] == "invalid_request_error" and bad.value.body["message"].startswith("messages")
+    with pytest.raises(openai.BadRequestError, match="not supported yet"):
+        oai.chat.completions.create(model="tiny-vl", messages=USER, tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}])
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0).chat.completions.create(model="tiny-vl", messages=USER)
+
+
+def test_models_list_serves_both_sdks(oai, server):
+    models = oai.models.list()
+    assert "tiny-vl" in [m.id for m in models.data]
+    model = oai.models.retrieve("tiny-vl")
+    assert model.object == "model" and model.owned_by == "localvl" and model.created > 0
+    listed = anthropic.Anthropic(base_url=server.url, api_key=API_KEY).models.list()
+    assert "tiny-vl" in [m.id for m in listed.data]
