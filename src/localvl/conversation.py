@@ -106,6 +106,9 @@ class SamplingParams:
     top_k: int | None = None
     stop_sequences: tuple[str, ...] = ()
     seed: int | None = None
+    repetition_penalty: float | None = None  # None: the model folder's generation config
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
 
 @dataclass

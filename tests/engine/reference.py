@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 
-def reference_tokens(loaded, prompt, max_new_tokens: int) -> list[int]:
+def reference_tokens(loaded, prompt, max_new_tokens: int, **generate) -> list[int]:
     """Greedy ``model.generate`` on a rendered prompt, never producing embedding-padding ids."""
     inputs = {"input_ids": prompt.input_ids[None], "attention_mask": torch.ones_like(prompt.input_ids)[None]}
     if prompt.pixel_values is not None:
@@ -14,7 +14,7 @@ def reference_tokens(loaded, prompt, max_new_tokens: int) -> list[int]:
     inputs = {name: value.to(loaded.model.device) for name, value in inputs.items()}
     padding = list(range(len(loaded.tokenizer), loaded.model.config.get_text_config().vocab_size))
     out = loaded.model.generate(
-        **inputs, max_new_tokens=max_new_tokens, do_sample=False, suppress_tokens=padding or None
+        **inputs, max_new_tokens=max_new_tokens, do_sample=False, suppress_tokens=padding or None, **generate
     )
     return out[0, prompt.input_ids.numel() :].tolist()
 

@@ -262,3 +262,31 @@ def test_the_kv_pool_bounds_the_context_a_request_may_use(loaded_model):
             await engine.submit(GenerationRequest("big", conv, SamplingParams(max_tokens=5)))
 
     run_engine(loaded, body, block_size=16, kv_cache_memory=4 * 16 * 512)  # 512 bytes per token: 4 blocks
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_the_repetition_penalty_equals_transformers(loaded_model, family):
+    from tests.engine.reference import reference_tokens
+
+    loaded = loaded_model(family)
+    convs = mixed_conversations(4)[1:]
+
+    async def body(engine):
+        async def one(i, conv):
+            request = GenerationRequest(f"p{i}", conv, SamplingParams(max_tokens=24, temperature=0, repetition_penalty=1.8))
+            stream = await engine.submit(request)
+            return [event async for event in stream]
+
+        return await asyncio.gather(*(one(i, c) for i, c in enumerate(convs)))
+
+    results = run_engine(loaded, body, block_size=4)
+    engine = LocalEngine(loaded, EngineConfig(block_size=4, kv_cache_memory=32 << 20))
+    changed = 0
+    for conv, events in zip(convs, results):
+        prompt = engine.renderer.render(conv)
+        tokens = reference_tokens(loaded, prompt, 24, repetition_penalty=1.8)
+        text = "".join(e.text for e in events if isinstance(e, TextDelta))
+        assert text == loaded.tokenizer.decode(tokens, skip_special_tokens=True)
+        assert events[-1].usage.output_tokens == len(tokens)
+        changed += tokens != reference_tokens(loaded, prompt, 24)
+    assert changed  # the penalty changed what greedy decoding picks

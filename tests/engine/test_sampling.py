@@ -174,3 +174,22 @@ def test_batch_never_samples_minus_infinity():
 def test_batch_of_greedy_rows_is_argmax_and_returns_ints():
     out = sample_batch(torch.stack([LOGITS, -LOGITS]), [ResolvedSampling(temperature=0.0)] * 2)
     assert out == [ARGMAX, int(torch.argmax(-LOGITS))] and all(type(t) is int for t in out)
+
+
+from localvl.engine.sampling import apply_penalties  # noqa: E402
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative_seen_logits():
+    logits = LOGITS.clone()
+    apply_penalties(logits, ResolvedSampling(repetition_penalty=2.0), torch.tensor([1, 2]), torch.tensor([], dtype=torch.long))
+    assert logits[1] == LOGITS[1] / 2 and logits[2] == LOGITS[2] * 2
+    assert torch.equal(logits[3:], LOGITS[3:]) and logits[0] == LOGITS[0]
+
+
+def test_presence_and_frequency_penalties_count_generated_tokens():
+    logits = LOGITS.clone()
+    params = ResolvedSampling(presence_penalty=0.5, frequency_penalty=0.25)
+    apply_penalties(logits, params, torch.tensor([], dtype=torch.long), torch.tensor([4, 4, 4, 6]))
+    assert torch.isclose(logits[4], LOGITS[4] - 0.5 - 0.75) and torch.isclose(logits[6], LOGITS[6] - 0.5 - 0.25)
+    assert logits[1] == LOGITS[1]
+    assert params.penalised and not ResolvedSampling().penalised

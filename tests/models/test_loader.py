@@ -39,3 +39,11 @@ def test_sampling_defaults_follow_the_folder():
     assert sampling_defaults(GenerationConfig(do_sample=False)) == ResolvedSampling(temperature=0.0)
     qwen = GenerationConfig(do_sample=True, temperature=0.7, top_p=0.8, top_k=20)
     assert sampling_defaults(qwen) == ResolvedSampling(temperature=0.7, top_p=0.8, top_k=20)
+
+
+def test_the_folders_repetition_penalty_applies_with_or_without_sampling():
+    # Qwen2.5-VL-Instruct's published generation_config sets repetition_penalty 1.05
+    qwen = GenerationConfig(do_sample=True, temperature=0.1, top_p=0.001, top_k=1, repetition_penalty=1.05)
+    assert sampling_defaults(qwen).repetition_penalty == 1.05
+    assert sampling_defaults(GenerationConfig(do_sample=False, repetition_penalty=1.2)).repetition_penalty == 1.2
+    assert sampling_defaults(GenerationConfig(repetition_penalty=1.1)).repetition_penalty == 1.1

@@ -66,6 +66,7 @@ class Job:
     detokenizer: IncrementalDetokenizer | None = None
     stops: StopMatcher | None = None
     generator: torch.Generator | None = None
+    prompt_ids: torch.Tensor | None = None  # distinct prompt ids, for the repetition penalty
 
     def emit(self, item: Event | LocalvlError) -> None:
         self.outbox.add(self, item)

@@ -29,7 +29,7 @@ from localvl.engine.kv_cache import PagedKVCache
 from localvl.engine.protocol import ModelInfo
 from localvl.engine.qwen_vl import QwenVLRunner
 from localvl.engine.runner import StepRunner, prepare_prompt
-from localvl.engine.sampling import ResolvedSampling, sample_batch, sample_next
+from localvl.engine.sampling import ResolvedSampling, apply_penalties, sample_batch, sample_next
 from localvl.engine.scheduler import Scheduled, Scheduler
 from localvl.engine.sequence import Sequence
 from localvl.engine.stops import StopMatcher
@@ -210,6 +210,11 @@ class LocalEngine:
             temperature=defaults.temperature if sampling.temperature is None else sampling.temperature,
             top_p=defaults.top_p if sampling.top_p is None else sampling.top_p,
             top_k=defaults.top_k if sampling.top_k is None else sampling.top_k,
+            repetition_penalty=(
+                defaults.repetition_penalty if sampling.repetition_penalty is None else sampling.repetition_penalty
+            ),
+            presence_penalty=sampling.presence_penalty,
+            frequency_penalty=sampling.frequency_penalty,
         )
 
     # ------------------------------------------------------------------ the engine thread
@@ -317,6 +322,9 @@ class LocalEngine:
 
     def _sample(self, samplers: list[Scheduled], logits: torch.Tensor) -> None:
         logits[:, self._vocab_limit :] = float("-inf")
+        for row, s in enumerate(samplers):
+            if s.sequence.payload.sampling.penalised:
+                self._penalise(logits[row], s.sequence)
         # Seeded requests draw from their own generators, row by row; the rest in one batch.
         tokens = sample_batch(logits, [s.sequence.payload.sampling for s in samplers])
         for row, s in enumerate(samplers):
@@ -324,6 +332,15 @@ class LocalEngine:
             if job.generator is not None and job.sampling.temperature > 0 and job.sampling.top_k != 1:
                 tokens[row] = sample_next(logits[row], job.sampling, job.generator)
             self._append(s.sequence, tokens[row])
+
+    def _penalise(self, row: torch.Tensor, seq: Sequence) -> None:
+        job: Job = seq.payload
+        device = row.device
+        if job.prompt_ids is None:
+            job.prompt_ids = torch.unique(torch.tensor(seq.prompt, dtype=torch.long, device=device))
+        generated = torch.tensor(seq.outputs, dtype=torch.long, device=device)
+        seen = torch.unique(torch.cat([job.prompt_ids, generated])) if seq.outputs else job.prompt_ids
+        apply_penalties(row, job.sampling, seen, generated)
 
     def _append(self, seq: Sequence, token: int) -> None:
         job: Job = seq.payload

@@ -14,6 +14,13 @@ class ResolvedSampling:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0: no top-k cut
+    repetition_penalty: float = 1.0  # transformers' (CTRL's): every token seen, prompt included
+    presence_penalty: float = 0.0  # OpenAI's: tokens already generated, once each
+    frequency_penalty: float = 0.0  # OpenAI's: tokens already generated, per occurrence
+
+    @property
+    def penalised(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
 
 def sample_next(logits: torch.Tensor, params: ResolvedSampling, generator: torch.Generator | None = None) -> int:
@@ -35,6 +42,23 @@ def sample_next(logits: torch.Tensor, params: ResolvedSampling, generator: torch
         logits = torch.full_like(logits, float("-inf")).scatter(0, order, sorted_logits)
     probs = torch.softmax(logits, dim=-1)
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def apply_penalties(
+    logits: torch.Tensor, params: ResolvedSampling, seen: torch.Tensor, generated: torch.Tensor
+) -> None:
+    """Penalise one row of logits in place.
+
+    ``seen``: the distinct ids of the prompt and output so far (for the repetition penalty, as
+    ``RepetitionPenaltyLogitsProcessor`` does); ``generated``: every output id so far, repeats kept.
+    """
+    if params.repetition_penalty != 1.0 and seen.numel():
+        scores = logits[seen]
+        scores = torch.where(scores < 0, scores * params.repetition_penalty, scores / params.repetition_penalty)
+        logits[seen] = scores
+    if (params.presence_penalty or params.frequency_penalty) and generated.numel():
+        ids, counts = torch.unique(generated, return_counts=True)
+        logits[ids] -= params.presence_penalty + params.frequency_penalty * counts.to(logits.dtype)
 
 
 def sample_batch(

@@ -56,14 +56,17 @@ def sampling_defaults(generation_config: Any) -> ResolvedSampling:
     if generation_config is None:
         return ResolvedSampling()
     values = generation_config.to_diff_dict()
+    # transformers applies the repetition penalty with or without sampling
+    repetition = float(values.get("repetition_penalty") or 1.0)
     if values.get("do_sample") is False:
-        return ResolvedSampling(temperature=0.0)
+        return ResolvedSampling(temperature=0.0, repetition_penalty=repetition)
     if not values.get("do_sample"):
-        return ResolvedSampling()
+        return ResolvedSampling(repetition_penalty=repetition)
     return ResolvedSampling(
         temperature=float(values.get("temperature", 1.0)),
         top_p=float(values.get("top_p", 1.0)),
         top_k=int(values.get("top_k", 0) or 0),
+        repetition_penalty=repetition,
     )
 
 

@@ -57,6 +57,7 @@ def test_one_request_per_choice_with_consecutive_seeds_and_stop_strings():
     assert generation_requests("c", body())[0].sampling.max_tokens == UNLIMITED
 
 
-def test_penalties_and_unknown_fields_are_accepted():
+def test_penalties_pass_through_and_unknown_fields_are_accepted():
     (request,) = generation_requests("c", body(presence_penalty=0.5, frequency_penalty=-1, user="u", store=True, metadata={"a": "b"}))
-    assert request.sampling.temperature is None
+    assert (request.sampling.presence_penalty, request.sampling.frequency_penalty) == (0.5, -1.0)
+    assert request.sampling.repetition_penalty is None  # the model folder's

@@ -2,7 +2,7 @@
 
 What this dialect cannot honour yet is refused with a 400 that says so, rather than silently
 answered wrong: tools, tool results and structured output (issue #4), logprobs, image URLs to
-fetch (issue #6). Penalties are accepted and not applied (docs/COMPATIBILITY.md).
+fetch (issue #6).
 """
 
 from __future__ import annotations
@@ -96,6 +96,8 @@ def generation_requests(completion_id: str, body: ChatCompletionRequest) -> list
             top_p=body.top_p,
             stop_sequences=tuple(s for s in stop if s),
             seed=None if body.seed is None else body.seed + index,
+            presence_penalty=body.presence_penalty or 0.0,
+            frequency_penalty=body.frequency_penalty or 0.0,
         )
         requests.append(GenerationRequest(f"{completion_id}-{index}", conversation_from(body), sampling))
     return requests
