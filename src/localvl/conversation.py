@@ -109,6 +109,7 @@ class SamplingParams:
     repetition_penalty: float | None = None  # None: the model folder's generation config
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    logprobs: int | None = None  # None: none; k: each token's log-probability and its k best alternatives
 
 
 @dataclass

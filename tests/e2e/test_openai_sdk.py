@@ -119,3 +119,21 @@ def test_models_list_serves_both_sdks(oai, server):
     assert model.object == "model" and model.owned_by == "localvl" and model.created > 0
     listed = anthropic.Anthropic(base_url=server.url, api_key=API_KEY).models.list()
     assert "tiny-vl" in [m.id for m in listed.data]
+
+
+def test_logprobs_have_openais_shape_streamed_or_not(oai):
+    whole = oai.chat.completions.create(model="tiny-vl", messages=USER, max_tokens=8, temperature=0, logprobs=True, top_logprobs=2)
+    content = whole.choices[0].logprobs.content
+    ended = whole.choices[0].finish_reason == "stop"
+    assert len(content) == whole.usage.completion_tokens - ended  # the end-of-turn token has no entry
+    for entry in content:
+        assert entry.logprob <= 0 and isinstance(entry.bytes, list) and len(entry.top_logprobs) == 2
+        assert entry.top_logprobs[0].logprob >= entry.top_logprobs[1].logprob
+        assert entry.token == entry.top_logprobs[0].token  # greedy picks the most likely
+    chunks = list(oai.chat.completions.create(
+        model="tiny-vl", messages=USER, max_tokens=8, temperature=0, logprobs=True, top_logprobs=2, stream=True
+    ))
+    streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [(e.token, round(e.logprob, 4)) for e in streamed] == [(e.token, round(e.logprob, 4)) for e in content]
+    plain = oai.chat.completions.create(model="tiny-vl", messages=USER, max_tokens=2)
+    assert plain.choices[0].logprobs is None

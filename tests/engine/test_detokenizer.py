@@ -125,3 +125,14 @@ def test_random_ids_concatenate_to_the_whole_decode(tok, pool):
         ids = [rng.randrange(size) for _ in range(rng.randint(1, 24))]
         deltas, tail = stream(tok, ids)
         assert "".join(deltas) + tail == tok.decode(ids), ids
+
+
+def test_token_bytes_concatenate_to_the_text(loaded_model):
+    from localvl.engine.detokenizer import token_bytes
+
+    tokenizer = loaded_model("qwen2_5_vl").tokenizer
+    text = "Héllo, wörld — 你好 ✓ tabs\tand\nnewlines"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    assert b"".join(token_bytes(tokenizer, i) for i in ids) == text.encode("utf-8")
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert token_bytes(tokenizer, im_end) == b"<|im_end|>"

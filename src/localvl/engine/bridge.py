@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from localvl.engine.detokenizer import IncrementalDetokenizer
-from localvl.engine.events import Event, Finished, TextDelta
+from localvl.engine.events import Event, Finished, TextDelta, TokenLogprob
 from localvl.engine.runner import PromptState
 from localvl.engine.sampling import ResolvedSampling
 from localvl.engine.sequence import Sequence
@@ -67,6 +67,8 @@ class Job:
     stops: StopMatcher | None = None
     generator: torch.Generator | None = None
     prompt_ids: torch.Tensor | None = None  # distinct prompt ids, for the repetition penalty
+    logprobs: int | None = None  # alternatives per token, when log-probabilities were asked for
+    pending_logprobs: list[TokenLogprob] = field(default_factory=list)  # tokens whose text is held back
 
     def emit(self, item: Event | LocalvlError) -> None:
         self.outbox.add(self, item)
@@ -96,15 +98,15 @@ class Stream:
         if isinstance(item, TextDelta):
             # A consumer that fell behind gets what queued up as one delta, not one per token.
             events = self._job.events
-            texts = [item.text]
+            deltas = [item]
             while not events.empty():
                 following = events.get_nowait()
                 if not isinstance(following, TextDelta):
                     self._held = following
                     break
-                texts.append(following.text)
-            if len(texts) > 1:
-                item = TextDelta("".join(texts))
+                deltas.append(following)
+            if len(deltas) > 1:
+                item = TextDelta("".join(d.text for d in deltas), tuple(lp for d in deltas for lp in d.logprobs))
         if isinstance(item, LocalvlError):
             self._done = True
             raise item

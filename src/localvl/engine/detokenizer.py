@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
+from localvl.models.byte_level import bytes_to_unicode
+
 _REPLACEMENT = "\ufffd"
 
 
@@ -50,3 +52,17 @@ def special_token_ids(tokenizer: Any) -> frozenset[int]:
     """
     ids = {int(i) for i, token in getattr(tokenizer, "added_tokens_decoder", {}).items() if token.special}
     return frozenset(ids | set(tokenizer.all_special_ids))
+
+
+BYTE_LEVEL = {char: byte for byte, char in bytes_to_unicode().items()}  # stand-in → byte
+
+
+def token_bytes(tokenizer: Any, token_id: int) -> bytes:
+    """The exact bytes one token stands for (a multi-byte character may span tokens)."""
+    added = getattr(tokenizer, "added_tokens_decoder", {})
+    if token_id in added:
+        return str(added[token_id].content).encode("utf-8")
+    piece = tokenizer.convert_ids_to_tokens(token_id)
+    if isinstance(piece, str) and piece and all(ch in BYTE_LEVEL for ch in piece):
+        return bytes(BYTE_LEVEL[ch] for ch in piece)
+    return tokenizer.decode([token_id]).encode("utf-8")

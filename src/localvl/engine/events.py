@@ -19,8 +19,20 @@ class Usage:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log-probability under the model, and the most likely alternatives."""
+
+    token: str  # the token decoded alone (a partial character shows as U+FFFD; ``bytes`` is exact)
+    logprob: float
+    bytes: tuple[int, ...]
+    top: tuple[tuple[str, float, tuple[int, ...]], ...] = ()
+
+
+@dataclass(frozen=True)
 class TextDelta:
     text: str
+    # Only when the request asked for them: the tokens whose text this delta completes.
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)

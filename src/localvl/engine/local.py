@@ -23,8 +23,8 @@ from localvl.conversation import Conversation, GenerationRequest, SamplingParams
 from localvl.engine.blocks import BlockManager
 from localvl.engine.bridge import Job, Outbox, Stream
 from localvl.engine.cuda_graphs import DecodeGraphs
-from localvl.engine.detokenizer import IncrementalDetokenizer, special_token_ids
-from localvl.engine.events import FinishReason, Finished, TextDelta, Usage
+from localvl.engine.detokenizer import IncrementalDetokenizer, special_token_ids, token_bytes
+from localvl.engine.events import FinishReason, Finished, TextDelta, TokenLogprob, Usage
 from localvl.engine.kv_cache import PagedKVCache
 from localvl.engine.protocol import ModelInfo
 from localvl.engine.qwen_vl import QwenVLRunner
@@ -182,6 +182,7 @@ class LocalEngine:
             sampling=self._resolve(sampling),
             stop_sequences=tuple(sampling.stop_sequences),
             seed=sampling.seed,
+            logprobs=sampling.logprobs,
             context_limited=sampling.max_tokens > room,
             loop=asyncio.get_running_loop(),
             outbox=self._outbox,
@@ -322,6 +323,9 @@ class LocalEngine:
 
     def _sample(self, samplers: list[Scheduled], logits: torch.Tensor) -> None:
         logits[:, self._vocab_limit :] = float("-inf")
+        wanted = [row for row, s in enumerate(samplers) if s.sequence.payload.logprobs is not None]
+        # log-probabilities of the model itself: before penalties and temperature
+        model_logprobs = torch.log_softmax(logits[wanted], dim=-1) if wanted else None
         for row, s in enumerate(samplers):
             if s.sequence.payload.sampling.penalised:
                 self._penalise(logits[row], s.sequence)
@@ -331,7 +335,30 @@ class LocalEngine:
             job: Job = s.sequence.payload
             if job.generator is not None and job.sampling.temperature > 0 and job.sampling.top_k != 1:
                 tokens[row] = sample_next(logits[row], job.sampling, job.generator)
+            if model_logprobs is not None and row in wanted:
+                self._record_logprob(job, model_logprobs[wanted.index(row)], tokens[row])
             self._append(s.sequence, tokens[row])
+
+    def _token_text(self, token: int) -> tuple[str, tuple[int, ...]]:
+        return self._tokenizer.decode([token]), tuple(token_bytes(self._tokenizer, token))
+
+    def _record_logprob(self, job: Job, logprobs: torch.Tensor, token: int) -> None:
+        if token in self.loaded.eos_token_ids:
+            return  # the end of the turn has no text: OpenAI lists no entry for it
+        top: list[tuple[str, float, tuple[int, ...]]] = []
+        if job.logprobs:
+            values, ids = torch.topk(logprobs, min(job.logprobs, logprobs.numel()))
+            for alternative, value in zip(ids.tolist(), values.tolist()):
+                alternative_text, alternative_bytes = self._token_text(alternative)
+                top.append((alternative_text, value, alternative_bytes))
+        text, raw = self._token_text(token)
+        job.pending_logprobs.append(TokenLogprob(text, float(logprobs[token]), raw, tuple(top)))
+
+    def _delta(self, job: Job, text: str) -> TextDelta:
+        """A delta carrying the log-probabilities of every token its text completes."""
+        delta = TextDelta(text, tuple(job.pending_logprobs))
+        job.pending_logprobs.clear()
+        return delta
 
     def _penalise(self, row: torch.Tensor, seq: Sequence) -> None:
         job: Job = seq.payload
@@ -357,7 +384,7 @@ class LocalEngine:
             seq.outputs.append(token)
             text = job.stops.feed(job.detokenizer.add(token))
             if text:
-                job.emit(TextDelta(text))
+                job.emit(self._delta(job, text))
             if job.stops.matched is not None:
                 reason = "stop_sequence"
             elif len(seq.outputs) >= seq.max_new_tokens:
@@ -366,8 +393,8 @@ class LocalEngine:
             return
         if job.stops.matched is None:
             tail = job.stops.feed(job.detokenizer.flush()) + job.stops.flush()
-            if tail:
-                job.emit(TextDelta(tail))
+            if tail or job.pending_logprobs:
+                job.emit(self._delta(job, tail))
             if job.stops.matched is not None:
                 reason = "stop_sequence"
         read, created = seq.cache_read_tokens, seq.cache_created_tokens

@@ -19,6 +19,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Literal
 
+from localvl.models.byte_level import bytes_to_unicode
 from localvl.models.processor import image_only
 
 logger = logging.getLogger(__name__)
@@ -80,23 +81,6 @@ def default_cache_dir() -> Path:
 # ----------------------------------------------------------------------------- tokenizers
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable character map, which byte-level BPE vocabularies use."""
-    printable = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    chars = printable[:]
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return {b: chr(c) for b, c in zip(printable, chars)}
-
-
 def tiktoken_to_bpe(ranks: dict[bytes, int]) -> tuple[dict[str, int], list[tuple[str, str]]]:
     """Turn tiktoken ranks into a byte-level BPE vocabulary and merge list.
 
@@ -104,7 +88,7 @@ def tiktoken_to_bpe(ranks: dict[bytes, int]) -> tuple[dict[str, int], list[tuple
     on its bytes using only merges of lower rank; listing those merges in rank order reproduces
     tiktoken's encoding exactly.
     """
-    byte_map = _bytes_to_unicode()
+    byte_map = bytes_to_unicode()
 
     def to_str(token: bytes) -> str:
         return "".join(byte_map[b] for b in token)

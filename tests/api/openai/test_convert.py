@@ -31,7 +31,6 @@ def test_roles_map_to_turns_and_consecutive_ones_merge():
     "fields, message",
     [
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools: tool use is not supported yet"),
-        ({"logprobs": True}, "logprobs"),
         ({"response_format": {"type": "json_object"}}, "response_format"),
         ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}]},
          "messages.0.content.0.image_url.url: image URLs are not fetched yet"),

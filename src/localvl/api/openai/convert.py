@@ -1,8 +1,8 @@
 """OpenAI Chat Completions requests → the neutral conversation and sampling parameters.
 
 What this dialect cannot honour yet is refused with a 400 that says so, rather than silently
-answered wrong: tools, tool results and structured output (issue #4), logprobs, image URLs to
-fetch (issue #6).
+answered wrong: tools, tool results and structured output (issue #4), image URLs to fetch
+(issue #6).
 """
 
 from __future__ import annotations
@@ -80,8 +80,6 @@ def _refuse_unsupported(body: ChatCompletionRequest) -> None:
         raise InvalidRequestError("tools: tool use is not supported yet")
     if body.response_format and body.response_format.get("type", "text") != "text":
         raise InvalidRequestError("response_format: structured output is not supported yet")
-    if body.logprobs:
-        raise InvalidRequestError("logprobs: log probabilities are not supported yet")
 
 
 def generation_requests(completion_id: str, body: ChatCompletionRequest) -> list[GenerationRequest]:
@@ -98,6 +96,7 @@ def generation_requests(completion_id: str, body: ChatCompletionRequest) -> list
             seed=None if body.seed is None else body.seed + index,
             presence_penalty=body.presence_penalty or 0.0,
             frequency_penalty=body.frequency_penalty or 0.0,
+            logprobs=(body.top_logprobs or 0) if body.logprobs else None,
         )
         requests.append(GenerationRequest(f"{completion_id}-{index}", conversation_from(body), sampling))
     return requests

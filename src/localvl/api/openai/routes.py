@@ -46,9 +46,14 @@ async def chat_completions(request: Request) -> Any:
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(
-            completion_chunks(streams, completion_id, body.model, created, include_usage, state.settings.ping_interval),
+            completion_chunks(
+                streams, completion_id, body.model, created, include_usage, state.settings.ping_interval,
+                logprobs=bool(body.logprobs),
+            ),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
-    completion = await until_disconnect(request, collect_completion(streams, completion_id, body.model, created))
+    completion = await until_disconnect(
+        request, collect_completion(streams, completion_id, body.model, created, logprobs=bool(body.logprobs))
+    )
     return JSONResponse(completion)

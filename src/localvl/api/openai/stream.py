@@ -13,7 +13,7 @@ from typing import Any, AsyncIterator
 from localvl import __version__
 from localvl.api.openai.errors import error_json
 from localvl.api.sse import HEARTBEAT, with_heartbeats
-from localvl.engine.events import Event, FinishReason, Finished, TextDelta
+from localvl.engine.events import Event, FinishReason, Finished, TextDelta, TokenLogprob
 from localvl.engine.protocol import GenerationStream
 from localvl.errors import InternalError, LocalvlError
 
@@ -26,6 +26,19 @@ FINISH_REASONS: dict[FinishReason, str] = {
     "context_window": "length",
 }
 FINGERPRINT = f"localvl-{__version__}"
+
+
+def logprob_json(entry: TokenLogprob) -> dict[str, Any]:
+    return {
+        "token": entry.token,
+        "logprob": entry.logprob,
+        "bytes": list(entry.bytes),
+        "top_logprobs": [{"token": t, "logprob": lp, "bytes": list(b)} for t, lp, b in entry.top],
+    }
+
+
+def logprobs_json(entries: list[TokenLogprob] | tuple[TokenLogprob, ...], wanted: bool) -> dict[str, Any] | None:
+    return {"content": [logprob_json(e) for e in entries], "refusal": None} if wanted else None
 
 
 def usage_json(finished: list[Finished]) -> dict[str, Any]:
@@ -72,12 +85,16 @@ async def merged(streams: list[GenerationStream]) -> AsyncIterator[tuple[int, Ev
             await stream.aclose()
 
 
-async def collect_completion(streams: list[GenerationStream], completion_id: str, model: str, created: int) -> dict[str, Any]:
+async def collect_completion(
+    streams: list[GenerationStream], completion_id: str, model: str, created: int, logprobs: bool = False
+) -> dict[str, Any]:
     texts: list[list[str]] = [[] for _ in streams]
+    entries: list[list[TokenLogprob]] = [[] for _ in streams]
     finished: list[Finished | None] = [None] * len(streams)
     async for index, event in merged(streams):
         if isinstance(event, TextDelta):
             texts[index].append(event.text)
+            entries[index].extend(event.logprobs)
         elif isinstance(event, Finished):
             finished[index] = event
     done = [f for f in finished if f is not None]
@@ -87,7 +104,7 @@ async def collect_completion(streams: list[GenerationStream], completion_id: str
         {
             "index": i,
             "message": {"role": "assistant", "content": "".join(texts[i]), "refusal": None},
-            "logprobs": None,
+            "logprobs": logprobs_json(entries[i], logprobs),
             "finish_reason": FINISH_REASONS[done[i].reason],
         }
         for i in range(len(streams))
@@ -114,6 +131,7 @@ async def completion_chunks(
     created: int,
     include_usage: bool,
     ping_interval: float,
+    logprobs: bool = False,
 ) -> AsyncIterator[bytes]:
     """The SSE stream: a role chunk per choice, content chunks, a finish chunk per choice,
     the usage chunk when asked for, then ``[DONE]``. Closing it (client gone) aborts every choice."""
@@ -122,8 +140,8 @@ async def completion_chunks(
         return _data({"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
                       "system_fingerprint": FINGERPRINT, "choices": choices, **extra})
 
-    def choice(index: int, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
-        return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+    def choice(index: int, delta: dict[str, Any], finish: str | None = None, entries: tuple[TokenLogprob, ...] = ()) -> dict[str, Any]:
+        return {"index": index, "delta": delta, "logprobs": logprobs_json(entries, logprobs and bool(entries)), "finish_reason": finish}
 
     finished: list[Finished] = []
     for index in range(len(streams)):
@@ -135,7 +153,7 @@ async def completion_chunks(
                 continue
             index, event = item  # type: ignore[misc]
             if isinstance(event, TextDelta):
-                yield chunk([choice(index, {"content": event.text})])
+                yield chunk([choice(index, {"content": event.text}, entries=event.logprobs)])
             elif isinstance(event, Finished):
                 finished.append(event)
                 yield chunk([choice(index, {}, FINISH_REASONS[event.reason])])
