@@ -137,3 +137,25 @@ def test_logprobs_have_openais_shape_streamed_or_not(oai):
     assert [(e.token, round(e.logprob, 4)) for e in streamed] == [(e.token, round(e.logprob, 4)) for e in content]
     plain = oai.chat.completions.create(model="tiny-vl", messages=USER, max_tokens=2)
     assert plain.choices[0].logprobs is None
+
+
+def test_a_streaming_client_that_leaves_stops_every_choice(server):
+    import time
+
+    import httpx
+
+    aborted_before = server.log().count(" aborted")
+    payload = {"model": "tiny-vl", "max_tokens": 30000, "stream": True, "n": 2, "temperature": 1,
+               "messages": [{"role": "user", "content": "Write a very long story."}]}
+    headers = {"authorization": f"Bearer {API_KEY}"}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=payload, headers=headers, timeout=60) as response:
+        seen = 0
+        for line in response.iter_lines():
+            if line.startswith("data: ") and '"content":"' in line and '"content":""' not in line:
+                seen += 1
+                if seen >= 4:
+                    break
+    deadline = time.monotonic() + 30
+    while server.log().count(" aborted") < aborted_before + 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert server.log().count(" aborted") == aborted_before + 2  # both choices of the request
