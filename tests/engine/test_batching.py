@@ -326,3 +326,28 @@ def test_logprobs_are_the_models_own_and_cover_every_token(loaded_model):
     logits[len(loaded.tokenizer):] = float("-inf")
     expected = torch.log_softmax(logits.float(), dim=-1)
     assert abs(entries[0].logprob - float(expected.max())) < 1e-4
+
+
+def test_a_failure_outside_a_step_fails_the_requests_in_flight_and_the_engine_goes_on(loaded_model):
+    from localvl.errors import InternalError
+
+    loaded = loaded_model("qwen2_5_vl")
+    convs = mixed_conversations(2)
+
+    async def body(engine):
+        schedule = engine.scheduler.schedule
+        calls = {"n": 0}
+
+        def broken_once():
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise KeyError("simulated bookkeeping bug")
+            return schedule()
+
+        engine.scheduler.schedule = broken_once
+        with pytest.raises(InternalError):
+            await collect(engine, convs[0], "first")
+        return await collect(engine, convs[1], "second"), engine.stats()
+
+    (text, finished), stats = run_engine(loaded, body, block_size=4)
+    assert stats["failures"] == 1 and finished.usage.output_tokens > 0

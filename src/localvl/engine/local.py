@@ -239,9 +239,17 @@ class LocalEngine:
                     self._admit(seq)
             except queue.Empty:
                 pass
-            self._drop_cancelled()
-            if len(self.scheduler):
-                self._step()
+            try:
+                self._drop_cancelled()
+                if len(self.scheduler):
+                    self._step()
+            except Exception as error:  # a bug outside a step's own guard: fail what is in flight, go on
+                self.failures += 1
+                logger.error("engine loop failed: %s", type(error).__name__)
+                logger.debug("engine loop failure", exc_info=True)
+                for seq in [*self.scheduler.running, *self.scheduler.waiting]:
+                    seq.payload.emit(InternalError("the engine failed while generating this response"))
+                    self._finish(seq)
             self._outbox.flush()
 
     def _audit(self) -> None:
