@@ -351,3 +351,25 @@ def test_a_failure_outside_a_step_fails_the_requests_in_flight_and_the_engine_go
 
     (text, finished), stats = run_engine(loaded, body, block_size=4)
     assert stats["failures"] == 1 and finished.usage.output_tokens > 0
+
+
+def test_images_encode_in_bounded_vision_calls_with_the_same_answers(loaded_model):
+    loaded = loaded_model("qwen2_5_vl")
+    convs = mixed_conversations(8)
+    calls: list[int] = []
+
+    async def body(engine):
+        engine.runner.max_vision_patches = 1  # every image its own call
+        encode = engine.model.encode_images
+
+        def counting(pixels, grids):
+            calls.append(len(grids))
+            return encode(pixels, grids)
+
+        engine.model.encode_images = counting
+        return await asyncio.gather(*(collect(engine, c, f"v{i}") for i, c in enumerate(convs)))
+
+    results = run_engine(loaded, body, block_size=4)
+    assert calls and set(calls) == {1} and len(calls) == sum(i % 4 for i in range(8))
+    engine = LocalEngine(loaded, EngineConfig(block_size=4, kv_cache_memory=32 << 20))
+    assert_matches_reference(loaded, engine, convs, results)

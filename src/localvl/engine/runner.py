@@ -74,6 +74,7 @@ class StepRunner:
         self.images = images
         self.graphs = graphs
         self.decode_kernel = False  # set by the engine once triton_decode's self-test passed
+        self.max_vision_patches = 16 * 1024  # sixteen 448 px images per vision-tower call
         self.images_encoded = 0
         self.block_size = cache.block_size
 
@@ -105,8 +106,7 @@ class StepRunner:
                     found[key] = cached
                 else:
                     missing[key] = pixels
-        if missing:
-            keys = list(missing)
+        for keys in self._vision_batches(missing):
             pixel_values = torch.cat([missing[k][0] for k in keys])
             grids = torch.cat([missing[k][1] for k in keys])
             for key, features in zip(keys, self.model.encode_images(pixel_values, grids)):
@@ -116,6 +116,20 @@ class StepRunner:
         for state in pending:
             state.features = [found[key] for key in state.keys]
             state.pixels = []
+
+    def _vision_batches(self, missing: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> list[list[str]]:
+        """Images grouped into vision-tower calls of at most ``max_vision_patches`` patches each,
+        so a burst of large images cannot spike memory in one call."""
+        batches: list[list[str]] = []
+        patches = 0
+        for key, (pixels, _) in missing.items():
+            if batches and patches + pixels.shape[0] <= self.max_vision_patches:
+                batches[-1].append(key)
+                patches += pixels.shape[0]
+            else:
+                batches.append([key])
+                patches = pixels.shape[0]
+        return batches
 
     def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:
         blocks, size = seq.table.blocks, self.block_size
