@@ -373,3 +373,18 @@ def test_images_encode_in_bounded_vision_calls_with_the_same_answers(loaded_mode
     assert calls and set(calls) == {1} and len(calls) == sum(i % 4 for i in range(8))
     engine = LocalEngine(loaded, EngineConfig(block_size=4, kv_cache_memory=32 << 20))
     assert_matches_reference(loaded, engine, convs, results)
+
+
+def test_blocks_are_zeroed_before_first_use_whatever_the_pool_held(loaded_model):
+    """Masked slots of a block are read too: garbage there (here NaN) must never reach the answer."""
+    loaded = loaded_model("qwen3_vl")
+    convs = mixed_conversations(6)
+
+    async def body(engine):
+        for tensor in (*engine.kv_cache.keys, *engine.kv_cache.values):
+            tensor[: -engine.kv_cache.block_size].fill_(float("nan"))  # all but the scratch block
+        return await asyncio.gather(*(collect(engine, c, f"z{i}") for i, c in enumerate(convs)))
+
+    results = run_engine(loaded, body, block_size=4)
+    engine = LocalEngine(loaded, EngineConfig(block_size=4, kv_cache_memory=32 << 20))
+    assert_matches_reference(loaded, engine, convs, results)

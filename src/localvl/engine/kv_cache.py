@@ -41,15 +41,33 @@ class PagedKVCache:
         self.block_size = block_size
         self.scratch_block = num_blocks
         slots = (num_blocks + 1) * block_size
-        # Zeros, not empty: attention reads whole blocks and masks the slots past a sequence's end,
-        # and a masked NaN left in uninitialised memory would still poison the weighted sum.
-        self.keys = [torch.zeros(slots, kv_heads, head_dim, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.values = [torch.zeros(slots, kv_heads, head_dim, dtype=dtype, device=device) for _ in range(num_layers)]
+        # Attention reads whole blocks and masks the slots past a sequence's end, and a masked NaN in
+        # uninitialised memory would still poison the weighted sum: blocks are zeroed, but only when
+        # first used (``zero_blocks``), so an idle server does not hold a pool's worth of RAM.
+        self.keys = [torch.empty(slots, kv_heads, head_dim, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.empty(slots, kv_heads, head_dim, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.zero_blocks(num_blocks, num_blocks + 1)  # the scratch block
+        self.zeroed = 0  # blocks [0, zeroed) have been zeroed (or written) at least once
 
     @staticmethod
     def bytes_per_block(*, num_layers: int, block_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
         return 2 * num_layers * block_size * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
+
+    def zero_blocks(self, start: int, end: int) -> None:
+        size = self.block_size
+        for tensor in (*self.keys, *self.values):
+            tensor[start * size : end * size].zero_()
+
+    def touch(self, highest_block: int) -> None:
+        """Zero every block up to ``highest_block`` not zeroed yet, before it is first written or read.
+
+        Blocks are handed out lowest id first until all have been used once, so this zeroes each
+        block once, just before its first use.
+        """
+        if highest_block >= self.zeroed:
+            self.zero_blocks(self.zeroed, highest_block + 1)
+            self.zeroed = highest_block + 1
 
     def blocks(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer ``layer``'s keys and values viewed as ``[blocks, block_size, kv_heads, dim]``."""

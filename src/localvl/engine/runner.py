@@ -165,6 +165,7 @@ class StepRunner:
     @torch.inference_mode()
     def run(self, batch: list[Scheduled]) -> tuple[list[Scheduled], torch.Tensor | None]:
         """Run one step; return the chunks that sample and their logits ``[len, vocab]`` (float32)."""
+        self.cache.touch(max(max(s.sequence.table.blocks) for s in batch))
         logits = self._decode_graph(batch)
         if logits is not None:
             return batch, logits
