@@ -28,6 +28,7 @@ def test_rows_and_chunks_attend_to_their_own_history(dtype):
     torch.manual_seed(0)
     device = torch.device(TEST_DEVICE)
     cache = PagedKVCache(num_layers=1, num_blocks=64, block_size=BLOCK, kv_heads=KV_HEADS, head_dim=DIM, dtype=dtype, device=device)
+    cache.touch(63)  # as the runner does before a step: blocks in use are zeroed before first use
     # (history already cached, new tokens this step): two decodes, a short chunk, a long chunk
     shapes = [(9, 1), (3, 1), (5, 6), (0, 21)]
     free = iter(range(64))
@@ -99,3 +100,16 @@ def test_the_triton_decode_kernel_is_never_used_off_a_gpu():
     from localvl.engine.triton_decode import usable
 
     assert not usable(torch.device("cpu"), torch.float32, block_size=16, heads=16, kv_heads=2, dim=128)
+
+
+def test_touch_zeroes_each_block_once_before_its_first_use():
+    cache = PagedKVCache(num_layers=2, num_blocks=8, block_size=4, kv_heads=1, head_dim=2, dtype=torch.float32, device="cpu")
+    for tensor in (*cache.keys, *cache.values):
+        tensor[:32].fill_(float("nan"))
+    cache.touch(2)
+    assert cache.zeroed == 3 and all(bool((t[:12] == 0).all()) and bool(t[12:32].isnan().all()) for t in cache.keys)
+    cache.keys[0][0] = 5.0  # written since: a later touch must not wipe it
+    cache.touch(1)
+    cache.touch(5)
+    assert cache.keys[0][0, 0, 0] == 5.0 and bool((cache.values[1][:24] == 0).all()) and cache.zeroed == 6
+    assert bool((cache.keys[0][32:] == 0).all())  # the scratch block, zeroed at construction
