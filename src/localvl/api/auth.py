@@ -36,3 +36,8 @@ def check_api_key(request: Request, accepted: Sequence[str]) -> None:
         if matched:
             return
     raise AuthenticationError("invalid x-api-key")
+
+
+def require_api_key(request: Request) -> None:
+    """The routers' dependency: the keys configured for this server, checked on every route."""
+    check_api_key(request, request.app.state.settings.api_key)

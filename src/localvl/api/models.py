@@ -12,16 +12,12 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 
-from localvl.api.auth import check_api_key
+from localvl.api.auth import require_api_key
 from localvl.api.model_names import ModelNames, ServedModel
 from localvl.errors import InvalidRequestError
 
 
-def _require_key(request: Request) -> None:
-    check_api_key(request, request.app.state.settings.api_key)
-
-
-router = APIRouter(dependencies=[Depends(_require_key)])
+router = APIRouter(dependencies=[Depends(require_api_key)])
 
 
 def _names(request: Request) -> ModelNames:

@@ -247,7 +247,7 @@ class LocalEngine:
                 self.failures += 1
                 logger.error("engine loop failed: %s", type(error).__name__)
                 logger.debug("engine loop failure", exc_info=True)
-                for seq in [*self.scheduler.running, *self.scheduler.waiting]:
+                for seq in self.scheduler.sequences():
                     seq.payload.emit(InternalError("the engine failed while generating this response"))
                     self._finish(seq)
             self._outbox.flush()
@@ -270,7 +270,7 @@ class LocalEngine:
         self.scheduler.add(seq)
 
     def _drop_cancelled(self) -> None:
-        for seq in [*self.scheduler.running, *self.scheduler.waiting]:
+        for seq in self.scheduler.sequences():
             if seq.payload.cancelled.is_set():
                 self._finish(seq)
                 logger.debug("%s aborted", seq.id)
@@ -287,7 +287,7 @@ class LocalEngine:
         self._active.pop(seq.id, None)
 
     def _shutdown(self) -> None:
-        for seq in [*self.scheduler.running, *self.scheduler.waiting]:
+        for seq in self.scheduler.sequences():
             seq.payload.emit(ServiceUnavailableError("the server is shutting down"))
             self._finish(seq)
 
@@ -334,6 +334,7 @@ class LocalEngine:
         wanted = [row for row, s in enumerate(samplers) if s.sequence.payload.logprobs is not None]
         # log-probabilities of the model itself: before penalties and temperature
         model_logprobs = torch.log_softmax(logits[wanted], dim=-1) if wanted else None
+        logprob_row = {row: i for i, row in enumerate(wanted)}
         for row, s in enumerate(samplers):
             if s.sequence.payload.sampling.penalised:
                 self._penalise(logits[row], s.sequence)
@@ -343,8 +344,8 @@ class LocalEngine:
             job: Job = s.sequence.payload
             if job.generator is not None and job.sampling.temperature > 0 and job.sampling.top_k != 1:
                 tokens[row] = sample_next(logits[row], job.sampling, job.generator)
-            if model_logprobs is not None and row in wanted:
-                self._record_logprob(job, model_logprobs[wanted.index(row)], tokens[row])
+            if model_logprobs is not None and row in logprob_row:
+                self._record_logprob(job, model_logprobs[logprob_row[row]], tokens[row])
             self._append(s.sequence, tokens[row])
 
     def _token_text(self, token: int) -> tuple[str, tuple[int, ...]]:

@@ -45,6 +45,10 @@ class Scheduler:
     def waiting(self) -> list[Sequence]:
         return [seq for _, seq in sorted(self._waiting, key=lambda item: item[0])]
 
+    def sequences(self) -> list[Sequence]:
+        """Every sequence, running then waiting, in no particular order (no sort: called every step)."""
+        return [*self.running, *(seq for _, seq in self._waiting)]
+
     def __len__(self) -> int:
         return len(self.running) + len(self._waiting)
 

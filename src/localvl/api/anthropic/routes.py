@@ -13,7 +13,7 @@ from localvl.api.anthropic import convert
 from localvl.api.anthropic.schemas import CountTokensRequest, MessagesRequest
 from localvl.api.validation import parse_body
 from localvl.api.anthropic.stream import collect_message, message_events
-from localvl.api.auth import check_api_key
+from localvl.api.auth import require_api_key
 from localvl.api.disconnect import until_disconnect
 from localvl.api.middleware import new_id
 from localvl.api.model_names import ModelNames
@@ -23,11 +23,7 @@ from localvl.media.images import sniff_media_type
 from localvl.settings import Settings
 
 
-def _require_key(request: Request) -> None:
-    check_api_key(request, request.app.state.settings.api_key)
-
-
-router = APIRouter(dependencies=[Depends(_require_key)])
+router = APIRouter(dependencies=[Depends(require_api_key)])
 
 
 def _engine(request: Request) -> Engine:

@@ -9,7 +9,7 @@ import anyio
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from localvl.api.auth import check_api_key
+from localvl.api.auth import require_api_key
 from localvl.api.disconnect import until_disconnect
 from localvl.api.middleware import new_id
 from localvl.api.openai import convert
@@ -19,11 +19,7 @@ from localvl.api.validation import parse_body
 from localvl.engine.protocol import Engine, GenerationStream
 
 
-def _require_key(request: Request) -> None:
-    check_api_key(request, request.app.state.settings.api_key)
-
-
-router = APIRouter(dependencies=[Depends(_require_key)])
+router = APIRouter(dependencies=[Depends(require_api_key)])
 
 
 @router.post("/v1/chat/completions")
