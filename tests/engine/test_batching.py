@@ -13,6 +13,7 @@ from localvl.engine.local import EngineConfig, LocalEngine
 from localvl.engine.sequence import BACKGROUND
 from localvl.errors import OverloadedError
 from localvl.media.images import load_image
+from localvl.prompt.render import Renderer
 from tests.conftest import FAMILIES, TEST_DEVICE
 from tests.engine.reference import reference_text
 from tests.helpers import image_bytes
@@ -53,9 +54,10 @@ def run_engine(loaded, body, **config):
     return asyncio.run(main())
 
 
-def assert_matches_reference(loaded, engine, convs, results, max_tokens=10):
+def assert_matches_reference(loaded, convs, results, max_tokens=10):
+    renderer = Renderer(loaded.processor)
     for conv, (text, finished) in zip(convs, results):
-        expected, count, ended = reference_text(loaded, engine.renderer.render(conv), max_tokens)
+        expected, count, ended = reference_text(loaded, renderer.render(conv), max_tokens)
         assert text == expected
         assert finished.usage.output_tokens == count
         assert finished.reason == ("eos" if ended else "max_tokens")
@@ -87,7 +89,6 @@ def test_sixteen_concurrent_requests_equal_the_model_alone(loaded_model, family,
         gate.set()
         return await asyncio.gather(*tasks), engine.stats()
 
-    engine = LocalEngine(loaded, EngineConfig(**MODES[mode]))
     results, stats = run_engine(loaded, body, **MODES[mode])
     assert stats["failures"] == 0
     if mode == "preempting":
@@ -95,7 +96,7 @@ def test_sixteen_concurrent_requests_equal_the_model_alone(loaded_model, family,
     if mode == "blocks-of-16" and TEST_DEVICE.startswith("cuda"):
         assert stats["decode_kernel"] == 1
     assert stats["steps"] < 16 * tokens  # requests shared steps
-    assert_matches_reference(loaded, engine, convs, results, max_tokens=tokens)
+    assert_matches_reference(loaded, convs, results, max_tokens=tokens)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -116,8 +117,7 @@ def test_a_repeated_prompt_hits_the_prefix_cache_and_answers_the_same(loaded_mod
     assert fin2.usage.cache_read_input_tokens == (total - 1) // 4 * 4  # all but the block holding the last token
     assert fin2.usage.input_tokens + fin2.usage.cache_read_input_tokens + fin2.usage.cache_creation_input_tokens == total
     assert encoded_once == encoded_after == 3  # the second time, no image went through the vision tower
-    engine = LocalEngine(loaded, EngineConfig(block_size=4))
-    assert_matches_reference(loaded, engine, [conv], [(text2, fin2)])
+    assert_matches_reference(loaded, [conv], [(text2, fin2)])
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -138,8 +138,7 @@ def test_a_second_turn_about_the_same_image_reuses_it_and_the_first_turn(loaded_
     first_prompt = first.usage.input_tokens + first.usage.cache_creation_input_tokens
     # every full block of the first turn's prompt but the last is reused (templates differ after it)
     assert second.usage.cache_read_input_tokens >= (first_prompt - 1) // 4 * 4 - 4
-    engine = LocalEngine(loaded, EngineConfig(block_size=4))
-    assert_matches_reference(loaded, engine, [follow_up], [(text, second)])
+    assert_matches_reference(loaded, [follow_up], [(text, second)])
 
 
 def test_interactive_requests_overtake_background_work(loaded_model):
@@ -200,8 +199,7 @@ def test_padded_static_decode_steps_equal_the_model_alone(loaded_model, family):
 
     results, stats = run_engine(loaded, body, block_size=4)
     assert stats["graph_replays"] > 0
-    engine = LocalEngine(loaded, EngineConfig(block_size=4, kv_cache_memory=32 << 20))
-    assert_matches_reference(loaded, engine, convs, results)
+    assert_matches_reference(loaded, convs, results)
 
 
 def test_a_failing_step_fails_only_its_requests_and_the_engine_goes_on(loaded_model):
@@ -282,10 +280,10 @@ def test_the_repetition_penalty_equals_transformers(loaded_model, family):
         return await asyncio.gather(*(one(i, c) for i, c in enumerate(convs)))
 
     results = run_engine(loaded, body, block_size=4)
-    engine = LocalEngine(loaded, EngineConfig(block_size=4, kv_cache_memory=32 << 20))
+    renderer = Renderer(loaded.processor)
     changed = 0
     for conv, events in zip(convs, results):
-        prompt = engine.renderer.render(conv)
+        prompt = renderer.render(conv)
         tokens = reference_tokens(loaded, prompt, 24, repetition_penalty=1.8)
         text = "".join(e.text for e in events if isinstance(e, TextDelta))
         assert text == loaded.tokenizer.decode(tokens, skip_special_tokens=True)
@@ -316,8 +314,7 @@ def test_logprobs_are_the_models_own_and_cover_every_token(loaded_model):
     # exact bytes; the text shows an invalid sequence (random weights make some) as U+FFFD
     assert b"".join(bytes(e.bytes) for e in entries if e.token not in specials).decode("utf-8", "replace") == text
     # the first token's log-probability is the reference model's, from one plain forward pass
-    engine = LocalEngine(loaded, EngineConfig(block_size=4, kv_cache_memory=32 << 20))
-    prompt = engine.renderer.render(conv)
+    prompt = Renderer(loaded.processor).render(conv)
     with torch.no_grad():
         logits = loaded.model(
             input_ids=prompt.input_ids[None], pixel_values=prompt.pixel_values, image_grid_thw=prompt.image_grid_thw,
@@ -371,8 +368,7 @@ def test_images_encode_in_bounded_vision_calls_with_the_same_answers(loaded_mode
 
     results = run_engine(loaded, body, block_size=4)
     assert calls and set(calls) == {1} and len(calls) == sum(i % 4 for i in range(8))
-    engine = LocalEngine(loaded, EngineConfig(block_size=4, kv_cache_memory=32 << 20))
-    assert_matches_reference(loaded, engine, convs, results)
+    assert_matches_reference(loaded, convs, results)
 
 
 def test_blocks_are_zeroed_before_first_use_whatever_the_pool_held(loaded_model):
@@ -386,5 +382,4 @@ def test_blocks_are_zeroed_before_first_use_whatever_the_pool_held(loaded_model)
         return await asyncio.gather(*(collect(engine, c, f"z{i}") for i, c in enumerate(convs)))
 
     results = run_engine(loaded, body, block_size=4)
-    engine = LocalEngine(loaded, EngineConfig(block_size=4, kv_cache_memory=32 << 20))
-    assert_matches_reference(loaded, engine, convs, results)
+    assert_matches_reference(loaded, convs, results)
