@@ -262,14 +262,17 @@ def main() -> None:
         rows = []
         for level in levels:
             some = bodies[: args.single_requests] if level == 1 and args.single_requests else bodies
+            cpu = time.process_time()
             row = pool.submit(client.run_load, url, some, level).result()
+            row["server_cpu_ms_per_request"] = (time.process_time() - cpu) * 1000 / row["requests"]
             row["vs_baseline"] = row["requests_per_s"] / base["requests_per_s"]
             row.update(clock.ttft())
             rows.append(row)
             print(f"  engine, concurrency {level:>3}: {row['requests_per_s']:.3f} req/s, "
                   f"{row['output_tokens_per_s']:.1f} tok/s, TTFT p50 {row['server_ttft_p50_ms']:.1f} ms "
                   f"p99 {row['server_ttft_p99_ms']:.1f} ms (first text: p50 {row['ttft_p50_ms']:.1f} ms) "
-                  f"— {row['vs_baseline']:.2f}x the baseline", flush=True)
+                  f"— {row['vs_baseline']:.2f}x the baseline; CPU time per request: server "
+                  f"{row['server_cpu_ms_per_request']:.1f} ms, load generator {row['client_cpu_ms_per_request']:.1f} ms", flush=True)
         result["engine"] = rows
         follow_up = workload(1, args.image, seed=9_000)[0]
         clock.ttft()

@@ -83,3 +83,21 @@ def test_unsupported_model_type_is_refused(loaded_model):
             QwenVLRunner(loaded.model)
     finally:
         loaded.model.config.model_type = original
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])  # Qwen2/2.5-VL: none; Qwen3-VL: bias
+def test_patch_embedding_as_a_matmul_equals_the_convolution(bias):
+    from localvl.engine.qwen_vl import patches_as_matmul
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv3d(3, 32, kernel_size=(2, 14, 14), stride=(2, 14, 14), bias=bias)
+    patches = torch.randn(50, 3, 2, 14, 14)
+    expected = conv(patches)
+    patches_as_matmul(conv)
+    got = conv(patches)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    # anything but a kernel applied exactly once per input is left to the convolution
+    overlapping = torch.nn.Conv3d(3, 8, kernel_size=(2, 4, 4), stride=(2, 2, 2))
+    patches_as_matmul(overlapping)
+    assert "forward" not in vars(overlapping)

@@ -11,6 +11,7 @@ prefix stays hittable for as long as memory allows.
 from __future__ import annotations
 
 import hashlib
+from array import array
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -32,17 +33,19 @@ class ImageSpan:
 def chain_hash(previous: bytes, tokens: Sequence[int], image_keys: Sequence[str]) -> bytes:
     """The hash of one full block given the hash of the block before it."""
     h = hashlib.blake2b(previous, digest_size=16)
-    h.update(b",".join(str(t).encode() for t in tokens))
+    h.update(array("q", tokens).tobytes())
     for key in image_keys:  # image tokens all share one id: the picture itself must be in the hash
         h.update(b"|" + key.encode())
     return h.digest()
 
 
-def block_hashes(tokens: Sequence[int], images: Sequence[ImageSpan], block_size: int, count: int) -> list[bytes]:
-    """Chained hashes of the first ``count`` full blocks of ``tokens``."""
+def block_hashes(
+    tokens: Sequence[int], images: Sequence[ImageSpan], block_size: int, count: int, first: int = 0, previous: bytes = b""
+) -> list[bytes]:
+    """Chained hashes of full blocks ``first`` to ``count - 1`` of ``tokens``, ``previous`` being
+    the hash of block ``first - 1``."""
     hashes: list[bytes] = []
-    previous = b""
-    for index in range(count):
+    for index in range(first, count):
         start, end = index * block_size, (index + 1) * block_size
         keys = [f"{span.key}@{start - span.start}" for span in images if span.start < end and span.end > start]
         previous = chain_hash(previous, tokens[start:end], keys)
@@ -62,6 +65,7 @@ class BlockTable:
 
     blocks: list[int] = field(default_factory=list)
     hashed: int = 0  # leading blocks known computed: found in the prefix cache or registered since
+    tail: bytes = b""  # the chained hash of block ``hashed - 1``: registering goes on from there
 
 
 class BlockManager:
@@ -130,7 +134,8 @@ class BlockManager:
         hits = self.cached_prefix(tokens, images)
         for block_id in hits:
             self._acquire(block_id)
-        table = BlockTable(blocks=list(hits), hashed=len(hits))
+        tail = self._blocks[hits[-1]].hash or b"" if hits else b""
+        table = BlockTable(blocks=list(hits), hashed=len(hits), tail=tail)
         while len(table.blocks) < self.blocks_for(len(tokens)):
             table.blocks.append(self._take_free())
         return table
@@ -154,16 +159,16 @@ class BlockManager:
         if full <= table.hashed:
             return 0
         created = 0
-        hashes = block_hashes(tokens, images, self.block_size, full)
-        for index in range(table.hashed, full):
+        hashes = block_hashes(tokens, images, self.block_size, full, table.hashed, table.tail)
+        for index, digest in zip(range(table.hashed, full), hashes):
             block = self._blocks[table.blocks[index]]
-            digest = hashes[index]
             if digest not in self._by_hash:
                 self._by_hash[digest] = table.blocks[index]
                 block.hash = digest
                 if (index + 1) * self.block_size <= prompt_length:
                     created += self.block_size
         table.hashed = full
+        table.tail = hashes[-1]
         return created
 
     def free(self, table: BlockTable) -> None:
@@ -175,6 +180,7 @@ class BlockManager:
                 self._free[block_id] = None
         table.blocks = []
         table.hashed = 0
+        table.tail = b""
 
     def check(self, tables: Sequence[BlockTable]) -> None:
         """Raise AssertionError if the allocator's books disagree with the live block tables."""

@@ -121,6 +121,11 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor 
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=True)
 
 
+def _gather(blocks: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """``blocks[ids]`` for block ids of any shape; index_select is ~5x faster than advanced indexing on CPU."""
+    return blocks.index_select(0, ids.flatten()).view(*ids.shape, *blocks.shape[1:])
+
+
 def _attend_rows(q: torch.Tensor, key_blocks: torch.Tensor, value_blocks: torch.Tensor, batch: AttentionBatch, scale: float | None, out: torch.Tensor) -> None:
     """All short chunks in one call. The query heads sharing a KV head are folded into the query
     axis (``[rows, kv_heads, group * queries, dim]``): no repeated keys, and kernels that take a mask
@@ -136,8 +141,8 @@ def _attend_rows(q: torch.Tensor, key_blocks: torch.Tensor, value_blocks: torch.
         out[:rows] = paged_decode(q[:, :rows].transpose(0, 1), key_blocks, value_blocks, batch.row_blocks, batch.row_lengths, scale)
         return
     assert batch.row_mask is not None
-    k = key_blocks[batch.row_blocks].flatten(1, 2).transpose(1, 2)  # [rows, kv_heads, context, dim]
-    v = value_blocks[batch.row_blocks].flatten(1, 2).transpose(1, 2)
+    k = _gather(key_blocks, batch.row_blocks).flatten(1, 2).transpose(1, 2)  # [rows, kv_heads, context, dim]
+    v = _gather(value_blocks, batch.row_blocks).flatten(1, 2).transpose(1, 2)
     kv_heads = k.shape[1]
     groups = heads // kv_heads
     mask = batch.row_mask
@@ -185,8 +190,8 @@ def paged_attention(
         _attend_rows(q, key_blocks, value_blocks, batch, scaling, out)
     for chunk in batch.prefills:
         context = chunk.context
-        k = key_blocks[chunk.context_blocks].flatten(0, 1)[:context].transpose(0, 1).unsqueeze(0)  # [1, kv_heads, context, dim]
-        v = value_blocks[chunk.context_blocks].flatten(0, 1)[:context].transpose(0, 1).unsqueeze(0)
+        k = _gather(key_blocks, chunk.context_blocks).flatten(0, 1)[:context].transpose(0, 1).unsqueeze(0)  # [1, kv_heads, context, dim]
+        v = _gather(value_blocks, chunk.context_blocks).flatten(0, 1)[:context].transpose(0, 1).unsqueeze(0)
         qc = q[:, chunk.start : chunk.end].unsqueeze(0)
         length = chunk.end - chunk.start
         mask = None

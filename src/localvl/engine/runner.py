@@ -175,7 +175,9 @@ class StepRunner:
         device = self.model.device
 
         ids: list[int] = []
-        positions: list[torch.Tensor] = []
+        prompt_positions: list[tuple[int, torch.Tensor]] = []  # (packed start, [3, tokens]) of prompt tokens
+        tail_at: list[int] = []  # packed indices of generated tokens, and their (text-only) positions
+        tail_positions: list[int] = []
         slots: list[int] = []
         features: list[tuple[int, torch.Tensor, list[torch.Tensor] | None]] = []  # (packed start, rows, deepstack)
         samplers: list[tuple[Scheduled, int]] = []
@@ -189,10 +191,11 @@ class StepRunner:
             ids.extend(seq.span(start, end))
             prompt_length = len(seq.prompt)
             if start < prompt_length:
-                positions.append(state.positions[:, start : min(end, prompt_length)])
+                prompt_positions.append((packed, state.positions[:, start : min(end, prompt_length)]))
             if end > prompt_length:
-                tail = torch.tensor(range(max(start, prompt_length) + state.delta, end + state.delta))
-                positions.append(tail.expand(3, -1))
+                first = max(start, prompt_length)
+                tail_at.extend(range(packed + first - start, packed + s.count))
+                tail_positions.extend(range(first + state.delta, end + state.delta))
             slots.extend(self._slots(seq, start, end))
             for span, image in zip(seq.images, state.features or []):
                 lo, hi = max(start, span.start), min(end, span.end)
@@ -225,7 +228,12 @@ class StepRunner:
                 visual_mask[at : at + rows.shape[0]] = True
             if features[0][2] is not None:
                 deepstack = [torch.cat([f[2][i] for f in features]) for i in range(len(features[0][2]))]
-        hidden = self.model.forward(embeds, torch.cat(positions, dim=1).to(device), attention, visual_mask, deepstack)
+        positions = torch.empty(3, len(ids), dtype=torch.long)
+        for at, chunk in prompt_positions:
+            positions[:, at : at + chunk.shape[1]] = chunk
+        if tail_at:
+            positions[:, tail_at] = torch.tensor(tail_positions, dtype=torch.long)
+        hidden = self.model.forward(embeds, positions.to(device), attention, visual_mask, deepstack)
         if not samplers:
             return [], None
         rows = torch.tensor([row for _, row in samplers], device=device)

@@ -11,6 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from localvl.models.patches import fast_patches
+
 
 def image_only(processor_class: type) -> type:
     """A subclass of a stock processor class whose constructor takes no video processor.
@@ -42,7 +44,7 @@ def load_processor(name_or_path: str, **kwargs: Any) -> Any:
     from transformers import AutoConfig, AutoProcessor
 
     try:
-        return AutoProcessor.from_pretrained(name_or_path, **kwargs)
+        return _faster(AutoProcessor.from_pretrained(name_or_path, **kwargs))
     except ImportError as error:
         if "torchvision" not in str(error).lower():
             raise
@@ -55,4 +57,11 @@ def load_processor(name_or_path: str, **kwargs: Any) -> Any:
     processor_class = getattr(transformers, class_name or "", None)
     if processor_class is None:
         raise ImportError(f"cannot load the processor of {name_or_path} without torchvision (class {class_name!r})")
-    return image_only(processor_class).from_pretrained(name_or_path, **kwargs)
+    return _faster(image_only(processor_class).from_pretrained(name_or_path, **kwargs))
+
+
+def _faster(processor: Any) -> Any:
+    image_processor = getattr(processor, "image_processor", None)
+    if image_processor is not None:
+        fast_patches(image_processor)
+    return processor
