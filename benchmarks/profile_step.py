@@ -46,12 +46,36 @@ async def decode(engine: LocalEngine, batch: int, tokens: int) -> None:
     await asyncio.gather(*(one(i, c) for i, c in enumerate(convs)))
 
 
+async def profile_prefill(engine: LocalEngine, activities: list, sort: str) -> None:  # type: ignore[type-arg]
+    """Where one request's time to first token goes: its prefill step (vision tower included), alone."""
+    conv = workload(1, 448, seed=777)[0].conversation()
+    done: dict[str, float] = {}
+    run = engine.runner.run
+
+    def once(batch):  # type: ignore[no-untyped-def]
+        if done or not any(s.count > 1 for s in batch):
+            return run(batch)
+        with torch.profiler.profile(activities=activities) as prof:
+            out, ms = timed(engine.model.device, run, batch)
+        done["ms"] = ms
+        print(f"prefill step of one request ({sum(s.count for s in batch)} tokens, one 448px image): {ms:.1f} ms")
+        print(prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=70))
+        return out
+
+    engine.runner.run = once  # type: ignore[method-assign]
+    stream = await engine.submit(GenerationRequest("prefill", conv, SamplingParams(max_tokens=1, temperature=0)))
+    async for _ in stream:
+        pass
+    engine.runner.run = run  # type: ignore[method-assign]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=["tiny", "3b"], default="tiny")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--tokens", type=int, default=48)
+    parser.add_argument("--prefill", action="store_true", help="also profile one request's prefill step")
     parser.add_argument("--log-level", default="warning", help="localvl's log level (debug shows engine tracebacks)")
     args = parser.parse_args()
     logging.basicConfig(level="WARNING", format="%(levelname)s %(name)s: %(message)s")
@@ -112,6 +136,8 @@ def main() -> None:
             sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
             print(f"profile of 5 decode steps at batch {args.batch}:")
             print(prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=70))
+            if args.prefill:
+                await profile_prefill(engine, activities, sort)
         finally:
             await engine.stop()
 

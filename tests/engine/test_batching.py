@@ -315,10 +315,12 @@ def test_logprobs_are_the_models_own_and_cover_every_token(loaded_model):
     assert b"".join(bytes(e.bytes) for e in entries if e.token not in specials).decode("utf-8", "replace") == text
     # the first token's log-probability is the reference model's, from one plain forward pass
     prompt = Renderer(loaded.processor).render(conv)
+    device = loaded.model.device
     with torch.no_grad():
         logits = loaded.model(
-            input_ids=prompt.input_ids[None], pixel_values=prompt.pixel_values, image_grid_thw=prompt.image_grid_thw,
-            mm_token_type_ids=(prompt.input_ids == loaded.model.config.image_token_id).int()[None],
+            input_ids=prompt.input_ids[None].to(device), pixel_values=prompt.pixel_values.to(device),
+            image_grid_thw=prompt.image_grid_thw.to(device),
+            mm_token_type_ids=(prompt.input_ids == loaded.model.config.image_token_id).int()[None].to(device),
         ).logits[0, -1]
     logits[len(loaded.tokenizer):] = float("-inf")
     expected = torch.log_softmax(logits.float(), dim=-1)

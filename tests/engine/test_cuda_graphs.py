@@ -24,15 +24,25 @@ def test_decode_steps_replay_captured_graphs(loaded_model):
     if loaded.model.device.type != "cuda":
         pytest.skip("the test model is on the CPU (set LOCALVL_TEST_DEVICE=cuda)")
 
+    engine = LocalEngine(loaded, EngineConfig(kv_cache_memory=64 << 20, max_num_seqs=8))
+    graphs = engine.runner.graphs
+    captured = set(graphs._graphs)
+    if graphs.kernel:  # every batch bucket captured at start-up, at one width
+        assert captured == {(b, graphs.max_width) for b in graphs.batch_sizes}
+
     async def main():
-        engine = LocalEngine(loaded, EngineConfig(kv_cache_memory=64 << 20))
         await engine.start()
         try:
-            conv = Conversation([Turn("user", [Text("hello there")])])
-            stream = await engine.submit(GenerationRequest("g", conv, SamplingParams(max_tokens=8, temperature=0)))
-            [event async for event in stream]
+            async def one(i, words):
+                conv = Conversation([Turn("user", [Text("hello there " * words)])])
+                request = GenerationRequest(f"g{i}", conv, SamplingParams(max_tokens=8, temperature=0))
+                return [event async for event in await engine.submit(request)]
+
+            await asyncio.gather(*(one(i, 1 + 40 * i) for i in range(3)))  # contexts of different widths
             return engine.stats()
         finally:
             await engine.stop()
 
     assert asyncio.run(main())["graph_replays"] > 0
+    if graphs.kernel:
+        assert set(graphs._graphs) == captured  # no request waited on a capture

@@ -2,9 +2,12 @@
 
 A decode step of a 3B model is a few hundred small kernels; launched one by one from Python they
 take several times longer than the GPU needs to run them. Each pure-decode step (every sequence
-feeding one generated token) is instead padded to a captured shape — a batch-size bucket and a
-context-width bucket — and replayed. Shapes are captured on first use. Padding rows write to the
-KV pool's scratch block and their logits are dropped.
+feeding one generated token) is instead padded to a captured shape and replayed. With the decode
+kernel (``triton_decode.py``), which reads each row only up to its own length, a shape is a batch-size
+bucket, and all of them are captured at start-up (``capture_all``) so no request waits on a capture.
+Without it, SDPA reads a gathered copy as wide as the block table, so a shape is a batch-size bucket
+and a context-width bucket, captured on first use. Padding rows write to the KV pool's scratch block
+and their logits are dropped.
 """
 
 from __future__ import annotations
@@ -53,6 +56,8 @@ class DecodeGraphs:
         self.blocks = torch.zeros(self.max_batch, self.max_width, dtype=torch.long, device=device)
         self.mask = torch.zeros(self.max_batch, 1, 1, self.max_width * size, dtype=torch.bool, device=device)
         self.lengths = torch.ones(self.max_batch, dtype=torch.int32, device=device)
+        self.slots.fill_(cache.scratch_block * size)  # until a step fills them, rows are padding
+        self.blocks.fill_(cache.scratch_block)
         self.kernel = False  # set with the runner's: decode attention reads the pool in place
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         # Off a GPU the padded static-buffer step runs eagerly: the same code path, testable on a CPU.
@@ -67,8 +72,28 @@ class DecodeGraphs:
         if self.kernel:  # attention reads the pool in place: no gathered copy to bound
             return True
         batch = next(b for b in self.batch_sizes if b >= rows)
-        width = next(w for w in self.widths if w >= widest)
-        return batch * width * self.cache.block_size <= MAX_GRAPH_SLOTS
+        return batch * self._width(widest) * self.cache.block_size <= MAX_GRAPH_SLOTS
+
+    def _width(self, widest: int) -> int:
+        if self.kernel:  # the kernel stops at each row's length: the table's width costs nothing
+            return self.max_width
+        return next(w for w in self.widths if w >= widest)
+
+    def capture_all(self) -> int:
+        """Capture every batch-size bucket now (kernel only: one width). Returns how many were captured."""
+        if not (self.capture and self.kernel) or self.disabled:
+            return 0
+        with torch.inference_mode():
+            for batch in self.batch_sizes:
+                key = (batch, self.max_width)
+                if key not in self._graphs:
+                    try:
+                        self._graphs[key] = self._capture(batch, self.max_width)
+                    except Exception as error:  # never fatal: eager steps compute the same thing
+                        logger.warning("CUDA graphs disabled: capture failed (%s: %s)", type(error).__name__, error)
+                        self.disabled = True
+                        return 0
+        return len(self._graphs)
 
     def _forward(self, batch: int, width: int) -> torch.Tensor:
         size = self.cache.block_size
@@ -104,7 +129,10 @@ class DecodeGraphs:
         rows = len(ids)
         widest = max(len(b) for b in blocks)
         batch = next(b for b in self.batch_sizes if b >= rows)
-        width = next(w for w in self.widths if w >= widest)
+        width = self._width(widest)
+        # The kernel never reads past a row's length, so only the columns in use are written; SDPA
+        # gathers the whole width (masked), so there every column must hold a real block.
+        filled = widest if self.kernel else width
         size = self.cache.block_size
         scratch = self.cache.scratch_block
         pad = batch - rows
@@ -112,12 +140,12 @@ class DecodeGraphs:
         host_positions = torch.zeros(3, batch, dtype=torch.long)
         host_positions[:, :rows] = positions
         host_slots = torch.tensor(slots + [scratch * size] * pad, dtype=torch.long)
-        host_blocks = torch.tensor([b + [scratch] * (width - len(b)) for b in blocks] + [[scratch] * width] * pad)
+        host_blocks = torch.tensor([b + [scratch] * (filled - len(b)) for b in blocks] + [[scratch] * filled] * pad)
         spans = torch.tensor(lengths + [1] * pad)
         self.ids[:batch].copy_(host_ids, non_blocking=True)
         self.positions[:, :batch].copy_(host_positions, non_blocking=True)
         self.slots[:batch].copy_(host_slots, non_blocking=True)
-        self.blocks[:batch, :width].copy_(host_blocks, non_blocking=True)
+        self.blocks[:batch, :filled].copy_(host_blocks, non_blocking=True)
         if not self.kernel:  # the kernel reads lengths; the SDPA path needs the mask
             host_mask = torch.arange(width * size).unsqueeze(0) < spans.unsqueeze(1)
             self.mask[:batch, 0, 0, : width * size].copy_(host_mask, non_blocking=True)

@@ -14,6 +14,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from dataclasses import dataclass
 
 import anyio
@@ -89,6 +90,9 @@ class LocalEngine:
             self.runner.decode_kernel = kernel
             if graphs is not None:
                 graphs.kernel = kernel
+                started = time.perf_counter()
+                if captured := graphs.capture_all():
+                    logger.info("captured %d decode graphs in %.1f s", captured, time.perf_counter() - started)
         # A sequence can never outgrow the pool, whatever the model's context says.
         capacity = self.kv_cache.num_blocks * config.block_size
         self._info = ModelInfo(loaded.name_or_path, loaded.model_type, min(loaded.context_length, capacity))

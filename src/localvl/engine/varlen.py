@@ -46,9 +46,10 @@ def varlen_attention(
     out = torch.empty_like(q)
     heads, _, dim = q.shape
     for length, starts in groups.items():
-        if len(starts) == 1:
+        if len(starts) == 1:  # 4-D: 3-D inputs send SDPA to its slow math kernel (CPU: 15.7 vs 1.6 ms here)
             span = slice(starts[0], starts[0] + length)
-            out[:, span] = F.scaled_dot_product_attention(q[:, span], k[:, span], v[:, span], scale=scaling)
+            o = F.scaled_dot_product_attention(q[None, :, span], k[None, :, span], v[None, :, span], scale=scaling)
+            out[:, span] = o[0]
             continue
         index = (torch.tensor(starts).unsqueeze(1) + torch.arange(length).unsqueeze(0)).flatten().to(q.device)
 

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# One GPU session's checks, in the order that matters: the engine's tests on CUDA, then the load
+# benchmark on the 3B shape, then where a step's time goes. Output under $OUT (or ./device-out).
+# Usage on a bare device machine (see docs/PERFORMANCE.md): bash benchmarks/device_check.sh
+set -u
+out=${OUT:-device-out}
+mkdir -p "$out"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.txt"
+python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$out/gpu.txt"
+LOCALVL_TEST_DEVICE=cuda timeout "${TESTS_S:-200}" python3 -m pytest -q -x -p no:cacheprovider tests/engine tests/models/test_patches.py 2>&1 | tail -15 | tee "$out/tests.txt"
+timeout "${LOAD_S:-240}" python3 benchmarks/load.py --shape 3b --device cuda --concurrency 1,16,64 --requests 64 \
+  --single-requests 8 --baseline-requests 2 --tokens 128 --json "$out/load.json" 2>&1 | grep -v -E "Loading|Writing" | tee "$out/load.txt"
+timeout "${PROFILE_S:-80}" python3 benchmarks/profile_step.py --shape 3b --device cuda --batch 64 --tokens 24 2>&1 | grep -v -E "Loading|Writing" | head -60 | tee "$out/profile.txt"
