@@ -53,6 +53,7 @@ def _serve_parser(sub: Any) -> None:
     p.add_argument("--max-request-bytes", dest="max_request_bytes", type=int, help="largest request body")
     p.add_argument("--ping-interval", dest="ping_interval", type=float, help="seconds between SSE pings")
     p.add_argument("--cache-dir", dest="cache_dir", type=Path, help="where the demo model is kept")
+    p.add_argument("--thinking-key", dest="thinking_key", help="key that signs thinking blocks (default: kept in the cache dir)")
     p.add_argument("--log-level", dest="log_level", help="debug, info, warning, error")
 
 

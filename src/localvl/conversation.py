@@ -81,12 +81,27 @@ class Tool:
     input_schema: dict[str, Any]
 
 
+@dataclass(frozen=True)
+class ToolChoice:
+    """auto: the model decides · any: it must call one of the tools · tool: it must call ``name`` ·
+    none: it may not call tools. ``parallel``: more than one call per turn is allowed."""
+
+    mode: Literal["auto", "any", "tool", "none"] = "auto"
+    name: str | None = None
+    parallel: bool = True
+
+
 @dataclass
 class Conversation:
-    """Turns in order; a final assistant turn is a prefill that the answer continues."""
+    """Turns in order; a final assistant turn is a prefill that the answer continues.
+
+    ``thinking``: ask a thinking template to think (True) or not (False); None leaves it to the
+    template's default.
+    """
 
     turns: list[Turn]
     tools: list[Tool] = field(default_factory=list)
+    thinking: bool | None = None
 
     @property
     def prefill(self) -> Turn | None:
@@ -118,3 +133,7 @@ class GenerationRequest:
     conversation: Conversation
     sampling: SamplingParams
     priority: int = 0  # lower runs first: interactive 0, background work (batches) higher
+    tool_choice: ToolChoice = field(default_factory=ToolChoice)
+    thinking_budget: int | None = None  # most tokens of thinking before the answer is forced to begin
+    output_schema: dict[str, Any] | None = None  # the answer's text must be JSON valid against it
+    strict_tools: tuple[str, ...] = ()  # tools whose calls must validate against their input schema

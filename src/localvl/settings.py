@@ -58,6 +58,9 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="largest request body accepted")
     ping_interval: float = Field(10.0, gt=0, description="seconds between SSE pings while nothing else is sent")
     cache_dir: Path | None = Field(None, description="where localvl keeps the demo model and vocabularies")
+    thinking_key: str | None = Field(
+        None, description="key that signs thinking blocks; default: a random key kept in the cache directory"
+    )
     log_level: str = "info"
 
     @field_validator("api_key", "alias", mode="before")

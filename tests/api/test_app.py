@@ -94,6 +94,18 @@ def test_body_over_the_limit_is_413(client):
         (body(messages=[{"role": "user", "content": [{"type": "image", "source": {"type": "url", "url": "http://example.com/a.png"}}]}]), "messages.0.content.0.source.type"),
         (body(messages=[{"role": "user", "content": ""}]), "messages.0"),
         (body(temperature=2), "temperature"),
+        (body(thinking={"type": "enabled", "budget_tokens": 1024}), "`max_tokens` must be greater"),
+        (body(max_tokens=4000, thinking={"type": "enabled", "budget_tokens": 100}), "thinking.enabled.budget_tokens"),
+        (body(thinking={"type": "sometimes"}), "thinking.type"),
+        (body(tool_choice={"type": "any"}), "tool_choice"),
+        (body(tools=[{"name": "f", "input_schema": {"type": "object"}}], tool_choice={"type": "tool", "name": "g"}),
+         "tool_choice.name"),
+        (body(max_tokens=4000, thinking={"type": "enabled", "budget_tokens": 2000},
+              tools=[{"name": "f", "input_schema": {"type": "object"}}], tool_choice={"type": "any"}), "Thinking may not"),
+        (body(output_config={"format": {"type": "json_object"}}), "output_config.format"),
+        (body(messages=[{"role": "user", "content": "a"}, {"role": "assistant", "content": [
+            {"type": "thinking", "thinking": "I made this up", "signature": "bm90IGEgc2lnbmF0dXJl"}]},
+            {"role": "user", "content": "b"}]), "messages.1.content.0.signature"),
     ],
 )
 def test_bad_input_is_a_400_that_says_where(client, payload, where):
@@ -110,7 +122,7 @@ def test_non_json_and_empty_bodies_are_400(client):
 def test_unknown_fields_betas_and_ignored_blocks_are_accepted(client):
     payload = body(
         context_management={"edits": []},
-        thinking={"type": "enabled", "budget_tokens": 1024},
+        thinking={"type": "adaptive"},
         service_tier="auto",
         metadata={"user_id": "u-1"},
         some_future_field={"x": 1},

@@ -17,7 +17,9 @@ from localvl.api.openai.routes import router as openai_router
 from localvl.api.errors import install_error_handlers
 from localvl.api.middleware import RequestContextMiddleware
 from localvl.api.model_names import ModelNames, ServedModel, parse_aliases
+from localvl.api.signatures import ThinkingSigner
 from localvl.engine.protocol import Engine
+from localvl.models.tiny import default_cache_dir
 from localvl.settings import Settings
 
 
@@ -57,6 +59,7 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
     app.state.settings = settings
     app.state.engine = engine
     app.state.model_names = model_names(settings, engine)
+    app.state.signer = ThinkingSigner.from_settings(settings.thinking_key, settings.cache_dir or default_cache_dir())
     app.state.ready = False
     install_error_handlers(app)
     app.add_middleware(RequestContextMiddleware, max_request_bytes=settings.max_request_bytes)

@@ -20,6 +20,7 @@ from localvl.engine.sampling import ResolvedSampling
 from localvl.engine.sequence import Sequence
 from localvl.engine.stops import StopMatcher
 from localvl.errors import LocalvlError
+from localvl.prompt.outputs import OutputParser
 
 
 class Outbox:
@@ -69,6 +70,7 @@ class Job:
     prompt_ids: torch.Tensor | None = None  # distinct prompt ids, for the repetition penalty
     logprobs: int | None = None  # alternatives per token, when log-probabilities were asked for
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)  # tokens whose text is held back
+    parser: OutputParser | None = None  # splits thinking and tool calls out of the text
 
     def emit(self, item: Event | LocalvlError) -> None:
         self.outbox.add(self, item)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Union
+from typing import Any, Literal, Union
 
-# eos: the model ended its turn · max_tokens: the request's limit · stop_sequence: a client stop
-# string matched · context_window: the model's context filled up before either of those.
-FinishReason = Literal["eos", "max_tokens", "stop_sequence", "context_window"]
+# eos: the model ended its turn · tool_use: it ended its turn having called tools · max_tokens:
+# the request's limit · stop_sequence: a client stop string matched · context_window: the model's
+# context filled up before either of those.
+FinishReason = Literal["eos", "tool_use", "max_tokens", "stop_sequence", "context_window"]
 
 
 @dataclass(frozen=True)
@@ -36,10 +37,26 @@ class TextDelta:
 
 
 @dataclass(frozen=True)
+class ThinkingDelta:
+    """Reasoning the model wrote before its answer (inside ``<think>`` for Qwen models)."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class ToolCallEvent:
+    """A whole tool call: emitted once its arguments are complete and parse."""
+
+    id: str
+    name: str
+    input: dict[str, Any]
+
+
+@dataclass(frozen=True)
 class Finished:
     reason: FinishReason
     usage: Usage
     stop_sequence: str | None = None
 
 
-Event = Union[TextDelta, Finished]
+Event = Union[TextDelta, ThinkingDelta, ToolCallEvent, Finished]

@@ -25,7 +25,7 @@ from localvl.engine.blocks import BlockManager
 from localvl.engine.bridge import Job, Outbox, Stream
 from localvl.engine.cuda_graphs import DecodeGraphs
 from localvl.engine.detokenizer import IncrementalDetokenizer, special_token_ids, token_bytes
-from localvl.engine.events import FinishReason, Finished, TextDelta, TokenLogprob, Usage
+from localvl.engine.events import FinishReason, Finished, TextDelta, ThinkingDelta, TokenLogprob, ToolCallEvent, Usage
 from localvl.engine.kv_cache import PagedKVCache
 from localvl.engine.protocol import ModelInfo
 from localvl.engine.qwen_vl import QwenVLRunner
@@ -37,6 +37,7 @@ from localvl.engine.stops import StopMatcher
 from localvl.engine.vision import ImageCache
 from localvl.errors import InternalError, InvalidRequestError, OverloadedError, ServiceUnavailableError
 from localvl.models.loader import LoadedModel
+from localvl.prompt.outputs import THINK_OPEN, OutputParser, Piece, TextPiece, ThinkingPiece, tool_call_id
 from localvl.prompt.render import Renderer
 
 logger = logging.getLogger(__name__)
@@ -190,6 +191,7 @@ class LocalEngine:
             context_limited=sampling.max_tokens > room,
             loop=asyncio.get_running_loop(),
             outbox=self._outbox,
+            parser=self._parser(request, ids),
         )
         seq = Sequence(
             request.id, ids, images, max_new_tokens=min(sampling.max_tokens, room), priority=request.priority, payload=job
@@ -199,6 +201,15 @@ class LocalEngine:
         self._submitted += 1
         self._inbox.put(seq)
         return Stream(seq, self.abort)
+
+    def _parser(self, request: GenerationRequest, ids: list[int]) -> OutputParser | None:
+        tools = bool(request.conversation.tools) and request.tool_choice.mode != "none"
+        thinking = self.renderer.thinks and request.conversation.thinking is not False
+        if not (tools or thinking):
+            return None
+        # Thinking templates open <think> in the generation prompt: the output starts inside it.
+        opened = thinking and self._tokenizer.decode(ids[-3:]).rstrip().endswith(THINK_OPEN)
+        return OutputParser(tools=tools, thinking=thinking, in_thinking=opened)
 
     def _check_queue(self) -> None:
         if self._submitted - self._started >= self.config.max_queue:
@@ -367,6 +378,21 @@ class LocalEngine:
         text, raw = self._token_text(token)
         job.pending_logprobs.append(TokenLogprob(text, float(logprobs[token]), raw, tuple(top)))
 
+    def _emit_text(self, job: Job, text: str) -> None:
+        if job.parser is None:
+            job.emit(self._delta(job, text))
+        else:
+            self._emit_pieces(job, job.parser.feed(text))
+
+    def _emit_pieces(self, job: Job, pieces: list[Piece]) -> None:
+        for piece in pieces:
+            if isinstance(piece, TextPiece):
+                job.emit(self._delta(job, piece.text))
+            elif isinstance(piece, ThinkingPiece):
+                job.emit(ThinkingDelta(piece.text))
+            else:
+                job.emit(ToolCallEvent(tool_call_id(), piece.name, piece.input))
+
     def _delta(self, job: Job, text: str) -> TextDelta:
         """A delta carrying the log-probabilities of every token its text completes."""
         delta = TextDelta(text, tuple(job.pending_logprobs))
@@ -397,7 +423,7 @@ class LocalEngine:
             seq.outputs.append(token)
             text = job.stops.feed(job.detokenizer.add(token))
             if text:
-                job.emit(self._delta(job, text))
+                self._emit_text(job, text)
             if job.stops.matched is not None:
                 reason = "stop_sequence"
             elif len(seq.outputs) >= seq.max_new_tokens:
@@ -406,10 +432,16 @@ class LocalEngine:
             return
         if job.stops.matched is None:
             tail = job.stops.feed(job.detokenizer.flush()) + job.stops.flush()
-            if tail or job.pending_logprobs:
-                job.emit(self._delta(job, tail))
+            if tail:
+                self._emit_text(job, tail)
             if job.stops.matched is not None:
                 reason = "stop_sequence"
+        if job.parser is not None:
+            self._emit_pieces(job, job.parser.finish())
+            if reason == "eos" and job.parser.tool_calls:
+                reason = "tool_use"
+        if job.pending_logprobs:
+            job.emit(self._delta(job, ""))
         read, created = seq.cache_read_tokens, seq.cache_created_tokens
         usage = Usage(
             input_tokens=len(seq.prompt) - read - created,

@@ -8,6 +8,8 @@ it is whatever the folder's chat template says.
 from __future__ import annotations
 
 import copy
+import functools
+import json
 import queue
 from typing import Any
 
@@ -17,6 +19,7 @@ import torch
 from localvl.conversation import Conversation, Image, Text, Thinking, ToolCall, ToolResult, Turn
 from localvl.engine.qwen_vl import PromptInputs
 from localvl.errors import InvalidRequestError
+from localvl.prompt.tools import PROBE_TOOL, hermes_messages
 
 
 def _content(parts: list[Any]) -> str | list[dict[str, Any]]:
@@ -93,21 +96,52 @@ class Renderer:
         for _ in range(max(1, workers) - 1):
             self._processors.put(copy.deepcopy(processor))
 
+    @property
+    def _template_owner(self) -> Any:
+        return self.processor if getattr(self.processor, "chat_template", None) else self.tokenizer
+
+    @functools.cached_property
+    def chat_template(self) -> str:
+        template = getattr(self._template_owner, "chat_template", None) or ""
+        return template if isinstance(template, str) else json.dumps(template)
+
+    @functools.cached_property
+    def renders_tools(self) -> bool:
+        """Whether the folder's template writes a ``tools`` list into the prompt itself."""
+        probe = [{"type": "function", "function": {"name": PROBE_TOOL, "description": "", "parameters": {"type": "object"}}}]
+        try:
+            text = self._template_owner.apply_chat_template(
+                [{"role": "user", "content": "hi"}], tools=probe, tokenize=False, add_generation_prompt=True
+            )
+        except Exception:  # a template that chokes on tools cannot render them
+            return False
+        return PROBE_TOOL in text
+
+    @functools.cached_property
+    def thinks(self) -> bool:
+        """Whether the model writes ``<think>`` reasoning: its template knows the tag."""
+        return "<think>" in self.chat_template
+
     def prompt_text(self, conversation: Conversation) -> str:
         prefill = conversation.prefill
         if prefill is not None and prefill.text != prefill.text.rstrip():
             raise InvalidRequestError("final assistant content cannot end with trailing whitespace")
         kwargs: dict[str, Any] = dict(self.template_kwargs)
+        messages = template_messages(conversation)
         tools = template_tools(conversation)
-        if tools:
-            kwargs["tools"] = tools
+        if self.renders_tools:
+            if tools:
+                kwargs["tools"] = tools
+        elif tools or any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
+            messages = hermes_messages(messages, tools)
+        if conversation.thinking is not None:
+            kwargs["enable_thinking"] = conversation.thinking
         if prefill is not None:
             kwargs.update(add_generation_prompt=False, continue_final_message=True)
         else:
             kwargs.update(add_generation_prompt=True)
-        template_owner = self.processor if getattr(self.processor, "chat_template", None) else self.tokenizer
         try:
-            return template_owner.apply_chat_template(template_messages(conversation), tokenize=False, **kwargs)
+            return self._template_owner.apply_chat_template(messages, tokenize=False, **kwargs)
         except jinja2.TemplateError as error:
             raise InvalidRequestError(f"the model's chat template rejected the conversation: {error}") from None
         except ValueError as error:  # e.g. continue_final_message on content the template rewrote

@@ -3,7 +3,7 @@
 import asyncio
 import json
 
-from localvl.api.anthropic.stream import collect_message, message_events
+from localvl.api.anthropic.stream import Output, collect_message, message_events
 from localvl.engine.events import Finished, TextDelta, Usage
 from localvl.errors import InternalError, OverloadedError
 
@@ -46,7 +46,7 @@ def parse(frames: list[bytes]) -> list[tuple[str, dict]]:
 
 async def drain(stream, interval=10.0, stop_after=None):
     frames = []
-    generator = message_events(stream, "msg_1", "claude-x", interval)
+    generator = message_events(stream, Output("msg_1", "claude-x"), interval)
     async for frame in generator:
         frames.append(frame)
         if stop_after is not None and len(frames) >= stop_after:
@@ -98,7 +98,7 @@ def test_a_consumer_that_leaves_early_closes_the_generation():
 
 def test_collect_message_builds_the_whole_message():
     stream = FakeStream([TextDelta("a"), TextDelta("b"), Finished("stop_sequence", Usage(7, 3), "STOP")])
-    message = asyncio.run(collect_message(stream, "msg_1", "claude-x"))
+    message = asyncio.run(collect_message(stream, Output("msg_1", "claude-x")))
     assert message["content"] == [{"type": "text", "text": "ab"}]
     assert message["stop_reason"] == "stop_sequence" and message["stop_sequence"] == "STOP"
     assert message["usage"]["input_tokens"] == 7 and message["usage"]["output_tokens"] == 3
@@ -109,4 +109,4 @@ def test_collect_message_without_a_result_is_an_internal_error():
     import pytest
 
     with pytest.raises(InternalError):
-        asyncio.run(collect_message(FakeStream([TextDelta("a")]), "msg_1", "claude-x"))
+        asyncio.run(collect_message(FakeStream([TextDelta("a")]), Output("msg_1", "claude-x")))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from localvl.api.anthropic import schemas as s
 from localvl.conversation import (
@@ -15,6 +15,7 @@ from localvl.conversation import (
     Thinking,
     Tool,
     ToolCall,
+    ToolChoice,
     ToolResult,
     Turn,
 )
@@ -81,7 +82,11 @@ def _readable(block: Any, at: str) -> list[Text | Image] | None:
     return None
 
 
-def _parts(role: str, content: str | list[Any], where: str) -> list[Part]:
+# (thinking, signature) -> the thinking the block stands for, or None if the signature does not hold
+Verifier = Callable[[str, str], "str | None"]
+
+
+def _parts(role: str, content: str | list[Any], where: str, verify: Verifier | None = None) -> list[Part]:
     if isinstance(content, str):
         return [Text(content)] if content else []
     parts: list[Part] = []
@@ -101,7 +106,12 @@ def _parts(role: str, content: str | list[Any], where: str) -> list[Part]:
                 raise InvalidRequestError(f"{at}: tool_result blocks may only appear in user messages")
             parts.append(_tool_result(block, at))
         elif isinstance(block, s.ThinkingBlockParam):
-            parts.append(Thinking(block.thinking, block.signature))
+            if role != "assistant":
+                raise InvalidRequestError(f"{at}: thinking blocks may only appear in assistant messages")
+            thinking = block.thinking if verify is None else verify(block.thinking, block.signature)
+            if thinking is None:
+                raise InvalidRequestError(f"{at}.signature: invalid signature in thinking block")
+            parts.append(Thinking(thinking, block.signature))
         # redacted_thinking and Anthropic's server-tool blocks carry nothing a local model can read.
     return parts
 
@@ -123,13 +133,16 @@ def _system_turn(system: str | list[s.TextBlockParam] | None) -> Turn | None:
     return Turn("system", [Text(text)]) if text else None
 
 
-def conversation_from(body: s._ConversationFields) -> Conversation:
-    """Build the neutral conversation; consecutive turns of one role merge, as Anthropic's API does."""
+def conversation_from(body: s._ConversationFields, verify: Verifier | None = None) -> Conversation:
+    """Build the neutral conversation; consecutive turns of one role merge, as Anthropic's API does.
+
+    ``verify(thinking, signature)`` checks the signature of every thinking block sent back.
+    """
     turns: list[Turn] = []
     if (system := _system_turn(body.system)) is not None:
         turns.append(system)
     for i, message in enumerate(body.messages):
-        parts = _parts(message.role, message.content, f"messages.{i}")
+        parts = _parts(message.role, message.content, f"messages.{i}", verify)
         if not parts:
             empty_prefill = message.role == "assistant" and i == len(body.messages) - 1
             # e.g. only redacted thinking or Anthropic's server-tool blocks: nothing a local model reads
@@ -146,7 +159,7 @@ def conversation_from(body: s._ConversationFields) -> Conversation:
         raise InvalidRequestError("messages: at least one user message is required")
     if dialogue[0].role != "user":
         raise InvalidRequestError('messages: the first message must use the "user" role')
-    return Conversation(turns=turns, tools=_tools(body.tools or []))
+    return Conversation(turns=turns, tools=_tools(body.tools or []), thinking=_thinking(body.thinking)[0])
 
 
 def _tools(tools: Sequence[s.ToolParam]) -> list[Tool]:
@@ -154,7 +167,43 @@ def _tools(tools: Sequence[s.ToolParam]) -> list[Tool]:
     return [Tool(t.name, t.description, t.input_schema) for t in tools if t.input_schema is not None]
 
 
-def generation_request(request_id: str, body: s.MessagesRequest) -> GenerationRequest:
+def _thinking(thinking: dict[str, Any] | None) -> tuple[bool | None, int | None]:
+    """(ask the template to think?, budget) from ``thinking``; adaptive leaves it to the model."""
+    if thinking is None:
+        return None, None
+    kind = thinking.get("type")
+    if kind == "enabled":
+        budget = thinking.get("budget_tokens")
+        if not isinstance(budget, int) or isinstance(budget, bool):
+            raise InvalidRequestError("thinking.enabled.budget_tokens: Field required")
+        if budget < 1024:
+            raise InvalidRequestError("thinking.enabled.budget_tokens: Input should be greater than or equal to 1024")
+        return True, budget
+    if kind == "disabled":
+        return False, None
+    if kind == "adaptive":
+        return None, None
+    raise InvalidRequestError("thinking.type: Input should be 'enabled', 'disabled' or 'adaptive'")
+
+
+def _tool_choice(choice: dict[str, Any] | None, tools: list[Tool]) -> ToolChoice:
+    if choice is None:
+        return ToolChoice()
+    kind = choice.get("type")
+    parallel = not choice.get("disable_parallel_tool_use", False)
+    if kind not in ("auto", "any", "tool", "none"):
+        raise InvalidRequestError("tool_choice.type: Input should be 'auto', 'any', 'tool' or 'none'")
+    if kind in ("any", "tool") and not tools:
+        raise InvalidRequestError(f"tool_choice: {kind!r} requires at least one tool in tools")
+    name = None
+    if kind == "tool":
+        name = choice.get("name")
+        if not isinstance(name, str) or name not in {t.name for t in tools}:
+            raise InvalidRequestError(f"tool_choice.name: tool {name!r} is not in tools")
+    return ToolChoice(kind, name, parallel)
+
+
+def generation_request(request_id: str, body: s.MessagesRequest, verify: Verifier | None = None) -> GenerationRequest:
     sampling = SamplingParams(
         max_tokens=body.max_tokens,
         temperature=body.temperature,
@@ -162,4 +211,23 @@ def generation_request(request_id: str, body: s.MessagesRequest) -> GenerationRe
         top_k=body.top_k or None,
         stop_sequences=tuple(body.stop_sequences or ()),
     )
-    return GenerationRequest(id=request_id, conversation=conversation_from(body), sampling=sampling)
+    conversation = conversation_from(body, verify)
+    choice = _tool_choice(body.tool_choice, conversation.tools)
+    thinking, budget = _thinking(body.thinking)
+    if budget is not None and budget >= body.max_tokens:
+        raise InvalidRequestError("`max_tokens` must be greater than `thinking.budget_tokens`")
+    if thinking and choice.mode in ("any", "tool"):
+        raise InvalidRequestError("Thinking may not be enabled when tool_choice forces tool use.")
+    output = (body.output_config or {}).get("format")
+    if output is None:  # the structured-outputs beta's name for it
+        output = (body.model_extra or {}).get("output_format")
+    schema = None
+    if output is not None:
+        if not isinstance(output, dict) or output.get("type") != "json_schema" or not isinstance(output.get("schema"), dict):
+            raise InvalidRequestError("output_config.format: expected {type: 'json_schema', schema: {...}}")
+        schema = output["schema"]
+    strict = tuple(t.name for t in body.tools or () if t.strict and t.input_schema is not None)
+    return GenerationRequest(
+        id=request_id, conversation=conversation, sampling=sampling, tool_choice=choice,
+        thinking_budget=budget, output_schema=schema, strict_tools=strict,
+    )

@@ -12,11 +12,12 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from localvl.api.anthropic import convert
 from localvl.api.anthropic.schemas import CountTokensRequest, MessagesRequest
 from localvl.api.validation import parse_body
-from localvl.api.anthropic.stream import collect_message, message_events
+from localvl.api.anthropic.stream import Output, collect_message, message_events
 from localvl.api.auth import require_api_key
 from localvl.api.disconnect import until_disconnect
 from localvl.api.middleware import new_id
 from localvl.api.model_names import ModelNames
+from localvl.api.signatures import ThinkingSigner
 from localvl.engine.protocol import Engine
 from localvl.errors import InvalidRequestError
 from localvl.media.images import sniff_media_type
@@ -36,6 +37,10 @@ def _names(request: Request) -> ModelNames:
 
 def _settings(request: Request) -> Settings:
     return request.app.state.settings
+
+
+def _signer(request: Request) -> ThinkingSigner:
+    return request.app.state.signer
 
 
 async def _form_body(request: Request, names: ModelNames) -> MessagesRequest:
@@ -75,15 +80,17 @@ async def create_message(request: Request) -> Any:
         body = parse_body(MessagesRequest, await request.body())
     names.require(body.model)
     message_id = new_id("msg_")
-    generation = await anyio.to_thread.run_sync(convert.generation_request, message_id, body)
+    signer = _signer(request)
+    generation = await anyio.to_thread.run_sync(convert.generation_request, message_id, body, signer.recover)
     stream = await engine.submit(generation)
+    output = Output(message_id, body.model, signer, show_thinking=(body.thinking or {}).get("display") != "omitted")
     if body.stream:
         return StreamingResponse(
-            message_events(stream, message_id, body.model, settings.ping_interval),
+            message_events(stream, output, settings.ping_interval),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
-    message = await until_disconnect(request, collect_message(stream, message_id, body.model))
+    message = await until_disconnect(request, collect_message(stream, output))
     return JSONResponse(message)
 
 
@@ -91,5 +98,5 @@ async def create_message(request: Request) -> Any:
 async def count_tokens(request: Request) -> Any:
     body = parse_body(CountTokensRequest, await request.body())
     _names(request).require(body.model)
-    conversation = await anyio.to_thread.run_sync(convert.conversation_from, body)
+    conversation = await anyio.to_thread.run_sync(convert.conversation_from, body, _signer(request).recover)
     return {"input_tokens": await _engine(request).count_tokens(conversation)}

@@ -209,6 +209,7 @@ class ToolParam(_Open):
     description: str | None = None
     input_schema: dict[str, Any] | None = None
     type: str | None = None
+    strict: bool | None = None
     cache_control: Any = None
 
 
@@ -229,6 +230,7 @@ class MessagesRequest(_ConversationFields):
     top_k: int | None = Field(None, ge=0)
     stream: bool | None = False
     metadata: dict[str, Any] | None = None
+    output_config: dict[str, Any] | None = None
 
 
 class CountTokensRequest(_ConversationFields):

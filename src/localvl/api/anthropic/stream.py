@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import logging
-from typing import Any, AsyncIterator
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Iterator
 
 from localvl.api.anthropic.errors import error_event
 from localvl.api.sse import HEARTBEAT, sse_event, with_heartbeats
-from localvl.engine.events import FinishReason, Finished, TextDelta, Usage
+from localvl.api.signatures import ThinkingSigner
+from localvl.engine.events import FinishReason, Finished, TextDelta, ThinkingDelta, ToolCallEvent, Usage
 from localvl.engine.protocol import GenerationStream
 from localvl.errors import InternalError, LocalvlError
 
@@ -15,6 +18,7 @@ logger = logging.getLogger(__name__)
 
 STOP_REASONS: dict[FinishReason, str] = {
     "eos": "end_turn",
+    "tool_use": "tool_use",
     "max_tokens": "max_tokens",
     "stop_sequence": "stop_sequence",
     "context_window": "model_context_window_exceeded",
@@ -46,51 +50,115 @@ def message_json(
     }
 
 
-async def collect_message(stream: GenerationStream, message_id: str, model: str) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Output:
+    """How one message is written: its id and model name, the key that signs its thinking, and
+    whether thinking text is shown (``display: omitted`` keeps it inside the signature only)."""
+
+    message_id: str
+    model: str
+    signer: ThinkingSigner | None = None
+    show_thinking: bool = True
+
+    def signature(self, thinking: str) -> str:
+        if self.signer is None:
+            return ""
+        return self.signer.sign(thinking, embed=not self.show_thinking)
+
+
+class _Blocks:
+    """Content blocks built from engine events, and the SSE frames that stream them.
+
+    Consecutive text (or thinking) deltas extend one block; a tool call is a block of its own.
+    Block indices count up from 0, as the SDKs require.
+    """
+
+    def __init__(self, output: Output) -> None:
+        self.output = output
+        self.content: list[dict[str, Any]] = []
+        self._open: str | None = None  # the type of the block being streamed
+        self._thinking: list[str] = []
+
+    def _start(self, block: dict[str, Any]) -> Iterator[bytes]:
+        yield from self.close()
+        self.content.append(block)
+        self._open = block["type"]
+        yield sse_event("content_block_start", {"type": "content_block_start", "index": len(self.content) - 1,
+                                                "content_block": dict(block)})
+
+    def _delta(self, delta: dict[str, Any]) -> bytes:
+        index = len(self.content) - 1
+        return sse_event("content_block_delta", {"type": "content_block_delta", "index": index, "delta": delta})
+
+    def add(self, event: TextDelta | ThinkingDelta | ToolCallEvent) -> Iterator[bytes]:
+        if isinstance(event, TextDelta):
+            if not event.text:
+                return
+            if self._open != "text":
+                yield from self._start({"type": "text", "text": ""})
+            self.content[-1]["text"] += event.text
+            yield self._delta({"type": "text_delta", "text": event.text})
+        elif isinstance(event, ThinkingDelta):
+            if not event.text:
+                return
+            if self._open != "thinking":
+                yield from self._start({"type": "thinking", "thinking": "", "signature": ""})
+                self._thinking = []
+            self._thinking.append(event.text)
+            if self.output.show_thinking:
+                self.content[-1]["thinking"] += event.text
+                yield self._delta({"type": "thinking_delta", "thinking": event.text})
+        else:
+            yield from self._start({"type": "tool_use", "id": event.id, "name": event.name, "input": {}})
+            self.content[-1]["input"] = event.input
+            yield self._delta({"type": "input_json_delta", "partial_json": json.dumps(event.input, ensure_ascii=False)})
+            yield from self.close()
+
+    def close(self) -> Iterator[bytes]:
+        if self._open is None:
+            return
+        if self._open == "thinking":
+            signature = self.output.signature("".join(self._thinking))
+            self.content[-1]["signature"] = signature
+            yield self._delta({"type": "signature_delta", "signature": signature})
+        yield sse_event("content_block_stop", {"type": "content_block_stop", "index": len(self.content) - 1})
+        self._open = None
+
+
+async def collect_message(stream: GenerationStream, output: Output) -> dict[str, Any]:
     """Run a generation to the end and return the whole Message."""
-    text: list[str] = []
+    blocks = _Blocks(output)
     finished: Finished | None = None
     try:
         async for event in stream:
-            if isinstance(event, TextDelta):
-                text.append(event.text)
-            elif isinstance(event, Finished):
+            if isinstance(event, Finished):
                 finished = event
+            else:
+                for _ in blocks.add(event):
+                    pass
     finally:
         await stream.aclose()
     if finished is None:
         raise InternalError("generation ended without a result")
-    content = [{"type": "text", "text": "".join(text)}] if text else []
-    return message_json(message_id, model, content, finished, finished.usage)
+    for _ in blocks.close():
+        pass
+    return message_json(output.message_id, output.model, blocks.content, finished, finished.usage)
 
 
-async def message_events(
-    stream: GenerationStream, message_id: str, model: str, ping_interval: float
-) -> AsyncIterator[bytes]:
+async def message_events(stream: GenerationStream, output: Output, ping_interval: float) -> AsyncIterator[bytes]:
     """The SSE stream of one message. Closing this iterator (client gone) aborts the generation."""
     start_usage = Usage(input_tokens=stream.input_tokens, output_tokens=0)
-    start = message_json(message_id, model, [], None, start_usage)
+    start = message_json(output.message_id, output.model, [], None, start_usage)
     yield sse_event("message_start", {"type": "message_start", "message": start})
     yield sse_event("ping", {"type": "ping"})
-    block_open = False
+    blocks = _Blocks(output)
     try:
         async for event in with_heartbeats(stream, ping_interval):
             if event is HEARTBEAT:
                 yield sse_event("ping", {"type": "ping"})
-            elif isinstance(event, TextDelta):
-                if not block_open:
-                    block_open = True
-                    yield sse_event(
-                        "content_block_start",
-                        {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
-                    )
-                yield sse_event(
-                    "content_block_delta",
-                    {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": event.text}},
-                )
             elif isinstance(event, Finished):
-                if block_open:
-                    yield sse_event("content_block_stop", {"type": "content_block_stop", "index": 0})
+                for frame in blocks.close():
+                    yield frame
                 usage = usage_json(event.usage)
                 usage.pop("service_tier")
                 yield sse_event(
@@ -102,6 +170,9 @@ async def message_events(
                     },
                 )
                 yield sse_event("message_stop", {"type": "message_stop"})
+            else:
+                for frame in blocks.add(event):  # type: ignore[arg-type]
+                    yield frame
     except LocalvlError as error:
         yield sse_event("error", error_event(error))
     except Exception as error:  # after the headers went out, an error event is the only way to say it

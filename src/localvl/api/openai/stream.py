@@ -21,6 +21,7 @@ logger = logging.getLogger(__name__)
 
 FINISH_REASONS: dict[FinishReason, str] = {
     "eos": "stop",
+    "tool_use": "tool_calls",
     "stop_sequence": "stop",
     "max_tokens": "length",
     "context_window": "length",

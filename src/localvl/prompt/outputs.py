@@ -1,0 +1,193 @@
+"""What a Qwen-VL model's output holds: text, thinking, and tool calls, split as it streams.
+
+Qwen models answer tool calls as ``<tool_call>{"name": …, "arguments": {…}}</tool_call>`` (Hermes
+style, every Qwen-VL template that knows tools asks for it) and reason inside ``<think>…</think>``;
+both tags are ordinary added tokens, so they arrive as text. ``OutputParser`` is fed the generated
+text piece by piece and returns what each piece completes. A tool call is returned whole, once its
+closing tag arrives and its JSON parses; anything that does not parse (a model that opened a tool
+call and wrote nonsense, or ran out of tokens inside one) is returned as the text it was, so
+nothing the model said is lost.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import string
+from dataclasses import dataclass
+from typing import Any, Union
+
+TOOL_OPEN, TOOL_CLOSE = "<tool_call>", "</tool_call>"
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+_ID_ALPHABET = string.ascii_letters + string.digits
+
+
+def tool_call_id() -> str:
+    """An id shaped like Anthropic's (``toolu_`` + 24 base62 characters)."""
+    return "toolu_" + "".join(secrets.choice(_ID_ALPHABET) for _ in range(24))
+
+
+@dataclass(frozen=True)
+class TextPiece:
+    text: str
+
+
+@dataclass(frozen=True)
+class ThinkingPiece:
+    text: str
+
+
+@dataclass(frozen=True)
+class ToolCallPiece:
+    name: str
+    input: dict[str, Any]
+
+
+Piece = Union[TextPiece, ThinkingPiece, ToolCallPiece]
+
+
+def parse_tool_call(body: str) -> ToolCallPiece | None:
+    """``{"name": "...", "arguments": {...}}`` (arguments may also come as a JSON string)."""
+    try:
+        value = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(value, dict) or not isinstance(value.get("name"), str) or not value["name"]:
+        return None
+    arguments = value.get("arguments", value.get("parameters", {}))
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except ValueError:
+            return None
+    if not isinstance(arguments, dict):
+        return None
+    return ToolCallPiece(value["name"], arguments)
+
+
+def _partial_tag_at(text: str, tags: tuple[str, ...]) -> int:
+    """Where a suffix of ``text`` that could still grow into one of ``tags`` starts (len if none)."""
+    for start in range(max(0, len(text) - max(len(t) for t in tags) + 1), len(text)):
+        tail = text[start:]
+        if any(tag.startswith(tail) for tag in tags):
+            return start
+    return len(text)
+
+
+class OutputParser:
+    """Incremental splitter of generated text into text, thinking and tool calls.
+
+    ``tools``: parse tool calls (the request offered tools). ``thinking``: the model may think
+    (``in_thinking``: the prompt already opened ``<think>``, as thinking templates' generation
+    prompts do, so the output starts inside it).
+    """
+
+    def __init__(self, *, tools: bool, thinking: bool, in_thinking: bool = False) -> None:
+        self.tools = tools
+        self.thinking = thinking
+        self._state = "think" if (thinking and in_thinking) else "text"
+        self._buffer = ""  # text not yet returned: a possible partial tag, or a tool call's body
+        self._held_space = ""  # whitespace after text, returned only if more text follows
+        self._after_block = in_thinking and thinking  # strip the blank lines Qwen puts after a block
+        self.tool_calls = 0
+
+    @property
+    def in_thinking(self) -> bool:
+        return self._state == "think"
+
+    def _open_tags(self) -> tuple[str, ...]:
+        tags: list[str] = []
+        if self.tools:
+            tags.append(TOOL_OPEN)
+        if self.thinking and self.tool_calls == 0:
+            tags.append(THINK_OPEN)
+        return tuple(tags)
+
+    def feed(self, text: str) -> list[Piece]:
+        self._buffer += text
+        pieces: list[Piece] = []
+        while self._buffer:
+            if not self._step(pieces):
+                break
+        return pieces
+
+    def finish(self) -> list[Piece]:
+        """The end of generation: whatever is still held back, as what it was."""
+        pieces: list[Piece] = []
+        buffer, self._buffer = self._buffer, ""
+        if self._state == "think":
+            if buffer:
+                pieces.append(ThinkingPiece(buffer))
+        elif self._state == "tool":  # cut off inside a tool call: it was text after all
+            self._text(TOOL_OPEN + buffer, pieces)
+        else:
+            self._text(buffer, pieces)
+        if self._held_space and self.tool_calls == 0 and any(isinstance(p, TextPiece) for p in pieces):
+            pieces.append(TextPiece(self._held_space))
+        self._held_space = ""
+        self._state = "text"
+        return pieces
+
+    def _step(self, pieces: list[Piece]) -> bool:
+        """Consume what the buffer allows; False when it must wait for more text."""
+        buffer = self._buffer
+        if self._state == "think":
+            end = buffer.find(THINK_CLOSE)
+            if end < 0:
+                keep = _partial_tag_at(buffer, (THINK_CLOSE,))
+                if keep:
+                    pieces.append(ThinkingPiece(buffer[:keep]))
+                self._buffer = buffer[keep:]
+                return False
+            if end:
+                pieces.append(ThinkingPiece(buffer[:end]))
+            self._buffer = buffer[end + len(THINK_CLOSE) :]
+            self._state, self._after_block = "text", True
+            return True
+        if self._state == "tool":
+            end = buffer.find(TOOL_CLOSE)
+            if end < 0:
+                return False
+            body = buffer[:end]
+            self._buffer = buffer[end + len(TOOL_CLOSE) :]
+            self._state = "text"
+            call = parse_tool_call(body)
+            if call is None:
+                self._text(TOOL_OPEN + body + TOOL_CLOSE, pieces)
+            else:
+                self._held_space = ""
+                self.tool_calls += 1
+                pieces.append(call)
+                self._after_block = True
+            return True
+        tags = self._open_tags()
+        found = [(buffer.find(tag), tag) for tag in tags]
+        found = [(at, tag) for at, tag in found if at >= 0]
+        if found:
+            at, tag = min(found)
+            self._text(buffer[:at], pieces)
+            self._buffer = buffer[at + len(tag) :]
+            if tag == TOOL_OPEN:
+                self._state = "tool"
+            else:
+                self._state = "think"
+            return True
+        keep = _partial_tag_at(buffer, tags) if tags else len(buffer)
+        self._text(buffer[:keep], pieces)
+        self._buffer = buffer[keep:]
+        return False
+
+    def _text(self, text: str, pieces: list[Piece]) -> None:
+        if not text:
+            return
+        if self._after_block:
+            text = text.lstrip()
+            if not text:
+                return
+            self._after_block = False
+        stripped = text.rstrip()
+        if stripped:
+            pieces.append(TextPiece(self._held_space + stripped))
+            self._held_space = text[len(stripped) :]
+        else:
+            self._held_space += text
