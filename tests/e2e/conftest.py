@@ -108,3 +108,12 @@ def one_at_a_time_server(model_dir, tmp_path_factory):
                "--max-model-len", "64", "--max-num-seqs", "1", "--max-queue", "1")
     yield s
     s.stop()
+
+
+@pytest.fixture(scope="session")
+def thinking_server(model_dir, tmp_path_factory):
+    """qwen3_vl, tiny vocabulary: a template with tools and <think>; its own signing key."""
+    s = Server(model_dir("qwen3_vl"), tmp_path_factory.mktemp("logs") / "server-thinking.log",
+               "--thinking-key", "e2e-thinking-key-0123456789")
+    yield s
+    s.stop()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -71,6 +71,11 @@ class Job:
     logprobs: int | None = None  # alternatives per token, when log-probabilities were asked for
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)  # tokens whose text is held back
     parser: OutputParser | None = None  # splits thinking and tool calls out of the text
+    matcher: Any = None  # llguidance.LLMatcher when the output is constrained by a grammar
+    banned: tuple[int, ...] = ()  # tokens never sampled (the tool-call tag under tool_choice none)
+    thinking_budget: int | None = None  # thinking tokens left before the end of thinking is forced
+    thinking_tokens: int = 0
+    forced: list[int] = field(default_factory=list)  # tokens emitted next whatever the logits say
 
     def emit(self, item: Event | LocalvlError) -> None:
         self.outbox.add(self, item)

@@ -22,6 +22,7 @@ import torch
 
 from localvl.conversation import Conversation, GenerationRequest, SamplingParams
 from localvl.engine.blocks import BlockManager
+from localvl.engine.constraints import Constraints, allowed_tokens
 from localvl.engine.bridge import Job, Outbox, Stream
 from localvl.engine.cuda_graphs import DecodeGraphs
 from localvl.engine.detokenizer import IncrementalDetokenizer, special_token_ids, token_bytes
@@ -37,6 +38,7 @@ from localvl.engine.stops import StopMatcher
 from localvl.engine.vision import ImageCache
 from localvl.errors import InternalError, InvalidRequestError, OverloadedError, ServiceUnavailableError
 from localvl.models.loader import LoadedModel
+from localvl.prompt.grammar import request_grammar
 from localvl.prompt.outputs import THINK_OPEN, OutputParser, Piece, TextPiece, ThinkingPiece, tool_call_id
 from localvl.prompt.render import Renderer
 
@@ -70,6 +72,9 @@ class LocalEngine:
         self._tokenizer = copy.deepcopy(loaded.tokenizer)
         self._skip_ids = special_token_ids(self._tokenizer) - loaded.eos_token_ids
         self._vocab_limit = len(self._tokenizer)  # ids past the tokenizer are embedding padding
+        vocab_size = int(self.model.text_config.vocab_size)
+        self.constraints = Constraints(loaded.tokenizer, vocab_size, loaded.eos_token_ids)
+        self._think_close_ids = self._tokenizer.encode("\n</think>\n\n", add_special_tokens=False)
         self.kv_cache = self._make_kv_cache()
         self.blocks = BlockManager(self.kv_cache.num_blocks, config.block_size)
         self.scheduler = Scheduler(self.blocks, max_batch_tokens=config.max_batch_tokens, max_num_seqs=config.max_num_seqs)
@@ -192,7 +197,9 @@ class LocalEngine:
             loop=asyncio.get_running_loop(),
             outbox=self._outbox,
             parser=self._parser(request, ids),
+            thinking_budget=request.thinking_budget,
         )
+        await self._constrain(job, request)
         seq = Sequence(
             request.id, ids, images, max_new_tokens=min(sampling.max_tokens, room), priority=request.priority, payload=job
         )
@@ -210,6 +217,21 @@ class LocalEngine:
         # Thinking templates open <think> in the generation prompt: the output starts inside it.
         opened = thinking and self._tokenizer.decode(ids[-3:]).rstrip().endswith(THINK_OPEN)
         return OutputParser(tools=tools, thinking=thinking, in_thinking=opened)
+
+    async def _constrain(self, job: Job, request: GenerationRequest) -> None:
+        conversation, choice = request.conversation, request.tool_choice
+        tags = self.constraints.tags
+        if conversation.tools and choice.mode == "none" and tags.tool_open is not None:
+            job.banned = (tags.tool_open,)
+        in_thinking = job.parser is not None and job.parser.in_thinking
+        try:
+            grammar = request_grammar(
+                conversation.tools, choice, request.strict_tools, request.output_schema, tags, in_thinking
+            )
+        except ValueError as error:
+            raise InvalidRequestError(f"this model cannot constrain its output that way: {error}") from None
+        if grammar is not None:
+            job.matcher = await anyio.to_thread.run_sync(self.constraints.matcher, grammar)
 
     def _check_queue(self) -> None:
         if self._submitted - self._started >= self.config.max_queue:
@@ -351,14 +373,29 @@ class LocalEngine:
         model_logprobs = torch.log_softmax(logits[wanted], dim=-1) if wanted else None
         logprob_row = {row: i for i, row in enumerate(wanted)}
         for row, s in enumerate(samplers):
-            if s.sequence.payload.sampling.penalised:
+            job = s.sequence.payload
+            if job.sampling.penalised:
                 self._penalise(logits[row], s.sequence)
+            if job.banned:
+                logits[row, list(job.banned)] = float("-inf")
+        constrained = [row for row, s in enumerate(samplers) if s.sequence.payload.matcher is not None]
+        if constrained:
+            allowed = allowed_tokens([samplers[row].sequence.payload.matcher for row in constrained], logits.shape[1])
+            index = torch.tensor(constrained, device=logits.device)
+            logits[index] = logits[index].masked_fill(~allowed.to(logits.device), float("-inf"))
         # Seeded requests draw from their own generators, row by row; the rest in one batch.
         tokens = sample_batch(logits, [s.sequence.payload.sampling for s in samplers])
         for row, s in enumerate(samplers):
             job: Job = s.sequence.payload
             if job.generator is not None and job.sampling.temperature > 0 and job.sampling.top_k != 1:
                 tokens[row] = sample_next(logits[row], job.sampling, job.generator)
+            if job.forced:  # e.g. the end of thinking, once its budget is spent
+                tokens[row] = job.forced.pop(0)
+            if job.matcher is not None and not job.matcher.consume_token(tokens[row]):
+                logger.error("constrained decoding failed: %s", job.matcher.get_error())
+                job.emit(InternalError("the engine failed to keep the output to its grammar"))
+                self._finish(s.sequence)
+                continue
             if model_logprobs is not None and row in logprob_row:
                 self._record_logprob(job, model_logprobs[logprob_row[row]], tokens[row])
             self._append(s.sequence, tokens[row])
@@ -424,6 +461,11 @@ class LocalEngine:
             text = job.stops.feed(job.detokenizer.add(token))
             if text:
                 self._emit_text(job, text)
+            if job.thinking_budget is not None and job.parser is not None and job.parser.in_thinking:
+                job.thinking_tokens += 1
+                if job.thinking_tokens >= job.thinking_budget and not job.forced:
+                    job.forced = list(self._think_close_ids)
+                    job.thinking_budget = None  # forced once
             if job.stops.matched is not None:
                 reason = "stop_sequence"
             elif len(seq.outputs) >= seq.max_new_tokens:

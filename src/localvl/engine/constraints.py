@@ -1,0 +1,60 @@
+"""Constrained decoding inside the batched engine: one llguidance matcher per constrained request.
+
+Each step, the sampler asks every constrained request's matcher which tokens may come next, masks
+the other logits of that request's row to -inf, samples as usual, and feeds the chosen token back to
+the matcher. Unconstrained rows of the same batch are untouched, so constraints never fall back to
+one request at a time.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import torch
+
+from localvl.errors import InvalidRequestError
+from localvl.prompt.grammar import TagIds
+
+
+class Constraints:
+    """The model's tokenizer as llguidance sees it (built once, on first use: ~1 s for Qwen's
+    vocabulary) and the ids of the tags grammars refer to."""
+
+    def __init__(self, tokenizer: Any, vocab_size: int, eos_token_ids: frozenset[int]) -> None:
+        self._tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self._eos = sorted(eos_token_ids)
+        self._ll: Any = None
+        self._lock = threading.Lock()
+        vocab = tokenizer.get_vocab()
+        self.tags = TagIds(vocab.get("<tool_call>"), vocab.get("</tool_call>"), vocab.get("</think>"))
+
+    def _ll_tokenizer(self) -> Any:
+        with self._lock:
+            if self._ll is None:
+                import llguidance.hf
+
+                self._ll = llguidance.hf.from_tokenizer(self._tokenizer, n_vocab=self.vocab_size, eos_token=self._eos)
+            return self._ll
+
+    def matcher(self, grammar: str) -> Any:
+        """A fresh matcher for ``grammar``; a grammar llguidance rejects (say, an unsupported JSON
+        schema keyword) is the client's error."""
+        import llguidance
+
+        matcher = llguidance.LLMatcher(self._ll_tokenizer(), llguidance.LLMatcher.grammar_from_lark(grammar), log_level=0)
+        if matcher.is_error():
+            raise InvalidRequestError(f"the schema cannot be used to constrain the output: {matcher.get_error()}")
+        return matcher
+
+
+def allowed_tokens(matchers: list[Any], vocab_size: int) -> torch.Tensor:
+    """``[len(matchers), vocab_size]`` bool: the tokens each matcher admits next (CPU)."""
+    import llguidance.torch as llt
+
+    bitmask = llt.allocate_token_bitmask(len(matchers), vocab_size)
+    for row, matcher in enumerate(matchers):
+        llt.fill_next_token_bitmask(matcher, bitmask, row)
+    bits = (bitmask.unsqueeze(-1) >> torch.arange(32, dtype=torch.int32)) & 1
+    return bits.view(len(matchers), -1)[:, :vocab_size].bool()

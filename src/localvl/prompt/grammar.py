@@ -1,0 +1,98 @@
+"""Grammars for constrained decoding (llguidance's Lark dialect), built from a request.
+
+What a request can constrain:
+
+- a forced tool call (``tool_choice`` any or a named tool): the answer is one or more
+  ``<tool_call>{"name": …, "arguments": …}</tool_call>`` blocks whose arguments are valid against the
+  tool's ``input_schema``, and nothing else;
+- strict tools under ``auto``: free text, then any tool calls, each valid against its schema;
+- a JSON-schema answer (``output_config.format``): the text is a JSON value valid against it.
+
+If the prompt left the model inside ``<think>``, the grammar first lets it finish its thinking.
+The tags are single tokens in every Qwen vocabulary, referenced by id, so text that merely spells
+them out never counts as one. JSON is written compactly-spaced as Qwen writes it
+(``{"a": 1, "b": 2}``), so a constrained answer reads like an unconstrained one.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from localvl.conversation import Tool, ToolChoice
+
+JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
+@dataclass(frozen=True)
+class TagIds:
+    """Token ids of the tags a grammar refers to."""
+
+    tool_open: int | None
+    tool_close: int | None
+    think_close: int | None
+
+
+def _json(schema: dict[str, Any]) -> str:
+    return "%json " + json.dumps({**schema, "x-guidance": JSON_STYLE}, ensure_ascii=False)
+
+
+def _call_schema(tool: Tool, strict: bool) -> dict[str, Any]:
+    arguments = tool.input_schema if strict else {"type": "object"}
+    return {
+        "type": "object",
+        "properties": {"name": {"const": tool.name}, "arguments": arguments},
+        "required": ["name", "arguments"],
+        "additionalProperties": False,
+    }
+
+
+def _thinking_prefix(tags: TagIds) -> str:
+    if tags.think_close is None:
+        raise ValueError("the model's vocabulary has no </think> token")
+    return f'thought: THOUGHT <[{tags.think_close}]> /\\n*/\nTHOUGHT: /(.|\\n)*/\n'
+
+
+def request_grammar(
+    tools: list[Tool],
+    choice: ToolChoice,
+    strict: tuple[str, ...],
+    schema: dict[str, Any] | None,
+    tags: TagIds,
+    in_thinking: bool,
+) -> str | None:
+    """The grammar of this request's answer, or None if nothing about it is constrained.
+
+    A forced tool call admits only tool calls; a JSON schema admits the JSON answer (or, when
+    tools may be called, tool calls instead); strict tools under ``auto`` admit free text and then
+    tool calls valid against their schemas.
+    """
+    callable_tools = tools if choice.mode != "none" else []
+    forced = choice.mode in ("any", "tool")
+    strict_auto = choice.mode == "auto" and any(t.name in strict for t in callable_tools)
+    if not (forced or schema is not None or strict_auto):
+        return None
+    lines: list[str] = []
+    alternatives: list[str] = []
+    if callable_tools:
+        if tags.tool_open is None or tags.tool_close is None:
+            raise ValueError("the model's vocabulary has no <tool_call> tokens")
+        offered = [t for t in callable_tools if choice.mode != "tool" or t.name == choice.name]
+        # A forced call is the point of the request: its arguments are held to the schema too.
+        schemas = [_call_schema(t, forced or t.name in strict) for t in offered]
+        call = schemas[0] if len(schemas) == 1 else {"anyOf": schemas}
+        lines.append(f'block: <[{tags.tool_open}]> "\\n" call "\\n" <[{tags.tool_close}]>')
+        lines.append(f"call: {_json(call)}")
+        calls = 'block ("\\n" block)*' if choice.parallel else "block"
+    head = "thought " if in_thinking else ""
+    if forced:
+        start = f"start: {head}{calls}"
+    elif schema is not None:
+        lines.append(f"answer: {_json(schema)}")
+        start = f"start: {head}(answer | {calls})" if callable_tools else f"start: {head}answer"
+    else:
+        lines.append("TEXT: /(.|\\n)+/")
+        start = f"start: {head}TEXT? ({calls})?"
+    grammar = "\n".join([start, *lines]) + "\n"
+    return grammar + (_thinking_prefix(tags) if in_thinking else "")

@@ -1,0 +1,144 @@
+"""Tools and thinking through the official ``anthropic`` SDK against a running server."""
+
+from __future__ import annotations
+
+import json
+
+import anthropic
+import jsonschema
+import pytest
+
+from tests.e2e.conftest import API_KEY
+from tests.helpers import image_b64
+
+WEATHER = {
+    "name": "get_weather",
+    "description": "Current weather in a city",
+    "input_schema": {
+        "type": "object",
+        "properties": {
+            "city": {"type": "string", "maxLength": 12},
+            "unit": {"enum": ["celsius", "fahrenheit"]},
+        },
+        "required": ["city", "unit"],
+        "additionalProperties": False,
+    },
+}
+CLOCK = {
+    "name": "get_time",
+    "description": "The time in a zone",
+    "input_schema": {"type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}}, "required": ["zone"],
+                     "additionalProperties": False},
+}
+SCHEMAS = {t["name"]: t["input_schema"] for t in (WEATHER, CLOCK)}
+ASK = [{"role": "user", "content": "What is the weather in Paris, and what time is it?"}]
+
+
+@pytest.fixture
+def thinking_client(thinking_server):
+    return anthropic.Anthropic(base_url=thinking_server.url, api_key=API_KEY, max_retries=0, timeout=120)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_forced_tool_calls_validate_against_their_schemas(client, seed):
+    choice = {"type": "any"} if seed % 2 else {"type": "tool", "name": "get_weather", "disable_parallel_tool_use": True}
+    message = client.messages.create(model="tiny-vl", max_tokens=300, messages=ASK, extra_body={"temperature": 1.0},
+                                     tools=[WEATHER, CLOCK], tool_choice=choice)
+    assert message.stop_reason == "tool_use"
+    calls = [b for b in message.content if b.type == "tool_use"]
+    assert calls and len(calls) == len(message.content)
+    for call in calls:
+        assert call.id.startswith("toolu_")
+        jsonschema.validate(call.input, SCHEMAS[call.name])
+    if choice["type"] == "tool":
+        assert [c.name for c in calls] == ["get_weather"]
+
+
+def test_streamed_tool_input_equals_the_final_input(client):
+    with client.messages.stream(model="tiny-vl", max_tokens=300, messages=ASK, extra_body={"temperature": 1.0},
+                                tools=[WEATHER, CLOCK], tool_choice={"type": "any"}) as stream:
+        events = list(stream)
+        final = stream.get_final_message()
+    starts = [e for e in events if e.type == "content_block_start"]
+    assert starts and all(e.content_block.type == "tool_use" and e.content_block.input == {} for e in starts)
+    assert [e.index for e in starts] == list(range(len(starts)))
+    for block in final.content:
+        partial = "".join(e.delta.partial_json for e in events
+                          if e.type == "content_block_delta" and e.delta.type == "input_json_delta"
+                          and e.index == final.content.index(block))
+        assert json.loads(partial) == block.input
+    assert final.stop_reason == "tool_use"
+
+
+def test_a_tool_result_with_an_image_round_trips_and_counts(client):
+    call = client.messages.create(model="tiny-vl", max_tokens=300, messages=ASK, tools=[WEATHER],
+                                  tool_choice={"type": "tool", "name": "get_weather"}).content[0]
+    picture = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": image_b64(size=(96, 64))}}
+
+    def history(result_content):
+        return ASK + [
+            {"role": "assistant", "content": [{"type": "tool_use", "id": call.id, "name": call.name, "input": call.input}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call.id, "content": result_content}]},
+        ]
+
+    with_image = history([{"type": "text", "text": "radar:"}, picture])
+    text_only = history([{"type": "text", "text": "radar:"}])
+    reply = client.messages.create(model="tiny-vl", max_tokens=8, messages=with_image, tools=[WEATHER])
+    assert reply.type == "message"
+    counted = client.messages.count_tokens(model="tiny-vl", messages=with_image, tools=[WEATHER]).input_tokens
+    assert counted == reply.usage.input_tokens + reply.usage.cache_read_input_tokens + reply.usage.cache_creation_input_tokens
+    assert counted > client.messages.count_tokens(model="tiny-vl", messages=text_only, tools=[WEATHER]).input_tokens
+    error = client.messages.create(model="tiny-vl", max_tokens=8, messages=history([{"type": "text", "text": "x"}]),
+                                   tools=[WEATHER], tool_choice={"type": "none"})
+    assert all(b.type != "tool_use" for b in error.content)
+
+
+def test_count_tokens_includes_the_tools(client):
+    without = client.messages.count_tokens(model="tiny-vl", messages=ASK).input_tokens
+    with_tools = client.messages.count_tokens(model="tiny-vl", messages=ASK, tools=[WEATHER, CLOCK]).input_tokens
+    assert with_tools > without + 20
+
+
+def test_a_json_schema_answer_validates(client):
+    schema = {"type": "object", "properties": {"total": {"type": "number"}, "currency": {"enum": ["EUR", "USD"]}},
+              "required": ["total", "currency"], "additionalProperties": False}
+    for seed in range(3):
+        message = client.messages.create(model="tiny-vl", max_tokens=200, messages=ASK, extra_body={"temperature": 1.0},
+                                         output_config={"format": {"type": "json_schema", "schema": schema}})
+        jsonschema.validate(json.loads(message.content[0].text), schema)
+
+
+def test_thinking_blocks_are_signed_round_trip_and_tampering_is_rejected(thinking_client):
+    thinking = {"type": "enabled", "budget_tokens": 1024}
+    first = thinking_client.messages.create(model="tiny-vl", max_tokens=1100, thinking=thinking, messages=ASK)
+    block = first.content[0]
+    assert block.type == "thinking" and block.thinking and block.signature
+    assert all(b.type != "thinking" for b in first.content[1:])
+    history = ASK + [{"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in first.content] or "ok"},
+                     {"role": "user", "content": "And tomorrow?"}]
+    again = thinking_client.messages.create(model="tiny-vl", max_tokens=4, messages=history)
+    assert again.type == "message"
+    history[1]["content"][0]["thinking"] = block.thinking + " (edited)"
+    with pytest.raises(anthropic.BadRequestError, match="signature"):
+        thinking_client.messages.create(model="tiny-vl", max_tokens=4, messages=history)
+    with pytest.raises(anthropic.BadRequestError, match="signature"):  # count_tokens verifies the same way
+        thinking_client.messages.count_tokens(model="tiny-vl", messages=history)
+    history[1]["content"][0]["thinking"] = block.thinking
+    assert thinking_client.messages.count_tokens(model="tiny-vl", messages=history).input_tokens > 0
+
+
+def test_streamed_thinking_ends_with_its_signature_and_display_omitted_hides_it(thinking_client):
+    thinking = {"type": "enabled", "budget_tokens": 1024}
+    with thinking_client.messages.stream(model="tiny-vl", max_tokens=1100, thinking=thinking, messages=ASK) as stream:
+        events = list(stream)
+        final = stream.get_final_message()
+    deltas = [e.delta.type for e in events if e.type == "content_block_delta" and e.index == 0]
+    assert deltas[0] == "thinking_delta" and deltas[-1] == "signature_delta" and deltas.count("signature_delta") == 1
+    assert final.content[0].signature == [e.delta.signature for e in events if e.type == "content_block_delta"
+                                          and e.delta.type == "signature_delta"][0]
+    hidden = thinking_client.messages.create(model="tiny-vl", max_tokens=1100, messages=ASK,
+                                             thinking={**thinking, "display": "omitted"})
+    assert hidden.content[0].type == "thinking" and hidden.content[0].thinking == "" and hidden.content[0].signature
+    history = ASK + [{"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in hidden.content]},
+                     {"role": "user", "content": "And tomorrow?"}]
+    assert thinking_client.messages.create(model="tiny-vl", max_tokens=4, messages=history).type == "message"

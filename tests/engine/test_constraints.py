@@ -1,0 +1,145 @@
+"""Constrained decoding in the batched engine: valid by construction, even from random weights."""
+
+import asyncio
+import dataclasses
+import json
+
+import jsonschema
+import pytest
+
+from localvl.conversation import Conversation, GenerationRequest, SamplingParams, Text, Tool, ToolChoice, Turn
+from localvl.engine.events import Finished, TextDelta, ThinkingDelta, ToolCallEvent
+from localvl.errors import InvalidRequestError
+from tests.engine.test_batching import assert_matches_reference, collect, mixed_conversations, run_engine
+
+WEATHER = Tool(
+    "get_weather",
+    "The weather in a city",
+    {
+        "type": "object",
+        "properties": {
+            "city": {"type": "string", "maxLength": 12},
+            "days": {"type": "integer", "minimum": 1, "maximum": 7},
+            "unit": {"enum": ["celsius", "fahrenheit"]},
+        },
+        "required": ["city", "days"],
+        "additionalProperties": False,
+    },
+)
+CLOCK = Tool("get_time", None, {"type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}}, "required": ["zone"],
+                                  "additionalProperties": False})
+INVOICE = {
+    "type": "object",
+    "properties": {
+        "total": {"type": "number"},
+        "paid": {"type": "boolean"},
+        "lines": {"type": "array", "items": {"type": "string", "maxLength": 8}, "maxItems": 3},
+    },
+    "required": ["total", "paid", "lines"],
+    "additionalProperties": False,
+}
+
+
+def question(text="What is the weather like?", tools=(WEATHER, CLOCK), thinking=None):
+    return Conversation([Turn("user", [Text(text)])], tools=list(tools), thinking=thinking)
+
+
+async def events_of(engine, request):
+    return [event async for event in await engine.submit(request)]
+
+
+def sampled(seed: int, max_tokens: int = 400) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=1.0, top_p=1.0, top_k=0, seed=seed)
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])  # Hermes fallback template / the folder's own
+def test_forced_tool_calls_validate_against_their_schemas_across_seeds(loaded_model, family):
+    loaded = loaded_model(family)
+    schemas = {WEATHER.name: WEATHER.input_schema, CLOCK.name: CLOCK.input_schema}
+
+    async def body(engine):
+        requests = [
+            GenerationRequest(f"any{seed}", question(), sampled(seed), tool_choice=ToolChoice("any", parallel=seed % 2 == 0))
+            for seed in range(8)
+        ] + [
+            GenerationRequest(f"tool{seed}", question(), sampled(seed), tool_choice=ToolChoice("tool", "get_weather"))
+            for seed in range(4)
+        ]
+        return await asyncio.gather(*(events_of(engine, r) for r in requests)), requests
+
+    results, requests = run_engine(loaded, body)
+    for request, events in zip(requests, results):
+        *body_events, finished = events
+        assert isinstance(finished, Finished) and finished.reason == "tool_use", (request.id, events)
+        assert body_events and all(isinstance(e, ToolCallEvent) for e in body_events)  # nothing but calls
+        if not request.tool_choice.parallel:
+            assert len(body_events) == 1
+        for call in body_events:
+            assert call.id.startswith("toolu_")
+            if request.tool_choice.mode == "tool":
+                assert call.name == "get_weather"
+            jsonschema.validate(call.input, schemas[call.name])
+
+
+def test_a_json_schema_answer_is_valid_json_for_it(loaded_model):
+    loaded = loaded_model("qwen2_5_vl")
+
+    async def body(engine):
+        requests = [GenerationRequest(f"j{seed}", question("Read the invoice.", tools=()), sampled(seed), output_schema=INVOICE)
+                    for seed in range(6)]
+        return await asyncio.gather(*(events_of(engine, r) for r in requests))
+
+    for events in run_engine(loaded, body):
+        *deltas, finished = events
+        assert finished.reason == "eos", events
+        jsonschema.validate(json.loads("".join(d.text for d in deltas)), INVOICE)
+
+
+def test_constrained_rows_leave_the_rest_of_the_batch_alone(loaded_model):
+    """Greedy requests batched with constrained ones still equal the model alone."""
+    loaded = loaded_model("qwen2_5_vl")
+    convs = mixed_conversations(4)
+
+    async def body(engine):
+        constrained = [
+            engine.submit(GenerationRequest(f"c{seed}", question(), sampled(seed), tool_choice=ToolChoice("any")))
+            for seed in range(3)
+        ]
+        plain = [collect(engine, conv, f"p{i}") for i, conv in enumerate(convs)]
+        streams = await asyncio.gather(*constrained)
+
+        async def drain(stream):
+            return [event async for event in stream]
+
+        results = await asyncio.gather(*plain, *(drain(s) for s in streams))
+        assert all(r[-1].reason == "tool_use" for r in results[len(convs) :])
+        return results[: len(convs)]
+
+    assert_matches_reference(loaded, convs, run_engine(loaded, body))
+
+
+def test_the_thinking_budget_ends_thinking_and_the_answer_follows(loaded_model):
+    loaded = dataclasses.replace(loaded_model("qwen3_vl"), eos_token_ids=frozenset())  # run to max_tokens
+
+    async def body(engine):
+        request = GenerationRequest("t", question(tools=(), thinking=True), sampled(3, max_tokens=40), thinking_budget=12)
+        return await events_of(engine, request)
+
+    events = run_engine(loaded, body)
+    kinds = [type(e) for e in events]
+    assert kinds[0] is ThinkingDelta and TextDelta in kinds and ToolCallEvent not in kinds
+    first_text = kinds.index(TextDelta)
+    assert all(k is ThinkingDelta for k in kinds[:first_text])  # thinking, then the answer
+    assert all(k is not ThinkingDelta for k in kinds[first_text:])
+    assert events[-1].usage.output_tokens == 40
+
+
+def test_a_schema_llguidance_cannot_use_is_a_client_error(loaded_model):
+    loaded = loaded_model("qwen2_5_vl")
+
+    async def body(engine):
+        request = GenerationRequest("bad", question(tools=()), sampled(0), output_schema={"type": "object", "properties": {"a": {"type": "string", "pattern": "(unclosed"}}, "required": ["a"]})
+        with pytest.raises(InvalidRequestError):
+            await engine.submit(request)
+
+    run_engine(loaded, body)
