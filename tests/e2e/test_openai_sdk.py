@@ -106,8 +106,9 @@ def test_errors_map_to_the_sdk_exception_classes(oai, server):
     with pytest.raises(openai.BadRequestError) as bad:
         oai.chat.completions.create(model="tiny-vl", messages=[])
     assert bad.value.body["type"] == "invalid_request_error" and bad.value.body["message"].startswith("messages")
-    with pytest.raises(openai.BadRequestError, match="not supported yet"):
-        oai.chat.completions.create(model="tiny-vl", messages=USER, tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}])
+    with pytest.raises(openai.BadRequestError, match="tool_choice"):
+        oai.chat.completions.create(model="tiny-vl", messages=USER, tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}],
+                                    tool_choice={"type": "function", "function": {"name": "nope"}})
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0).chat.completions.create(model="tiny-vl", messages=USER)
 

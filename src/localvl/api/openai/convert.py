@@ -1,14 +1,28 @@
 """OpenAI Chat Completions requests → the neutral conversation and sampling parameters.
 
 What this dialect cannot honour yet is refused with a 400 that says so, rather than silently
-answered wrong: tools, tool results and structured output (issue #4), image URLs to fetch
-(issue #6).
+answered wrong: image URLs to fetch (issue #6), legacy ``function`` messages.
 """
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 from localvl.api.openai.schemas import ChatCompletionRequest, Message
-from localvl.conversation import Conversation, GenerationRequest, Image, Part, SamplingParams, Text, Turn
+from localvl.conversation import (
+    Conversation,
+    GenerationRequest,
+    Image,
+    Part,
+    SamplingParams,
+    Text,
+    Tool,
+    ToolCall,
+    ToolChoice,
+    ToolResult,
+    Turn,
+)
 from localvl.errors import InvalidRequestError
 from localvl.media.images import decode_base64, load_image
 
@@ -54,38 +68,115 @@ def _parts(message: Message, where: str) -> list[Part]:
     return parts
 
 
+def _tool_calls(message: Message, where: str) -> list[Part]:
+    calls: list[Part] = []
+    for k, call in enumerate(message.tool_calls or []):
+        at = f"{where}.tool_calls.{k}"
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise InvalidRequestError(f"{at}.function: a tool call needs function.name and function.arguments")
+        arguments = function.get("arguments") or "{}"
+        try:
+            value = json.loads(arguments) if isinstance(arguments, str) else arguments
+        except ValueError:
+            raise InvalidRequestError(f"{at}.function.arguments: not valid JSON") from None
+        if not isinstance(value, dict):
+            raise InvalidRequestError(f"{at}.function.arguments: must be a JSON object")
+        calls.append(ToolCall(str(call.get("id") or f"call_{k}"), function["name"], value))
+    return calls
+
+
 def conversation_from(body: ChatCompletionRequest) -> Conversation:
     turns: list[Turn] = []
     for i, message in enumerate(body.messages):
         where = f"messages.{i}"
-        if message.role in ("tool", "function") or message.tool_calls:
-            raise InvalidRequestError(f"{where}: tool calls and tool results are not supported yet")
-        parts = _parts(message, where)
+        if message.role == "function":
+            raise InvalidRequestError(f"{where}.role: legacy function messages are not supported; use tools")
+        if message.role == "tool":
+            if not message.tool_call_id:
+                raise InvalidRequestError(f"{where}.tool_call_id: a tool message needs the id of the call it answers")
+            content = tuple(p for p in _parts(message, where) if isinstance(p, (Text, Image)))
+            parts: list[Part] = [ToolResult(message.tool_call_id, content)]
+            role = "user"
+        else:
+            parts = _parts(message, where)
+            if message.tool_calls:
+                if message.role != "assistant":
+                    raise InvalidRequestError(f"{where}.tool_calls: only assistant messages carry tool calls")
+                parts += _tool_calls(message, where)
+            role = ROLES[message.role]
         if not parts:
             if message.role == "assistant" and i == len(body.messages) - 1:
                 continue  # an empty final assistant message: nothing to continue
             raise InvalidRequestError(f"{where}.content: {message.role} messages must have non-empty content")
-        role = ROLES[message.role]
         if turns and turns[-1].role == role:
             turns[-1].parts.extend(parts)
         else:
             turns.append(Turn(role, parts))  # type: ignore[arg-type]
     if not any(turn.role == "user" for turn in turns):
         raise InvalidRequestError("messages: at least one user message is required")
-    return Conversation(turns=turns)
+    # reasoning_effort switches a thinking template's thinking on or off; the effort itself is not graded
+    thinking = None if body.reasoning_effort is None else body.reasoning_effort not in ("none", "minimal")
+    return Conversation(turns=turns, tools=_tools(body.tools), thinking=thinking)
 
 
-def _refuse_unsupported(body: ChatCompletionRequest) -> None:
-    if body.tools:
-        raise InvalidRequestError("tools: tool use is not supported yet")
-    if body.response_format and body.response_format.get("type", "text") != "text":
-        raise InvalidRequestError("response_format: structured output is not supported yet")
+def _tools(tools: list[Any] | None) -> list[Tool]:
+    out: list[Tool] = []
+    for k, tool in enumerate(tools or []):
+        at = f"tools.{k}"
+        if not isinstance(tool, dict) or tool.get("type") != "function":
+            raise InvalidRequestError(f"{at}.type: only function tools are supported")
+        function = tool.get("function")
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
+            raise InvalidRequestError(f"{at}.function.name: a function tool needs a name")
+        parameters = function.get("parameters") or {"type": "object", "properties": {}}
+        if not isinstance(parameters, dict):
+            raise InvalidRequestError(f"{at}.function.parameters: must be a JSON schema object")
+        out.append(Tool(function["name"], function.get("description"), parameters))
+    return out
+
+
+def _tool_choice(choice: Any, tools: list[Tool], parallel: bool | None) -> ToolChoice:
+    allow_parallel = parallel is not False
+    if choice is None:
+        return ToolChoice("auto" if tools else "none", parallel=allow_parallel)
+    if choice in ("none", "auto", "required"):
+        if choice == "required" and not tools:
+            raise InvalidRequestError("tool_choice: 'required' needs at least one tool in tools")
+        return ToolChoice("any" if choice == "required" else choice, parallel=allow_parallel)
+    if isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("function"), dict):
+        name = choice["function"].get("name")
+        if name not in {t.name for t in tools}:
+            raise InvalidRequestError(f"tool_choice.function.name: tool {name!r} is not in tools")
+        return ToolChoice("tool", name, allow_parallel)
+    raise InvalidRequestError("tool_choice: expected 'none', 'auto', 'required' or {type: 'function', function: {name}}")
+
+
+def _output_schema(response_format: dict[str, Any] | None) -> dict[str, Any] | None:
+    if not response_format:
+        return None
+    kind = response_format.get("type", "text")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "object"}
+    if kind == "json_schema":
+        spec = response_format.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+            raise InvalidRequestError("response_format.json_schema: expected {name, schema, strict}")
+        return spec.get("schema") or {"type": "object"}
+    raise InvalidRequestError(f"response_format.type: {kind!r} is not one of text, json_object, json_schema")
 
 
 def generation_requests(completion_id: str, body: ChatCompletionRequest) -> list[GenerationRequest]:
     """One request per choice (``n``); seeded choices get seeds ``seed, seed + 1, ...``."""
-    _refuse_unsupported(body)
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+    conversation = conversation_from(body)
+    choice = _tool_choice(body.tool_choice, conversation.tools, body.parallel_tool_calls)
+    schema = _output_schema(body.response_format)
+    strict = tuple(
+        t["function"]["name"] for t in body.tools or () if isinstance(t, dict) and (t.get("function") or {}).get("strict")
+    )
     requests = []
     for index in range(body.n):
         sampling = SamplingParams(
@@ -98,5 +189,7 @@ def generation_requests(completion_id: str, body: ChatCompletionRequest) -> list
             frequency_penalty=body.frequency_penalty or 0.0,
             logprobs=(body.top_logprobs or 0) if body.logprobs else None,
         )
-        requests.append(GenerationRequest(f"{completion_id}-{index}", conversation_from(body), sampling))
+        requests.append(GenerationRequest(
+            f"{completion_id}-{index}", conversation, sampling, tool_choice=choice, output_schema=schema, strict_tools=strict
+        ))
     return requests

@@ -13,7 +13,7 @@ from typing import Any, AsyncIterator
 from localvl import __version__
 from localvl.api.openai.errors import error_json
 from localvl.api.sse import HEARTBEAT, with_heartbeats
-from localvl.engine.events import Event, FinishReason, Finished, TextDelta, TokenLogprob
+from localvl.engine.events import Event, FinishReason, Finished, TextDelta, ThinkingDelta, TokenLogprob, ToolCallEvent
 from localvl.engine.protocol import GenerationStream
 from localvl.errors import InternalError, LocalvlError
 
@@ -27,6 +27,16 @@ FINISH_REASONS: dict[FinishReason, str] = {
     "context_window": "length",
 }
 FINGERPRINT = f"localvl-{__version__}"
+
+
+def call_id(event: ToolCallEvent) -> str:
+    """OpenAI-shaped id (``call_…``) for the engine's tool call."""
+    return "call_" + event.id.removeprefix("toolu_")
+
+
+def tool_call_json(event: ToolCallEvent) -> dict[str, Any]:
+    arguments = json.dumps(event.input, ensure_ascii=False)
+    return {"id": call_id(event), "type": "function", "function": {"name": event.name, "arguments": arguments}}
 
 
 def logprob_json(entry: TokenLogprob) -> dict[str, Any]:
@@ -90,21 +100,37 @@ async def collect_completion(
     streams: list[GenerationStream], completion_id: str, model: str, created: int, logprobs: bool = False
 ) -> dict[str, Any]:
     texts: list[list[str]] = [[] for _ in streams]
+    thoughts: list[list[str]] = [[] for _ in streams]
+    calls: list[list[dict[str, Any]]] = [[] for _ in streams]
     entries: list[list[TokenLogprob]] = [[] for _ in streams]
     finished: list[Finished | None] = [None] * len(streams)
     async for index, event in merged(streams):
         if isinstance(event, TextDelta):
             texts[index].append(event.text)
             entries[index].extend(event.logprobs)
+        elif isinstance(event, ThinkingDelta):
+            thoughts[index].append(event.text)
+        elif isinstance(event, ToolCallEvent):
+            calls[index].append(tool_call_json(event))
         elif isinstance(event, Finished):
             finished[index] = event
     done = [f for f in finished if f is not None]
     if len(done) != len(streams):
         raise InternalError("generation ended without a result")
+
+    def message(i: int) -> dict[str, Any]:
+        text = "".join(texts[i])
+        out: dict[str, Any] = {"role": "assistant", "content": text if text or not calls[i] else None, "refusal": None}
+        if thoughts[i]:
+            out["reasoning_content"] = "".join(thoughts[i])  # the field vLLM and DeepSeek use
+        if calls[i]:
+            out["tool_calls"] = calls[i]
+        return out
+
     choices = [
         {
             "index": i,
-            "message": {"role": "assistant", "content": "".join(texts[i]), "refusal": None},
+            "message": message(i),
             "logprobs": logprobs_json(entries[i], logprobs),
             "finish_reason": FINISH_REASONS[done[i].reason],
         }
@@ -145,6 +171,7 @@ async def completion_chunks(
         return {"index": index, "delta": delta, "logprobs": logprobs_json(entries, logprobs and bool(entries)), "finish_reason": finish}
 
     finished: list[Finished] = []
+    calls = [0] * len(streams)  # tool calls so far, per choice: each call's index
     for index in range(len(streams)):
         yield chunk([choice(index, {"role": "assistant", "content": ""})])
     try:
@@ -155,6 +182,15 @@ async def completion_chunks(
             index, event = item  # type: ignore[misc]
             if isinstance(event, TextDelta):
                 yield chunk([choice(index, {"content": event.text}, entries=event.logprobs)])
+            elif isinstance(event, ThinkingDelta):
+                yield chunk([choice(index, {"reasoning_content": event.text})])
+            elif isinstance(event, ToolCallEvent):
+                call = tool_call_json(event)
+                arguments = call["function"]["arguments"]
+                call["function"]["arguments"] = ""
+                yield chunk([choice(index, {"tool_calls": [{"index": calls[index], **call}]})])
+                yield chunk([choice(index, {"tool_calls": [{"index": calls[index], "function": {"arguments": arguments}}]})])
+                calls[index] += 1
             elif isinstance(event, Finished):
                 finished.append(event)
                 yield chunk([choice(index, {}, FINISH_REASONS[event.reason])])
