@@ -32,6 +32,7 @@ CLOCK = {
 }
 SCHEMAS = {t["name"]: t["input_schema"] for t in (WEATHER, CLOCK)}
 ASK = [{"role": "user", "content": "What is the weather in Paris, and what time is it?"}]
+GREEDY = {"temperature": 0}  # thinking tests: the same answer on every run
 
 
 @pytest.fixture
@@ -110,7 +111,8 @@ def test_a_json_schema_answer_validates(client):
 
 def test_thinking_blocks_are_signed_round_trip_and_tampering_is_rejected(thinking_client):
     thinking = {"type": "enabled", "budget_tokens": 1024}
-    first = thinking_client.messages.create(model="tiny-vl", max_tokens=1100, thinking=thinking, messages=ASK)
+    first = thinking_client.messages.create(model="tiny-vl", max_tokens=1100, thinking=thinking, messages=ASK,
+                                            extra_body=GREEDY)
     block = first.content[0]
     assert block.type == "thinking" and block.thinking and block.signature
     assert all(b.type != "thinking" for b in first.content[1:])
@@ -129,14 +131,15 @@ def test_thinking_blocks_are_signed_round_trip_and_tampering_is_rejected(thinkin
 
 def test_streamed_thinking_ends_with_its_signature_and_display_omitted_hides_it(thinking_client):
     thinking = {"type": "enabled", "budget_tokens": 1024}
-    with thinking_client.messages.stream(model="tiny-vl", max_tokens=1100, thinking=thinking, messages=ASK) as stream:
+    with thinking_client.messages.stream(model="tiny-vl", max_tokens=1100, thinking=thinking, messages=ASK,
+                                         extra_body=GREEDY) as stream:
         events = list(stream)
         final = stream.get_final_message()
     deltas = [e.delta.type for e in events if e.type == "content_block_delta" and e.index == 0]
     assert deltas[0] == "thinking_delta" and deltas[-1] == "signature_delta" and deltas.count("signature_delta") == 1
     assert final.content[0].signature == [e.delta.signature for e in events if e.type == "content_block_delta"
                                           and e.delta.type == "signature_delta"][0]
-    hidden = thinking_client.messages.create(model="tiny-vl", max_tokens=1100, messages=ASK,
+    hidden = thinking_client.messages.create(model="tiny-vl", max_tokens=1100, messages=ASK, extra_body=GREEDY,
                                              thinking={**thinking, "display": "omitted"})
     assert hidden.content[0].type == "thinking" and hidden.content[0].thinking == "" and hidden.content[0].signature
     history = ASK + [{"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in hidden.content]},

@@ -106,3 +106,10 @@ def test_tool_call_ids_look_like_anthropics():
     ids = {tool_call_id() for _ in range(100)}
     assert len(ids) == 100
     assert all(i.startswith("toolu_") and len(i) == 30 and i[6:].isalnum() for i in ids)
+
+
+def test_thinking_comes_first_and_once():
+    parser = OutputParser(tools=False, thinking=True, in_thinking=True)
+    assert run(parser, "a</think>b <think>c</think>") == [ThinkingPiece("a"), TextPiece("b <think>c</think>")]
+    parser = OutputParser(tools=False, thinking=True)
+    assert run(parser, "answer <think>no</think>") == [TextPiece("answer <think>no</think>")]

@@ -88,7 +88,8 @@ class OutputParser:
         self._state = "think" if (thinking and in_thinking) else "text"
         self._buffer = ""  # text not yet returned: a possible partial tag, or a tool call's body
         self._held_space = ""  # whitespace after text, returned only if more text follows
-        self._after_block = in_thinking and thinking  # strip the blank lines Qwen puts after a block
+        self._after_block = False  # strip the blank lines Qwen puts after a block
+        self._answered = False  # thinking is over, or text or a tool call came first
         self.tool_calls = 0
 
     @property
@@ -99,7 +100,7 @@ class OutputParser:
         tags: list[str] = []
         if self.tools:
             tags.append(TOOL_OPEN)
-        if self.thinking and self.tool_calls == 0:
+        if self.thinking and not self._answered:  # thinking comes first, once
             tags.append(THINK_OPEN)
         return tuple(tags)
 
@@ -142,7 +143,7 @@ class OutputParser:
             if end:
                 pieces.append(ThinkingPiece(buffer[:end]))
             self._buffer = buffer[end + len(THINK_CLOSE) :]
-            self._state, self._after_block = "text", True
+            self._state, self._after_block, self._answered = "text", True, True
             return True
         if self._state == "tool":
             end = buffer.find(TOOL_CLOSE)
@@ -157,6 +158,7 @@ class OutputParser:
             else:
                 self._held_space = ""
                 self.tool_calls += 1
+                self._answered = True
                 pieces.append(call)
                 self._after_block = True
             return True
@@ -187,6 +189,7 @@ class OutputParser:
             self._after_block = False
         stripped = text.rstrip()
         if stripped:
+            self._answered = True
             pieces.append(TextPiece(self._held_space + stripped))
             self._held_space = text[len(stripped) :]
         else:
