@@ -14,10 +14,11 @@ class LocalvlError(Exception):
     status: int = 500
     kind: str = "api_error"
 
-    def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
+    def __init__(self, message: str, *, headers: dict[str, str] | None = None, code: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.headers = headers or {}
+        self.code = code  # a finer cause a client branches on (Anthropic's ``error.details.error_code``)
 
 
 class InvalidRequestError(LocalvlError):

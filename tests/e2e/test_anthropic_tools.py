@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+from typing import Annotated, Literal
+
+from pydantic import Field
 
 import anthropic
 import jsonschema
@@ -145,3 +148,58 @@ def test_streamed_thinking_ends_with_its_signature_and_display_omitted_hides_it(
     history = ASK + [{"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in hidden.content]},
                      {"role": "user", "content": "And tomorrow?"}]
     assert thinking_client.messages.create(model="tiny-vl", max_tokens=4, messages=history).type == "message"
+
+
+def test_the_sdk_tool_runner_calls_python_tools_with_valid_arguments(client):
+    from anthropic import beta_tool
+
+    seen: list[tuple[str, str]] = []
+
+    @beta_tool
+    def get_weather(city: Annotated[str, Field(max_length=12)], unit: Literal["celsius", "fahrenheit"]) -> str:
+        """Current weather in a city.
+
+        Args:
+            city: the city
+            unit: the temperature unit
+        """
+        seen.append((city, unit))
+        return "sunny, 21 degrees"
+
+    runner = client.beta.messages.tool_runner(model="tiny-vl", max_tokens=200, messages=ASK, tools=[get_weather],
+                                              tool_choice={"type": "any", "disable_parallel_tool_use": True}, max_iterations=2)
+    messages = list(runner)
+    assert len(messages) == 2 and seen  # two model turns, the tool ran between them with what the model asked
+    assert all(unit in ("celsius", "fahrenheit") and isinstance(city, str) for city, unit in seen)
+
+
+def test_the_sdk_parse_helper_returns_a_typed_object(client):
+    pydantic = pytest.importorskip("pydantic")
+
+    class Reading(pydantic.BaseModel):
+        celsius: int
+        raining: bool
+
+    parse = getattr(client.messages, "parse", None) or client.beta.messages.parse
+    message = parse(model="tiny-vl", max_tokens=200, messages=ASK, output_format=Reading, extra_body={"temperature": 1.0})
+    assert isinstance(message.parsed_output, Reading)
+
+
+def test_a_lost_thread_is_the_error_the_sdk_replays_on(client):
+    with pytest.raises(anthropic.NotFoundError) as lost:
+        client.beta.messages.create(model="tiny-vl", max_tokens=4, messages=ASK,
+                                    thread={"type": "continue", "previous_message_id": "msg_gone"})
+    assert lost.value.error_code == "thread_not_found"
+    first = client.beta.messages.create(model="tiny-vl", max_tokens=4, messages=ASK, thread={"type": "create"},
+                                        system="be brief")
+    follow = [{"role": "user", "content": "and tomorrow?"}]
+    second = client.beta.messages.create(model="tiny-vl", max_tokens=4, messages=follow,
+                                         thread={"type": "continue", "previous_message_id": first.id})
+    reply = [{"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in first.content]}] if first.content else []
+    unthreaded = client.messages.count_tokens(model="tiny-vl", system="be brief", messages=ASK + reply + follow)
+    used = second.usage
+    assert used.input_tokens + used.cache_read_input_tokens + used.cache_creation_input_tokens == unthreaded.input_tokens
+    with pytest.raises(anthropic.BadRequestError) as twice:
+        client.beta.messages.create(model="tiny-vl", max_tokens=4, messages=follow,
+                                    thread={"type": "continue", "previous_message_id": first.id})
+    assert twice.value.error_code == "thread_already_continued"

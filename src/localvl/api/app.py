@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 
 from localvl import __version__
 from localvl.api.anthropic.routes import router as anthropic_router
+from localvl.api.anthropic.threads import ThreadStore
 from localvl.api.models import router as models_router
 from localvl.api.openai.routes import router as openai_router
 from localvl.api.errors import install_error_handlers
@@ -60,6 +61,7 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
     app.state.engine = engine
     app.state.model_names = model_names(settings, engine)
     app.state.signer = ThinkingSigner.from_settings(settings.thinking_key, settings.cache_dir or default_cache_dir())
+    app.state.threads = ThreadStore()
     app.state.ready = False
     install_error_handlers(app)
     app.add_middleware(RequestContextMiddleware, max_request_bytes=settings.max_request_bytes)

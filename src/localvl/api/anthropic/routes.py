@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import base64
-from typing import Any
+import functools
+from typing import Any, Callable
 
 import anyio
 from fastapi import APIRouter, Depends, Request
@@ -11,7 +12,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from localvl.api.anthropic import convert
 from localvl.api.anthropic.schemas import CountTokensRequest, MessagesRequest
-from localvl.api.validation import parse_body
+from localvl.api.anthropic.threads import ThreadStore
+from localvl.api.validation import load_json_object, parse_body, parse_value
 from localvl.api.anthropic.stream import Output, collect_message, message_events
 from localvl.api.auth import require_api_key
 from localvl.api.disconnect import until_disconnect
@@ -71,19 +73,52 @@ async def _form_body(request: Request, names: ModelNames) -> MessagesRequest:
     return MessagesRequest.model_validate(body, strict=False)
 
 
+def _threaded(
+    request: Request, data: dict[str, Any], size: int
+) -> tuple[MessagesRequest, Callable[[str, dict[str, Any] | None], None]]:
+    """A request under ``thread``: the full conversation it stands for, and what to do once answered
+    (keep the conversation under the reply's id; free the thread it continued)."""
+    threads: ThreadStore = request.app.state.threads
+    full, previous = threads.begin(data)
+    try:
+        body = parse_value(MessagesRequest, full, "")
+    except BaseException:
+        threads.end(previous, continued=False)
+        raise
+
+    def on_done(message_id: str, message: dict[str, Any] | None) -> None:
+        threads.end(previous, continued=message is not None)
+        if message is not None:
+            threads.store(message_id, full, message, size=size)
+
+    return body, on_done
+
+
 @router.post("/v1/messages")
 async def create_message(request: Request) -> Any:
     names, engine, settings = _names(request), _engine(request), _settings(request)
+    on_done = None
     if request.headers.get("content-type", "").startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
         body = await _form_body(request, names)
     else:
-        body = parse_body(MessagesRequest, await request.body())
+        raw = await request.body()
+        data = load_json_object(raw) if b'"thread"' in raw else None
+        if data is not None and data.get("thread") is not None:
+            body, on_done = _threaded(request, data, len(raw))
+        else:
+            body = parse_body(MessagesRequest, raw)
     names.require(body.model)
     message_id = new_id("msg_")
     signer = _signer(request)
-    generation = await anyio.to_thread.run_sync(convert.generation_request, message_id, body, signer.recover)
-    stream = await engine.submit(generation)
-    output = Output(message_id, body.model, signer, show_thinking=(body.thinking or {}).get("display") != "omitted")
+    try:
+        generation = await anyio.to_thread.run_sync(convert.generation_request, message_id, body, signer.recover)
+        stream = await engine.submit(generation)
+    except BaseException:
+        if on_done is not None:
+            on_done(message_id, None)
+        raise
+    output = Output(message_id, body.model, signer, show_thinking=(body.thinking or {}).get("display") != "omitted",
+                    on_done=None if on_done is None else functools.partial(on_done, message_id))
     if body.stream:
         return StreamingResponse(
             message_events(stream, output, settings.ping_interval),

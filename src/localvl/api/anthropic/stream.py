@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Iterator
+from typing import Any, AsyncIterator, Callable, Iterator
 
 from localvl.api.anthropic.errors import error_event
 from localvl.api.sse import HEARTBEAT, sse_event, with_heartbeats
@@ -59,6 +59,12 @@ class Output:
     model: str
     signer: ThinkingSigner | None = None
     show_thinking: bool = True
+    # Called once: with the finished Message, or with None if the generation failed or was abandoned.
+    on_done: Callable[[dict[str, Any] | None], None] | None = None
+
+    def done(self, message: dict[str, Any] | None) -> None:
+        if self.on_done is not None:
+            self.on_done(message)
 
     def signature(self, thinking: str) -> str:
         if self.signer is None:
@@ -129,6 +135,7 @@ async def collect_message(stream: GenerationStream, output: Output) -> dict[str,
     """Run a generation to the end and return the whole Message."""
     blocks = _Blocks(output)
     finished: Finished | None = None
+    message: dict[str, Any] | None = None
     try:
         async for event in stream:
             if isinstance(event, Finished):
@@ -136,13 +143,15 @@ async def collect_message(stream: GenerationStream, output: Output) -> dict[str,
             else:
                 for _ in blocks.add(event):
                     pass
+        if finished is None:
+            raise InternalError("generation ended without a result")
+        for _ in blocks.close():
+            pass
+        message = message_json(output.message_id, output.model, blocks.content, finished, finished.usage)
+        return message
     finally:
+        output.done(message)
         await stream.aclose()
-    if finished is None:
-        raise InternalError("generation ended without a result")
-    for _ in blocks.close():
-        pass
-    return message_json(output.message_id, output.model, blocks.content, finished, finished.usage)
 
 
 async def message_events(stream: GenerationStream, output: Output, ping_interval: float) -> AsyncIterator[bytes]:
@@ -152,6 +161,7 @@ async def message_events(stream: GenerationStream, output: Output, ping_interval
     yield sse_event("message_start", {"type": "message_start", "message": start})
     yield sse_event("ping", {"type": "ping"})
     blocks = _Blocks(output)
+    message: dict[str, Any] | None = None
     try:
         async for event in with_heartbeats(stream, ping_interval):
             if event is HEARTBEAT:
@@ -169,6 +179,7 @@ async def message_events(stream: GenerationStream, output: Output, ping_interval
                         "usage": usage,
                     },
                 )
+                message = message_json(output.message_id, output.model, blocks.content, event, event.usage)
                 yield sse_event("message_stop", {"type": "message_stop"})
             else:
                 for frame in blocks.add(event):  # type: ignore[arg-type]
@@ -179,4 +190,5 @@ async def message_events(stream: GenerationStream, output: Output, ping_interval
         logger.error("stream failed: %s", type(error).__name__)
         yield sse_event("error", error_event(InternalError("the server failed while streaming this response")))
     finally:
+        output.done(message)
         await stream.aclose()
