@@ -143,3 +143,68 @@ def test_a_schema_llguidance_cannot_use_is_a_client_error(loaded_model):
             await engine.submit(request)
 
     run_engine(loaded, body)
+
+
+def test_without_parallel_calls_the_turn_ends_at_the_first_call(loaded_model, monkeypatch):
+    """A model that writes two calls where one at most was allowed: the turn ends after the first."""
+    from localvl.engine.local import LocalEngine
+
+    loaded = loaded_model("qwen2_5_vl")
+    call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": 2}}\n</tool_call>'
+    written = loaded.tokenizer.encode("Checking.\n" + call + "\n" + call, add_special_tokens=False)
+    constrain = LocalEngine._constrain
+
+    async def model_writes_two_calls(self, job, request):
+        await constrain(self, job, request)
+        job.forced = list(written)  # what the model "samples"
+
+    monkeypatch.setattr(LocalEngine, "_constrain", model_writes_two_calls)
+
+    async def body(engine):
+        results = []
+        for parallel in (False, True):
+            request = GenerationRequest(f"p{parallel}", question(tools=(WEATHER,)), sampled(0, max_tokens=len(written)),
+                                        tool_choice=ToolChoice("auto", parallel=parallel))
+            results.append(await events_of(engine, request))
+        return results
+
+    single, parallel = run_engine(loaded, body)
+
+    def kinds(events):
+        out = [type(e) for e in events]
+        return [k for i, k in enumerate(out) if i == 0 or k is not TextDelta or out[i - 1] is not TextDelta]
+
+    assert kinds(single) == [TextDelta, ToolCallEvent, Finished]
+    assert "".join(e.text for e in single if isinstance(e, TextDelta)) == "Checking."
+    assert single[-2].input == {"city": "Paris", "days": 2} and single[-1].reason == "tool_use"
+    assert single[-1].usage.output_tokens < len(written)  # it stopped there
+    assert kinds(parallel) == [TextDelta, ToolCallEvent, ToolCallEvent, Finished]
+    assert parallel[-1].reason == "max_tokens"  # all it was given to write, and no end of turn
+
+
+def test_tool_choice_none_never_opens_a_tool_call(loaded_model, monkeypatch):
+    """A model that would open a tool call at every step: under none it cannot."""
+    from localvl.engine.qwen_vl import QwenVLRunner
+
+    loaded = loaded_model("qwen2_5_vl")
+    tag = loaded.tokenizer.convert_tokens_to_ids("<tool_call>")
+    logits = QwenVLRunner.logits
+
+    def eager_to_call(self, hidden):
+        out = logits(self, hidden)
+        out[:, tag] += 1000.0
+        return out
+
+    monkeypatch.setattr(QwenVLRunner, "logits", eager_to_call)
+
+    async def body(engine):
+        out = {}
+        for mode in ("auto", "none"):
+            request = GenerationRequest(mode, question(tools=(WEATHER,)), SamplingParams(max_tokens=6, temperature=0),
+                                        tool_choice=ToolChoice(mode))
+            out[mode] = "".join(e.text for e in await events_of(engine, request) if isinstance(e, TextDelta))
+        return out
+
+    texts = run_engine(loaded, body)
+    assert texts["auto"].startswith("<tool_call>")  # opened, never closed: returned as the text it was
+    assert "<tool_call>" not in texts["none"]

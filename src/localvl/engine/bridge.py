@@ -76,6 +76,7 @@ class Job:
     thinking_budget: int | None = None  # thinking tokens left before the end of thinking is forced
     thinking_tokens: int = 0
     forced: list[int] = field(default_factory=list)  # tokens emitted next whatever the logits say
+    one_tool_call: bool = False  # parallel tool calls were not allowed: the turn ends after the first
 
     def emit(self, item: Event | LocalvlError) -> None:
         self.outbox.add(self, item)

@@ -198,6 +198,7 @@ class LocalEngine:
             outbox=self._outbox,
             parser=self._parser(request, ids),
             thinking_budget=request.thinking_budget,
+            one_tool_call=not request.tool_choice.parallel,
         )
         await self._constrain(job, request)
         seq = Sequence(
@@ -468,6 +469,8 @@ class LocalEngine:
                     job.thinking_budget = None  # forced once
             if job.stops.matched is not None:
                 reason = "stop_sequence"
+            elif job.one_tool_call and job.parser is not None and job.parser.tool_calls:
+                reason = "tool_use"  # one call at most was asked for: the turn ends with it
             elif len(seq.outputs) >= seq.max_new_tokens:
                 reason = "context_window" if job.context_limited else "max_tokens"
         if reason is None:
