@@ -52,3 +52,10 @@ def test_hermes_system_section_joins_the_clients_system_prompt(loaded_model):
     assert system.startswith("<|im_start|>system\nBe brief.\n\n# Tools")
     listed = system[system.index("<tools>\n") + len("<tools>\n") : system.index("\n</tools>\n")]
     assert json.loads(listed)["function"]["name"] == "get_weather"
+
+
+def test_a_failed_tool_call_reads_as_an_error(loaded_model):
+    renderer = Renderer(loaded_model("qwen3_vl").processor)
+    turns = conversation().turns[:2] + [Turn("user", [ToolResult("toolu_1", (Text("city not found"),), is_error=True)])]
+    text = renderer.prompt_text(Conversation(turns, tools=[WEATHER]))
+    assert "<tool_response>\nError: city not found\n</tool_response>" in text

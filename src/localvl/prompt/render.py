@@ -46,6 +46,8 @@ def template_messages(conversation: Conversation) -> list[dict[str, Any]]:
         for part in turn.parts:
             if isinstance(part, ToolResult):
                 content = list(part.content)
+                if part.is_error:  # the templates have no notion of a failed call: the model reads it
+                    content.insert(0, Text("Error: "))
                 messages.append({"role": "tool", "tool_call_id": part.tool_call_id, "content": _content(content)})
             else:
                 rest.append(part)
