@@ -53,6 +53,9 @@ def _serve_parser(sub: Any) -> None:
     p.add_argument("--max-request-bytes", dest="max_request_bytes", type=int, help="largest request body")
     p.add_argument("--ping-interval", dest="ping_interval", type=float, help="seconds between SSE pings")
     p.add_argument("--cache-dir", dest="cache_dir", type=Path, help="where the demo model is kept")
+    p.add_argument("--url-allowlist", dest="url_allowlist", help="comma-separated hosts/addresses/CIDRs image URLs may reach although not public")
+    p.add_argument("--fetch-timeout", dest="fetch_timeout", type=float, help="seconds to fetch one URL (default 30)")
+    p.add_argument("--max-image-bytes", dest="max_image_bytes", type=int, help="largest image fetched by URL (default 5 MB)")
     p.add_argument("--thinking-key", dest="thinking_key", help="key that signs thinking blocks (default: kept in the cache dir)")
     p.add_argument("--log-level", dest="log_level", help="debug, info, warning, error")
 

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import Field, field_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from localvl.media.fetch import UrlPolicy
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -58,12 +61,23 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="largest request body accepted")
     ping_interval: float = Field(10.0, gt=0, description="seconds between SSE pings while nothing else is sent")
     cache_dir: Path | None = Field(None, description="where localvl keeps the demo model and vocabularies")
+    url_allowlist: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="hosts, addresses or networks (CIDR) that image URLs may point to although not public",
+    )
+    fetch_timeout: float = Field(30.0, gt=0, description="seconds to fetch one URL, redirects included")
+    max_image_bytes: int = Field(5 * 1024 * 1024, ge=1024, description="largest image fetched by URL")
     thinking_key: str | None = Field(
         None, description="key that signs thinking blocks; default: a random key kept in the cache directory"
     )
     log_level: str = "info"
 
-    @field_validator("api_key", "alias", mode="before")
+    def url_policy(self) -> UrlPolicy:
+        from localvl.media.fetch import UrlPolicy
+
+        return UrlPolicy(tuple(self.url_allowlist), total_timeout=self.fetch_timeout)
+
+    @field_validator("api_key", "alias", "url_allowlist", mode="before")
     @classmethod
     def _split_commas(cls, value: Any) -> Any:
         if isinstance(value, str):

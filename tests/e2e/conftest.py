@@ -65,9 +65,9 @@ class Server:
 
 @pytest.fixture(scope="session")
 def server(model_dir, tmp_path_factory):
-    """qwen2_5_vl, tiny vocabulary; pings every 50 ms so tests can see them."""
+    """qwen2_5_vl, tiny vocabulary; pings every 50 ms so tests can see them; image URLs may be on 127.0.0.1."""
     s = Server(model_dir("qwen2_5_vl"), tmp_path_factory.mktemp("logs") / "server.log", "--ping-interval", "0.05",
-               "--log-level", "debug")
+               "--log-level", "debug", "--url-allowlist", "127.0.0.1")
     yield s
     s.stop()
 

@@ -234,14 +234,32 @@ def test_image_with_invalid_base64_is_refused_at_the_data():
     assert refused([{"role": "user", "content": [block]}]).startswith("messages.0.content.0.source.data")
 
 
-@pytest.mark.parametrize(
-    "source",
-    [{"type": "url", "url": "https://example.com/cat.png"}, {"type": "file", "file_id": "file_123"}],
-    ids=["url", "file"],
-)
-def test_non_base64_image_sources_are_refused(source):
-    message = refused([{"role": "user", "content": [{"type": "image", "source": source}]}])
+def test_file_image_sources_are_refused_until_the_files_api():
+    message = refused([{"role": "user", "content": [{"type": "image", "source": {"type": "file", "file_id": "file_123"}}]}])
     assert message.startswith("messages.0.content.0.source.type")
+
+
+def test_url_images_are_found_wherever_they_sit_and_read_from_what_was_fetched():
+    from localvl.api.anthropic import schemas as s
+    from localvl.api.anthropic.convert import conversation_from, image_urls
+    from tests.helpers import image_bytes
+
+    url = {"type": "image", "source": {"type": "url", "url": "https://img.example/a.png"}}
+    body = s.MessagesRequest.model_validate({"model": "m", "max_tokens": 4, "messages": [
+        {"role": "user", "content": [url, {"type": "text", "text": "hi"}]},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "f", "input": {}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": [url]},
+                                     {"type": "document", "source": {"type": "content", "content": [url]}}]},
+    ]}, strict=False)
+    assert image_urls(body) == [
+        ("https://img.example/a.png", "messages.0.content.0.source.url"),
+        ("https://img.example/a.png", "messages.2.content.0.content.0.source.url"),
+        ("https://img.example/a.png", "messages.2.content.1.source.content.0.source.url"),
+    ]
+    conv = conversation_from(body, fetched={"https://img.example/a.png": image_bytes("PNG")})
+    assert len(conv.images()) == 3 and conv.images()[0].media_type == "image/png"
+    with pytest.raises(InvalidRequestError, match="not fetched"):
+        conversation_from(body)
 
 
 def test_document_with_text_source_becomes_text():

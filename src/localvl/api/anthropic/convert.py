@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from localvl.api.anthropic import schemas as s
 from localvl.conversation import (
@@ -21,6 +21,7 @@ from localvl.conversation import (
 )
 from localvl.errors import InvalidRequestError
 from localvl.api.validation import parse_value
+from localvl.media.fetch import FETCHED
 from localvl.media.images import decode_base64, load_image
 
 
@@ -28,9 +29,37 @@ def _image(block: s.ImageBlockParam, where: str) -> Image:
     source = block.source
     if isinstance(source, s.Base64ImageSource):
         return load_image(decode_base64(source.data, f"{where}.source.data"), source.media_type, f"{where}.source")
+    if isinstance(source, s.URLImageSource):
+        data = FETCHED.get().get(source.url)
+        if data is None:
+            raise InvalidRequestError(f"{where}.source.url: the image was not fetched")
+        return load_image(data, None, f"{where}.source.url")
     raise InvalidRequestError(
-        f"{where}.source.type: image sources of type {source.type!r} are not supported yet; send the image as base64"
+        f"{where}.source.type: image sources of type {source.type!r} are not supported yet; send the image as base64 or url"
     )
+
+
+def image_urls(body: s._ConversationFields) -> list[tuple[str, str]]:
+    """``(url, where)`` of every image given by URL, wherever it sits (tool results, documents)."""
+    found: list[tuple[str, str]] = []
+
+    def visit(block: Any, at: str) -> None:
+        if isinstance(block, s.ImageBlockParam) and isinstance(block.source, s.URLImageSource):
+            found.append((block.source.url, f"{at}.source.url"))
+        elif isinstance(block, s.ToolResultBlockParam) and isinstance(block.content, list):
+            for k, item in enumerate(block.content):
+                visit(item, f"{at}.content.{k}")
+        elif isinstance(block, s.DocumentBlockParam) and isinstance(block.source.get("content"), list):
+            for k, item in enumerate(block.source["content"]):
+                source = item.get("source") if isinstance(item, dict) else None
+                if item.get("type") == "image" and isinstance(source, dict) and source.get("type") == "url":
+                    found.append((str(source.get("url")), f"{at}.source.content.{k}.source.url"))
+
+    for i, message in enumerate(body.messages):
+        if isinstance(message.content, list):
+            for j, block in enumerate(message.content):
+                visit(block, f"messages.{i}.content.{j}")
+    return found
 
 
 def _document(block: s.DocumentBlockParam, where: str) -> list[Text | Image]:
@@ -133,11 +162,22 @@ def _system_turn(system: str | list[s.TextBlockParam] | None) -> Turn | None:
     return Turn("system", [Text(text)]) if text else None
 
 
-def conversation_from(body: s._ConversationFields, verify: Verifier | None = None) -> Conversation:
+def conversation_from(
+    body: s._ConversationFields, verify: Verifier | None = None, fetched: Mapping[str, bytes] | None = None
+) -> Conversation:
     """Build the neutral conversation; consecutive turns of one role merge, as Anthropic's API does.
 
-    ``verify(thinking, signature)`` checks the signature of every thinking block sent back.
+    ``verify(thinking, signature)`` checks the signature of every thinking block sent back;
+    ``fetched``: the bytes of the URL sources (``image_urls``), fetched beforehand.
     """
+    token = FETCHED.set(fetched or {})
+    try:
+        return _conversation(body, verify)
+    finally:
+        FETCHED.reset(token)
+
+
+def _conversation(body: s._ConversationFields, verify: Verifier | None) -> Conversation:
     turns: list[Turn] = []
     if (system := _system_turn(body.system)) is not None:
         turns.append(system)
@@ -203,7 +243,9 @@ def _tool_choice(choice: dict[str, Any] | None, tools: list[Tool]) -> ToolChoice
     return ToolChoice(kind, name, parallel)
 
 
-def generation_request(request_id: str, body: s.MessagesRequest, verify: Verifier | None = None) -> GenerationRequest:
+def generation_request(
+    request_id: str, body: s.MessagesRequest, verify: Verifier | None = None, fetched: Mapping[str, bytes] | None = None
+) -> GenerationRequest:
     sampling = SamplingParams(
         max_tokens=body.max_tokens,
         temperature=body.temperature,
@@ -211,7 +253,7 @@ def generation_request(request_id: str, body: s.MessagesRequest, verify: Verifie
         top_k=body.top_k or None,
         stop_sequences=tuple(body.stop_sequences or ()),
     )
-    conversation = conversation_from(body, verify)
+    conversation = conversation_from(body, verify, fetched)
     choice = _tool_choice(body.tool_choice, conversation.tools)
     thinking, budget = _thinking(body.thinking)
     if budget is not None and budget >= body.max_tokens:

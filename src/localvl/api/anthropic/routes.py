@@ -22,6 +22,7 @@ from localvl.api.model_names import ModelNames
 from localvl.api.signatures import ThinkingSigner
 from localvl.engine.protocol import Engine
 from localvl.errors import InvalidRequestError
+from localvl.media.fetch import fetch_all
 from localvl.media.images import sniff_media_type
 from localvl.settings import Settings
 
@@ -111,7 +112,10 @@ async def create_message(request: Request) -> Any:
     message_id = new_id("msg_")
     signer = _signer(request)
     try:
-        generation = await anyio.to_thread.run_sync(convert.generation_request, message_id, body, signer.recover)
+        fetched = await fetch_all(convert.image_urls(body), settings.url_policy(), settings.max_image_bytes)
+        generation = await anyio.to_thread.run_sync(
+            convert.generation_request, message_id, body, signer.recover, fetched
+        )
         stream = await engine.submit(generation)
     except BaseException:
         if on_done is not None:
@@ -133,5 +137,7 @@ async def create_message(request: Request) -> Any:
 async def count_tokens(request: Request) -> Any:
     body = parse_body(CountTokensRequest, await request.body())
     _names(request).require(body.model)
-    conversation = await anyio.to_thread.run_sync(convert.conversation_from, body, _signer(request).recover)
+    settings = _settings(request)
+    fetched = await fetch_all(convert.image_urls(body), settings.url_policy(), settings.max_image_bytes)
+    conversation = await anyio.to_thread.run_sync(convert.conversation_from, body, _signer(request).recover, fetched)
     return {"input_tokens": await _engine(request).count_tokens(conversation)}

@@ -1,13 +1,13 @@
 """OpenAI Chat Completions requests → the neutral conversation and sampling parameters.
 
-What this dialect cannot honour yet is refused with a 400 that says so, rather than silently
-answered wrong: image URLs to fetch (issue #6), legacy ``function`` messages.
+What this dialect cannot honour is refused with a 400 that says so, rather than silently answered
+wrong: legacy ``function`` messages, content parts other than text and images.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Mapping
 
 from localvl.api.openai.schemas import ChatCompletionRequest, Message
 from localvl.conversation import (
@@ -24,6 +24,7 @@ from localvl.conversation import (
     Turn,
 )
 from localvl.errors import InvalidRequestError
+from localvl.media.fetch import FETCHED
 from localvl.media.images import decode_base64, load_image
 
 UNLIMITED = 1 << 30  # no max_tokens: the engine stops at the end of the context ("length")
@@ -38,8 +39,23 @@ def _image(url: str, where: str) -> Image:
         media_type = header[len("data:") : -len(";base64")] or None
         return load_image(decode_base64(data, where), media_type, where)
     if url.startswith(("http://", "https://")):
-        raise InvalidRequestError(f"{where}: image URLs are not fetched yet; send the image inline as a data: URL")
-    raise InvalidRequestError(f"{where}: expected a data: URL")
+        data = FETCHED.get().get(url)
+        if data is None:
+            raise InvalidRequestError(f"{where}: the image was not fetched")
+        return load_image(data, None, where)
+    raise InvalidRequestError(f"{where}: expected a data: URL or an http(s) URL")
+
+
+def image_urls(body: ChatCompletionRequest) -> list[tuple[str, str]]:
+    """``(url, where)`` of every image given by http(s) URL."""
+    found = []
+    for i, message in enumerate(body.messages):
+        if isinstance(message.content, list):
+            for j, part in enumerate(message.content):
+                url = part.image_url.url if part.type == "image_url" and part.image_url is not None else ""
+                if url.startswith(("http://", "https://")):
+                    found.append((url, f"messages.{i}.content.{j}.image_url.url"))
+    return found
 
 
 def _parts(message: Message, where: str) -> list[Part]:
@@ -168,10 +184,19 @@ def _output_schema(response_format: dict[str, Any] | None) -> dict[str, Any] | N
     raise InvalidRequestError(f"response_format.type: {kind!r} is not one of text, json_object, json_schema")
 
 
-def generation_requests(completion_id: str, body: ChatCompletionRequest) -> list[GenerationRequest]:
-    """One request per choice (``n``); seeded choices get seeds ``seed, seed + 1, ...``."""
+def generation_requests(
+    completion_id: str, body: ChatCompletionRequest, fetched: Mapping[str, bytes] | None = None
+) -> list[GenerationRequest]:
+    """One request per choice (``n``); seeded choices get seeds ``seed, seed + 1, ...``.
+
+    ``fetched``: the bytes of the request's image URLs (``image_urls``), fetched beforehand.
+    """
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
-    conversation = conversation_from(body)
+    token = FETCHED.set(fetched or {})
+    try:
+        conversation = conversation_from(body)
+    finally:
+        FETCHED.reset(token)
     choice = _tool_choice(body.tool_choice, conversation.tools, body.parallel_tool_calls)
     schema = _output_schema(body.response_format)
     strict = tuple(

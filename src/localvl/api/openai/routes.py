@@ -17,6 +17,7 @@ from localvl.api.openai.schemas import ChatCompletionRequest
 from localvl.api.openai.stream import collect_completion, completion_chunks
 from localvl.api.validation import parse_body
 from localvl.engine.protocol import Engine, GenerationStream
+from localvl.media.fetch import fetch_all
 
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
@@ -29,7 +30,9 @@ async def chat_completions(request: Request) -> Any:
     body = parse_body(ChatCompletionRequest, await request.body())
     state.model_names.require(body.model)
     completion_id = new_id("chatcmpl-")
-    generations = await anyio.to_thread.run_sync(convert.generation_requests, completion_id, body)
+    settings = state.settings
+    fetched = await fetch_all(convert.image_urls(body), settings.url_policy(), settings.max_image_bytes)
+    generations = await anyio.to_thread.run_sync(convert.generation_requests, completion_id, body, fetched)
     streams: list[GenerationStream] = []
     try:
         for generation in generations:

@@ -1,0 +1,197 @@
+"""Fetching media by URL without opening an SSRF hole.
+
+A URL in a request makes the server open a connection on the client's behalf, from inside the
+network the server sits in. So before any connection: the scheme must be http(s); the host's
+every DNS answer must be a public address (not loopback, private, link-local — which holds the
+cloud metadata service —, CGNAT, multicast, reserved or unspecified, for IPv4 and IPv6, IPv4
+embedded in IPv6 included); ``localhost`` names are refused outright. Then the connection goes to
+the address that was checked (the URL's host travels only as the Host header and the TLS server
+name), so a second DNS answer cannot swap in an internal address. Redirects are followed by hand,
+each one checked the same way. The body is read in pieces and abandoned past the byte cap.
+``allow`` (hosts, addresses or networks) admits intranet servers on purpose.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+from dataclasses import dataclass, field
+from contextvars import ContextVar
+from typing import Iterable, Mapping
+from urllib.parse import urljoin, urlsplit
+
+import httpx
+
+from localvl.errors import InvalidRequestError
+
+MAX_REDIRECTS = 5
+# The bytes of the URLs of the request being converted, fetched beforehand (a dialect's converter
+# runs in a worker thread and reads them from here).
+FETCHED: ContextVar[Mapping[str, bytes]] = ContextVar("FETCHED", default={})
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+CGNAT = ipaddress.ip_network("100.64.0.0/10")
+
+
+def _rule(address: IPAddress) -> str | None:
+    """Why ``address`` may not be fetched from, or None if it is a public address."""
+    embedded = getattr(address, "ipv4_mapped", None) or getattr(address, "sixtofour", None)
+    teredo = getattr(address, "teredo", None)
+    if embedded is not None:
+        return _rule(embedded)
+    if teredo is not None:
+        return _rule(teredo[1])
+    if address.is_loopback:
+        return "a loopback address"
+    if address.is_link_local:
+        return "a link-local address (the cloud metadata service lives there)"
+    if isinstance(address, ipaddress.IPv4Address) and address in CGNAT:
+        return "a carrier-grade NAT address"
+    if address.is_multicast:
+        return "a multicast address"
+    if address.is_unspecified:
+        return "an unspecified address"
+    if address.is_reserved:
+        return "a reserved address"
+    if address.is_private:
+        return "a private address"
+    if not address.is_global:
+        return "a reserved address"
+    return None
+
+
+@dataclass(frozen=True)
+class UrlPolicy:
+    """What may be fetched: public addresses always, plus ``allow``: host names, addresses, networks."""
+
+    allow: tuple[str, ...] = ()
+    connect_timeout: float = 5.0
+    read_timeout: float = 10.0
+    total_timeout: float = 30.0
+    _networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = field(init=False, repr=False)
+    _names: frozenset[str] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        networks, names = [], set()
+        for item in self.allow:
+            try:
+                networks.append(ipaddress.ip_network(item.strip(), strict=False))
+            except ValueError:
+                names.add(item.strip().lower().rstrip("."))
+        object.__setattr__(self, "_networks", tuple(networks))
+        object.__setattr__(self, "_names", frozenset(names))
+
+    def allows_host(self, host: str) -> bool:
+        return host.lower().rstrip(".") in self._names
+
+    def allows_address(self, address: IPAddress) -> bool:
+        return any(address in network for network in self._networks)
+
+
+@dataclass(frozen=True)
+class Fetched:
+    data: bytes
+    content_type: str | None
+
+
+async def _resolve(host: str, port: int) -> list[IPAddress]:
+    try:
+        return [ipaddress.ip_address(host)]
+    except ValueError:
+        pass
+    try:
+        answers = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        raise InvalidRequestError(f"the host {host!r} could not be resolved") from None
+    return list(dict.fromkeys(ipaddress.ip_address(a[4][0].split("%")[0]) for a in answers))
+
+
+async def checked_address(url: str, policy: UrlPolicy) -> tuple[str, int, IPAddress]:
+    """(host, port, address to connect to) of ``url``, or the rule that refuses it."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        raise InvalidRequestError("only http and https URLs are fetched")
+    host = parts.hostname
+    if not host:
+        raise InvalidRequestError("the URL has no host")
+    if parts.username or parts.password:
+        raise InvalidRequestError("URLs with credentials are not fetched")
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        raise InvalidRequestError("the URL has an invalid port") from None
+    allowed_name = policy.allows_host(host)
+    lowered = host.lower().rstrip(".")
+    if not allowed_name and (lowered == "localhost" or lowered.endswith(".localhost")):
+        raise InvalidRequestError(f"refused: {host} is a localhost name (admit it with --url-allowlist)")
+    addresses = await _resolve(host, port)
+    if not addresses:
+        raise InvalidRequestError(f"the host {host!r} has no address")
+    for address in addresses:
+        rule = _rule(address)
+        if rule is not None and not (allowed_name or policy.allows_address(address)):
+            raise InvalidRequestError(f"refused: {host} resolves to {address}, {rule} (admit it with --url-allowlist)")
+    return host, port, addresses[0]
+
+
+async def fetch(url: str, policy: UrlPolicy, max_bytes: int, accept: Iterable[str] = ("image/",)) -> Fetched:
+    """The body at ``url`` (after at most ``MAX_REDIRECTS`` checked redirects), at most ``max_bytes``."""
+    timeout = httpx.Timeout(policy.read_timeout, connect=policy.connect_timeout)
+    try:
+        async with asyncio.timeout(policy.total_timeout):
+            async with httpx.AsyncClient(timeout=timeout, follow_redirects=False, trust_env=False) as client:
+                for _ in range(MAX_REDIRECTS + 1):
+                    host, port, address = await checked_address(url, policy)
+                    parts = urlsplit(url)
+                    netloc = f"[{address}]" if address.version == 6 else str(address)
+                    target = parts._replace(netloc=f"{netloc}:{port}").geturl()
+                    headers = {"Host": parts.netloc.rsplit("@", 1)[-1], "Accept": ", ".join(f"{a}*" for a in accept)}
+                    extensions = {"sni_hostname": host} if parts.scheme == "https" else {}
+                    async with client.stream("GET", target, headers=headers, extensions=extensions) as response:
+                        if response.is_redirect:
+                            location = response.headers.get("location")
+                            if not location:
+                                raise InvalidRequestError(f"HTTP {response.status_code} redirect without a location")
+                            url = urljoin(url, location)
+                            continue
+                        if response.status_code != 200:
+                            raise InvalidRequestError(f"the server answered HTTP {response.status_code}")
+                        content_type = response.headers.get("content-type", "").split(";")[0].strip().lower() or None
+                        if content_type is not None and not any(content_type.startswith(a) for a in accept):
+                            raise InvalidRequestError(f"the server sent {content_type}, not {' or '.join(accept)}")
+                        declared = response.headers.get("content-length")
+                        if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+                            raise InvalidRequestError(f"the file is {int(declared)} bytes, more than the {max_bytes} accepted")
+                        chunks: list[bytes] = []
+                        size = 0
+                        async for chunk in response.aiter_bytes():  # decoded: the cap holds for compressed bodies
+                            size += len(chunk)
+                            if size > max_bytes:
+                                raise InvalidRequestError(f"the file is larger than the {max_bytes} bytes accepted")
+                            chunks.append(chunk)
+                        return Fetched(b"".join(chunks), content_type)
+                raise InvalidRequestError(f"more than {MAX_REDIRECTS} redirects")
+    except TimeoutError:
+        raise InvalidRequestError("fetching the URL timed out") from None
+    except httpx.HTTPError as error:
+        raise InvalidRequestError(f"the URL could not be fetched ({type(error).__name__})") from None
+
+
+async def fetch_all(
+    urls: Iterable[tuple[str, str]], policy: UrlPolicy, max_bytes: int, accept: Iterable[str] = ("image/",), parallel: int = 8
+) -> dict[str, bytes]:
+    """Fetch every ``(url, where)`` at once (a few at a time); an error names where the URL sat."""
+    wanted = dict((url, where) for url, where in urls)
+    if not wanted:
+        return {}
+    gate = asyncio.Semaphore(parallel)
+    accepted = tuple(accept)
+
+    async def one(url: str, where: str) -> tuple[str, bytes]:
+        async with gate:
+            try:
+                return url, (await fetch(url, policy, max_bytes, accepted)).data
+            except InvalidRequestError as error:
+                raise InvalidRequestError(f"{where}: {error.message}") from None
+
+    return dict(await asyncio.gather(*(one(u, w) for u, w in wanted.items())))
