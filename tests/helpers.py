@@ -27,3 +27,31 @@ def prompt_tokens(usage) -> int:
     """All prompt tokens of an Anthropic usage (SDK object or dict): uncached + cache writes + cache reads."""
     get = usage.get if isinstance(usage, dict) else lambda name: getattr(usage, name)
     return get("input_tokens") + (get("cache_creation_input_tokens") or 0) + (get("cache_read_input_tokens") or 0)
+
+
+def pdf_bytes(pages: list[str], drawing: bool = True) -> bytes:
+    """A small real PDF: one page per string (its text layer, in Helvetica) and a drawn blue box."""
+    objects: list[bytes] = []
+    kids = " ".join(f"{3 + 2 * i} 0 R" for i in range(len(pages)))
+    objects.append(b"<< /Type /Catalog /Pages 2 0 R >>")
+    objects.append(f"<< /Type /Pages /Kids [{kids}] /Count {len(pages)} >>".encode())
+    font = 3 + 2 * len(pages)
+    for i, text in enumerate(pages):
+        escaped = text.replace("\\", "\\\\").replace("(", "\\(").replace(")", "\\)")
+        stream = (f"BT /F1 18 Tf 72 700 Td ({escaped}) Tj ET" + (" 0 0 1 rg 72 400 200 120 re f" if drawing else "")).encode()
+        objects.append(f"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents {4 + 2 * i} 0 R "
+                       f"/Resources << /Font << /F1 {font} 0 R >> >> >>".encode())
+        objects.append(b"<< /Length %d >>\nstream\n" % len(stream) + stream + b"\nendstream")
+    objects.append(b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>")
+    out = io.BytesIO()
+    out.write(b"%PDF-1.4\n")
+    offsets = []
+    for number, body in enumerate(objects, start=1):
+        offsets.append(out.tell())
+        out.write(b"%d 0 obj\n" % number + body + b"\nendobj\n")
+    xref = out.tell()
+    out.write(b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1))
+    for offset in offsets:
+        out.write(b"%010d 00000 n \n" % offset)
+    out.write(b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref))
+    return out.getvalue()

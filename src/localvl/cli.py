@@ -56,6 +56,9 @@ def _serve_parser(sub: Any) -> None:
     p.add_argument("--url-allowlist", dest="url_allowlist", help="comma-separated hosts/addresses/CIDRs image URLs may reach although not public")
     p.add_argument("--fetch-timeout", dest="fetch_timeout", type=float, help="seconds to fetch one URL (default 30)")
     p.add_argument("--max-image-bytes", dest="max_image_bytes", type=int, help="largest image fetched by URL (default 5 MB)")
+    p.add_argument("--max-pdf-bytes", dest="max_pdf_bytes", type=int, help="largest PDF document (default 32 MB)")
+    p.add_argument("--max-pdf-pages", dest="max_pdf_pages", type=int, help="most pages of a PDF (default 600)")
+    p.add_argument("--pdf-page-pixels", dest="pdf_page_pixels", type=int, help="most pixels a PDF page is rendered with")
     p.add_argument("--thinking-key", dest="thinking_key", help="key that signs thinking blocks (default: kept in the cache dir)")
     p.add_argument("--log-level", dest="log_level", help="debug, info, warning, error")
 

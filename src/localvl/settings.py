@@ -16,6 +16,7 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 if TYPE_CHECKING:
+    from localvl.media.documents import PdfOptions
     from localvl.media.fetch import UrlPolicy
 
 if sys.version_info >= (3, 11):
@@ -67,6 +68,9 @@ class Settings(BaseSettings):
     )
     fetch_timeout: float = Field(30.0, gt=0, description="seconds to fetch one URL, redirects included")
     max_image_bytes: int = Field(5 * 1024 * 1024, ge=1024, description="largest image fetched by URL")
+    max_pdf_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="largest PDF document accepted")
+    max_pdf_pages: int = Field(600, ge=1, description="most pages of a PDF document")
+    pdf_page_pixels: int = Field(1280 * 1280, ge=28 * 28, description="most pixels a PDF page is rendered with")
     thinking_key: str | None = Field(
         None, description="key that signs thinking blocks; default: a random key kept in the cache directory"
     )
@@ -76,6 +80,11 @@ class Settings(BaseSettings):
         from localvl.media.fetch import UrlPolicy
 
         return UrlPolicy(tuple(self.url_allowlist), total_timeout=self.fetch_timeout)
+
+    def pdf_options(self) -> PdfOptions:
+        from localvl.media.documents import PdfOptions
+
+        return PdfOptions(self.max_pdf_bytes, self.max_pdf_pages, self.pdf_page_pixels)
 
     @field_validator("api_key", "alias", "url_allowlist", mode="before")
     @classmethod

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 
 import pytest
@@ -301,9 +302,19 @@ def test_document_content_block_of_another_type_is_refused():
     assert refused([{"role": "user", "content": [document]}]).startswith("messages.0.content.0.source.content.0")
 
 
-def test_pdf_document_is_refused():
-    document = {"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": "JVBERi0xLjcK"}}
-    assert refused([{"role": "user", "content": [document]}]).startswith("messages.0.content.0.source.type")
+def test_pdf_documents_become_pages_with_title_and_context():
+    from tests.helpers import pdf_bytes
+
+    data = base64.b64encode(pdf_bytes(["Total 99 EUR"])).decode()
+    document = {"type": "document", "title": "Invoice", "context": "from ACME",
+                "source": {"type": "base64", "media_type": "application/pdf", "data": data}}
+    parts = convert([{"role": "user", "content": [document]}]).turns[0].parts
+    assert parts[0] == Text("Invoice\nfrom ACME\n") and parts[1] == Text("Page 1:\n")
+    assert isinstance(parts[2], Image) and "Total 99 EUR" in parts[3].text
+    not_pdf = {"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": "JVBERi0xLjcK"}}
+    assert refused([{"role": "user", "content": [not_pdf]}]).startswith("messages.0.content.0.source: the PDF could not be read")
+    wrong_type = {"type": "document", "source": {"type": "base64", "media_type": "text/plain", "data": "aGk="}}
+    assert refused([{"role": "user", "content": [wrong_type]}]).startswith("messages.0.content.0.source.media_type")
 
 
 def test_malformed_image_inside_a_document_is_refused_as_invalid_request():

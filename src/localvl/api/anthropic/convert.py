@@ -21,6 +21,7 @@ from localvl.conversation import (
 )
 from localvl.errors import InvalidRequestError
 from localvl.api.validation import parse_value
+from localvl.media.documents import PDF_OPTIONS, PdfOptions, pdf_parts
 from localvl.media.fetch import FETCHED
 from localvl.media.images import decode_base64, load_image
 
@@ -37,6 +38,20 @@ def _image(block: s.ImageBlockParam, where: str) -> Image:
     raise InvalidRequestError(
         f"{where}.source.type: image sources of type {source.type!r} are not supported yet; send the image as base64 or url"
     )
+
+
+def document_urls(body: s._ConversationFields) -> list[tuple[str, str]]:
+    """``(url, where)`` of every document given by URL."""
+    found: list[tuple[str, str]] = []
+    for i, message in enumerate(body.messages):
+        for j, block in enumerate(message.content if isinstance(message.content, list) else []):
+            blocks = [(block, f"messages.{i}.content.{j}")]
+            if isinstance(block, s.ToolResultBlockParam) and isinstance(block.content, list):
+                blocks += [(item, f"messages.{i}.content.{j}.content.{k}") for k, item in enumerate(block.content)]
+            for item, at in blocks:
+                if isinstance(item, s.DocumentBlockParam) and item.source.get("type") == "url":
+                    found.append((str(item.source.get("url")), f"{at}.source.url"))
+    return found
 
 
 def image_urls(body: s._ConversationFields) -> list[tuple[str, str]]:
@@ -71,6 +86,15 @@ def _document(block: s.DocumentBlockParam, where: str) -> list[Text | Image]:
         parts.append(Text(heading + "\n"))
     if kind == "text" and isinstance(source.get("data"), str):
         parts.append(Text(source["data"]))
+    elif kind == "base64" and isinstance(source.get("data"), str):
+        if source.get("media_type") != "application/pdf":
+            raise InvalidRequestError(f"{where}.source.media_type: base64 documents must be application/pdf")
+        parts.extend(pdf_parts(decode_base64(source["data"], f"{where}.source.data"), f"{where}.source"))
+    elif kind == "url" and isinstance(source.get("url"), str):
+        data = FETCHED.get().get(source["url"])
+        if data is None:
+            raise InvalidRequestError(f"{where}.source.url: the document was not fetched")
+        parts.extend(pdf_parts(data, f"{where}.source.url"))
     elif kind == "content" and isinstance(source.get("content"), (str, list)):
         content = source["content"]
         if isinstance(content, str):
@@ -88,7 +112,7 @@ def _document(block: s.DocumentBlockParam, where: str) -> list[Text | Image]:
     else:
         raise InvalidRequestError(
             f"{where}.source.type: document sources of type {kind!r} are not supported yet "
-            "(supported: text, content)"
+            "(supported: base64 PDF, url PDF, text, content)"
         )
     return parts
 
@@ -163,18 +187,24 @@ def _system_turn(system: str | list[s.TextBlockParam] | None) -> Turn | None:
 
 
 def conversation_from(
-    body: s._ConversationFields, verify: Verifier | None = None, fetched: Mapping[str, bytes] | None = None
+    body: s._ConversationFields,
+    verify: Verifier | None = None,
+    fetched: Mapping[str, bytes] | None = None,
+    pdf: PdfOptions | None = None,
 ) -> Conversation:
     """Build the neutral conversation; consecutive turns of one role merge, as Anthropic's API does.
 
     ``verify(thinking, signature)`` checks the signature of every thinking block sent back;
-    ``fetched``: the bytes of the URL sources (``image_urls``), fetched beforehand.
+    ``fetched``: the bytes of the URL sources (``image_urls``, ``document_urls``), fetched beforehand;
+    ``pdf``: how PDF documents are read.
     """
     token = FETCHED.set(fetched or {})
+    pdf_token = PDF_OPTIONS.set(pdf or PdfOptions())
     try:
         return _conversation(body, verify)
     finally:
         FETCHED.reset(token)
+        PDF_OPTIONS.reset(pdf_token)
 
 
 def _conversation(body: s._ConversationFields, verify: Verifier | None) -> Conversation:
@@ -244,7 +274,11 @@ def _tool_choice(choice: dict[str, Any] | None, tools: list[Tool]) -> ToolChoice
 
 
 def generation_request(
-    request_id: str, body: s.MessagesRequest, verify: Verifier | None = None, fetched: Mapping[str, bytes] | None = None
+    request_id: str,
+    body: s.MessagesRequest,
+    verify: Verifier | None = None,
+    fetched: Mapping[str, bytes] | None = None,
+    pdf: PdfOptions | None = None,
 ) -> GenerationRequest:
     sampling = SamplingParams(
         max_tokens=body.max_tokens,
@@ -253,7 +287,7 @@ def generation_request(
         top_k=body.top_k or None,
         stop_sequences=tuple(body.stop_sequences or ()),
     )
-    conversation = conversation_from(body, verify, fetched)
+    conversation = conversation_from(body, verify, fetched, pdf)
     choice = _tool_choice(body.tool_choice, conversation.tools)
     thinking, budget = _thinking(body.thinking)
     if budget is not None and budget >= body.max_tokens:

@@ -74,6 +74,14 @@ async def _form_body(request: Request, names: ModelNames) -> MessagesRequest:
     return MessagesRequest.model_validate(body, strict=False)
 
 
+async def _fetch(body: Any, settings: Settings) -> dict[str, bytes]:
+    """The request's image and document URLs, fetched behind the SSRF guard."""
+    policy = settings.url_policy()
+    images = await fetch_all(convert.image_urls(body), policy, settings.max_image_bytes)
+    documents = await fetch_all(convert.document_urls(body), policy, settings.max_pdf_bytes, accept=("application/pdf",))
+    return {**images, **documents}
+
+
 def _threaded(
     request: Request, data: dict[str, Any], size: int
 ) -> tuple[MessagesRequest, Callable[[str, dict[str, Any] | None], None]]:
@@ -112,9 +120,9 @@ async def create_message(request: Request) -> Any:
     message_id = new_id("msg_")
     signer = _signer(request)
     try:
-        fetched = await fetch_all(convert.image_urls(body), settings.url_policy(), settings.max_image_bytes)
+        fetched = await _fetch(body, settings)
         generation = await anyio.to_thread.run_sync(
-            convert.generation_request, message_id, body, signer.recover, fetched
+            convert.generation_request, message_id, body, signer.recover, fetched, settings.pdf_options()
         )
         stream = await engine.submit(generation)
     except BaseException:
@@ -138,6 +146,8 @@ async def count_tokens(request: Request) -> Any:
     body = parse_body(CountTokensRequest, await request.body())
     _names(request).require(body.model)
     settings = _settings(request)
-    fetched = await fetch_all(convert.image_urls(body), settings.url_policy(), settings.max_image_bytes)
-    conversation = await anyio.to_thread.run_sync(convert.conversation_from, body, _signer(request).recover, fetched)
+    fetched = await _fetch(body, settings)
+    conversation = await anyio.to_thread.run_sync(
+        convert.conversation_from, body, _signer(request).recover, fetched, settings.pdf_options()
+    )
     return {"input_tokens": await _engine(request).count_tokens(conversation)}

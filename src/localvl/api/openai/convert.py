@@ -1,7 +1,7 @@
 """OpenAI Chat Completions requests → the neutral conversation and sampling parameters.
 
 What this dialect cannot honour is refused with a 400 that says so, rather than silently answered
-wrong: legacy ``function`` messages, content parts other than text and images.
+wrong: legacy ``function`` messages, content parts other than text, images and PDF files.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from localvl.conversation import (
     Turn,
 )
 from localvl.errors import InvalidRequestError
+from localvl.media.documents import PDF_OPTIONS, PdfOptions, pdf_parts
 from localvl.media.fetch import FETCHED
 from localvl.media.images import decode_base64, load_image
 
@@ -44,6 +45,25 @@ def _image(url: str, where: str) -> Image:
             raise InvalidRequestError(f"{where}: the image was not fetched")
         return load_image(data, None, where)
     raise InvalidRequestError(f"{where}: expected a data: URL or an http(s) URL")
+
+
+def _file(file: Any, where: str) -> list[Part]:
+    """A ``file`` part: a PDF as a base64 data URL in ``file_data``."""
+    if not isinstance(file, dict):
+        raise InvalidRequestError(f"{where}: a file part needs file.file_data")
+    if file.get("file_id"):
+        raise InvalidRequestError(f"{where}.file_id: uploaded files are not supported yet; send file_data")
+    data = file.get("file_data")
+    if not isinstance(data, str):
+        raise InvalidRequestError(f"{where}.file_data: expected a data: URL of a PDF")
+    header, comma, payload = data.partition(",")
+    if not comma or header != "data:application/pdf;base64":
+        raise InvalidRequestError(f"{where}.file_data: expected data:application/pdf;base64,...")
+    pages: list[Part] = []
+    if isinstance(file.get("filename"), str) and file["filename"]:
+        pages.append(Text(file["filename"] + "\n"))
+    pages.extend(pdf_parts(decode_base64(payload, f"{where}.file_data"), f"{where}.file_data"))
+    return pages
 
 
 def image_urls(body: ChatCompletionRequest) -> list[tuple[str, str]]:
@@ -77,6 +97,10 @@ def _parts(message: Message, where: str) -> list[Part]:
             if part.image_url is None:
                 raise InvalidRequestError(f"{at}.image_url: an image_url part needs image_url.url")
             parts.append(_image(part.image_url.url, f"{at}.image_url.url"))
+        elif part.type == "file":
+            if message.role not in ("user", "tool"):
+                raise InvalidRequestError(f"{at}: files are accepted in user messages only")
+            parts.extend(_file((part.model_extra or {}).get("file"), f"{at}.file"))
         elif part.type == "refusal":
             continue  # an earlier refusal of the assistant: nothing to render
         else:
@@ -185,18 +209,22 @@ def _output_schema(response_format: dict[str, Any] | None) -> dict[str, Any] | N
 
 
 def generation_requests(
-    completion_id: str, body: ChatCompletionRequest, fetched: Mapping[str, bytes] | None = None
+    completion_id: str,
+    body: ChatCompletionRequest,
+    fetched: Mapping[str, bytes] | None = None,
+    pdf: PdfOptions | None = None,
 ) -> list[GenerationRequest]:
     """One request per choice (``n``); seeded choices get seeds ``seed, seed + 1, ...``.
 
     ``fetched``: the bytes of the request's image URLs (``image_urls``), fetched beforehand.
     """
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
-    token = FETCHED.set(fetched or {})
+    token, pdf_token = FETCHED.set(fetched or {}), PDF_OPTIONS.set(pdf or PdfOptions())
     try:
         conversation = conversation_from(body)
     finally:
         FETCHED.reset(token)
+        PDF_OPTIONS.reset(pdf_token)
     choice = _tool_choice(body.tool_choice, conversation.tools, body.parallel_tool_calls)
     schema = _output_schema(body.response_format)
     strict = tuple(

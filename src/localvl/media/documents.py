@@ -1,0 +1,78 @@
+"""PDF documents → what a vision-language model reads: each page as an image, plus its text layer.
+
+A scanned page has no text layer and a digital one may hold text its picture renders too small to
+read, so both go in: ``Page N:``, the page rendered with pypdfium2 at up to 150 DPI within a pixel
+budget per page (the model's own limit, and ``page_pixels``), then the page's text. Each page image
+is keyed by the PDF's hash and the page number, so the same PDF sent again hits the image cache and
+the prefix cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from contextvars import ContextVar
+from dataclasses import dataclass
+
+from localvl.conversation import Image, Text
+from localvl.errors import InvalidRequestError
+
+DPI = 150
+
+
+@dataclass(frozen=True)
+class PdfOptions:
+    max_bytes: int = 32 * 1024 * 1024
+    max_pages: int = 600
+    page_pixels: int = 1280 * 1280  # the most pixels a page is rendered with
+
+
+# The options of the request being converted (dialect converters run in worker threads).
+PDF_OPTIONS: ContextVar[PdfOptions] = ContextVar("PDF_OPTIONS", default=PdfOptions())
+
+
+def pdf_parts(data: bytes, where: str, options: PdfOptions | None = None) -> list[Text | Image]:
+    """The pages of a PDF as text and images; a 400 naming ``where`` for anything unreadable."""
+    import pypdfium2 as pdfium
+
+    options = options or PDF_OPTIONS.get()
+    if len(data) > options.max_bytes:
+        raise InvalidRequestError(f"{where}: the PDF is {len(data)} bytes; at most {options.max_bytes} are accepted")
+    if not data.lstrip()[:5] == b"%PDF-":
+        raise InvalidRequestError(f"{where}: the data is not a PDF")
+    try:
+        document = pdfium.PdfDocument(data)
+    except pdfium.PdfiumError as error:
+        if "password" in str(error).lower():
+            raise InvalidRequestError(f"{where}: the PDF is encrypted; send it without a password") from None
+        raise InvalidRequestError(f"{where}: the PDF could not be read ({error})") from None
+    digest = hashlib.sha256(data).hexdigest()
+    try:
+        pages = len(document)
+        if pages == 0:
+            raise InvalidRequestError(f"{where}: the PDF has no pages")
+        if pages > options.max_pages:
+            raise InvalidRequestError(f"{where}: the PDF has {pages} pages; at most {options.max_pages} are accepted")
+        parts: list[Text | Image] = []
+        for index in range(pages):
+            page = document[index]
+            try:
+                width, height = page.get_size()  # points, 1/72 inch
+                scale = min(DPI / 72, math.sqrt(options.page_pixels / max(width * height, 1.0)))
+                while math.ceil(width * scale) * math.ceil(height * scale) > options.page_pixels:
+                    scale *= 0.995  # the renderer rounds sizes up
+                picture = page.render(scale=scale).to_pil().convert("RGB")
+                textpage = page.get_textpage()
+                text = textpage.get_text_bounded().replace("\r\n", "\n").strip()
+                textpage.close()
+            except pdfium.PdfiumError as error:
+                raise InvalidRequestError(f"{where}: page {index + 1} of the PDF could not be rendered ({error})") from None
+            finally:
+                page.close()
+            parts.append(Text(f"Page {index + 1}:\n"))
+            parts.append(Image(pixels=picture, media_type="image/png", sha256=f"{digest}#page{index + 1}@{scale:.4f}"))
+            if text:
+                parts.append(Text(text + "\n"))
+        return parts
+    finally:
+        document.close()
