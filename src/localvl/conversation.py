@@ -25,6 +25,8 @@ class Image:
     pixels: PILImage
     media_type: str
     sha256: str
+    nbytes: int = 0  # the encoded size the client sent
+    page: bool = False  # a rendered page of a document, not an image the client sent
 
     @property
     def size(self) -> tuple[int, int]:

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Mapping
 
 from pydantic import Field, field_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 if TYPE_CHECKING:
-    from localvl.media.documents import PdfOptions
+    from localvl.media.context import Media
     from localvl.media.fetch import UrlPolicy
 
 if sys.version_info >= (3, 11):
@@ -67,7 +67,11 @@ class Settings(BaseSettings):
         description="hosts, addresses or networks (CIDR) that image URLs may point to although not public",
     )
     fetch_timeout: float = Field(30.0, gt=0, description="seconds to fetch one URL, redirects included")
-    max_image_bytes: int = Field(5 * 1024 * 1024, ge=1024, description="largest image fetched by URL")
+    max_image_bytes: int = Field(5 * 1024 * 1024, ge=1024, description="largest image, inline or fetched by URL")
+    max_images: int = Field(100, ge=1, description="most images in one request (document pages aside)")
+    max_image_side: int = Field(8000, ge=1, description="most pixels on an image's side")
+    many_images: int = Field(20, ge=1, description="beyond this many images, --max-image-side-many applies")
+    max_image_side_many: int = Field(2000, ge=1, description="most pixels on an image's side in requests with many images")
     max_pdf_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="largest PDF document accepted")
     max_pdf_pages: int = Field(600, ge=1, description="most pages of a PDF document")
     pdf_page_pixels: int = Field(1280 * 1280, ge=28 * 28, description="most pixels a PDF page is rendered with")
@@ -81,10 +85,16 @@ class Settings(BaseSettings):
 
         return UrlPolicy(tuple(self.url_allowlist), total_timeout=self.fetch_timeout)
 
-    def pdf_options(self) -> PdfOptions:
+    def media(self, fetched: Mapping[str, bytes]) -> Media:
+        """The media context of one request: its fetched URLs, and these settings' limits."""
+        from localvl.media.context import Media
         from localvl.media.documents import PdfOptions
+        from localvl.media.images import ImageLimits
 
-        return PdfOptions(self.max_pdf_bytes, self.max_pdf_pages, self.pdf_page_pixels)
+        pdf = PdfOptions(self.max_pdf_bytes, self.max_pdf_pages, self.pdf_page_pixels)
+        images = ImageLimits(self.max_images, self.max_image_bytes, self.max_image_side, self.many_images,
+                             self.max_image_side_many)
+        return Media(fetched, pdf, images)
 
     @field_validator("api_key", "alias", "url_allowlist", mode="before")
     @classmethod

@@ -219,3 +219,25 @@ def test_served_name_is_the_folder_name_or_the_whole_hub_id(tmp_path):
     assert served_name(Settings(), engine(str(folder) + "/")) == "Qwen2.5-VL-7B-Instruct"
     assert served_name(Settings(), engine("Qwen/Qwen2.5-VL-7B-Instruct")) == "Qwen/Qwen2.5-VL-7B-Instruct"
     assert served_name(Settings(served_model_name="vl"), engine("Qwen/Qwen2.5-VL-7B-Instruct")) == "vl"
+
+
+def test_media_limits_are_settings(loaded_model):
+    settings = Settings(served_model_name="tiny-vl", max_images=2, max_image_bytes=4096, max_pdf_pages=1)
+    app = create_app(settings, LocalEngine(loaded_model("qwen2_5_vl")))
+    picture = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": image_b64(size=(40, 30))}}
+    with TestClient(app) as client:
+        three = body(messages=[{"role": "user", "content": [picture, picture, picture, {"type": "text", "text": "hi"}]}])
+        assert "too many images: 3 > 2" in assert_error(client.post("/v1/messages", json=three), 400, "invalid_request_error")
+        heavy = {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                             "data": image_b64(size=(300, 300), compress_level=0)}}
+        message = assert_error(client.post("/v1/messages/count_tokens", json=body(messages=[{"role": "user", "content": [heavy]}])),
+                               400, "invalid_request_error")
+        assert "exceeds 4096 bytes maximum" in message
+        from tests.helpers import pdf_bytes
+        import base64 as b64
+
+        pdf = {"type": "document", "source": {"type": "base64", "media_type": "application/pdf",
+                                              "data": b64.b64encode(pdf_bytes(["a", "b"])).decode()}}
+        message = assert_error(client.post("/v1/messages", json=body(messages=[{"role": "user", "content": [pdf]}])),
+                               400, "invalid_request_error")
+        assert "2 pages; at most 1" in message

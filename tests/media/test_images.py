@@ -246,3 +246,25 @@ def test_exif_orientation_is_applied():
     # rotated clockwise, the stored left edge ends up at the top
     assert pixels.getpixel((10, 2))[0] > 200
     assert pixels.getpixel((10, 37))[0] < 50
+
+
+def test_request_limits_count_the_images_the_client_sent():
+    from localvl.media.images import ImageLimits, check_images
+    from tests.helpers import pdf_bytes
+
+    limits = ImageLimits(max_images=3, max_bytes=10_000, max_side=300, many=2, max_side_many=100)
+    small = [load_image(image_bytes("PNG", size=(90, 60)), "image/png", "x") for _ in range(2)]
+    check_images(small, limits)
+    with pytest.raises(InvalidRequestError, match="too many images: 4 > 3"):
+        check_images(small * 2, limits)
+    big = load_image(image_bytes("PNG", size=(250, 120)), "image/png", "x")
+    check_images([big, small[0]], limits)  # two images: the 300 px side rule
+    with pytest.raises(InvalidRequestError, match="image 1 is 250x120 px; at most 100x100 is allowed when a request has more than 2"):
+        check_images([big, *small], limits)
+    heavy = load_image(image_bytes("PNG", size=(299, 299), compress_level=0), "image/png", "x")
+    with pytest.raises(InvalidRequestError, match="image 1 exceeds 10000 bytes maximum"):
+        check_images([heavy], limits)
+    from localvl.media.documents import pdf_parts
+
+    pages = [p for p in pdf_parts(pdf_bytes(["a", "b", "c", "d"]), "doc") if not isinstance(p, str) and hasattr(p, "page")]
+    check_images(pages, limits)  # document pages are not images the client sent

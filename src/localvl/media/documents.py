@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-from contextvars import ContextVar
 from dataclasses import dataclass
 
 from localvl.conversation import Image, Text
@@ -27,15 +26,14 @@ class PdfOptions:
     page_pixels: int = 1280 * 1280  # the most pixels a page is rendered with
 
 
-# The options of the request being converted (dialect converters run in worker threads).
-PDF_OPTIONS: ContextVar[PdfOptions] = ContextVar("PDF_OPTIONS", default=PdfOptions())
-
-
 def pdf_parts(data: bytes, where: str, options: PdfOptions | None = None) -> list[Text | Image]:
     """The pages of a PDF as text and images; a 400 naming ``where`` for anything unreadable."""
     import pypdfium2 as pdfium
 
-    options = options or PDF_OPTIONS.get()
+    if options is None:
+        from localvl.media.context import MEDIA
+
+        options = MEDIA.get().pdf
     if len(data) > options.max_bytes:
         raise InvalidRequestError(f"{where}: the PDF is {len(data)} bytes; at most {options.max_bytes} are accepted")
     if not data.lstrip()[:5] == b"%PDF-":
@@ -70,7 +68,8 @@ def pdf_parts(data: bytes, where: str, options: PdfOptions | None = None) -> lis
             finally:
                 page.close()
             parts.append(Text(f"Page {index + 1}:\n"))
-            parts.append(Image(pixels=picture, media_type="image/png", sha256=f"{digest}#page{index + 1}@{scale:.4f}"))
+            key = f"{digest}#page{index + 1}@{scale:.4f}"
+            parts.append(Image(pixels=picture, media_type="image/png", sha256=key, page=True))
             if text:
                 parts.append(Text(text + "\n"))
         return parts

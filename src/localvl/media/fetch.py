@@ -17,8 +17,7 @@ import asyncio
 import ipaddress
 import socket
 from dataclasses import dataclass, field
-from contextvars import ContextVar
-from typing import Iterable, Mapping
+from typing import Iterable
 from urllib.parse import urljoin, urlsplit
 
 import httpx
@@ -26,9 +25,6 @@ import httpx
 from localvl.errors import InvalidRequestError
 
 MAX_REDIRECTS = 5
-# The bytes of the URLs of the request being converted, fetched beforehand (a dialect's converter
-# runs in a worker thread and reads them from here).
-FETCHED: ContextVar[Mapping[str, bytes]] = ContextVar("FETCHED", default={})
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 CGNAT = ipaddress.ip_network("100.64.0.0/10")
 

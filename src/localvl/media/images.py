@@ -7,6 +7,7 @@ import binascii
 import hashlib
 import io
 import warnings
+from dataclasses import dataclass
 
 from PIL import Image as PILImageModule
 from PIL import ImageOps, UnidentifiedImageError
@@ -57,6 +58,8 @@ def load_image(data: bytes, media_type: str | None, where: str) -> Image:
             width, height = picture.size
             if width > MAX_SIDE or height > MAX_SIDE:
                 raise InvalidRequestError(f"{where}: image is {width}x{height} px; at most {MAX_SIDE}x{MAX_SIDE} is allowed")
+            if getattr(picture, "is_animated", False):
+                picture.seek(0)  # an animation reads as its first frame
             picture.load()
             picture = ImageOps.exif_transpose(picture)
             rgb = _to_rgb(picture)
@@ -66,7 +69,7 @@ def load_image(data: bytes, media_type: str | None, where: str) -> Image:
         raise InvalidRequestError(f"{where}: image has too many pixels") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
         raise InvalidRequestError(f"{where}: could not decode the {actual} image ({type(error).__name__})") from None
-    return Image(pixels=rgb, media_type=actual, sha256=hashlib.sha256(data).hexdigest())
+    return Image(pixels=rgb, media_type=actual, sha256=hashlib.sha256(data).hexdigest(), nbytes=len(data))
 
 
 def _to_rgb(picture: PILImageModule.Image) -> PILImageModule.Image:
@@ -82,3 +85,30 @@ def _to_rgb(picture: PILImageModule.Image) -> PILImageModule.Image:
         background.paste(rgba, mask=rgba.getchannel("A"))
         return background
     return picture if picture.mode == "RGB" else picture.convert("RGB")
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """Anthropic's limits, each a setting: images per request, bytes and sides per image, and the
+    tighter side limit for requests with many images."""
+
+    max_images: int = 100
+    max_bytes: int = 5 * 1024 * 1024
+    max_side: int = MAX_SIDE
+    many: int = 20
+    max_side_many: int = 2000
+
+
+def check_images(images: list[Image], limits: ImageLimits) -> None:
+    """A 400 for the first image (of those the client sent; document pages aside) over a limit."""
+    sent = [image for image in images if not image.page]
+    if len(sent) > limits.max_images:
+        raise InvalidRequestError(f"too many images: {len(sent)} > {limits.max_images} per request")
+    side = limits.max_side_many if len(sent) > limits.many else limits.max_side
+    for number, image in enumerate(sent, start=1):
+        if image.nbytes > limits.max_bytes:
+            raise InvalidRequestError(f"image {number} exceeds {limits.max_bytes} bytes maximum: {image.nbytes} bytes")
+        width, height = image.size
+        if width > side or height > side:
+            many = f" when a request has more than {limits.many} images" if side == limits.max_side_many else ""
+            raise InvalidRequestError(f"image {number} is {width}x{height} px; at most {side}x{side} is allowed{many}")

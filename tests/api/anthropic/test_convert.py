@@ -257,7 +257,9 @@ def test_url_images_are_found_wherever_they_sit_and_read_from_what_was_fetched()
         ("https://img.example/a.png", "messages.2.content.0.content.0.source.url"),
         ("https://img.example/a.png", "messages.2.content.1.source.content.0.source.url"),
     ]
-    conv = conversation_from(body, fetched={"https://img.example/a.png": image_bytes("PNG")})
+    from localvl.media.context import Media
+
+    conv = conversation_from(body, media=Media(fetched={"https://img.example/a.png": image_bytes("PNG")}))
     assert len(conv.images()) == 3 and conv.images()[0].media_type == "image/png"
     with pytest.raises(InvalidRequestError, match="not fetched"):
         conversation_from(body)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
 from localvl.api.anthropic import schemas as s
 from localvl.conversation import (
@@ -21,8 +21,9 @@ from localvl.conversation import (
 )
 from localvl.errors import InvalidRequestError
 from localvl.api.validation import parse_value
-from localvl.media.documents import PDF_OPTIONS, PdfOptions, pdf_parts
-from localvl.media.fetch import FETCHED
+from localvl.media.context import MEDIA, Media, converting
+from localvl.media.documents import pdf_parts
+from localvl.media.images import check_images
 from localvl.media.images import decode_base64, load_image
 
 
@@ -31,7 +32,7 @@ def _image(block: s.ImageBlockParam, where: str) -> Image:
     if isinstance(source, s.Base64ImageSource):
         return load_image(decode_base64(source.data, f"{where}.source.data"), source.media_type, f"{where}.source")
     if isinstance(source, s.URLImageSource):
-        data = FETCHED.get().get(source.url)
+        data = MEDIA.get().fetched.get(source.url)
         if data is None:
             raise InvalidRequestError(f"{where}.source.url: the image was not fetched")
         return load_image(data, None, f"{where}.source.url")
@@ -91,7 +92,7 @@ def _document(block: s.DocumentBlockParam, where: str) -> list[Text | Image]:
             raise InvalidRequestError(f"{where}.source.media_type: base64 documents must be application/pdf")
         parts.extend(pdf_parts(decode_base64(source["data"], f"{where}.source.data"), f"{where}.source"))
     elif kind == "url" and isinstance(source.get("url"), str):
-        data = FETCHED.get().get(source["url"])
+        data = MEDIA.get().fetched.get(source["url"])
         if data is None:
             raise InvalidRequestError(f"{where}.source.url: the document was not fetched")
         parts.extend(pdf_parts(data, f"{where}.source.url"))
@@ -186,25 +187,17 @@ def _system_turn(system: str | list[s.TextBlockParam] | None) -> Turn | None:
     return Turn("system", [Text(text)]) if text else None
 
 
-def conversation_from(
-    body: s._ConversationFields,
-    verify: Verifier | None = None,
-    fetched: Mapping[str, bytes] | None = None,
-    pdf: PdfOptions | None = None,
-) -> Conversation:
+def conversation_from(body: s._ConversationFields, verify: Verifier | None = None, media: Media | None = None) -> Conversation:
     """Build the neutral conversation; consecutive turns of one role merge, as Anthropic's API does.
 
     ``verify(thinking, signature)`` checks the signature of every thinking block sent back;
-    ``fetched``: the bytes of the URL sources (``image_urls``, ``document_urls``), fetched beforehand;
-    ``pdf``: how PDF documents are read.
+    ``media``: the bytes of the URL sources (``image_urls``, ``document_urls``), fetched beforehand,
+    and the media limits.
     """
-    token = FETCHED.set(fetched or {})
-    pdf_token = PDF_OPTIONS.set(pdf or PdfOptions())
-    try:
-        return _conversation(body, verify)
-    finally:
-        FETCHED.reset(token)
-        PDF_OPTIONS.reset(pdf_token)
+    with converting(media) as context:
+        conversation = _conversation(body, verify)
+        check_images(conversation.images(), context.images)
+        return conversation
 
 
 def _conversation(body: s._ConversationFields, verify: Verifier | None) -> Conversation:
@@ -274,11 +267,7 @@ def _tool_choice(choice: dict[str, Any] | None, tools: list[Tool]) -> ToolChoice
 
 
 def generation_request(
-    request_id: str,
-    body: s.MessagesRequest,
-    verify: Verifier | None = None,
-    fetched: Mapping[str, bytes] | None = None,
-    pdf: PdfOptions | None = None,
+    request_id: str, body: s.MessagesRequest, verify: Verifier | None = None, media: Media | None = None
 ) -> GenerationRequest:
     sampling = SamplingParams(
         max_tokens=body.max_tokens,
@@ -287,7 +276,7 @@ def generation_request(
         top_k=body.top_k or None,
         stop_sequences=tuple(body.stop_sequences or ()),
     )
-    conversation = conversation_from(body, verify, fetched, pdf)
+    conversation = conversation_from(body, verify, media)
     choice = _tool_choice(body.tool_choice, conversation.tools)
     thinking, budget = _thinking(body.thinking)
     if budget is not None and budget >= body.max_tokens:

@@ -22,6 +22,7 @@ from localvl.api.model_names import ModelNames
 from localvl.api.signatures import ThinkingSigner
 from localvl.engine.protocol import Engine
 from localvl.errors import InvalidRequestError
+from localvl.media.context import Media
 from localvl.media.fetch import fetch_all
 from localvl.media.images import sniff_media_type
 from localvl.settings import Settings
@@ -74,12 +75,12 @@ async def _form_body(request: Request, names: ModelNames) -> MessagesRequest:
     return MessagesRequest.model_validate(body, strict=False)
 
 
-async def _fetch(body: Any, settings: Settings) -> dict[str, bytes]:
-    """The request's image and document URLs, fetched behind the SSRF guard."""
+async def _media(body: Any, settings: Settings) -> Media:
+    """The request's image and document URLs fetched behind the SSRF guard, and the media limits."""
     policy = settings.url_policy()
     images = await fetch_all(convert.image_urls(body), policy, settings.max_image_bytes)
     documents = await fetch_all(convert.document_urls(body), policy, settings.max_pdf_bytes, accept=("application/pdf",))
-    return {**images, **documents}
+    return settings.media({**images, **documents})
 
 
 def _threaded(
@@ -120,10 +121,8 @@ async def create_message(request: Request) -> Any:
     message_id = new_id("msg_")
     signer = _signer(request)
     try:
-        fetched = await _fetch(body, settings)
-        generation = await anyio.to_thread.run_sync(
-            convert.generation_request, message_id, body, signer.recover, fetched, settings.pdf_options()
-        )
+        media = await _media(body, settings)
+        generation = await anyio.to_thread.run_sync(convert.generation_request, message_id, body, signer.recover, media)
         stream = await engine.submit(generation)
     except BaseException:
         if on_done is not None:
@@ -146,8 +145,6 @@ async def count_tokens(request: Request) -> Any:
     body = parse_body(CountTokensRequest, await request.body())
     _names(request).require(body.model)
     settings = _settings(request)
-    fetched = await _fetch(body, settings)
-    conversation = await anyio.to_thread.run_sync(
-        convert.conversation_from, body, _signer(request).recover, fetched, settings.pdf_options()
-    )
+    media = await _media(body, settings)
+    conversation = await anyio.to_thread.run_sync(convert.conversation_from, body, _signer(request).recover, media)
     return {"input_tokens": await _engine(request).count_tokens(conversation)}

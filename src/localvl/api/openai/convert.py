@@ -7,7 +7,7 @@ wrong: legacy ``function`` messages, content parts other than text, images and P
 from __future__ import annotations
 
 import json
-from typing import Any, Mapping
+from typing import Any
 
 from localvl.api.openai.schemas import ChatCompletionRequest, Message
 from localvl.conversation import (
@@ -24,8 +24,9 @@ from localvl.conversation import (
     Turn,
 )
 from localvl.errors import InvalidRequestError
-from localvl.media.documents import PDF_OPTIONS, PdfOptions, pdf_parts
-from localvl.media.fetch import FETCHED
+from localvl.media.context import MEDIA, Media, converting
+from localvl.media.documents import pdf_parts
+from localvl.media.images import check_images
 from localvl.media.images import decode_base64, load_image
 
 UNLIMITED = 1 << 30  # no max_tokens: the engine stops at the end of the context ("length")
@@ -40,7 +41,7 @@ def _image(url: str, where: str) -> Image:
         media_type = header[len("data:") : -len(";base64")] or None
         return load_image(decode_base64(data, where), media_type, where)
     if url.startswith(("http://", "https://")):
-        data = FETCHED.get().get(url)
+        data = MEDIA.get().fetched.get(url)
         if data is None:
             raise InvalidRequestError(f"{where}: the image was not fetched")
         return load_image(data, None, where)
@@ -209,22 +210,16 @@ def _output_schema(response_format: dict[str, Any] | None) -> dict[str, Any] | N
 
 
 def generation_requests(
-    completion_id: str,
-    body: ChatCompletionRequest,
-    fetched: Mapping[str, bytes] | None = None,
-    pdf: PdfOptions | None = None,
+    completion_id: str, body: ChatCompletionRequest, media: Media | None = None
 ) -> list[GenerationRequest]:
     """One request per choice (``n``); seeded choices get seeds ``seed, seed + 1, ...``.
 
-    ``fetched``: the bytes of the request's image URLs (``image_urls``), fetched beforehand.
+    ``media``: the bytes of the request's image URLs (``image_urls``), fetched beforehand, and the limits.
     """
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
-    token, pdf_token = FETCHED.set(fetched or {}), PDF_OPTIONS.set(pdf or PdfOptions())
-    try:
+    with converting(media) as context:
         conversation = conversation_from(body)
-    finally:
-        FETCHED.reset(token)
-        PDF_OPTIONS.reset(pdf_token)
+        check_images(conversation.images(), context.images)
     choice = _tool_choice(body.tool_choice, conversation.tools, body.parallel_tool_calls)
     schema = _output_schema(body.response_format)
     strict = tuple(

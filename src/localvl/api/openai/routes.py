@@ -32,9 +32,7 @@ async def chat_completions(request: Request) -> Any:
     completion_id = new_id("chatcmpl-")
     settings = state.settings
     fetched = await fetch_all(convert.image_urls(body), settings.url_policy(), settings.max_image_bytes)
-    generations = await anyio.to_thread.run_sync(
-        convert.generation_requests, completion_id, body, fetched, settings.pdf_options()
-    )
+    generations = await anyio.to_thread.run_sync(convert.generation_requests, completion_id, body, settings.media(fetched))
     streams: list[GenerationStream] = []
     try:
         for generation in generations:
