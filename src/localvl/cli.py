@@ -63,6 +63,9 @@ def _serve_parser(sub: Any) -> None:
     p.add_argument("--max-pdf-bytes", dest="max_pdf_bytes", type=int, help="largest PDF document (default 32 MB)")
     p.add_argument("--max-pdf-pages", dest="max_pdf_pages", type=int, help="most pages of a PDF (default 600)")
     p.add_argument("--pdf-page-pixels", dest="pdf_page_pixels", type=int, help="most pixels a PDF page is rendered with")
+    p.add_argument("--data-dir", dest="data_dir", type=Path, help="uploaded files and the SQLite database (default ~/.local/share/localvl)")
+    p.add_argument("--database-url", dest="database_url", help="store URL (default SQLite in the data dir; postgresql+asyncpg://...)")
+    p.add_argument("--max-file-bytes", dest="max_file_bytes", type=int, help="largest upload to /v1/files (default 500 MB)")
     p.add_argument("--thinking-key", dest="thinking_key", help="key that signs thinking blocks (default: kept in the cache dir)")
     p.add_argument("--log-level", dest="log_level", help="debug, info, warning, error")
 

@@ -7,6 +7,7 @@ by ``LOCALVL_API_KEY`` or ``api_key = [...]`` in the TOML file named by ``--conf
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Mapping
@@ -75,10 +76,21 @@ class Settings(BaseSettings):
     max_pdf_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="largest PDF document accepted")
     max_pdf_pages: int = Field(600, ge=1, description="most pages of a PDF document")
     pdf_page_pixels: int = Field(1280 * 1280, ge=28 * 28, description="most pixels a PDF page is rendered with")
+    data_dir: Path | None = Field(None, description="where uploaded files and the SQLite database live")
+    database_url: str | None = Field(
+        None, description="SQLAlchemy async URL of the store (default: SQLite in the data dir; postgresql+asyncpg://...)"
+    )
+    max_file_bytes: int = Field(500 * 1024 * 1024, ge=1024, description="largest file uploaded to /v1/files")
     thinking_key: str | None = Field(
         None, description="key that signs thinking blocks; default: a random key kept in the cache directory"
     )
     log_level: str = "info"
+
+    def resolved_data_dir(self) -> Path:
+        if self.data_dir is not None:
+            return self.data_dir
+        base = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
+        return base / "localvl"
 
     def url_policy(self) -> UrlPolicy:
         from localvl.media.fetch import UrlPolicy

@@ -14,9 +14,9 @@ KEY = "sk-test-123"
 
 
 @pytest.fixture(scope="module")
-def client(loaded_model):
+def client(loaded_model, tmp_path_factory):
     settings = Settings(api_key=[KEY, "second-key"], max_request_bytes=64 * 1024, served_model_name="tiny-vl",
-                        alias=["claude-*", "gpt-4o=tiny-vl"])
+                        alias=["claude-*", "gpt-4o=tiny-vl"], data_dir=tmp_path_factory.mktemp("data"))
     app = create_app(settings, LocalEngine(loaded_model("qwen2_5_vl")))
     with TestClient(app, headers={"x-api-key": KEY}) as test_client:
         yield test_client
@@ -94,7 +94,7 @@ def test_body_over_the_limit_is_413(client):
         (body(messages=[{"role": "user", "content": [{"type": "image", "source": {"type": "url", "url": "http://127.0.0.1:9/a.png"}}]}]),
          "messages.0.content.0.source.url: refused: 127.0.0.1 resolves to 127.0.0.1, a loopback address"),
         (body(messages=[{"role": "user", "content": [{"type": "image", "source": {"type": "file", "file_id": "file_1"}}]}]),
-         "messages.0.content.0.source.type"),
+         "messages.0.content.0.source.file_id: file not found: file_1"),
         (body(messages=[{"role": "user", "content": ""}]), "messages.0"),
         (body(temperature=2), "temperature"),
         (body(thinking={"type": "enabled", "budget_tokens": 1024}), "`max_tokens` must be greater"),
@@ -241,3 +241,32 @@ def test_media_limits_are_settings(loaded_model):
         message = assert_error(client.post("/v1/messages", json=body(messages=[{"role": "user", "content": [pdf]}])),
                                400, "invalid_request_error")
         assert "2 pages; at most 1" in message
+
+
+def test_files_belong_to_the_key_that_uploaded_them(client):
+    uploaded = client.post("/v1/files", files={"file": ("a.png", image_bytes("PNG"), "image/png")})
+    assert uploaded.status_code == 200, uploaded.text
+    file_id = uploaded.json()["id"]
+    other = {"x-api-key": "second-key"}
+    assert client.get(f"/v1/files/{file_id}").status_code == 200
+    assert_error(client.get(f"/v1/files/{file_id}", headers=other), 404, "not_found_error")
+    assert_error(client.delete(f"/v1/files/{file_id}", headers=other), 404, "not_found_error")
+    assert file_id not in [f["id"] for f in client.get("/v1/files", headers=other).json()["data"]]
+    picture = {"type": "image", "source": {"type": "file", "file_id": file_id}}
+    refused = client.post("/v1/messages", headers=other, json=body(messages=[{"role": "user", "content": [picture]}]))
+    assert "file not found" in assert_error(refused, 400, "invalid_request_error")
+    assert client.post("/v1/messages/count_tokens", json=body(messages=[{"role": "user", "content": [picture]}])).status_code == 200
+
+
+def test_file_uploads_have_their_own_limits(loaded_model, tmp_path):
+    settings = Settings(served_model_name="tiny-vl", max_request_bytes=4096, max_file_bytes=64 * 1024, data_dir=tmp_path)
+    with TestClient(create_app(settings, LocalEngine(loaded_model("qwen2_5_vl")))) as client:
+        ok = client.post("/v1/files", files={"file": ("a.bin", b"x" * 20_000, "application/octet-stream")})
+        assert ok.status_code == 200 and ok.json()["size_bytes"] == 20_000  # above the 4 KB body limit of messages
+        too_big = client.post("/v1/files", files={"file": ("b.bin", b"x" * 100_000, "application/octet-stream")})
+        assert_error(too_big, 413, "request_too_large")
+        empty = client.post("/v1/files", files={"file": ("c.txt", b"", "text/plain")})
+        assert "empty" in assert_error(empty, 400, "invalid_request_error")
+        both = client.get("/v1/files", params={"ids": ok.json()["id"], "limit": 5})
+        assert "mutually exclusive" in assert_error(both, 400, "invalid_request_error")
+        assert client.get(f"/v1/files/{ok.json()['id']}/content").content == b"x" * 20_000

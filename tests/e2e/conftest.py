@@ -28,7 +28,8 @@ class Server:
         self.log_path = log
         env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
         command = [sys.executable, "-m", "localvl", "serve", "--model", str(model), "--port", str(self.port),
-                   "--api-key", API_KEY, "--served-model-name", "tiny-vl", *extra]
+                   "--api-key", API_KEY, "--served-model-name", "tiny-vl", "--data-dir", str(log.parent / f"data-{self.port}"),
+                   *extra]
         self._log = log.open("wb")
         self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + 120

@@ -11,6 +11,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from localvl import __version__
+from localvl.api.anthropic.files import router as files_router
 from localvl.api.anthropic.routes import router as anthropic_router
 from localvl.api.anthropic.threads import ThreadStore
 from localvl.api.models import router as models_router
@@ -22,6 +23,7 @@ from localvl.api.signatures import ThinkingSigner
 from localvl.engine.protocol import Engine
 from localvl.models.tiny import default_cache_dir
 from localvl.settings import Settings
+from localvl.store.lazy import LazyStore
 
 
 def served_name(settings: Settings, engine: Engine) -> str:
@@ -48,6 +50,7 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
         finally:
             app.state.ready = False
             await engine.stop()
+            await app.state.store.stop()
 
     app = FastAPI(
         title="localvl",
@@ -62,9 +65,11 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
     app.state.model_names = model_names(settings, engine)
     app.state.signer = ThinkingSigner.from_settings(settings.thinking_key, settings.cache_dir or default_cache_dir())
     app.state.threads = ThreadStore()
+    app.state.store = LazyStore(settings)
     app.state.ready = False
     install_error_handlers(app)
-    app.add_middleware(RequestContextMiddleware, max_request_bytes=settings.max_request_bytes)
+    app.add_middleware(RequestContextMiddleware, max_request_bytes=settings.max_request_bytes,
+                       upload_bytes={"/v1/files": settings.max_file_bytes})
 
     @app.get("/health")
     async def health(request: Request) -> JSONResponse:
@@ -73,6 +78,7 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
         return JSONResponse({"status": "ok", "model": served_name(settings, engine)})
 
     app.include_router(anthropic_router)
+    app.include_router(files_router)
     app.include_router(models_router)
     app.include_router(openai_router)
     return app

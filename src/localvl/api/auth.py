@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 from typing import Sequence
 
@@ -21,10 +22,11 @@ def presented_keys(request: Request) -> list[str]:
     return keys
 
 
-def check_api_key(request: Request, accepted: Sequence[str]) -> None:
-    """Raise ``AuthenticationError`` unless a presented key is accepted (no keys configured: open)."""
+def check_api_key(request: Request, accepted: Sequence[str]) -> str:
+    """The identity of the accepted key presented (a hash, never the key; "" when no keys are
+    configured and the server is open); ``AuthenticationError`` otherwise."""
     if not accepted:
-        return
+        return ""
     presented = presented_keys(request)
     if not presented:
         raise AuthenticationError("x-api-key header is required")
@@ -34,10 +36,11 @@ def check_api_key(request: Request, accepted: Sequence[str]) -> None:
         for candidate in accepted:
             matched |= hmac.compare_digest(key.encode(), candidate.encode())
         if matched:
-            return
+            return hashlib.sha256(key.encode()).hexdigest()[:32]
     raise AuthenticationError("invalid x-api-key")
 
 
 def require_api_key(request: Request) -> None:
-    """The routers' dependency: the keys configured for this server, checked on every route."""
-    check_api_key(request, request.app.state.settings.api_key)
+    """The routers' dependency: the keys configured for this server, checked on every route; the
+    key's identity is left in ``request.state.owner`` (what the key's files belong to)."""
+    request.state.owner = check_api_key(request, request.app.state.settings.api_key)

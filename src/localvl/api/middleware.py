@@ -27,9 +27,10 @@ def new_id(prefix: str) -> str:
 
 
 class RequestContextMiddleware:
-    def __init__(self, app: ASGIApp, max_request_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_request_bytes: int, upload_bytes: dict[str, int] | None = None) -> None:
         self.app = app
         self.max_request_bytes = max_request_bytes
+        self.upload_bytes = upload_bytes or {}  # paths that take uploads, and their own limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -47,7 +48,7 @@ class RequestContextMiddleware:
                 MutableHeaders(scope=message)["request-id"] = request_id
             await send(message)
 
-        limit = self.max_request_bytes
+        limit = self.upload_bytes.get(scope["path"], self.max_request_bytes) if scope["method"] == "POST" else self.max_request_bytes
         declared = _content_length(scope)
         if declared is not None and declared > limit:
             error = RequestTooLargeError(f"request body is {declared} bytes; the limit is {limit} bytes")

@@ -235,9 +235,9 @@ def test_image_with_invalid_base64_is_refused_at_the_data():
     assert refused([{"role": "user", "content": [block]}]).startswith("messages.0.content.0.source.data")
 
 
-def test_file_image_sources_are_refused_until_the_files_api():
+def test_file_sources_read_what_the_route_loaded():
     message = refused([{"role": "user", "content": [{"type": "image", "source": {"type": "file", "file_id": "file_123"}}]}])
-    assert message.startswith("messages.0.content.0.source.type")
+    assert message.startswith("messages.0.content.0.source.file_id: the file was not loaded")
 
 
 def test_url_images_are_found_wherever_they_sit_and_read_from_what_was_fetched():

@@ -23,7 +23,7 @@ from localvl.errors import InvalidRequestError
 from localvl.api.validation import parse_value
 from localvl.media.context import MEDIA, Media, converting
 from localvl.media.documents import pdf_parts
-from localvl.media.images import check_images
+from localvl.media.images import check_images, sniff_media_type
 from localvl.media.images import decode_base64, load_image
 
 
@@ -36,9 +36,46 @@ def _image(block: s.ImageBlockParam, where: str) -> Image:
         if data is None:
             raise InvalidRequestError(f"{where}.source.url: the image was not fetched")
         return load_image(data, None, f"{where}.source.url")
-    raise InvalidRequestError(
-        f"{where}.source.type: image sources of type {source.type!r} are not supported yet; send the image as base64 or url"
-    )
+    data = MEDIA.get().fetched.get(FILE + source.file_id)
+    if data is None:
+        raise InvalidRequestError(f"{where}.source.file_id: the file was not loaded")
+    return load_image(data, None, f"{where}.source.file_id")
+
+
+FILE = "file:"  # the key of an uploaded file's bytes among a request's fetched media
+
+
+def file_ids(body: s._ConversationFields) -> list[tuple[str, str]]:
+    """``(file_id, where)`` of every image or document source that refers to an uploaded file."""
+    found: list[tuple[str, str]] = []
+
+    def visit(block: Any, at: str) -> None:
+        if isinstance(block, s.ImageBlockParam) and isinstance(block.source, s.FileImageSource):
+            found.append((block.source.file_id, f"{at}.source.file_id"))
+        elif isinstance(block, s.DocumentBlockParam) and block.source.get("type") == "file":
+            found.append((str(block.source.get("file_id")), f"{at}.source.file_id"))
+        elif isinstance(block, s.ToolResultBlockParam) and isinstance(block.content, list):
+            for k, item in enumerate(block.content):
+                visit(item, f"{at}.content.{k}")
+
+    for i, message in enumerate(body.messages):
+        for j, block in enumerate(message.content if isinstance(message.content, list) else []):
+            visit(block, f"messages.{i}.content.{j}")
+    return found
+
+
+def _file_document(file_id: str, where: str) -> list[Text | Image]:
+    data = MEDIA.get().fetched.get(FILE + file_id)
+    if data is None:
+        raise InvalidRequestError(f"{where}: the file was not loaded")
+    if data.lstrip()[:5] == b"%PDF-":
+        return pdf_parts(data, where)
+    if sniff_media_type(data) is not None:
+        return [load_image(data, None, where)]
+    try:
+        return [Text(data.decode("utf-8"))]
+    except UnicodeDecodeError:
+        raise InvalidRequestError(f"{where}: the file is not a PDF, an image or UTF-8 text") from None
 
 
 def document_urls(body: s._ConversationFields) -> list[tuple[str, str]]:
@@ -91,6 +128,8 @@ def _document(block: s.DocumentBlockParam, where: str) -> list[Text | Image]:
         if source.get("media_type") != "application/pdf":
             raise InvalidRequestError(f"{where}.source.media_type: base64 documents must be application/pdf")
         parts.extend(pdf_parts(decode_base64(source["data"], f"{where}.source.data"), f"{where}.source"))
+    elif kind == "file" and isinstance(source.get("file_id"), str):
+        parts.extend(_file_document(source["file_id"], f"{where}.source.file_id"))
     elif kind == "url" and isinstance(source.get("url"), str):
         data = MEDIA.get().fetched.get(source["url"])
         if data is None:
@@ -113,7 +152,7 @@ def _document(block: s.DocumentBlockParam, where: str) -> list[Text | Image]:
     else:
         raise InvalidRequestError(
             f"{where}.source.type: document sources of type {kind!r} are not supported yet "
-            "(supported: base64 PDF, url PDF, text, content)"
+            "(supported: base64 PDF, url PDF, file, text, content)"
         )
     return parts
 

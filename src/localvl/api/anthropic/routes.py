@@ -21,7 +21,7 @@ from localvl.api.middleware import new_id
 from localvl.api.model_names import ModelNames
 from localvl.api.signatures import ThinkingSigner
 from localvl.engine.protocol import Engine
-from localvl.errors import InvalidRequestError
+from localvl.errors import InvalidRequestError, NotFoundError
 from localvl.media.context import Media
 from localvl.media.fetch import fetch_all
 from localvl.media.images import sniff_media_type
@@ -75,12 +75,22 @@ async def _form_body(request: Request, names: ModelNames) -> MessagesRequest:
     return MessagesRequest.model_validate(body, strict=False)
 
 
-async def _media(body: Any, settings: Settings) -> Media:
-    """The request's image and document URLs fetched behind the SSRF guard, and the media limits."""
+async def _media(request: Request, body: Any, settings: Settings) -> Media:
+    """The request's image and document URLs fetched behind the SSRF guard, its uploaded files
+    read (the caller's own only), and the media limits."""
     policy = settings.url_policy()
     images = await fetch_all(convert.image_urls(body), policy, settings.max_image_bytes)
     documents = await fetch_all(convert.document_urls(body), policy, settings.max_pdf_bytes, accept=("application/pdf",))
-    return settings.media({**images, **documents})
+    uploaded: dict[str, bytes] = {}
+    wanted = convert.file_ids(body)
+    if wanted:
+        store = await request.app.state.store.files()
+        for file_id, where in wanted:
+            try:
+                uploaded[convert.FILE + file_id] = (await store.read(request.state.owner, file_id))[1]
+            except NotFoundError as error:
+                raise InvalidRequestError(f"{where}: {error.message}") from None
+    return settings.media({**images, **documents, **uploaded})
 
 
 def _threaded(
@@ -121,7 +131,7 @@ async def create_message(request: Request) -> Any:
     message_id = new_id("msg_")
     signer = _signer(request)
     try:
-        media = await _media(body, settings)
+        media = await _media(request, body, settings)
         generation = await anyio.to_thread.run_sync(convert.generation_request, message_id, body, signer.recover, media)
         stream = await engine.submit(generation)
     except BaseException:
@@ -145,6 +155,6 @@ async def count_tokens(request: Request) -> Any:
     body = parse_body(CountTokensRequest, await request.body())
     _names(request).require(body.model)
     settings = _settings(request)
-    media = await _media(body, settings)
+    media = await _media(request, body, settings)
     conversation = await anyio.to_thread.run_sync(convert.conversation_from, body, _signer(request).recover, media)
     return {"input_tokens": await _engine(request).count_tokens(conversation)}

@@ -1,0 +1,119 @@
+"""Anthropic's Files API (beta ``files-api-2025-04-14``): upload once, refer to it by ``file_id``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import FileResponse, JSONResponse
+
+from localvl.api.auth import require_api_key
+from localvl.errors import InvalidRequestError
+from localvl.media.images import sniff_media_type
+from localvl.store.files import FileRecord, FileStore
+
+router = APIRouter(dependencies=[Depends(require_api_key)])
+
+
+def metadata(record: FileRecord) -> dict[str, Any]:
+    return {
+        "id": record.id,
+        "type": "file",
+        "filename": record.filename,
+        "mime_type": record.mime_type,
+        "size_bytes": record.size_bytes,
+        "created_at": record.created_at.isoformat().replace("+00:00", "Z"),
+        # Anthropic serves the content only of files its tools made; a local server serves its owner's own.
+        "downloadable": True,
+        "expires_at": None if record.expires_at is None else record.expires_at.isoformat().replace("+00:00", "Z"),
+    }
+
+
+async def _files(request: Request) -> FileStore:
+    return await request.app.state.store.files()
+
+
+def _mime_type(declared: str | None, filename: str, head: bytes) -> str:
+    sniffed = sniff_media_type(head) or ("application/pdf" if head.startswith(b"%PDF-") else None)
+    if sniffed is not None:
+        return sniffed
+    if declared and declared != "application/octet-stream":
+        return declared
+    if filename.lower().endswith((".txt", ".md", ".csv")):
+        return "text/plain"
+    return "application/octet-stream"
+
+
+@router.post("/v1/files")
+async def upload(request: Request) -> JSONResponse:
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise InvalidRequestError("upload a file as multipart/form-data with a 'file' field")
+    form = await request.form(max_part_size=request.app.state.settings.max_file_bytes)
+    upload = form.get("file")
+    if upload is None or isinstance(upload, str):
+        raise InvalidRequestError("file: Field required")
+    filename = upload.filename or "upload"
+    head = await upload.read(16)
+    await upload.seek(0)
+    mime = _mime_type(upload.content_type, filename, head)
+    expires = form.get("expires_in_seconds")
+    expires_in = None
+    if isinstance(expires, str) and expires:
+        try:
+            expires_in = float(expires)
+        except ValueError:
+            raise InvalidRequestError("expires_in_seconds: must be a number") from None
+        if expires_in <= 0:
+            raise InvalidRequestError("expires_in_seconds: must be greater than 0")
+    record = await (await _files(request)).create(request.state.owner, filename, mime, upload.file, expires_in)
+    if record.size_bytes == 0:
+        await (await _files(request)).delete(request.state.owner, record.id)
+        raise InvalidRequestError("file: the file is empty")
+    return JSONResponse(metadata(record))
+
+
+@router.get("/v1/files")
+async def list_files(
+    request: Request,
+    limit: int = Query(20, ge=1, le=1000),
+    page: str | None = None,
+    before_id: str | None = None,
+    after_id: str | None = None,
+) -> JSONResponse:
+    """Newest first. Paged by the opaque ``page`` cursor (``next_page``), or by ``after_id`` /
+    ``before_id`` as older clients page; ``ids`` asks for just those files, in one page."""
+    query = request.query_params
+    ids = query.getlist("ids[]") + query.getlist("ids") or None  # the SDK writes ids[]=a&ids[]=b
+    if ids is not None and (page is not None or "limit" in query):
+        raise InvalidRequestError("ids: mutually exclusive with page and limit")
+    if ids is not None and len(set(ids)) > 100:
+        raise InvalidRequestError("ids: at most 100 entries")
+    if page is not None:
+        after_id = page  # the cursor is the id of the last file of the page before
+    store = await _files(request)
+    records, more = await store.page(request.state.owner, 100 if ids else limit, before_id, after_id, ids)
+    return JSONResponse({
+        "data": [metadata(r) for r in records],
+        "next_page": records[-1].id if more and records and ids is None else None,
+        "first_id": records[0].id if records else None,
+        "last_id": records[-1].id if records else None,
+        "has_more": more,
+    })
+
+
+@router.get("/v1/files/{file_id}")
+async def retrieve(request: Request, file_id: str) -> JSONResponse:
+    return JSONResponse(metadata(await (await _files(request)).get(request.state.owner, file_id)))
+
+
+@router.get("/v1/files/{file_id}/content")
+async def content(request: Request, file_id: str) -> FileResponse:
+    store = await _files(request)
+    record = await store.get(request.state.owner, file_id)
+    return FileResponse(store.path(record.id), media_type=record.mime_type, filename=record.filename)
+
+
+@router.delete("/v1/files/{file_id}")
+async def delete(request: Request, file_id: str) -> JSONResponse:
+    await (await _files(request)).delete(request.state.owner, file_id)
+    return JSONResponse({"id": file_id, "type": "file_deleted"})

@@ -1,0 +1,134 @@
+"""Uploaded files: bytes on local disk under the data directory, metadata in the SQL store.
+
+A file belongs to the API key that uploaded it: another key cannot see, read or delete it (when no
+keys are configured everything is one owner). Ids look like Anthropic's (``file_…``); listing is
+newest first, paged by ``before_id``/``after_id`` as Anthropic pages it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import os
+import secrets
+import string
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import anyio
+
+import sqlalchemy as sa
+
+from localvl.errors import NotFoundError
+from localvl.store.database import Database, files
+
+_ALPHABET = string.ascii_letters + string.digits
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    id: str
+    owner: str
+    filename: str
+    mime_type: str
+    size_bytes: int
+    sha256: str
+    created_at: dt.datetime
+    expires_at: dt.datetime | None = None
+
+
+class FileStore:
+    def __init__(self, database: Database, directory: Path) -> None:
+        self.database = database
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+
+    def path(self, file_id: str) -> Path:
+        return self.directory / file_id
+
+    async def create(
+        self, owner: str, filename: str, mime_type: str, source: BinaryIO, expires_in: float | None = None
+    ) -> FileRecord:
+        """Store what ``source`` holds (read in pieces, in a worker thread) and record it."""
+        file_id = "file_011" + "".join(secrets.choice(_ALPHABET) for _ in range(21))
+        size, digest = await anyio.to_thread.run_sync(self._write, file_id, source)
+        now = dt.datetime.now(dt.timezone.utc)
+        expires = None if expires_in is None else now + dt.timedelta(seconds=expires_in)
+        record = FileRecord(file_id, owner, filename, mime_type, size, digest, now, expires)
+        async with self.database.engine.begin() as connection:
+            await connection.execute(files.insert().values(**record.__dict__))
+        return record
+
+    def _write(self, file_id: str, source: BinaryIO) -> tuple[int, str]:
+        temporary = self.path(file_id).with_suffix(".part")
+        digest, size = hashlib.sha256(), 0
+        with temporary.open("wb") as out:
+            while chunk := source.read(1 << 20):
+                digest.update(chunk)
+                size += len(chunk)
+                out.write(chunk)
+        os.replace(temporary, self.path(file_id))  # the row only ever points at whole files
+        return size, digest.hexdigest()
+
+    async def get(self, owner: str, file_id: str) -> FileRecord:
+        async with self.database.engine.connect() as connection:
+            row = (await connection.execute(
+                sa.select(files).where(files.c.id == file_id, files.c.owner == owner)
+            )).mappings().first()
+        if row is None:
+            raise NotFoundError(f"file not found: {file_id}")
+        record = _record(row)
+        if record.expires_at is not None and record.expires_at <= dt.datetime.now(dt.timezone.utc):
+            await self.delete(owner, file_id)
+            raise NotFoundError(f"file not found: {file_id} (expired)")
+        return record
+
+    async def read(self, owner: str, file_id: str) -> tuple[FileRecord, bytes]:
+        record = await self.get(owner, file_id)
+        try:
+            return record, await anyio.to_thread.run_sync(self.path(file_id).read_bytes)
+        except FileNotFoundError:
+            raise NotFoundError(f"file not found: {file_id}") from None
+
+    async def page(
+        self, owner: str, limit: int, before_id: str | None, after_id: str | None, ids: list[str] | None = None
+    ) -> tuple[list[FileRecord], bool]:
+        """Newest first: ``after_id`` pages to older files, ``before_id`` to newer ones; ``ids``: just these."""
+        now = dt.datetime.now(dt.timezone.utc)
+        query = sa.select(files).where(files.c.owner == owner, sa.or_(files.c.expires_at.is_(None), files.c.expires_at > now))
+        if ids is not None:
+            query = query.where(files.c.id.in_(ids))
+        order = [files.c.created_at.desc(), files.c.id.desc()]
+        if after_id or before_id:
+            anchor = await self.get(owner, after_id or before_id or "")
+            key = sa.tuple_(files.c.created_at, files.c.id)
+            if after_id:
+                query = query.where(key < sa.tuple_(sa.literal(anchor.created_at), sa.literal(anchor.id)))
+            else:
+                query = query.where(key > sa.tuple_(sa.literal(anchor.created_at), sa.literal(anchor.id)))
+                order = [files.c.created_at.asc(), files.c.id.asc()]
+        async with self.database.engine.connect() as connection:
+            rows = (await connection.execute(query.order_by(*order).limit(limit + 1))).mappings().all()
+        records = [_record(row) for row in rows[:limit]]
+        if before_id:
+            records.reverse()
+        return records, len(rows) > limit
+
+    async def delete(self, owner: str, file_id: str) -> None:
+        async with self.database.engine.begin() as connection:
+            deleted = await connection.execute(files.delete().where(files.c.id == file_id, files.c.owner == owner))
+        if deleted.rowcount == 0:
+            raise NotFoundError(f"file not found: {file_id}")
+        self.path(file_id).unlink(missing_ok=True)
+
+
+def _utc(value: dt.datetime | None) -> dt.datetime | None:
+    if value is not None and value.tzinfo is None:  # SQLite keeps no zone: the store writes UTC
+        return value.replace(tzinfo=dt.timezone.utc)
+    return value
+
+
+def _record(row: sa.RowMapping) -> FileRecord:
+    return FileRecord(row["id"], row["owner"], row["filename"], row["mime_type"], row["size_bytes"], row["sha256"],
+                      _utc(row["created_at"]), _utc(row["expires_at"]))  # type: ignore[arg-type]

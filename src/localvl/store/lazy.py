@@ -1,0 +1,38 @@
+"""The store, opened on first use: a server that never sees a file or a batch never touches disk."""
+
+from __future__ import annotations
+
+import asyncio
+
+from localvl.settings import Settings
+from localvl.store.database import Database, default_url
+from localvl.store.files import FileStore
+
+
+class LazyStore:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._database: Database | None = None
+        self._files: FileStore | None = None
+        self._lock = asyncio.Lock()
+
+    async def database(self) -> Database:
+        async with self._lock:
+            if self._database is None:
+                data_dir = self.settings.resolved_data_dir()
+                database = Database(self.settings.database_url or default_url(data_dir))
+                await database.start()
+                self._database = database
+            return self._database
+
+    async def files(self) -> FileStore:
+        database = await self.database()
+        if self._files is None:
+            self._files = FileStore(database, self.settings.resolved_data_dir() / "files")
+        return self._files
+
+    async def stop(self) -> None:
+        if self._database is not None:
+            await self._database.stop()
+            self._database = None
+            self._files = None

@@ -1,0 +1,57 @@
+"""The Files API through the official SDK: upload, list, retrieve, download, delete, and use by id."""
+
+from __future__ import annotations
+
+import base64
+
+import anthropic
+import pytest
+
+from tests.helpers import image_bytes, pdf_bytes
+
+PNG = image_bytes("PNG", size=(120, 80))
+PDF = pdf_bytes(["Invoice 4711: total 99 EUR"])
+
+
+def test_upload_list_retrieve_download_delete(client):
+    uploaded = [client.beta.files.upload(file=(f"f{i}.png", PNG, "image/png")) for i in range(3)]
+    first = uploaded[0]
+    assert first.id.startswith("file_") and first.type == "file" and first.filename == "f0.png"
+    assert first.mime_type == "image/png" and first.size_bytes == len(PNG) and first.created_at is not None
+    page = client.beta.files.list(limit=2)
+    ids = [f.id for f in page.data]
+    assert ids == [uploaded[2].id, uploaded[1].id] and page.has_next_page()  # newest first
+    rest = page.get_next_page()
+    assert [f.id for f in rest.data][:1] == [uploaded[0].id]
+    assert {f.id for f in client.beta.files.list(limit=1)} >= {u.id for u in uploaded}  # the SDK pages through all
+    chosen = client.beta.files.list(ids=[uploaded[0].id, uploaded[2].id])
+    assert {f.id for f in chosen.data} == {uploaded[0].id, uploaded[2].id} and chosen.next_page is None
+    short = client.beta.files.upload(file=("brief.png", PNG, "image/png"), expires_in_seconds=3600)
+    assert short.expires_at is not None and (short.expires_at - short.created_at).total_seconds() == pytest.approx(3600, abs=2)
+    assert client.beta.files.retrieve_metadata(first.id).size_bytes == len(PNG)
+    assert client.beta.files.download(first.id).read() == PNG
+    assert client.beta.files.delete(first.id).type == "file_deleted"
+    with pytest.raises(anthropic.NotFoundError):
+        client.beta.files.retrieve_metadata(first.id)
+
+
+def test_a_file_id_reads_as_the_same_image_or_document_inline(client):
+    picture = client.beta.files.upload(file=("invoice.png", PNG, "image/png"))
+    document = client.beta.files.upload(file=("invoice.pdf", PDF, "application/pdf"))
+
+    def count(image_source: dict, document_source: dict) -> int:
+        content = [{"type": "image", "source": image_source}, {"type": "document", "source": document_source},
+                   {"type": "text", "text": "Total?"}]
+        return client.beta.messages.count_tokens(model="tiny-vl", messages=[{"role": "user", "content": content}],
+                                                 betas=["files-api-2025-04-14"]).input_tokens
+
+    by_id = count({"type": "file", "file_id": picture.id}, {"type": "file", "file_id": document.id})
+    inline = count({"type": "base64", "media_type": "image/png", "data": base64.b64encode(PNG).decode()},
+                   {"type": "base64", "media_type": "application/pdf", "data": base64.b64encode(PDF).decode()})
+    assert by_id == inline
+    message = client.beta.messages.create(model="tiny-vl", max_tokens=4, betas=["files-api-2025-04-14"], messages=[
+        {"role": "user", "content": [{"type": "image", "source": {"type": "file", "file_id": picture.id}}]}])
+    assert message.type == "message"
+    with pytest.raises(anthropic.BadRequestError, match="file not found"):
+        client.beta.messages.create(model="tiny-vl", max_tokens=4, messages=[
+            {"role": "user", "content": [{"type": "image", "source": {"type": "file", "file_id": "file_011nope"}}]}])

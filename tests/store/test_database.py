@@ -1,0 +1,44 @@
+"""The versioned schema: a database made by an older version is brought up to date, rows kept."""
+
+import asyncio
+
+import sqlalchemy as sa
+
+from localvl.store import database as db
+
+
+def test_an_old_database_is_migrated_in_place(tmp_path):
+    url = f"sqlite+aiosqlite:///{tmp_path / 'old.db'}"
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'old.db'}")
+    with engine.begin() as connection:  # what version 1 of localvl left behind
+        db.schema_version.create(connection)
+        db.MIGRATIONS[0](connection)
+        connection.execute(db.schema_version.insert().values(version=1))
+        connection.execute(sa.text("INSERT INTO files VALUES ('file_1', '', 'a.png', 'image/png', 3, 'ab', '2026-01-01 00:00:00')"))
+    engine.dispose()
+
+    async def upgrade():
+        database = db.Database(url)
+        version = await database.start()
+        again = await database.start()  # idempotent
+        async with database.engine.connect() as connection:
+            rows = (await connection.execute(sa.select(db.files))).mappings().all()
+            versions = (await connection.execute(sa.select(db.schema_version.c.version))).scalars().all()
+        await database.stop()
+        return version, again, rows, versions
+
+    version, again, rows, versions = asyncio.run(upgrade())
+    assert version == again == len(db.MIGRATIONS) == 2
+    assert sorted(versions) == [1, 2]
+    assert [(r["id"], r["filename"], r["expires_at"]) for r in rows] == [("file_1", "a.png", None)]
+
+
+def test_a_fresh_database_gets_every_version(tmp_path):
+    async def fresh():
+        database = db.Database(db.default_url(tmp_path / "data"))
+        version = await database.start()
+        await database.stop()
+        return version
+
+    assert asyncio.run(fresh()) == len(db.MIGRATIONS)
+    assert (tmp_path / "data" / "localvl.db").is_file()
