@@ -268,3 +268,18 @@ def test_request_limits_count_the_images_the_client_sent():
 
     pages = [p for p in pdf_parts(pdf_bytes(["a", "b", "c", "d"]), "doc") if not isinstance(p, str) and hasattr(p, "page")]
     check_images(pages, limits)  # document pages are not images the client sent
+
+
+def test_a_decompression_bomb_is_refused_before_it_is_decoded(monkeypatch):
+    bomb = io.BytesIO()
+    PILImage.new("1", (20_000, 20_000)).save(bomb, "PNG")  # 400 megapixels in a few kilobytes
+    data = bomb.getvalue()
+    assert len(data) < 200_000
+
+    def never(self, *args, **kwargs):
+        raise AssertionError("the bomb was decoded")
+
+    monkeypatch.setattr(PILImage.Image, "load", never)
+    monkeypatch.setattr("PIL.PngImagePlugin.PngImageFile.load", never, raising=False)
+    with pytest.raises(InvalidRequestError, match="20000x20000 px|too many pixels"):
+        load_image(data, "image/png", "img")  # refused from its header
