@@ -66,6 +66,9 @@ def _serve_parser(sub: Any) -> None:
     p.add_argument("--data-dir", dest="data_dir", type=Path, help="uploaded files and the SQLite database (default ~/.local/share/localvl)")
     p.add_argument("--database-url", dest="database_url", help="store URL (default SQLite in the data dir; postgresql+asyncpg://...)")
     p.add_argument("--max-file-bytes", dest="max_file_bytes", type=int, help="largest upload to /v1/files (default 500 MB)")
+    p.add_argument("--batch-concurrency", dest="batch_concurrency", type=int, help="batch requests run at once (default 16)")
+    p.add_argument("--batch-expiry", dest="batch_expiry", type=float, help="seconds before unstarted batch requests expire (24 h)")
+    p.add_argument("--batch-retention", dest="batch_retention", type=float, help="seconds finished batch results are kept (29 days)")
     p.add_argument("--thinking-key", dest="thinking_key", help="key that signs thinking blocks (default: kept in the cache dir)")
     p.add_argument("--log-level", dest="log_level", help="debug, info, warning, error")
 

@@ -81,6 +81,12 @@ class Settings(BaseSettings):
         None, description="SQLAlchemy async URL of the store (default: SQLite in the data dir; postgresql+asyncpg://...)"
     )
     max_file_bytes: int = Field(500 * 1024 * 1024, ge=1024, description="largest file uploaded to /v1/files")
+    batch_concurrency: int = Field(16, ge=1, description="batch requests one server runs at once (at low priority)")
+    batch_max_requests: int = Field(100_000, ge=1, description="most requests in one message batch")
+    batch_max_bytes: int = Field(256 * 1024 * 1024, ge=1024, description="largest message batch body")
+    batch_expiry: float = Field(24 * 3600, gt=0, description="seconds after which a batch's unstarted requests expire")
+    batch_retention: float = Field(29 * 24 * 3600, gt=0, description="seconds a finished batch's results are kept")
+    batch_lease: float = Field(120, gt=0, description="seconds a claimed batch request is held without renewal")
     thinking_key: str | None = Field(
         None, description="key that signs thinking blocks; default: a random key kept in the cache directory"
     )

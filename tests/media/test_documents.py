@@ -44,7 +44,7 @@ def test_what_cannot_be_read_is_a_400_that_says_why(data, options, message):
 
 
 def test_an_encrypted_pdf_is_refused_as_such(tmp_path):
-    pdf = pytest.importorskip("pypdfium2")
+    pytest.importorskip("pypdfium2")
     encrypted = _encrypted_pdf()
     if encrypted is None:
         pytest.skip("no way to make an encrypted PDF here")

@@ -11,6 +11,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from localvl import __version__
+from localvl.api.anthropic.batch_worker import BatchWorker
+from localvl.api.anthropic.batches import router as batches_router
 from localvl.api.anthropic.files import router as files_router
 from localvl.api.anthropic.routes import router as anthropic_router
 from localvl.api.anthropic.threads import ThreadStore
@@ -44,11 +46,13 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await engine.start()
+        app.state.batch_worker.start()
         app.state.ready = True
         try:
             yield
         finally:
             app.state.ready = False
+            await app.state.batch_worker.stop()
             await engine.stop()
             await app.state.store.stop()
 
@@ -66,10 +70,11 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
     app.state.signer = ThinkingSigner.from_settings(settings.thinking_key, settings.cache_dir or default_cache_dir())
     app.state.threads = ThreadStore()
     app.state.store = LazyStore(settings)
+    app.state.batch_worker = BatchWorker(app.state)
     app.state.ready = False
     install_error_handlers(app)
     app.add_middleware(RequestContextMiddleware, max_request_bytes=settings.max_request_bytes,
-                       upload_bytes={"/v1/files": settings.max_file_bytes})
+                       upload_bytes={"/v1/files": settings.max_file_bytes, "/v1/messages/batches": settings.batch_max_bytes})
 
     @app.get("/health")
     async def health(request: Request) -> JSONResponse:
@@ -79,6 +84,7 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
 
     app.include_router(anthropic_router)
     app.include_router(files_router)
+    app.include_router(batches_router)
     app.include_router(models_router)
     app.include_router(openai_router)
     return app

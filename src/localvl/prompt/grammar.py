@@ -74,7 +74,6 @@ def request_grammar(
     if not (forced or schema is not None or strict_auto):
         return None
     lines: list[str] = []
-    alternatives: list[str] = []
     if callable_tools:
         if tags.tool_open is None or tags.tool_close is None:
             raise ValueError("the model's vocabulary has no <tool_call> tokens")

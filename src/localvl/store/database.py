@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -33,6 +33,34 @@ files = sa.Table(
     sa.Column("expires_at", sa.DateTime(timezone=True), nullable=True),  # version 2
 )
 
+batches = sa.Table(
+    "batches",
+    metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("owner", sa.String(64), nullable=False, index=True),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, index=True),
+    sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("cancel_initiated_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("ended_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("archived_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("total", sa.Integer, nullable=False),
+)
+
+batch_requests = sa.Table(
+    "batch_requests",
+    metadata,
+    sa.Column("batch_id", sa.String(64), primary_key=True),
+    sa.Column("position", sa.Integer, primary_key=True),
+    sa.Column("custom_id", sa.String(64), nullable=False),
+    sa.Column("params", sa.Text, nullable=False),  # the request's JSON, as sent
+    # pending -> running -> succeeded | errored; pending -> canceled | expired
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("result", sa.Text, nullable=True),  # the result's JSON, once there is one
+    sa.Column("claimed_by", sa.String(64), nullable=True),
+    sa.Column("claimed_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+)
+
 schema_version = sa.Table("schema_version", metadata, sa.Column("version", sa.Integer, primary_key=True))
 
 
@@ -50,9 +78,27 @@ def _v2(connection: Connection) -> None:
     connection.execute(sa.text("ALTER TABLE files ADD COLUMN expires_at TIMESTAMP WITH TIME ZONE"))
 
 
+def _v3(connection: Connection) -> None:
+    connection.execute(sa.text(
+        "CREATE TABLE batches (id VARCHAR(64) PRIMARY KEY, owner VARCHAR(64) NOT NULL, "
+        "created_at TIMESTAMP WITH TIME ZONE NOT NULL, expires_at TIMESTAMP WITH TIME ZONE NOT NULL, "
+        "cancel_initiated_at TIMESTAMP WITH TIME ZONE, ended_at TIMESTAMP WITH TIME ZONE, "
+        "archived_at TIMESTAMP WITH TIME ZONE, total INTEGER NOT NULL)"
+    ))
+    connection.execute(sa.text("CREATE INDEX ix_batches_owner ON batches (owner)"))
+    connection.execute(sa.text("CREATE INDEX ix_batches_created_at ON batches (created_at)"))
+    connection.execute(sa.text(
+        "CREATE TABLE batch_requests (batch_id VARCHAR(64) NOT NULL, position INTEGER NOT NULL, "
+        "custom_id VARCHAR(64) NOT NULL, params TEXT NOT NULL, status VARCHAR(16) NOT NULL, result TEXT, "
+        "claimed_by VARCHAR(64), claimed_at TIMESTAMP WITH TIME ZONE, attempts INTEGER NOT NULL DEFAULT 0, "
+        "PRIMARY KEY (batch_id, position))"
+    ))
+    connection.execute(sa.text("CREATE INDEX ix_batch_requests_status ON batch_requests (status)"))
+
+
 # Append only: a released step is never edited, a change is a new step. Steps are plain DDL, not
 # ``metadata.create_all``, so each one creates exactly what its version had.
-MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2]
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3]
 
 
 def default_url(data_dir: Path) -> str:
@@ -63,7 +109,16 @@ def default_url(data_dir: Path) -> str:
 class Database:
     def __init__(self, url: str) -> None:
         self.url = url
-        self.engine: AsyncEngine = create_async_engine(url)
+        sqlite = url.startswith("sqlite")
+        self.engine: AsyncEngine = create_async_engine(url, connect_args={"timeout": 30} if sqlite else {})
+        if sqlite:
+            # Readers never wait on the writer, and a writer waits (not fails) for another.
+            @sa.event.listens_for(self.engine.sync_engine, "connect")
+            def _pragmas(connection: Any, _record: Any) -> None:
+                cursor = connection.cursor()
+                cursor.execute("PRAGMA journal_mode=WAL")
+                cursor.execute("PRAGMA busy_timeout=30000")
+                cursor.close()
 
     async def start(self) -> int:
         """Bring the schema up to date; returns the version it is at."""

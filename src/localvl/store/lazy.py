@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from localvl.settings import Settings
+from localvl.store.batches import BatchStore
 from localvl.store.database import Database, default_url
 from localvl.store.files import FileStore
 
@@ -14,7 +15,16 @@ class LazyStore:
         self.settings = settings
         self._database: Database | None = None
         self._files: FileStore | None = None
+        self._batches: BatchStore | None = None
         self._lock = asyncio.Lock()
+
+    @property
+    def opened(self) -> bool:
+        """Whether there is a store to work with: one opened already, one configured by URL, or a
+        SQLite file an earlier run left behind (a restarted server resumes its batches)."""
+        if self._database is not None or self.settings.database_url:
+            return True
+        return (self.settings.resolved_data_dir() / "localvl.db").is_file()
 
     async def database(self) -> Database:
         async with self._lock:
@@ -31,8 +41,15 @@ class LazyStore:
             self._files = FileStore(database, self.settings.resolved_data_dir() / "files")
         return self._files
 
+    async def batches(self) -> BatchStore:
+        database = await self.database()
+        if self._batches is None:
+            self._batches = BatchStore(database, lease_s=self.settings.batch_lease)
+        return self._batches
+
     async def stop(self) -> None:
         if self._database is not None:
             await self._database.stop()
             self._database = None
             self._files = None
+            self._batches = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import functools
 from typing import Any, Callable
 
@@ -20,7 +21,8 @@ from localvl.api.disconnect import until_disconnect
 from localvl.api.middleware import new_id
 from localvl.api.model_names import ModelNames
 from localvl.api.signatures import ThinkingSigner
-from localvl.engine.protocol import Engine
+from localvl.engine.protocol import Engine, GenerationStream
+from localvl.engine.sequence import INTERACTIVE
 from localvl.errors import InvalidRequestError, NotFoundError
 from localvl.media.context import Media
 from localvl.media.fetch import fetch_all
@@ -75,19 +77,20 @@ async def _form_body(request: Request, names: ModelNames) -> MessagesRequest:
     return MessagesRequest.model_validate(body, strict=False)
 
 
-async def _media(request: Request, body: Any, settings: Settings) -> Media:
+async def media_for(state: Any, owner: str, body: Any) -> Media:
     """The request's image and document URLs fetched behind the SSRF guard, its uploaded files
-    read (the caller's own only), and the media limits."""
+    read (``owner``'s own only), and the media limits."""
+    settings: Settings = state.settings
     policy = settings.url_policy()
     images = await fetch_all(convert.image_urls(body), policy, settings.max_image_bytes)
     documents = await fetch_all(convert.document_urls(body), policy, settings.max_pdf_bytes, accept=("application/pdf",))
     uploaded: dict[str, bytes] = {}
     wanted = convert.file_ids(body)
     if wanted:
-        store = await request.app.state.store.files()
+        store = await state.store.files()
         for file_id, where in wanted:
             try:
-                uploaded[convert.FILE + file_id] = (await store.read(request.state.owner, file_id))[1]
+                uploaded[convert.FILE + file_id] = (await store.read(owner, file_id))[1]
             except NotFoundError as error:
                 raise InvalidRequestError(f"{where}: {error.message}") from None
     return settings.media({**images, **documents, **uploaded})
@@ -114,9 +117,22 @@ def _threaded(
     return body, on_done
 
 
+async def start_message(
+    state: Any, owner: str, body: MessagesRequest, message_id: str, priority: int = INTERACTIVE
+) -> tuple[GenerationStream, Output]:
+    """Everything a Message needs before its events: media, conversion, submission to the engine."""
+    signer: ThinkingSigner = state.signer
+    media = await media_for(state, owner, body)
+    generation = await anyio.to_thread.run_sync(convert.generation_request, message_id, body, signer.recover, media)
+    generation.priority = priority
+    stream = await state.engine.submit(generation)
+    output = Output(message_id, body.model, signer, show_thinking=(body.thinking or {}).get("display") != "omitted")
+    return stream, output
+
+
 @router.post("/v1/messages")
 async def create_message(request: Request) -> Any:
-    names, engine, settings = _names(request), _engine(request), _settings(request)
+    names, settings = _names(request), _settings(request)
     on_done = None
     if request.headers.get("content-type", "").startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
         body = await _form_body(request, names)
@@ -129,17 +145,14 @@ async def create_message(request: Request) -> Any:
             body = parse_body(MessagesRequest, raw)
     names.require(body.model)
     message_id = new_id("msg_")
-    signer = _signer(request)
     try:
-        media = await _media(request, body, settings)
-        generation = await anyio.to_thread.run_sync(convert.generation_request, message_id, body, signer.recover, media)
-        stream = await engine.submit(generation)
+        stream, output = await start_message(request.app.state, request.state.owner, body, message_id)
     except BaseException:
         if on_done is not None:
             on_done(message_id, None)
         raise
-    output = Output(message_id, body.model, signer, show_thinking=(body.thinking or {}).get("display") != "omitted",
-                    on_done=None if on_done is None else functools.partial(on_done, message_id))
+    if on_done is not None:
+        output = dataclasses.replace(output, on_done=functools.partial(on_done, message_id))
     if body.stream:
         return StreamingResponse(
             message_events(stream, output, settings.ping_interval),
@@ -154,7 +167,6 @@ async def create_message(request: Request) -> Any:
 async def count_tokens(request: Request) -> Any:
     body = parse_body(CountTokensRequest, await request.body())
     _names(request).require(body.model)
-    settings = _settings(request)
-    media = await _media(request, body, settings)
+    media = await media_for(request.app.state, request.state.owner, body)
     conversation = await anyio.to_thread.run_sync(convert.conversation_from, body, _signer(request).recover, media)
     return {"input_tokens": await _engine(request).count_tokens(conversation)}

@@ -1,0 +1,108 @@
+"""Message Batches through the official SDK: the lifecycle, cancellation, and kill -9 durability."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import anthropic
+import pytest
+
+from tests.e2e.conftest import API_KEY, Server
+
+
+def params(i: int, max_tokens: int = 4) -> dict:
+    return {"model": "tiny-vl", "max_tokens": max_tokens, "messages": [{"role": "user", "content": f"Question {i}"}]}
+
+
+def wait_until_ended(client: anthropic.Anthropic, batch_id: str, timeout: float = 300) -> anthropic.types.messages.MessageBatch:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        batch = client.messages.batches.retrieve(batch_id)
+        if batch.processing_status == "ended":
+            return batch
+        time.sleep(0.2)
+    raise AssertionError(f"batch {batch_id} did not end: {batch}")
+
+
+def test_the_whole_lifecycle(client):
+    requests = [{"custom_id": f"ok-{i}", "params": params(i)} for i in range(3)]
+    requests += [{"custom_id": "no-max-tokens", "params": {"model": "tiny-vl", "messages": [{"role": "user", "content": "hi"}]}},
+                 {"custom_id": "unknown-model", "params": {**params(9), "model": "gpt-nope"}}]
+    batch = client.messages.batches.create(requests=requests)
+    assert batch.id.startswith("msgbatch_") and batch.type == "message_batch"
+    assert batch.processing_status == "in_progress" and batch.request_counts.processing == 5 and batch.results_url is None
+    assert (batch.expires_at - batch.created_at).total_seconds() == pytest.approx(24 * 3600, abs=5)
+    ended = wait_until_ended(client, batch.id)
+    counts = ended.request_counts
+    assert (counts.succeeded, counts.errored, counts.processing, counts.canceled, counts.expired) == (3, 2, 0, 0, 0)
+    assert ended.ended_at is not None and ended.results_url.endswith(f"/v1/messages/batches/{batch.id}/results")
+    results = {r.custom_id: r.result for r in client.messages.batches.results(batch.id)}
+    assert sorted(results) == sorted(r["custom_id"] for r in requests)
+    for i in range(3):
+        message = results[f"ok-{i}"].message
+        assert results[f"ok-{i}"].type == "succeeded" and message.type == "message" and message.usage.output_tokens >= 1
+    assert results["no-max-tokens"].type == "errored" and results["no-max-tokens"].error.error.type == "invalid_request_error"
+    assert results["unknown-model"].error.error.type == "not_found_error"
+    assert batch.id in [b.id for b in client.messages.batches.list(limit=10)]
+    assert client.messages.batches.delete(batch.id).type == "message_batch_deleted"
+    with pytest.raises(anthropic.NotFoundError):
+        client.messages.batches.retrieve(batch.id)
+
+
+def test_bad_batches_are_refused_whole(client):
+    with pytest.raises(anthropic.BadRequestError, match="used more than once"):
+        client.messages.batches.create(requests=[{"custom_id": "a", "params": params(0)}, {"custom_id": "a", "params": params(1)}])
+    with pytest.raises(anthropic.BadRequestError, match="custom_id"):
+        client.messages.batches.create(requests=[{"custom_id": "has space", "params": params(0)}])
+
+
+def test_cancel_stops_what_has_not_started(client):
+    batch = client.messages.batches.create(requests=[{"custom_id": f"c{i}", "params": params(i, 64)} for i in range(300)])
+    canceled = client.messages.batches.cancel(batch.id)
+    assert canceled.cancel_initiated_at is not None and canceled.processing_status in ("canceling", "ended")
+    ended = wait_until_ended(client, batch.id)
+    counts = ended.request_counts
+    assert counts.canceled > 0 and counts.succeeded + counts.canceled == 300 and counts.processing == 0
+    kinds = {r.result.type for r in client.messages.batches.results(batch.id)}
+    assert "canceled" in kinds and kinds <= {"canceled", "succeeded"}
+    with pytest.raises(anthropic.BadRequestError):  # not ended yet: cannot be deleted
+        fresh = client.messages.batches.create(requests=[{"custom_id": "x", "params": params(0, 64)}])
+        client.messages.batches.delete(fresh.id)
+
+
+def test_kill_9_in_the_middle_of_a_1000_request_batch_loses_and_repeats_nothing(model_dir, tmp_path):
+    data = tmp_path / "data"
+    extra = ("--data-dir", str(data), "--batch-concurrency", "8")
+    first = Server(model_dir("qwen2_vl"), tmp_path / "first.log", *extra)
+    try:
+        client = anthropic.Anthropic(base_url=first.url, api_key=API_KEY, max_retries=0)
+        # r40-r199 answer at length, so the ones running when the server dies are still running
+        batch = client.messages.batches.create(requests=[
+            {"custom_id": f"r{i}", "params": params(i, 48 if 40 <= i < 200 else 4)} for i in range(1000)])
+        deadline = time.monotonic() + 120
+        while client.messages.batches.retrieve(batch.id).request_counts.succeeded < 50:
+            assert time.monotonic() < deadline, "the batch did not start"
+            time.sleep(0.05)
+        os.kill(first.process.pid, signal.SIGKILL)  # in the middle: some done, some in flight, most pending
+        first.process.wait()
+    finally:
+        first.stop()
+    second = Server(model_dir("qwen2_vl"), tmp_path / "second.log", *extra)
+    try:
+        client = anthropic.Anthropic(base_url=second.url, api_key=API_KEY, max_retries=0)
+        ended = wait_until_ended(client, batch.id)
+        assert ended.request_counts.succeeded == 1000
+        lines = list(client.messages.batches.results(batch.id))
+        ids = [line.custom_id for line in lines]
+        assert len(ids) == 1000 and set(ids) == {f"r{i}" for i in range(1000)}  # none lost, none twice
+        assert all(line.result.type == "succeeded" for line in lines)
+    finally:
+        second.stop()
+    import sqlite3
+
+    with sqlite3.connect(data / "localvl.db") as db:
+        attempts = dict(db.execute("SELECT attempts, COUNT(*) FROM batch_requests GROUP BY attempts").fetchall())
+    # the requests in flight when the server died were done again, once; every other one once
+    assert set(attempts) <= {1, 2} and 1 <= attempts.get(2, 0) <= 8 and sum(attempts.values()) == 1000

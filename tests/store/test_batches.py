@@ -1,0 +1,73 @@
+"""The claim protocol of batch requests: each answered once, claims lapse, batches end and expire."""
+
+import asyncio
+import datetime as dt
+
+import pytest
+
+from localvl.store.batches import BatchStore
+from localvl.store.database import Database, default_url
+
+
+def run(tmp_path, body, lease_s=60.0):
+    async def main():
+        database = Database(default_url(tmp_path))
+        await database.start()
+        try:
+            return await body(BatchStore(database, lease_s=lease_s))
+        finally:
+            await database.stop()
+
+    return asyncio.run(main())
+
+
+REQUESTS = [(f"r{i}", {"i": i}) for i in range(10)]
+
+
+def test_two_workers_never_claim_the_same_request(tmp_path):
+    async def body(store):
+        batch = await store.create("", REQUESTS, dt.timedelta(hours=1))
+        a, b = await asyncio.gather(store.claim("a", 6), store.claim("b", 6))
+        keys_a, keys_b = {c.position for c in a}, {c.position for c in b}
+        assert not keys_a & keys_b and len(keys_a | keys_b) == 10
+        first = (a + b)[0]
+        holder, other = ("a", "b") if first in a else ("b", "a")
+        assert not await store.finish(other, first.batch_id, first.position, "succeeded", {"type": "succeeded"})
+        assert await store.finish(holder, first.batch_id, first.position, "succeeded", {"type": "succeeded"})
+        assert not await store.finish(holder, first.batch_id, first.position, "succeeded", {"type": "succeeded"})
+        return await store.get("", batch.id)
+
+    batch = run(tmp_path, body)
+    assert batch.counts["succeeded"] == 1 and batch.counts["processing"] == 9 and batch.ended_at is None
+
+
+def test_a_lapsed_claim_is_done_again_and_its_first_holder_cannot_answer(tmp_path):
+    async def body(store):
+        await store.create("", REQUESTS[:1], dt.timedelta(hours=1))
+        [dead] = await store.claim("dead", 1)
+        await asyncio.sleep(0.05)
+        await store.sweep(dt.timedelta(days=29))  # lease 0.01 s: lapsed
+        [again] = await store.claim("alive", 1)
+        assert (again.batch_id, again.position) == (dead.batch_id, dead.position)
+        assert not await store.finish("dead", dead.batch_id, dead.position, "succeeded", {})
+        assert await store.finish("alive", again.batch_id, again.position, "succeeded", {"type": "succeeded"})
+        return await store.get("", again.batch_id)
+
+    batch = run(tmp_path, body, lease_s=0.01)
+    assert batch.ended_at is not None and batch.counts["succeeded"] == 1
+
+
+def test_expiry_and_retention(tmp_path):
+    async def body(store):
+        expired = await store.create("", REQUESTS[:3], dt.timedelta(seconds=-1))  # already past its 24 h
+        await store.sweep(dt.timedelta(days=29))
+        expired = await store.get("", expired.id)
+        assert expired.counts["expired"] == 3 and expired.ended_at is not None
+        assert [line async for line in store.results("", expired.id)]
+        await store.sweep(dt.timedelta(seconds=-1))  # results kept for "no time at all": archived now
+        archived = await store.get("", expired.id)
+        assert archived.archived_at is not None
+        with pytest.raises(Exception, match="deleted"):
+            [line async for line in store.results("", expired.id)]
+
+    run(tmp_path, body)
