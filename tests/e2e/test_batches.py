@@ -106,3 +106,41 @@ def test_kill_9_in_the_middle_of_a_1000_request_batch_loses_and_repeats_nothing(
         attempts = dict(db.execute("SELECT attempts, COUNT(*) FROM batch_requests GROUP BY attempts").fetchall())
     # the requests in flight when the server died were done again, once; every other one once
     assert set(attempts) <= {1, 2} and 1 <= attempts.get(2, 0) <= 8 and sum(attempts.values()) == 1000
+
+
+def test_two_servers_on_one_postgresql_share_a_batch_without_duplicates(model_dir, tmp_path):
+    from tests.store.conftest import POSTGRES, drop_postgres_database, fresh_postgres_database
+
+    if not POSTGRES:
+        pytest.skip("no PostgreSQL server (set LOCALVL_TEST_POSTGRES_URL; .ci/run starts one)")
+    url, name = fresh_postgres_database()
+    servers = []
+    try:
+        for k in range(2):
+            servers.append(Server(model_dir("qwen2_vl"), tmp_path / f"pg{k}.log", "--database-url", url,
+                                  "--data-dir", str(tmp_path / f"data{k}"), "--batch-concurrency", "4"))
+        a = anthropic.Anthropic(base_url=servers[0].url, api_key=API_KEY, max_retries=0)
+        b = anthropic.Anthropic(base_url=servers[1].url, api_key=API_KEY, max_retries=0)
+        batch = a.messages.batches.create(requests=[{"custom_id": f"p{i}", "params": params(i, 16)} for i in range(300)])
+        ended = wait_until_ended(b, batch.id)  # the other server sees the same batch
+        assert ended.request_counts.succeeded == 300
+        ids = [line.custom_id for line in b.messages.batches.results(batch.id)]
+        assert len(ids) == 300 and set(ids) == {f"p{i}" for i in range(300)}
+        import asyncio
+
+        import asyncpg
+
+        async def workers() -> dict:
+            connection = await asyncpg.connect(url.replace("postgresql+asyncpg://", "postgresql://"))
+            try:
+                rows = await connection.fetch("SELECT claimed_by, COUNT(*) AS n FROM batch_requests GROUP BY claimed_by")
+                return {row["claimed_by"]: row["n"] for row in rows}
+            finally:
+                await connection.close()
+
+        by_worker = asyncio.run(workers())
+        assert len(by_worker) == 2 and sum(by_worker.values()) == 300  # both servers took a share
+    finally:
+        for server in servers:
+            server.stop()
+        drop_postgres_database(name)

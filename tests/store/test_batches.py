@@ -6,12 +6,12 @@ import datetime as dt
 import pytest
 
 from localvl.store.batches import BatchStore
-from localvl.store.database import Database, default_url
+from localvl.store.database import Database
 
 
-def run(tmp_path, body, lease_s=60.0):
+def run(url, body, lease_s=60.0):
     async def main():
-        database = Database(default_url(tmp_path))
+        database = Database(url)
         await database.start()
         try:
             return await body(BatchStore(database, lease_s=lease_s))
@@ -24,7 +24,7 @@ def run(tmp_path, body, lease_s=60.0):
 REQUESTS = [(f"r{i}", {"i": i}) for i in range(10)]
 
 
-def test_two_workers_never_claim_the_same_request(tmp_path):
+def test_two_workers_never_claim_the_same_request(database_url):
     async def body(store):
         batch = await store.create("", REQUESTS, dt.timedelta(hours=1))
         a, b = await asyncio.gather(store.claim("a", 6), store.claim("b", 6))
@@ -37,11 +37,11 @@ def test_two_workers_never_claim_the_same_request(tmp_path):
         assert not await store.finish(holder, first.batch_id, first.position, "succeeded", {"type": "succeeded"})
         return await store.get("", batch.id)
 
-    batch = run(tmp_path, body)
+    batch = run(database_url, body)
     assert batch.counts["succeeded"] == 1 and batch.counts["processing"] == 9 and batch.ended_at is None
 
 
-def test_a_lapsed_claim_is_done_again_and_its_first_holder_cannot_answer(tmp_path):
+def test_a_lapsed_claim_is_done_again_and_its_first_holder_cannot_answer(database_url):
     async def body(store):
         await store.create("", REQUESTS[:1], dt.timedelta(hours=1))
         [dead] = await store.claim("dead", 1)
@@ -53,11 +53,11 @@ def test_a_lapsed_claim_is_done_again_and_its_first_holder_cannot_answer(tmp_pat
         assert await store.finish("alive", again.batch_id, again.position, "succeeded", {"type": "succeeded"})
         return await store.get("", again.batch_id)
 
-    batch = run(tmp_path, body, lease_s=0.01)
+    batch = run(database_url, body, lease_s=0.01)
     assert batch.ended_at is not None and batch.counts["succeeded"] == 1
 
 
-def test_expiry_and_retention(tmp_path):
+def test_expiry_and_retention(database_url):
     async def body(store):
         expired = await store.create("", REQUESTS[:3], dt.timedelta(seconds=-1))  # already past its 24 h
         await store.sweep(dt.timedelta(days=29))
@@ -70,4 +70,25 @@ def test_expiry_and_retention(tmp_path):
         with pytest.raises(Exception, match="deleted"):
             [line async for line in store.results("", expired.id)]
 
-    run(tmp_path, body)
+    run(database_url, body)
+
+
+def test_many_workers_at_once_answer_each_request_exactly_once(database_url):
+    async def body(store):
+        batch = await store.create("", [(f"r{i}", {}) for i in range(200)], dt.timedelta(hours=1))
+
+        async def worker(name):
+            done = 0
+            while claimed := await store.claim(name, 7):
+                for item in claimed:
+                    done += await store.finish(name, item.batch_id, item.position, "succeeded", {"type": "succeeded"})
+            return done
+
+        counts = await asyncio.gather(*(worker(f"w{k}") for k in range(5)))
+        final = await store.get("", batch.id)
+        lines = b"".join([chunk async for chunk in store.results("", batch.id)]).splitlines()
+        return counts, final, lines
+
+    counts, final, lines = run(database_url, body)
+    assert sum(counts) == 200 and final.counts["succeeded"] == 200 and final.ended_at is not None
+    assert len(lines) == 200 and len(set(lines)) == 200

@@ -42,3 +42,14 @@ def test_a_fresh_database_gets_every_version(tmp_path):
 
     assert asyncio.run(fresh()) == len(db.MIGRATIONS)
     assert (tmp_path / "data" / "localvl.db").is_file()
+
+
+def test_every_backend_starts_at_the_latest_version(database_url):
+    async def start():
+        database = db.Database(database_url)
+        version = await database.start()
+        again = await database.start()
+        await database.stop()
+        return version, again
+
+    assert asyncio.run(start()) == (len(db.MIGRATIONS), len(db.MIGRATIONS))

@@ -1,0 +1,44 @@
+"""Uploaded files on each backend: ownership, paging, ids, expiry, deletion."""
+
+import asyncio
+import io
+
+import pytest
+
+from localvl.errors import NotFoundError
+from localvl.store.database import Database
+from localvl.store.files import FileStore
+
+
+def test_files_on_every_backend(database_url, tmp_path):
+    async def body():
+        database = Database(database_url)
+        await database.start()
+        store = FileStore(database, tmp_path / "files")
+        try:
+            made = [await store.create("alice", f"f{i}.txt", "text/plain", io.BytesIO(b"x" * (i + 1))) for i in range(5)]
+            other = await store.create("bob", "b.txt", "text/plain", io.BytesIO(b"bob"))
+            first, more = await store.page("alice", 2, None, None)
+            assert [r.id for r in first] == [made[4].id, made[3].id] and more
+            older, _ = await store.page("alice", 10, None, first[-1].id)
+            assert [r.id for r in older] == [made[2].id, made[1].id, made[0].id]
+            newer, _ = await store.page("alice", 10, made[1].id, None)
+            assert [r.id for r in newer] == [made[4].id, made[3].id, made[2].id]
+            chosen, _ = await store.page("alice", 100, None, None, ids=[made[0].id, other.id])
+            assert [r.id for r in chosen] == [made[0].id]  # bob's file is not alice's to list
+            record, data = await store.read("alice", made[2].id)
+            assert data == b"xxx" and record.size_bytes == 3
+            with pytest.raises(NotFoundError):
+                await store.get("bob", made[0].id)
+            brief = await store.create("alice", "brief.txt", "text/plain", io.BytesIO(b"soon gone"), expires_in=0.01)
+            await asyncio.sleep(0.05)
+            with pytest.raises(NotFoundError, match="expired"):
+                await store.get("alice", brief.id)
+            assert not store.path(brief.id).exists()
+            await store.delete("alice", made[0].id)
+            with pytest.raises(NotFoundError):
+                await store.delete("alice", made[0].id)
+        finally:
+            await database.stop()
+
+    asyncio.run(body())
