@@ -42,3 +42,12 @@ async def with_heartbeats(source: AsyncIterator[T], interval: float) -> AsyncIte
     finally:
         if pending is not None:
             pending.cancel()
+            try:
+                await pending  # let the source see its cancellation before it is closed
+            except BaseException:
+                pass
+        # Closed (the client left): close the source now, not when it is collected — closing is
+        # what aborts the generation behind it.
+        close = getattr(source, "aclose", None)
+        if close is not None:
+            await close()

@@ -110,3 +110,26 @@ def test_collect_message_without_a_result_is_an_internal_error():
 
     with pytest.raises(InternalError):
         asyncio.run(collect_message(FakeStream([TextDelta("a")]), Output("msg_1", "claude-x")))
+
+
+def test_closing_between_items_closes_the_source_at_once():
+    """A client gone between two events: the source (whose closing aborts the generation) is closed
+    then, not whenever the garbage collector gets to it."""
+    from localvl.api.sse import with_heartbeats
+
+    closed = []
+
+    async def source():
+        try:
+            for i in range(100):
+                yield i
+        finally:
+            closed.append(True)
+
+    async def main():
+        stream = with_heartbeats(source(), 10.0)
+        assert await stream.__anext__() == 0
+        await stream.aclose()
+        return closed
+
+    assert asyncio.run(main()) == [True]
