@@ -69,6 +69,7 @@ def _serve_parser(sub: Any) -> None:
     p.add_argument("--batch-concurrency", dest="batch_concurrency", type=int, help="batch requests run at once (default 16)")
     p.add_argument("--batch-expiry", dest="batch_expiry", type=float, help="seconds before unstarted batch requests expire (24 h)")
     p.add_argument("--batch-retention", dest="batch_retention", type=float, help="seconds finished batch results are kept (29 days)")
+    p.add_argument("--batch-lease", dest="batch_lease", type=float, help="seconds a batch request stays claimed unrenewed (120)")
     p.add_argument("--thinking-key", dest="thinking_key", help="key that signs thinking blocks (default: kept in the cache dir)")
     p.add_argument("--log-level", dest="log_level", help="debug, info, warning, error")
 

@@ -26,7 +26,31 @@ def wait_until_ended(client: anthropic.Anthropic, batch_id: str, timeout: float 
     raise AssertionError(f"batch {batch_id} did not end: {batch}")
 
 
-def test_the_whole_lifecycle(client):
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request, tmp_path):
+    """Server arguments for a fresh store of each kind."""
+    if request.param == "sqlite":
+        yield ("--data-dir", str(tmp_path / "data"))
+        return
+    from tests.store.conftest import POSTGRES, drop_postgres_database, fresh_postgres_database
+
+    if not POSTGRES:
+        pytest.skip("no PostgreSQL server (set LOCALVL_TEST_POSTGRES_URL; .ci/run starts one)")
+    url, name = fresh_postgres_database()
+    # Servers on a shared database cannot take old claims back at start: they lapse (here, fast).
+    yield ("--database-url", url, "--data-dir", str(tmp_path / "data"), "--batch-lease", "3")
+    drop_postgres_database(name)
+
+
+@pytest.fixture
+def batch_client(request, backend, model_dir, tmp_path):
+    server = Server(model_dir("qwen2_vl"), tmp_path / "server.log", *backend)
+    yield anthropic.Anthropic(base_url=server.url, api_key=API_KEY, max_retries=0, timeout=60)
+    server.stop()
+
+
+def test_the_whole_lifecycle(batch_client):
+    client = batch_client
     requests = [{"custom_id": f"ok-{i}", "params": params(i)} for i in range(3)]
     requests += [{"custom_id": "no-max-tokens", "params": {"model": "tiny-vl", "messages": [{"role": "user", "content": "hi"}]}},
                  {"custom_id": "unknown-model", "params": {**params(9), "model": "gpt-nope"}}]
@@ -72,9 +96,8 @@ def test_cancel_stops_what_has_not_started(client):
         client.messages.batches.delete(fresh.id)
 
 
-def test_kill_9_in_the_middle_of_a_1000_request_batch_loses_and_repeats_nothing(model_dir, tmp_path):
-    data = tmp_path / "data"
-    extra = ("--data-dir", str(data), "--batch-concurrency", "8")
+def test_kill_9_in_the_middle_of_a_1000_request_batch_loses_and_repeats_nothing(model_dir, tmp_path, backend):
+    extra = (*backend, "--batch-concurrency", "8")
     first = Server(model_dir("qwen2_vl"), tmp_path / "first.log", *extra)
     try:
         client = anthropic.Anthropic(base_url=first.url, api_key=API_KEY, max_retries=0)
@@ -100,12 +123,32 @@ def test_kill_9_in_the_middle_of_a_1000_request_batch_loses_and_repeats_nothing(
         assert all(line.result.type == "succeeded" for line in lines)
     finally:
         second.stop()
-    import sqlite3
-
-    with sqlite3.connect(data / "localvl.db") as db:
-        attempts = dict(db.execute("SELECT attempts, COUNT(*) FROM batch_requests GROUP BY attempts").fetchall())
+    attempts = attempts_by_count(backend)
     # the requests in flight when the server died were done again, once; every other one once
     assert set(attempts) <= {1, 2} and 1 <= attempts.get(2, 0) <= 8 and sum(attempts.values()) == 1000
+
+
+def attempts_by_count(backend: tuple[str, ...]) -> dict[int, int]:
+    query = "SELECT attempts, COUNT(*) FROM batch_requests GROUP BY attempts"
+    if "--database-url" not in backend:
+        import sqlite3
+        from pathlib import Path
+
+        with sqlite3.connect(Path(backend[backend.index("--data-dir") + 1]) / "localvl.db") as db:
+            return dict(db.execute(query).fetchall())
+    import asyncio
+
+    import asyncpg
+
+    async def read() -> dict[int, int]:
+        url = backend[backend.index("--database-url") + 1].replace("postgresql+asyncpg://", "postgresql://")
+        connection = await asyncpg.connect(url)
+        try:
+            return {row[0]: row[1] for row in await connection.fetch(query)}
+        finally:
+            await connection.close()
+
+    return asyncio.run(read())
 
 
 def test_two_servers_on_one_postgresql_share_a_batch_without_duplicates(model_dir, tmp_path):
