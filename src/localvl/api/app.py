@@ -5,10 +5,11 @@ from __future__ import annotations
 from contextlib import asynccontextmanager
 from pathlib import Path
 from datetime import datetime, timezone
-from typing import AsyncIterator
+from typing import Any, AsyncIterator
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from localvl import __version__
 from localvl.api.anthropic.batch_worker import BatchWorker
@@ -18,12 +19,14 @@ from localvl.api.anthropic.routes import router as anthropic_router
 from localvl.api.anthropic.threads import ThreadStore
 from localvl.api.models import router as models_router
 from localvl.api.openai.routes import router as openai_router
+from localvl.api.auth import require_api_key
 from localvl.api.errors import install_error_handlers
 from localvl.api.middleware import RequestContextMiddleware
 from localvl.api.model_names import ModelNames, ServedModel, parse_aliases
 from localvl.api.signatures import ThinkingSigner
 from localvl.engine.protocol import Engine
 from localvl.models.tiny import default_cache_dir
+from localvl.observability.metrics import Metrics
 from localvl.settings import Settings
 from localvl.store.lazy import LazyStore
 
@@ -73,8 +76,29 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
     app.state.batch_worker = BatchWorker(app.state)
     app.state.ready = False
     install_error_handlers(app)
+    metrics = Metrics(engine)
+    app.state.metrics = metrics
+
+    def count_response(scope: Any, status: int, seconds: float) -> None:
+        route = getattr(scope.get("route"), "path", None) or "unmatched"  # a template: ids never become labels
+        metrics.requests.labels(route, str(status)).inc()
+        metrics.request_seconds.labels(route).observe(seconds)
+
     app.add_middleware(RequestContextMiddleware, max_request_bytes=settings.max_request_bytes,
-                       upload_bytes={"/v1/files": settings.max_file_bytes, "/v1/messages/batches": settings.batch_max_bytes})
+                       upload_bytes={"/v1/files": settings.max_file_bytes, "/v1/messages/batches": settings.batch_max_bytes},
+                       on_response=count_response)
+
+    @app.get("/ready")
+    async def ready(request: Request) -> JSONResponse:
+        """Model loaded and the engine running: where a load balancer should send requests."""
+        alive = getattr(engine, "alive", True)
+        if not request.app.state.ready or not alive:
+            return JSONResponse({"status": "not ready"}, status_code=503)
+        return JSONResponse({"status": "ready", "model": served_name(settings, engine)})
+
+    @app.get("/metrics", dependencies=[Depends(require_api_key)])
+    async def metrics_route() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/health")
     async def health(request: Request) -> JSONResponse:

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import logging
 import secrets
-from typing import Any
+import time
+from typing import Any, Callable
 
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -27,10 +28,17 @@ def new_id(prefix: str) -> str:
 
 
 class RequestContextMiddleware:
-    def __init__(self, app: ASGIApp, max_request_bytes: int, upload_bytes: dict[str, int] | None = None) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_request_bytes: int,
+        upload_bytes: dict[str, int] | None = None,
+        on_response: Callable[[Scope, int, float], None] | None = None,
+    ) -> None:
         self.app = app
         self.max_request_bytes = max_request_bytes
         self.upload_bytes = upload_bytes or {}  # paths that take uploads, and their own limit
+        self.on_response = on_response  # (scope, status, seconds) once the body is sent: metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -40,13 +48,18 @@ class RequestContextMiddleware:
         scope.setdefault("state", {})["request_id"] = request_id
 
         started = False
+        status = 500
+        began = time.perf_counter()
 
         async def send_with_id(message: Message) -> None:
-            nonlocal started
+            nonlocal started, status
             if message["type"] == "http.response.start":
                 started = True
+                status = message["status"]
                 MutableHeaders(scope=message)["request-id"] = request_id
             await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body") and self.on_response:
+                self.on_response(scope, status, time.perf_counter() - began)
 
         limit = self.upload_bytes.get(scope["path"], self.max_request_bytes) if scope["method"] == "POST" else self.max_request_bytes
         declared = _content_length(scope)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -77,6 +78,8 @@ class Job:
     thinking_tokens: int = 0
     forced: list[int] = field(default_factory=list)  # tokens emitted next whatever the logits say
     one_tool_call: bool = False  # parallel tool calls were not allowed: the turn ends after the first
+    submitted_at: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
 
     def emit(self, item: Event | LocalvlError) -> None:
         self.outbox.add(self, item)

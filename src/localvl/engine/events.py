@@ -60,3 +60,15 @@ class Finished:
 
 
 Event = Union[TextDelta, ThinkingDelta, ToolCallEvent, Finished]
+
+
+@dataclass(frozen=True)
+class RequestRecord:
+    """What one finished request cost, for metrics: times and counts, never content."""
+
+    ttft_s: float | None  # submit to first generated token (None: no token was generated)
+    duration_s: float  # submit to finish
+    output_tokens: int
+    input_tokens: int  # the whole prompt
+    cache_read_tokens: int
+    reason: str

@@ -16,6 +16,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import anyio
 import torch
@@ -26,7 +27,16 @@ from localvl.engine.constraints import Constraints, allowed_tokens
 from localvl.engine.bridge import Job, Outbox, Stream
 from localvl.engine.cuda_graphs import DecodeGraphs
 from localvl.engine.detokenizer import IncrementalDetokenizer, special_token_ids, token_bytes
-from localvl.engine.events import FinishReason, Finished, TextDelta, ThinkingDelta, TokenLogprob, ToolCallEvent, Usage
+from localvl.engine.events import (
+    FinishReason,
+    Finished,
+    RequestRecord,
+    TextDelta,
+    ThinkingDelta,
+    TokenLogprob,
+    ToolCallEvent,
+    Usage,
+)
 from localvl.engine.kv_cache import PagedKVCache
 from localvl.engine.protocol import ModelInfo
 from localvl.engine.qwen_vl import QwenVLRunner
@@ -101,6 +111,7 @@ class LocalEngine:
                     logger.info("captured %d decode graphs in %.1f s", captured, time.perf_counter() - started)
         # A sequence can never outgrow the pool, whatever the model's context says.
         capacity = self.kv_cache.num_blocks * config.block_size
+        self.observers: list[Callable[[RequestRecord], None]] = []  # called on the engine thread
         self._info = ModelInfo(loaded.name_or_path, loaded.model_type, min(loaded.context_length, capacity))
         self._inbox: queue.Queue[Sequence | None] = queue.Queue()
         self._outbox = Outbox()
@@ -156,6 +167,11 @@ class LocalEngine:
             "failures": self.failures,
             "integrity_failures": self.integrity_failures,
         }
+
+    @property
+    def alive(self) -> bool:
+        """The engine thread is running (it stops only when asked to, or if it dies)."""
+        return self._thread is not None and self._thread.is_alive()
 
     async def start(self) -> None:
         if self._thread is None:
@@ -452,6 +468,8 @@ class LocalEngine:
         if job.cancelled.is_set():
             return  # dropped before the next step
         reason: FinishReason | None = None
+        if job.first_token_at is None:
+            job.first_token_at = time.monotonic()
         if len(seq.outputs) >= seq.max_new_tokens:  # a prompt that filled the context exactly
             reason = "context_window" if job.context_limited else "max_tokens"
         elif token in self.loaded.eos_token_ids:
@@ -496,3 +514,12 @@ class LocalEngine:
         )
         job.emit(Finished(reason, usage, job.stops.matched))
         self._finish(seq)
+        if self.observers:
+            now = time.monotonic()
+            ttft = None if job.first_token_at is None else job.first_token_at - job.submitted_at
+            record = RequestRecord(ttft, now - job.submitted_at, len(seq.outputs), len(seq.prompt), read, reason)
+            for observe in self.observers:
+                try:
+                    observe(record)
+                except Exception as error:  # metrics must never fail a request
+                    logger.error("request observer failed: %s", type(error).__name__)

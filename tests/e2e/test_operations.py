@@ -1,0 +1,69 @@
+"""Operations against a running server: /ready, /metrics, and logs that never hold request content."""
+
+from __future__ import annotations
+
+import base64
+import re
+
+import anthropic
+import httpx
+import pytest
+
+from tests.e2e.conftest import API_KEY
+from tests.helpers import image_bytes
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    wanted = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    pattern = re.escape(name) + (r"\{" + re.escape(wanted) + r"\}" if wanted else r"(\{[^}]*\})?") + r" ([0-9.e+-]+)"
+    return sum(float(m.group(m.lastindex)) for m in re.finditer(pattern, text))
+
+
+def test_ready_and_metrics(server, client):
+    assert httpx.get(server.url + "/ready").json()["status"] == "ready"
+    headers = {"x-api-key": API_KEY}
+    assert httpx.get(server.url + "/metrics").status_code == 401  # keys configured: metrics need one too
+    before = httpx.get(server.url + "/metrics", headers=headers).text
+    message = client.messages.create(model="tiny-vl", max_tokens=6, messages=[{"role": "user", "content": "hi"}])
+    client.messages.count_tokens(model="tiny-vl", messages=[{"role": "user", "content": "hi"}])
+    after = httpx.get(server.url + "/metrics", headers=headers).text
+    assert metric(after, "localvl_http_requests_total", route="/v1/messages", status="200") == \
+        metric(before, "localvl_http_requests_total", route="/v1/messages", status="200") + 1
+    assert metric(after, "localvl_tokens_total", kind="output") - metric(before, "localvl_tokens_total", kind="output") \
+        >= message.usage.output_tokens
+    assert metric(after, "localvl_time_to_first_token_seconds_count") > metric(before, "localvl_time_to_first_token_seconds_count")
+    for gauge in ("localvl_kv_blocks_total", "localvl_running_requests", "localvl_queued_requests"):
+        assert re.search(rf"^{gauge} ", after, re.M), gauge
+    assert httpx.get(server.url + "/v1/files/file_011nosuchfile", headers=headers).status_code == 404
+    labelled = httpx.get(server.url + "/metrics", headers=headers).text
+    assert metric(labelled, "localvl_http_requests_total", route="/v1/files/{file_id}", status="404") >= 1
+    assert "file_011nosuchfile" not in labelled  # routes are templates: ids never become labels
+
+
+def test_no_request_content_reaches_the_logs(server, client):
+    """A canary in text, in an image, in a tool's input, in a thinking block and in a bad request:
+    none of it appears in any log line (the server logs at debug level)."""
+    canary = "CANARY-7f3a9c-do-not-log"
+    picture = image_bytes("PNG", size=(64, 48))
+    picture_b64 = base64.b64encode(picture).decode()
+    client.messages.create(model="tiny-vl", max_tokens=4, system=f"system {canary}", messages=[{"role": "user", "content": [
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": picture_b64}},
+        {"type": "text", "text": f"text {canary}"}]}])
+    client.messages.create(model="tiny-vl", max_tokens=4, messages=[
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": canary}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": canary}]}],
+        tools=[{"name": "get_weather", "input_schema": {"type": "object"}}])
+    for bad in (
+        [{"role": "user", "content": [{"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": canary}}]}],
+        [{"role": "user", "content": canary}, {"role": "assistant", "content": [
+            {"type": "thinking", "thinking": canary, "signature": "bogus"}]}, {"role": "user", "content": "x"}],
+        [{"role": "user", "content": [{"type": canary, "text": canary}]}],
+    ):
+        with pytest.raises(anthropic.BadRequestError) as error:
+            client.messages.create(model="tiny-vl", max_tokens=4, messages=bad)
+        assert canary not in str(error.value.body)  # error messages never quote content either
+    log = server.log()
+    assert "DEBUG" in log  # the server really logs at debug level
+    assert canary not in log
+    assert picture_b64[100:140] not in log
