@@ -70,6 +70,7 @@ def _serve_parser(sub: Any) -> None:
     p.add_argument("--batch-expiry", dest="batch_expiry", type=float, help="seconds before unstarted batch requests expire (24 h)")
     p.add_argument("--batch-retention", dest="batch_retention", type=float, help="seconds finished batch results are kept (29 days)")
     p.add_argument("--batch-lease", dest="batch_lease", type=float, help="seconds a batch request stays claimed unrenewed (120)")
+    p.add_argument("--shutdown-timeout", dest="shutdown_timeout", type=float, help="seconds running requests get to finish on SIGTERM (30)")
     p.add_argument("--thinking-key", dest="thinking_key", help="key that signs thinking blocks (default: kept in the cache dir)")
     p.add_argument("--log-level", dest="log_level", help="debug, info, warning, error")
 
@@ -129,7 +130,10 @@ def serve(flags: dict[str, Any]) -> int:
     except ValueError as error:  # e.g. an alias naming a model that is not served
         print(f"localvl serve: {error}", file=sys.stderr)
         return 2
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower())
+    # SIGTERM/SIGINT: stop accepting connections, let running requests (streams included) finish for
+    # up to --shutdown-timeout seconds, then stop the batch worker (its claims go back) and the engine.
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
+                timeout_graceful_shutdown=settings.shutdown_timeout)
     return 0
 
 

@@ -67,3 +67,39 @@ def test_no_request_content_reaches_the_logs(server, client):
     assert "DEBUG" in log  # the server really logs at debug level
     assert canary not in log
     assert picture_b64[100:140] not in log
+
+
+def test_sigterm_lets_a_running_stream_finish_and_refuses_new_work(model_dir, tmp_path):
+    import json
+    import os
+    import signal
+
+    from tests.e2e.conftest import Server
+
+    server = Server(model_dir("qwen2_vl"), tmp_path / "term.log", "--shutdown-timeout", "60")
+    try:
+        payload = {"model": "tiny-vl", "max_tokens": 400, "stream": True, "messages": [{"role": "user", "content": "Tell a story."}]}
+        events: list[str] = []
+        with httpx.stream("POST", server.url + "/v1/messages", json=payload, headers={"x-api-key": API_KEY}, timeout=60) as response:
+            for line in response.iter_lines():
+                if line.startswith("event: "):
+                    events.append(line[7:])
+                    if events.count("content_block_delta") == 3:
+                        os.kill(server.process.pid, signal.SIGTERM)  # mid-stream
+                        for _ in range(100):  # the listening socket closes: new connections are refused
+                            try:
+                                httpx.get(server.url + "/health", timeout=1)
+                            except httpx.ConnectError:
+                                break
+                        else:
+                            raise AssertionError("still accepting connections after SIGTERM")
+                elif line.startswith("data: ") and '"type":"message_delta"' in line:
+                    final = json.loads(line[6:])
+        assert events[-1] == "message_stop" and "error" not in events  # the stream finished normally
+        assert final["delta"]["stop_reason"] in ("end_turn", "max_tokens")
+        # uvicorn re-raises the signal once shut down, so the exit status says SIGTERM; the lifespan's
+        # shutdown (batch worker, engine) ran first
+        assert server.process.wait(timeout=60) in (0, -signal.SIGTERM)
+        assert "Application shutdown complete" in server.log()
+    finally:
+        server.stop()
