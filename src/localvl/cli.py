@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -134,7 +135,10 @@ def serve(flags: dict[str, Any]) -> int:
     # up to --shutdown-timeout seconds, then stop the batch worker (its claims go back) and the engine.
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
                 timeout_graceful_shutdown=settings.shutdown_timeout)
-    return 0
+    # Shut down cleanly (the lifespan stopped the batch worker, the engine and the store): exit now,
+    # rather than wait at interpreter teardown on a thread some library left running.
+    logging.shutdown()
+    os._exit(0)
 
 
 def apply_cpu_threads(device_type: str, threads: int | None) -> None:

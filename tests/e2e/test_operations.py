@@ -103,3 +103,16 @@ def test_sigterm_lets_a_running_stream_finish_and_refuses_new_work(model_dir, tm
         assert "Application shutdown complete" in server.log()
     finally:
         server.stop()
+
+
+def test_the_access_log_is_one_json_line_per_request_without_content(server, client):
+    import json
+
+    message = client.messages.create(model="claude-sonnet-4-5", max_tokens=5, messages=[{"role": "user", "content": "hi"}])
+    lines = [json.loads(line.split("localvl.access: ", 1)[1]) for line in server.log().splitlines() if "localvl.access: " in line]
+    mine = [line for line in lines if line.get("route") == "/v1/messages" and line.get("output_tokens") == message.usage.output_tokens]
+    assert mine, lines[-3:]
+    entry = mine[-1]
+    assert entry["status"] == 200 and entry["method"] == "POST" and entry["request_id"].startswith("req_")
+    assert entry["model"] == "tiny-vl" and len(entry["key"]) == 12 and API_KEY not in json.dumps(entry)
+    assert entry["input_tokens"] + entry["cache_read_input_tokens"] + entry["cache_creation_input_tokens"] > 0

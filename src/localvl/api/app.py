@@ -26,6 +26,7 @@ from localvl.api.model_names import ModelNames, ServedModel, parse_aliases
 from localvl.api.signatures import ThinkingSigner
 from localvl.engine.protocol import Engine
 from localvl.models.tiny import default_cache_dir
+from localvl.observability.access import log_access
 from localvl.observability.metrics import Metrics
 from localvl.settings import Settings
 from localvl.store.lazy import LazyStore
@@ -83,6 +84,7 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
         route = getattr(scope.get("route"), "path", None) or "unmatched"  # a template: ids never become labels
         metrics.requests.labels(route, str(status)).inc()
         metrics.request_seconds.labels(route).observe(seconds)
+        log_access(scope, route, status, seconds)
 
     app.add_middleware(RequestContextMiddleware, max_request_bytes=settings.max_request_bytes,
                        upload_bytes={"/v1/files": settings.max_file_bytes, "/v1/messages/batches": settings.batch_max_bytes},

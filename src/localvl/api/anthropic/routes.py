@@ -151,8 +151,16 @@ async def create_message(request: Request) -> Any:
         if on_done is not None:
             on_done(message_id, None)
         raise
-    if on_done is not None:
-        output = dataclasses.replace(output, on_done=functools.partial(on_done, message_id))
+    request.state.model = names.require(body.model).name  # for the access log: the served name
+    thread_done = None if on_done is None else functools.partial(on_done, message_id)
+
+    def done(message: dict[str, Any] | None) -> None:
+        if message is not None:
+            request.state.usage = message["usage"]  # for the access log: counts only
+        if thread_done is not None:
+            thread_done(message)
+
+    output = dataclasses.replace(output, on_done=done)
     if body.stream:
         return StreamingResponse(
             message_events(stream, output, settings.ping_interval),
