@@ -93,3 +93,12 @@ def test_engine_flags_reach_the_engine_config(monkeypatch):
     config = captured["config"]
     assert (config.max_num_seqs, config.max_batch_tokens, config.block_size) == (8, 512, 32)
     assert (config.kv_cache_memory, config.image_cache_memory, config.cuda_graphs, config.max_queue) == (1000000, 0, False, 7)
+
+
+def test_a_public_address_without_a_key_is_refused_unless_asked_for(capsys, tmp_path):
+    assert main(["serve", "--host", "0.0.0.0", "--model", str(tmp_path / "nothing")]) == 2
+    assert "--insecure-no-auth" in capsys.readouterr().err
+    # with a key, or with the explicit flag, it goes on (to the model, which is missing here: exit 1)
+    assert main(["serve", "--host", "0.0.0.0", "--api-key", "k", "--model", str(tmp_path / "nothing")]) == 1
+    assert main(["serve", "--host", "0.0.0.0", "--insecure-no-auth", "--model", str(tmp_path / "nothing")]) == 1
+    assert main(["serve", "--host", "::1", "--model", str(tmp_path / "nothing")]) == 1  # loopback needs no key

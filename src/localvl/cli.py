@@ -72,6 +72,8 @@ def _serve_parser(sub: Any) -> None:
     p.add_argument("--batch-retention", dest="batch_retention", type=float, help="seconds finished batch results are kept (29 days)")
     p.add_argument("--batch-lease", dest="batch_lease", type=float, help="seconds a batch request stays claimed unrenewed (120)")
     p.add_argument("--shutdown-timeout", dest="shutdown_timeout", type=float, help="seconds running requests get to finish on SIGTERM (30)")
+    p.add_argument("--insecure-no-auth", dest="insecure_no_auth", action="store_true",
+                   help="serve a non-loopback host with no API key (anyone who reaches it can use the model)")
     p.add_argument("--thinking-key", dest="thinking_key", help="key that signs thinking blocks (default: kept in the cache dir)")
     p.add_argument("--log-level", dest="log_level", help="debug, info, warning, error")
 
@@ -83,6 +85,17 @@ def _tiny_parser(sub: Any) -> None:
     p.add_argument("--vocab", choices=["tiny", "qwen"], default="tiny", help="qwen: the real 151k Qwen vocabulary")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-position-embeddings", type=int, default=32768)
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    if host.lower() in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve to anything
 
 
 def serve(flags: dict[str, Any]) -> int:
@@ -97,6 +110,13 @@ def serve(flags: dict[str, Any]) -> int:
         return 2
     except ValueError as error:
         print(f"localvl serve: {error}", file=sys.stderr)
+        return 2
+    if not settings.api_key and not settings.insecure_no_auth and not _loopback(settings.host):
+        print(
+            f"localvl serve: refusing to listen on {settings.host} with no API key: anyone who can reach it could use "
+            "the model. Give --api-key KEY (clients send it as x-api-key), or --insecure-no-auth if that is intended.",
+            file=sys.stderr,
+        )
         return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 

@@ -87,6 +87,7 @@ class Settings(BaseSettings):
     batch_expiry: float = Field(24 * 3600, gt=0, description="seconds after which a batch's unstarted requests expire")
     batch_retention: float = Field(29 * 24 * 3600, gt=0, description="seconds a finished batch's results are kept")
     batch_lease: float = Field(120, gt=0, description="seconds a claimed batch request is held without renewal")
+    insecure_no_auth: bool = Field(False, description="allow a non-loopback host with no API key")
     shutdown_timeout: float = Field(30.0, ge=0, description="seconds running requests get to finish on SIGTERM")
     thinking_key: str | None = Field(
         None, description="key that signs thinking blocks; default: a random key kept in the cache directory"
