@@ -21,7 +21,7 @@ from typing import Any, AsyncIterator
 import sqlalchemy as sa
 
 from localvl.errors import InvalidRequestError, NotFoundError
-from localvl.store.database import Database, batch_requests, batches
+from localvl.store.database import Database, batch_requests, batches, newest_first, utc
 
 _ALPHABET = string.ascii_letters + string.digits
 TERMINAL = ("succeeded", "errored", "canceled", "expired")
@@ -29,12 +29,6 @@ TERMINAL = ("succeeded", "errored", "canceled", "expired")
 
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
-
-
-def _utc(value: dt.datetime | None) -> dt.datetime | None:
-    if value is not None and value.tzinfo is None:
-        return value.replace(tzinfo=dt.timezone.utc)
-    return value
 
 
 @dataclass(frozen=True)
@@ -108,18 +102,11 @@ class BatchStore:
 
     async def page(self, owner: str, limit: int, before_id: str | None, after_id: str | None) -> tuple[list[Batch], bool]:
         """Newest first, paged as Anthropic pages it (``after_id``: older, ``before_id``: newer)."""
-        query = sa.select(batches).where(batches.c.owner == owner)
-        order = [batches.c.created_at.desc(), batches.c.id.desc()]
-        if after_id or before_id:
-            anchor = await self.get(owner, after_id or before_id or "")
-            key = sa.tuple_(batches.c.created_at, batches.c.id)
-            bound = sa.tuple_(sa.literal(anchor.created_at), sa.literal(anchor.id))
-            if after_id:
-                query = query.where(key < bound)
-            else:
-                query, order = query.where(key > bound), [batches.c.created_at.asc(), batches.c.id.asc()]
+        anchor = await self.get(owner, after_id or before_id or "") if (after_id or before_id) else None
+        query = newest_first(sa.select(batches).where(batches.c.owner == owner), batches,
+                             anchor and (anchor.created_at, anchor.id), bool(after_id), limit)
         async with self.database.engine.connect() as connection:
-            rows = (await connection.execute(query.order_by(*order).limit(limit + 1))).mappings().all()
+            rows = (await connection.execute(query)).mappings().all()
             found = [_batch(row, await self._counts(connection, row["id"])) for row in rows[:limit]]
         if before_id:
             found.reverse()
@@ -298,5 +285,5 @@ class BatchStore:
 
 
 def _batch(row: Any, counts: dict[str, int]) -> Batch:
-    return Batch(row["id"], row["owner"], _utc(row["created_at"]), _utc(row["expires_at"]),  # type: ignore[arg-type]
-                 _utc(row["cancel_initiated_at"]), _utc(row["ended_at"]), _utc(row["archived_at"]), counts)
+    return Batch(row["id"], row["owner"], utc(row["created_at"]), utc(row["expires_at"]),  # type: ignore[arg-type]
+                 utc(row["cancel_initiated_at"]), utc(row["ended_at"]), utc(row["archived_at"]), counts)

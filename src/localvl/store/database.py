@@ -8,6 +8,7 @@ never needs a wiped database.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 from pathlib import Path
 from typing import Any, Callable
@@ -99,6 +100,30 @@ def _v3(connection: Connection) -> None:
 # Append only: a released step is never edited, a change is a new step. Steps are plain DDL, not
 # ``metadata.create_all``, so each one creates exactly what its version had.
 MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3]
+
+
+def utc(value: dt.datetime | None) -> dt.datetime | None:
+    """A stored time as UTC: SQLite keeps no zone, and the store writes UTC."""
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=dt.timezone.utc)
+    return value
+
+
+def newest_first(
+    query: sa.Select[Any], table: sa.Table, anchor: tuple[dt.datetime, str] | None, older: bool, limit: int
+) -> sa.Select[Any]:
+    """Anthropic's paging over ``(created_at, id)``: ``older`` pages after ``anchor`` (newest
+    first); otherwise before it, read oldest first (the caller reverses that page). One row more
+    than ``limit`` is read, to tell whether there are more."""
+    key = sa.tuple_(table.c.created_at, table.c.id)
+    order = [table.c.created_at.desc(), table.c.id.desc()]
+    if anchor is not None:
+        bound = sa.tuple_(sa.literal(anchor[0]), sa.literal(anchor[1]))
+        if older:
+            query = query.where(key < bound)
+        else:
+            query, order = query.where(key > bound), [table.c.created_at.asc(), table.c.id.asc()]
+    return query.order_by(*order).limit(limit + 1)
 
 
 def default_url(data_dir: Path) -> str:

@@ -21,7 +21,7 @@ import anyio
 import sqlalchemy as sa
 
 from localvl.errors import NotFoundError
-from localvl.store.database import Database, files
+from localvl.store.database import Database, files, newest_first, utc
 
 _ALPHABET = string.ascii_letters + string.digits
 
@@ -99,17 +99,10 @@ class FileStore:
         query = sa.select(files).where(files.c.owner == owner, sa.or_(files.c.expires_at.is_(None), files.c.expires_at > now))
         if ids is not None:
             query = query.where(files.c.id.in_(ids))
-        order = [files.c.created_at.desc(), files.c.id.desc()]
-        if after_id or before_id:
-            anchor = await self.get(owner, after_id or before_id or "")
-            key = sa.tuple_(files.c.created_at, files.c.id)
-            if after_id:
-                query = query.where(key < sa.tuple_(sa.literal(anchor.created_at), sa.literal(anchor.id)))
-            else:
-                query = query.where(key > sa.tuple_(sa.literal(anchor.created_at), sa.literal(anchor.id)))
-                order = [files.c.created_at.asc(), files.c.id.asc()]
+        anchor = await self.get(owner, after_id or before_id or "") if (after_id or before_id) else None
+        query = newest_first(query, files, anchor and (anchor.created_at, anchor.id), bool(after_id), limit)
         async with self.database.engine.connect() as connection:
-            rows = (await connection.execute(query.order_by(*order).limit(limit + 1))).mappings().all()
+            rows = (await connection.execute(query)).mappings().all()
         records = [_record(row) for row in rows[:limit]]
         if before_id:
             records.reverse()
@@ -123,12 +116,6 @@ class FileStore:
         self.path(file_id).unlink(missing_ok=True)
 
 
-def _utc(value: dt.datetime | None) -> dt.datetime | None:
-    if value is not None and value.tzinfo is None:  # SQLite keeps no zone: the store writes UTC
-        return value.replace(tzinfo=dt.timezone.utc)
-    return value
-
-
 def _record(row: sa.RowMapping) -> FileRecord:
     return FileRecord(row["id"], row["owner"], row["filename"], row["mime_type"], row["size_bytes"], row["sha256"],
-                      _utc(row["created_at"]), _utc(row["expires_at"]))  # type: ignore[arg-type]
+                      utc(row["created_at"]), utc(row["expires_at"]))  # type: ignore[arg-type]
