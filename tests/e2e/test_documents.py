@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import base64
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
 import anthropic
 import openai
 import pytest
 
 from tests.e2e.conftest import API_KEY
-from tests.helpers import pdf_bytes
+from tests.helpers import pdf_bytes, static_server
 
 PDF = pdf_bytes(["Invoice 4711: total 99 EUR, due 2026-12-01", "Line items: 3 widgets"])
 
@@ -24,25 +21,11 @@ def document(source: dict, **extra) -> list[dict]:
 BASE64 = {"type": "base64", "media_type": "application/pdf", "data": base64.b64encode(PDF).decode()}
 
 
-class Files(BaseHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-    def do_GET(self):
-        body, kind = (PDF, "application/pdf") if self.path == "/invoice.pdf" else (b"<html/>", "text/html")
-        self.send_response(200)
-        self.send_header("Content-Type", kind)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-
 @pytest.fixture(scope="module")
 def files():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Files)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
+    with static_server({"/invoice.pdf": (200, {"Content-Type": "application/pdf"}, PDF),
+                        "/page": (200, {"Content-Type": "text/html"}, b"<html/>")}) as url:
+        yield url
 
 
 def test_a_pdf_is_pages_in_the_prompt_and_a_repeat_hits_the_caches(client):

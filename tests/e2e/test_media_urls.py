@@ -3,44 +3,23 @@
 from __future__ import annotations
 
 import base64
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
 import anthropic
 import openai
 import pytest
 
 from tests.e2e.conftest import API_KEY
-from tests.helpers import image_bytes
+from tests.helpers import image_bytes, static_server
 
 PNG = image_bytes("PNG", size=(120, 80))
 
 
-class Images(BaseHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-    def do_GET(self):
-        if self.path == "/invoice.png":
-            status, headers, body = 200, {"Content-Type": "image/png"}, PNG
-        elif self.path == "/to-private":
-            status, headers, body = 302, {"Location": "http://192.168.0.10/invoice.png"}, b""
-        else:
-            status, headers, body = 404, {}, b""
-        self.send_response(status)
-        for key, value in headers.items():
-            self.send_header(key, value)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-
 @pytest.fixture(scope="module")
 def images():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Images)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
+    with static_server({
+        "/invoice.png": (200, {"Content-Type": "image/png"}, PNG),
+        "/to-private": (302, {"Location": "http://192.168.0.10/invoice.png"}, b""),
+    }) as url:
+        yield url
 
 
 def ask(source: dict) -> list[dict]:
