@@ -1,8 +1,11 @@
-"""The ``localvl`` command: ``serve`` and ``tiny-model``."""
+"""The ``localvl`` command. ``serve`` and ``tiny-model`` live here; other subcommands live in the
+modules listed in ``COMMANDS``, each with an ``add_parser(sub)`` that sets ``run`` as the parser's default
+(kept import-light: the CLI starts without loading torch)."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
@@ -10,6 +13,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from localvl import __version__
+
+# Modules with more subcommands: each has ``add_parser(sub)``.
+COMMANDS: list[str] = []
 
 
 def _serve_parser(sub: Any) -> None:
@@ -76,6 +82,7 @@ def _serve_parser(sub: Any) -> None:
                    help="serve a non-loopback host with no API key (anyone who reaches it can use the model)")
     p.add_argument("--thinking-key", dest="thinking_key", help="key that signs thinking blocks (default: kept in the cache dir)")
     p.add_argument("--log-level", dest="log_level", help="debug, info, warning, error")
+    p.set_defaults(run=lambda args: serve({k: v for k, v in vars(args).items() if k not in ("command", "run")}))
 
 
 def _tiny_parser(sub: Any) -> None:
@@ -85,6 +92,7 @@ def _tiny_parser(sub: Any) -> None:
     p.add_argument("--vocab", choices=["tiny", "qwen"], default="tiny", help="qwen: the real 151k Qwen vocabulary")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-position-embeddings", type=int, default=32768)
+    p.set_defaults(run=tiny_model)
 
 
 def _loopback(host: str) -> bool:
@@ -208,8 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
     _tiny_parser(sub)
+    for name in COMMANDS:
+        importlib.import_module(name).add_parser(sub)
     args = parser.parse_args(argv)
-    if args.command == "serve":
-        flags = {k: v for k, v in vars(args).items() if k != "command"}
-        return serve(flags)
-    return tiny_model(args)
+    return int(args.run(args))
