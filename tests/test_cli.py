@@ -30,7 +30,32 @@ def test_bad_flags_and_settings_exit_with_a_message(capsys, tmp_path):
 
 def test_an_unservable_model_exits_1_with_the_reason(tmp_path, capsys):
     assert main(["serve", "--model", str(tmp_path / "nothing")]) == 1
-    assert "could not read the config" in capsys.readouterr().err
+    assert "is neither a folder nor a hub id" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["serve", "--model", str(tmp_path / "empty")]) == 1
+    assert "has no config.json: it is not a model folder" in capsys.readouterr().err
+
+
+def test_model_loading_flags_reach_the_settings(monkeypatch):
+    from localvl.settings import Settings
+
+    captured = {}
+    monkeypatch.setattr("localvl.cli.serve", lambda flags: captured.update(Settings(**flags).model_dump()) or 0)
+    assert main(["serve", "--model-source", "modelscope", "--attention", "eager", "--quantize", "4bit",
+                 "--min-pixels", "3136", "--max-pixels", "200704"]) == 0
+    assert (captured["model_source"], captured["attention"], captured["quantize"]) == ("modelscope", "eager", "4bit")
+    assert (captured["min_pixels"], captured["max_pixels"]) == (3136, 200704)
+    with pytest.raises(SystemExit):
+        main(["serve", "--quantize", "3bit"])
+
+
+def test_pull_and_models_start_without_torch(tmp_path):
+    code = ("import sys; from localvl.cli import main; code = main(['models']); "
+            "assert 'torch' not in sys.modules, 'torch imported'; sys.exit(code)")
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "no models on disk; get one with: localvl pull" in result.stderr
 
 
 def test_serve_without_a_model_serves_the_demo_and_says_so(tmp_path):

@@ -22,7 +22,7 @@ def test_max_model_len_overrides_the_context(model_dir):
 def test_a_text_only_model_is_refused_with_a_clear_message(tmp_path):
     Qwen2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                 num_attention_heads=2, num_key_value_heads=1).save_pretrained(tmp_path)
-    with pytest.raises(ModelLoadError, match="'qwen2' model; localvl serves Qwen vision-language models"):
+    with pytest.raises(ModelLoadError, match="is a text model \\('qwen2'\\); localvl serves Qwen-VL"):
         load_model(str(tmp_path))
 
 

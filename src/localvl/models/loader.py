@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import logging
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from localvl.engine.qwen_vl import SUPPORTED_MODEL_TYPES
@@ -15,6 +18,21 @@ logger = logging.getLogger(__name__)
 
 class ModelLoadError(RuntimeError):
     """A model could not be loaded; the message says why and what to do."""
+
+
+ATTENTION_CHOICES = ("auto", "sdpa", "flash_attention_2", "eager")
+QUANTIZE_CHOICES = ("4bit", "8bit")
+# Qwen text-only families: a common mistake is to point localvl at the text model of a VL release.
+TEXT_MODEL_TYPES = ("qwen", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "qwen3_next")
+# What transformers needs to load a checkpoint quantized with each method (transformers 5.x).
+QUANTIZATION_PACKAGES: dict[str, tuple[str, ...]] = {
+    "awq": ("gptqmodel", "accelerate"),
+    "gptq": ("optimum", "gptqmodel", "accelerate"),
+    "bitsandbytes": ("bitsandbytes", "accelerate"),
+    "compressed-tensors": ("compressed_tensors",),
+    "fp8": ("accelerate",),
+}
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
 
 
 @dataclass
@@ -83,6 +101,106 @@ def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
     return frozenset(ids)
 
 
+def check_folder(folder: str | Path) -> dict[str, Any]:
+    """Refuse, with a message saying what to do, a folder localvl cannot serve; return its config.
+
+    Checked before transformers is asked, because its own errors for these cases name internals
+    (a missing key, an unknown class) rather than the problem.
+    """
+    folder = Path(folder)
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise ModelLoadError(f"{folder} has no config.json: it is not a model folder (give --model a Qwen-VL folder "
+                             "or a hub id such as Qwen/Qwen2.5-VL-3B-Instruct)")
+    try:
+        config = json.loads(config_path.read_text())
+    except ValueError as error:
+        raise ModelLoadError(f"{config_path} is not valid JSON: {error}") from None
+    model_type = config.get("model_type")
+    if model_type in TEXT_MODEL_TYPES:
+        raise ModelLoadError(
+            f"{folder} is a text model ({model_type!r}); localvl serves Qwen-VL, the vision-language models "
+            f"({', '.join(SUPPORTED_MODEL_TYPES)}), e.g. Qwen/Qwen2.5-VL-7B-Instruct"
+        )
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ModelLoadError(
+            f"{folder} is a {model_type!r} model; localvl serves Qwen vision-language models "
+            f"({', '.join(SUPPORTED_MODEL_TYPES)})"
+        )
+    if not any(any(folder.glob(pattern)) for pattern in WEIGHT_PATTERNS):
+        raise ModelLoadError(f"{folder} has no weights (*.safetensors or *.bin): the download may be incomplete; "
+                             "pull it again (`localvl pull MODEL`)")
+    index = next(iter(folder.glob("*.index.json")), None)
+    if index is not None:
+        shards = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
+        missing = [shard for shard in shards if not (folder / shard).is_file()]
+        if missing:
+            raise ModelLoadError(f"{folder} lacks {len(missing)} of its {len(shards)} weight files ({missing[0]}, ...): "
+                                 "the download is incomplete; pull it again (`localvl pull MODEL`) to resume")
+    if not (folder / "tokenizer.json").is_file() and not (folder / "vocab.json").is_file():
+        raise ModelLoadError(f"{folder} has no tokenizer (tokenizer.json or vocab.json): copy the whole model "
+                             "folder, or pull it again")
+    if not (folder / "preprocessor_config.json").is_file() and not (folder / "processor_config.json").is_file():
+        raise ModelLoadError(f"{folder} has no image processor (preprocessor_config.json): copy the whole model "
+                             "folder, or pull it again")
+    quantization = config.get("quantization_config")
+    if quantization:
+        method = str(quantization.get("quant_method", "")).lower()
+        missing = [name for name in QUANTIZATION_PACKAGES.get(method, ()) if importlib.util.find_spec(name) is None]
+        if missing:
+            raise ModelLoadError(
+                f"{folder} is a {method.upper()}-quantized checkpoint, which needs {', '.join(missing)}: "
+                f"pip install {' '.join(missing)} (its kernels usually need a CUDA GPU)"
+            )
+    return config
+
+
+def pick_attention(attention: str, device: str) -> str:
+    """flash_attention_2 where flash-attn is installed and the model is on CUDA, else SDPA.
+
+    Inside the engine this only picks the vision tower's kernel: the engine's decoder steps always
+    use its own paged attention, and a vision tower not on flash-attention gets the engine's batched
+    variable-length SDPA (engine/varlen.py). It also applies to plain ``model.generate`` calls.
+    """
+    if attention not in ATTENTION_CHOICES:
+        raise ModelLoadError(f"unknown attention {attention!r}: one of {', '.join(ATTENTION_CHOICES)}")
+    if attention == "auto":
+        return "flash_attention_2" if device.startswith("cuda") and _has("flash_attn") else "sdpa"
+    if attention == "flash_attention_2":
+        if not device.startswith("cuda"):
+            raise ModelLoadError("--attention flash_attention_2 needs a CUDA device; use sdpa (or auto) on a CPU")
+        if not _has("flash_attn"):
+            raise ModelLoadError("--attention flash_attention_2 needs flash-attn: pip install flash-attn "
+                                 "--no-build-isolation (or use --attention sdpa)")
+    return attention
+
+
+def _has(package: str) -> bool:
+    return importlib.util.find_spec(package) is not None
+
+
+def quantization_config(quantize: str | None, dtype: Any) -> Any:
+    """A bitsandbytes config for ``--quantize 4bit|8bit``, or None."""
+    if quantize is None:
+        return None
+    if quantize not in QUANTIZE_CHOICES:
+        raise ModelLoadError(f"unknown --quantize {quantize!r}: one of {', '.join(QUANTIZE_CHOICES)}")
+    missing = [name for name in ("bitsandbytes", "accelerate") if not _has(name)]
+    if missing:
+        raise ModelLoadError(f"--quantize {quantize} needs {' and '.join(missing)}: pip install {' '.join(missing)}")
+    from transformers import BitsAndBytesConfig
+
+    # The vision tower stays unquantized, as in Qwen's own AWQ releases: it is a small share of the
+    # weights (~0.7 of 8 B), it sets how well images are read, and bitsandbytes' CPU 4-bit kernel
+    # refuses layers narrower than its block size.
+    skip = ["model.visual", "visual", "lm_head"]  # matched from the start of module names
+    if quantize == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    # nf4 with compute in the model's dtype: the usual choice for 4-bit inference
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
+                              llm_int8_skip_modules=skip)
+
+
 def load_model(
     name_or_path: str,
     *,
@@ -90,13 +208,23 @@ def load_model(
     dtype: str = "auto",
     revision: str | None = None,
     max_model_len: int | None = None,
+    attention: str = "auto",
+    quantize: str | None = None,
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
 ) -> LoadedModel:
-    """Load model and processor; fail with a clear message for anything localvl cannot serve."""
+    """Load model and processor; fail with a clear message for anything localvl cannot serve.
+
+    ``name_or_path`` is normally a folder (``hub.resolve_model`` turns hub ids into folders); a hub
+    id still goes through transformers' own resolution.
+    """
     import torch
     from transformers import AutoConfig, AutoModelForImageTextToText
 
-    from localvl.models.processor import load_processor
+    from localvl.models.processor import apply_pixel_budget, load_processor
 
+    if os.path.isdir(name_or_path):
+        check_folder(name_or_path)
     kwargs: dict[str, Any] = {"revision": revision} if revision else {}
     try:
         config = AutoConfig.from_pretrained(name_or_path, **kwargs)
@@ -108,28 +236,44 @@ def load_model(
             "Qwen/Qwen2.5-VL-3B-Instruct (downloading needs network access to the hub)."
         ) from None
     if config.model_type not in SUPPORTED_MODEL_TYPES:
+        kind = "a text model" if config.model_type in TEXT_MODEL_TYPES else f"a {config.model_type!r} model"
         raise ModelLoadError(
-            f"{name_or_path!r} is a {config.model_type!r} model; localvl serves Qwen vision-language models "
+            f"{name_or_path!r} is {kind}; localvl serves Qwen vision-language models "
             f"({', '.join(SUPPORTED_MODEL_TYPES)})"
         )
     chosen_device = pick_device(device)
     chosen_dtype = pick_dtype(dtype, chosen_device)
+    chosen_attention = pick_attention(attention, chosen_device)
+    quantized = quantization_config(quantize, chosen_dtype)
+    load_kwargs: dict[str, Any] = {"dtype": chosen_dtype, "attn_implementation": chosen_attention, **kwargs}
+    if quantized is not None:
+        load_kwargs["quantization_config"] = quantized
+    if quantized is not None or getattr(config, "quantization_config", None):
+        # quantized weights are placed while loading; they cannot be moved afterwards
+        load_kwargs["device_map"] = {"": chosen_device}
     try:
         processor = load_processor(name_or_path, **kwargs)
-        model = AutoModelForImageTextToText.from_pretrained(
-            name_or_path, dtype=chosen_dtype, attn_implementation="sdpa", **kwargs
-        )
+        apply_pixel_budget(processor, min_pixels, max_pixels)
+        model = AutoModelForImageTextToText.from_pretrained(name_or_path, **load_kwargs)
     except OSError as error:
         raise ModelLoadError(f"could not load {name_or_path!r}: {error}") from None
-    model.to(chosen_device)
+    except ImportError as error:  # a quantization or attention backend that is not installed
+        raise ModelLoadError(f"could not load {name_or_path!r}: {error}") from None
+    except ValueError as error:
+        if "pixel" in str(error):
+            raise ModelLoadError(f"--min-pixels/--max-pixels: {error}") from None
+        raise
+    if "device_map" not in load_kwargs:
+        model.to(chosen_device)
     model.eval()
     torch.set_grad_enabled(False)
     context = int(getattr(config.get_text_config(), "max_position_embeddings", 32768))
     if max_model_len:
         context = max_model_len
     logger.info(
-        "loaded %s (%s) on %s as %s, context %d tokens",
-        name_or_path, config.model_type, chosen_device, str(chosen_dtype).removeprefix("torch."), context,
+        "loaded %s (%s) on %s as %s, attention %s%s, context %d tokens",
+        name_or_path, config.model_type, chosen_device, str(chosen_dtype).removeprefix("torch."), chosen_attention,
+        f", quantized {quantize}" if quantize else "", context,
     )
     return LoadedModel(
         model=model,

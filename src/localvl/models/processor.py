@@ -65,3 +65,30 @@ def _faster(processor: Any) -> Any:
     if image_processor is not None:
         fast_patches(image_processor)
     return processor
+
+
+def apply_pixel_budget(processor: Any, min_pixels: int | None = None, max_pixels: int | None = None) -> None:
+    """Set the image pixel budget (``--min-pixels/--max-pixels``): images are resized to fit it.
+
+    Both the stock preprocessing and the torch arithmetic of ``patches.py`` resize through the
+    image processor's ``size`` (shortest_edge = min pixels, longest_edge = max pixels), so setting it
+    here is enough for every path; the ``min_pixels``/``max_pixels`` attributes older code reads are
+    kept in step.
+    """
+    if min_pixels is None and max_pixels is None:
+        return
+    image_processor = getattr(processor, "image_processor", None)
+    if image_processor is None:
+        raise ValueError("this processor has no image processor, so it has no pixel budget")
+    size = dict(getattr(image_processor, "size", None) or {})
+    low = min_pixels if min_pixels is not None else size.get("shortest_edge", getattr(image_processor, "min_pixels", 0))
+    high = max_pixels if max_pixels is not None else size.get("longest_edge", getattr(image_processor, "max_pixels", 0))
+    factor = int(getattr(image_processor, "patch_size", 14)) * int(getattr(image_processor, "merge_size", 2))
+    if high < factor * factor:
+        raise ValueError(f"max pixels {high} is below one merged patch ({factor}x{factor} = {factor * factor} pixels)")
+    if low > high:
+        raise ValueError(f"min pixels {low} is above max pixels {high}")
+    image_processor.size = {**size, "shortest_edge": int(low), "longest_edge": int(high)}
+    for name, value in (("min_pixels", low), ("max_pixels", high)):
+        if hasattr(image_processor, name):
+            setattr(image_processor, name, int(value))
