@@ -400,17 +400,36 @@ class LocalEngine:
             allowed = allowed_tokens([samplers[row].sequence.payload.matcher for row in constrained], logits.shape[1])
             index = torch.tensor(constrained, device=logits.device)
             logits[index] = logits[index].masked_fill(~allowed.to(logits.device), float("-inf"))
+            # A row with no token left (a schema no finite output satisfies, or one that allows only
+            # banned tokens) is the request's fault; its logits are reset so the batch samples safely.
+            dead = [constrained[i] for i in (~torch.isfinite(logits[index]).any(dim=1)).nonzero().flatten().tolist()]
+            for row in dead:
+                logits[row] = 0.0
+        else:
+            dead = []
         # Seeded requests draw from their own generators, row by row; the rest in one batch.
         tokens = sample_batch(logits, [s.sequence.payload.sampling for s in samplers])
         for row, s in enumerate(samplers):
             job: Job = s.sequence.payload
+            if row in dead:
+                job.emit(InvalidRequestError("the output's constraints (tool input schema, output format or tool_choice) "
+                                             "admit no output this model can produce"))
+                self._finish(s.sequence)
+                continue
             if job.generator is not None and job.sampling.temperature > 0 and job.sampling.top_k != 1:
                 tokens[row] = sample_next(logits[row], job.sampling, job.generator)
             if job.forced:  # e.g. the end of thinking, once its budget is spent
                 tokens[row] = job.forced.pop(0)
             if job.matcher is not None and not job.matcher.consume_token(tokens[row]):
-                logger.error("constrained decoding failed: %s", job.matcher.get_error())
-                job.emit(InternalError("the engine failed to keep the output to its grammar"))
+                if job.matcher.is_error():
+                    # The parser gave up on the client's grammar (a limit on its size was hit: say, a
+                    # self-referencing schema). Its message may quote output, so it stays out.
+                    logger.warning("constrained decoding stopped: the request's grammar hit a parser limit")
+                    job.emit(InvalidRequestError("the output's constraints (tool input schema or output format) are too "
+                                                 "complex for constrained decoding; simplify the schema"))
+                else:
+                    logger.error("constrained decoding failed: the sampled token was outside the grammar")
+                    job.emit(InternalError("the engine failed to keep the output to its grammar"))
                 self._finish(s.sequence)
                 continue
             if model_logprobs is not None and row in logprob_row:
