@@ -15,7 +15,7 @@ from typing import Any, Sequence
 from localvl import __version__
 
 # Modules with more subcommands: each has ``add_parser(sub)``.
-COMMANDS: list[str] = []
+COMMANDS: list[str] = ["localvl.chat", "localvl.models.commands", "localvl.security.commands"]
 
 
 def _serve_parser(sub: Any) -> None:
@@ -29,6 +29,13 @@ def _serve_parser(sub: Any) -> None:
     p.add_argument("--config", type=Path, help="TOML file with settings (LOCALVL_CONFIG)")
     p.add_argument("--model", help="model folder or hub id (default: the built-in demo model)")
     p.add_argument("--revision", help="hub revision of --model")
+    p.add_argument("--model-source", dest="model_source", choices=["huggingface", "modelscope"],
+                   help="where a hub id missing on disk is pulled from (default huggingface)")
+    p.add_argument("--attention", choices=["auto", "sdpa", "flash_attention_2", "eager"],
+                   help="attention kernel (default auto: flash_attention_2 on CUDA with flash-attn, else sdpa)")
+    p.add_argument("--quantize", choices=["4bit", "8bit"], help="quantize on load with bitsandbytes")
+    p.add_argument("--min-pixels", dest="min_pixels", type=int, help="image pixel budget, lower bound")
+    p.add_argument("--max-pixels", dest="max_pixels", type=int, help="image pixel budget, upper bound")
     p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port to listen on (default 8000)")
     p.add_argument("--api-key", dest="api_key", action="append", help="accepted API key (repeatable)")
@@ -80,6 +87,21 @@ def _serve_parser(sub: Any) -> None:
     p.add_argument("--shutdown-timeout", dest="shutdown_timeout", type=float, help="seconds running requests get to finish on SIGTERM (30)")
     p.add_argument("--insecure-no-auth", dest="insecure_no_auth", action="store_true",
                    help="serve a non-loopback host with no API key (anyone who reaches it can use the model)")
+    p.add_argument("--jwt-secret", dest="jwt_secret", help="accept JWT bearer tokens signed with this HS256 secret")
+    p.add_argument("--jwt-public-key", dest="jwt_public_key", type=Path, help="accept JWTs signed by this RS256/ES256 public key (PEM)")
+    p.add_argument("--jwt-jwks-file", dest="jwt_jwks_file", type=Path, help="accept JWTs signed by a key in this JWKS file")
+    p.add_argument("--jwt-audience", dest="jwt_audience", help="the aud claim JWTs must carry")
+    p.add_argument("--jwt-issuer", dest="jwt_issuer", help="the iss claim JWTs must carry")
+    p.add_argument("--rpm", type=int, help="requests per minute per key (stored keys with their own limits keep theirs)")
+    p.add_argument("--itpm", type=int, help="input tokens per minute per key")
+    p.add_argument("--otpm", type=int, help="output tokens per minute per key")
+    p.add_argument("--max-streams-per-key", dest="max_streams_per_key", type=int, help="requests one key may run at once")
+    p.add_argument("--redis-url", dest="redis_url", help="Redis for rate limits and the response cache shared by several servers")
+    p.add_argument("--request-timeout", dest="request_timeout", type=float, help="seconds a request may run (default 600)")
+    p.add_argument("--response-cache", dest="response_cache", type=int, help="deterministic answers kept for exact repeats (entries; 0: off)")
+    p.add_argument("--response-cache-ttl", dest="response_cache_ttl", type=float, help="seconds a cached answer is served (3600)")
+    p.add_argument("--response-cache-shared", dest="response_cache_shared", action="store_true",
+                   help="let one key's cached answers serve another key's identical request")
     p.add_argument("--thinking-key", dest="thinking_key", help="key that signs thinking blocks (default: kept in the cache dir)")
     p.add_argument("--log-level", dest="log_level", help="debug, info, warning, error")
     p.set_defaults(run=lambda args: serve({k: v for k, v in vars(args).items() if k not in ("command", "run")}))
@@ -106,6 +128,25 @@ def _loopback(host: str) -> bool:
         return False  # a name: it may resolve to anything
 
 
+def _auth_configured(settings: Any) -> bool:
+    """Keys given, JWTs accepted, or keys in the store (asked without creating a store)."""
+    if settings.api_key or settings.jwt_secret or settings.jwt_public_key or settings.jwt_jwks_file:
+        return True
+    import asyncio
+
+    from localvl.security.authenticator import Authenticator
+    from localvl.store.lazy import LazyStore
+
+    async def stored() -> int:
+        store = LazyStore(settings)
+        try:
+            return await Authenticator([], store).stored_keys()
+        finally:
+            await store.stop()
+
+    return asyncio.run(stored()) > 0
+
+
 def serve(flags: dict[str, Any]) -> int:
     from pydantic import ValidationError
 
@@ -119,20 +160,21 @@ def serve(flags: dict[str, Any]) -> int:
     except ValueError as error:
         print(f"localvl serve: {error}", file=sys.stderr)
         return 2
-    if not settings.api_key and not settings.insecure_no_auth and not _loopback(settings.host):
+    if not settings.insecure_no_auth and not _loopback(settings.host) and not _auth_configured(settings):
         print(
             f"localvl serve: refusing to listen on {settings.host} with no API key: anyone who can reach it could use "
-            "the model. Give --api-key KEY (clients send it as x-api-key), or --insecure-no-auth if that is intended.",
+            "the model. Create a key (localvl keys create --name NAME), give --api-key KEY (clients send it as "
+            "x-api-key) or a JWT setting, or --insecure-no-auth if that is intended.",
             file=sys.stderr,
         )
         return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    import uvicorn
-
+    from localvl.api import serving
     from localvl.api.app import create_app
     from localvl.engine.local import LocalEngine
     from localvl.models.demo import BANNER, demo_model_path
+    from localvl.models.hub import HubError, resolve_model
     from localvl.models.loader import ModelLoadError, load_model
 
     model = settings.model
@@ -141,15 +183,21 @@ def serve(flags: dict[str, Any]) -> int:
         model = str(demo_model_path(settings.cache_dir))
         if settings.served_model_name is None:
             settings.served_model_name = "localvl-demo"
+    elif settings.served_model_name is None and not os.path.isdir(model):
+        settings.served_model_name = model  # the hub id, as before, not the cache folder's commit hash
     try:
+        folder = str(resolve_model(model, settings.model_source, settings.revision))
         loaded = load_model(
-            model,
+            folder,
             device=settings.device,
             dtype=settings.dtype,
-            revision=settings.revision,
             max_model_len=settings.max_model_len,
+            attention=settings.attention,
+            quantize=settings.quantize,
+            min_pixels=settings.min_pixels,
+            max_pixels=settings.max_pixels,
         )
-    except ModelLoadError as error:
+    except (HubError, ModelLoadError) as error:
         print(f"localvl serve: {error}", file=sys.stderr)
         return 1
     apply_cpu_threads(loaded.model.device.type, settings.cpu_threads)
@@ -159,10 +207,9 @@ def serve(flags: dict[str, Any]) -> int:
     except ValueError as error:  # e.g. an alias naming a model that is not served
         print(f"localvl serve: {error}", file=sys.stderr)
         return 2
-    # SIGTERM/SIGINT: stop accepting connections, let running requests (streams included) finish for
-    # up to --shutdown-timeout seconds, then stop the batch worker (its claims go back) and the engine.
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
-                timeout_graceful_shutdown=settings.shutdown_timeout)
+    # SIGTERM/SIGINT: refuse new requests, let running ones (streams included) finish for up to
+    # --shutdown-timeout seconds, then stop the batch worker (its claims go back) and the engine.
+    serving.run(app, settings.host, settings.port, settings.log_level.lower(), settings.shutdown_timeout)
     # Shut down cleanly (the lifespan stopped the batch worker, the engine and the store): exit now,
     # rather than wait at interpreter teardown on a thread some library left running.
     logging.shutdown()

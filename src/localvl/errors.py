@@ -71,6 +71,11 @@ class ServiceUnavailableError(LocalvlError):
     kind = "overloaded_error"
 
 
+class RequestTimeoutError(LocalvlError):
+    status = 504
+    kind = "timeout_error"
+
+
 _BY_STATUS: dict[int, type[LocalvlError]] = {
     cls.status: cls
     for cls in (
@@ -83,6 +88,7 @@ _BY_STATUS: dict[int, type[LocalvlError]] = {
         RateLimitError,
         OverloadedError,
         ServiceUnavailableError,
+        RequestTimeoutError,
     )
 }
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Mapping
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Mapping
 
 from pydantic import Field, field_validator
 from pydantic.fields import FieldInfo
@@ -34,6 +34,15 @@ class Settings(BaseSettings):
     config: Path | None = Field(None, description="TOML file with any of these settings")
     model: str | None = Field(None, description="model folder or hub id; the built-in demo model when unset")
     revision: str | None = Field(None, description="hub revision (branch, tag or commit) of --model")
+    model_source: Literal["huggingface", "modelscope"] = Field(
+        "huggingface", description="where a hub id is pulled from when not on disk (modelscope works from mainland China)"
+    )
+    attention: Literal["auto", "sdpa", "flash_attention_2", "eager"] = Field(
+        "auto", description="attention kernel: flash_attention_2 on CUDA when flash-attn is installed, else sdpa"
+    )
+    quantize: Literal["4bit", "8bit"] | None = Field(None, description="quantize on load with bitsandbytes")
+    min_pixels: int | None = Field(None, ge=1, description="image pixel budget: smaller images are enlarged to this")
+    max_pixels: int | None = Field(None, ge=1, description="image pixel budget: larger images are shrunk to this")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     api_key: Annotated[list[str], NoDecode] = Field(
@@ -88,6 +97,20 @@ class Settings(BaseSettings):
     batch_retention: float = Field(29 * 24 * 3600, gt=0, description="seconds a finished batch's results are kept")
     batch_lease: float = Field(120, gt=0, description="seconds a claimed batch request is held without renewal")
     insecure_no_auth: bool = Field(False, description="allow a non-loopback host with no API key")
+    jwt_secret: str | None = Field(None, description="accept JWT bearer tokens signed with this HS256 secret (32+ characters)")
+    jwt_public_key: Path | None = Field(None, description="accept JWT bearer tokens signed by this RS256/ES256 public key (PEM file)")
+    jwt_jwks_file: Path | None = Field(None, description="accept JWT bearer tokens signed by a key in this JWKS file")
+    jwt_audience: str | None = Field(None, description="the aud claim JWTs must carry")
+    jwt_issuer: str | None = Field(None, description="the iss claim JWTs must carry")
+    rpm: int | None = Field(None, ge=1, description="requests per minute per key (keys created with their own limits keep theirs)")
+    itpm: int | None = Field(None, ge=1, description="input tokens per minute per key")
+    otpm: int | None = Field(None, ge=1, description="output tokens per minute per key")
+    max_streams_per_key: int | None = Field(None, ge=1, description="requests (streaming or not) one key may have running at once, per server")
+    redis_url: str | None = Field(None, description="Redis shared by several servers: rate limits and the response cache (redis://host:6379/0)")
+    request_timeout: float = Field(600.0, gt=0, description="seconds a Messages or Chat Completions request may run before it ends with a timeout error")
+    response_cache: int = Field(0, ge=0, description="deterministic Messages answers kept for exact repeats (entries; 0: off)")
+    response_cache_ttl: float = Field(3600.0, gt=0, description="seconds a cached answer is served")
+    response_cache_shared: bool = Field(False, description="let one key's cached answers serve another key's identical request")
     shutdown_timeout: float = Field(30.0, ge=0, description="seconds running requests get to finish on SIGTERM")
     thinking_key: str | None = Field(
         None, description="key that signs thinking blocks; default: a random key kept in the cache directory"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from contextlib import asynccontextmanager
 from pathlib import Path
 from datetime import datetime, timezone
@@ -19,15 +20,21 @@ from localvl.api.anthropic.routes import router as anthropic_router
 from localvl.api.anthropic.threads import ThreadStore
 from localvl.api.models import router as models_router
 from localvl.api.openai.routes import router as openai_router
+from localvl.api.playground import router as playground_router
 from localvl.api.auth import require_api_key
 from localvl.api.errors import install_error_handlers
-from localvl.api.middleware import RequestContextMiddleware
+from localvl.api.middleware import RequestContextMiddleware, Traffic
 from localvl.api.model_names import ModelNames, ServedModel, parse_aliases
+from localvl.api.response_cache import MemoryCache, RedisCache, ResponseCache
 from localvl.api.signatures import ThinkingSigner
 from localvl.engine.protocol import Engine
 from localvl.models.tiny import default_cache_dir
 from localvl.observability.access import log_access
 from localvl.observability.metrics import Metrics
+from localvl.security.authenticator import Authenticator
+from localvl.security.keys import Limits
+from localvl.security.ratelimit import MemoryBuckets, RateLimiter
+from localvl.security.tokens import TokenVerifier
 from localvl.settings import Settings
 from localvl.store.lazy import LazyStore
 
@@ -46,6 +53,46 @@ def model_names(settings: Settings, engine: Engine, created_at: datetime | None 
     return ModelNames([served], parse_aliases(settings.alias, name))
 
 
+def authenticator(settings: Settings, store: LazyStore | None) -> Authenticator:
+    """Static keys, stored keys and JWTs, as configured; ``ValueError`` for unusable JWT settings."""
+    limits = Limits(settings.rpm, settings.itpm, settings.otpm, settings.max_streams_per_key)
+    verifier = None
+    if settings.jwt_secret or settings.jwt_public_key or settings.jwt_jwks_file:
+        verifier = TokenVerifier(secret=settings.jwt_secret, public_key=settings.jwt_public_key,
+                                 jwks_file=settings.jwt_jwks_file, audience=settings.jwt_audience,
+                                 issuer=settings.jwt_issuer, limits=limits)
+    return Authenticator(settings.api_key, store, verifier, limits)
+
+
+def response_cache(settings: Settings) -> ResponseCache | None:
+    if not settings.response_cache:
+        return None
+    if settings.redis_url:
+        return RedisCache(settings.redis_url, settings.response_cache_ttl)
+    return MemoryCache(settings.response_cache, settings.response_cache_ttl)
+
+
+def rate_limiter(settings: Settings) -> RateLimiter:
+    if settings.redis_url:
+        from localvl.security.redis_buckets import RedisBuckets
+
+        return RateLimiter(RedisBuckets(settings.redis_url))
+    return RateLimiter(MemoryBuckets())
+
+
+async def drain(app: FastAPI, timeout: float) -> bool:
+    """Stop taking requests (new ones get 503 with retry-after) and wait up to ``timeout`` seconds
+    for the running ones to end; whether they all did."""
+    traffic: Traffic = app.state.traffic
+    traffic.draining = True
+    app.state.batch_worker.pause()
+    try:
+        await asyncio.wait_for(traffic.idle.wait(), timeout)
+        return True
+    except asyncio.TimeoutError:
+        return False
+
+
 def create_app(settings: Settings, engine: Engine) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -59,6 +106,9 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
             await app.state.batch_worker.stop()
             await engine.stop()
             await app.state.store.stop()
+            await app.state.limiter.buckets.close()
+            if app.state.response_cache is not None:
+                await app.state.response_cache.close()
 
     app = FastAPI(
         title="localvl",
@@ -74,13 +124,17 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
     app.state.signer = ThinkingSigner.from_settings(settings.thinking_key, settings.cache_dir or default_cache_dir())
     app.state.threads = ThreadStore()
     app.state.store = LazyStore(settings)
+    app.state.authenticator = authenticator(settings, app.state.store)
+    app.state.limiter = rate_limiter(settings)
+    app.state.response_cache = response_cache(settings)
+    app.state.traffic = Traffic()
     app.state.batch_worker = BatchWorker(app.state)
     app.state.ready = False
     install_error_handlers(app)
     metrics = Metrics(engine)
     app.state.metrics = metrics
 
-    def count_response(scope: Any, status: int, seconds: float) -> None:
+    async def count_response(scope: Any, status: int, seconds: float) -> None:
         route = getattr(scope.get("route"), "path", None) or "unmatched"  # a template: ids never become labels
         metrics.requests.labels(route, str(status)).inc()
         metrics.request_seconds.labels(route).observe(seconds)
@@ -88,13 +142,13 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
 
     app.add_middleware(RequestContextMiddleware, max_request_bytes=settings.max_request_bytes,
                        upload_bytes={"/v1/files": settings.max_file_bytes, "/v1/messages/batches": settings.batch_max_bytes},
-                       on_response=count_response)
+                       on_response=count_response, traffic=app.state.traffic)
 
     @app.get("/ready")
     async def ready(request: Request) -> JSONResponse:
         """Model loaded and the engine running: where a load balancer should send requests."""
         alive = getattr(engine, "alive", True)
-        if not request.app.state.ready or not alive:
+        if not request.app.state.ready or not alive or app.state.traffic.draining:
             return JSONResponse({"status": "not ready"}, status_code=503)
         return JSONResponse({"status": "ready", "model": served_name(settings, engine)})
 
@@ -113,4 +167,5 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
     app.include_router(batches_router)
     app.include_router(models_router)
     app.include_router(openai_router)
+    app.include_router(playground_router)
     return app

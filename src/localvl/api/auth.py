@@ -1,14 +1,14 @@
-"""API keys: ``x-api-key`` or ``Authorization: Bearer``, compared in constant time."""
+"""Authentication on every route: ``x-api-key`` or ``Authorization: Bearer`` (a key or a JWT).
+
+The identity found is left in ``request.state``: ``identity``, ``owner`` (what the request's
+files and batches belong to) and ``key_name`` (what the access log shows; never the key).
+"""
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-from typing import Sequence
-
 from starlette.requests import Request
 
-from localvl.errors import AuthenticationError
+from localvl.security.authenticator import Authenticator
 
 
 def presented_keys(request: Request) -> list[str]:
@@ -22,25 +22,10 @@ def presented_keys(request: Request) -> list[str]:
     return keys
 
 
-def check_api_key(request: Request, accepted: Sequence[str]) -> str:
-    """The identity of the accepted key presented (a hash, never the key; "" when no keys are
-    configured and the server is open); ``AuthenticationError`` otherwise."""
-    if not accepted:
-        return ""
-    presented = presented_keys(request)
-    if not presented:
-        raise AuthenticationError("x-api-key header is required")
-    for key in presented:
-        # Compare against every accepted key so timing does not tell which one nearly matched.
-        matched = False
-        for candidate in accepted:
-            matched |= hmac.compare_digest(key.encode(), candidate.encode())
-        if matched:
-            return hashlib.sha256(key.encode()).hexdigest()[:32]
-    raise AuthenticationError("invalid x-api-key")
-
-
-def require_api_key(request: Request) -> None:
-    """The routers' dependency: the keys configured for this server, checked on every route; the
-    key's identity is left in ``request.state.owner`` (what the key's files belong to)."""
-    request.state.owner = check_api_key(request, request.app.state.settings.api_key)
+async def require_api_key(request: Request) -> None:
+    """The routers' dependency: the request's identity, or ``AuthenticationError``."""
+    authenticator: Authenticator = request.app.state.authenticator
+    identity = await authenticator.identify(presented_keys(request))
+    request.state.identity = identity
+    request.state.owner = identity.owner
+    request.state.key_name = identity.name

@@ -1,21 +1,27 @@
-"""Request ids on every response, and the request body size limit, as plain ASGI middleware.
+"""Request ids on every response, the request body size limit, refusal while draining, and the
+end-of-request hooks, as plain ASGI middleware.
 
 Plain ASGI (not BaseHTTPMiddleware) so streaming responses pass through untouched and a client
 disconnect still reaches the route.
+
+Routes talk to it through ``scope["state"]``: ``response_headers`` are added to the response
+(rate-limit headers), and ``finishers`` (async callables) run once the request is over, however
+it ended (a rate-limit slot is given back, tokens are charged).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 import time
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from localvl.api.errors import error_response
-from localvl.errors import InternalError, RequestTooLargeError
+from localvl.errors import InternalError, RequestTooLargeError, ServiceUnavailableError
 
 logger = logging.getLogger(__name__)
 
@@ -27,39 +33,88 @@ def new_id(prefix: str) -> str:
     return prefix + "01" + "".join(secrets.choice(_ALPHABET) for _ in range(22))
 
 
+class Traffic:
+    """Requests being answered, and whether the server is draining: shared by the middleware and
+    the shutdown that waits for the requests to end."""
+
+    def __init__(self) -> None:
+        self.in_flight = 0
+        self.draining = False
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    def enter(self) -> None:
+        self.in_flight += 1
+        self.idle.clear()
+
+    def leave(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self.idle.set()
+
+
 class RequestContextMiddleware:
     def __init__(
         self,
         app: ASGIApp,
         max_request_bytes: int,
         upload_bytes: dict[str, int] | None = None,
-        on_response: Callable[[Scope, int, float], None] | None = None,
+        on_response: Callable[[Scope, int, float], Awaitable[None]] | None = None,
+        traffic: Traffic | None = None,
+        always_open: tuple[str, ...] = ("/health", "/ready", "/metrics"),
     ) -> None:
         self.app = app
         self.max_request_bytes = max_request_bytes
         self.upload_bytes = upload_bytes or {}  # paths that take uploads, and their own limit
-        self.on_response = on_response  # (scope, status, seconds) once the body is sent: metrics
+        self.on_response = on_response  # (scope, status, seconds) once the request is over: metrics, access log
+        self.traffic = traffic or Traffic()
+        self.always_open = always_open  # answered while draining: probes and scrapes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         request_id = new_id("req_")
-        scope.setdefault("state", {})["request_id"] = request_id
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
+        if self.traffic.draining and scope["path"] not in self.always_open:
+            # Shutting down: say so (clients retry, elsewhere or later) instead of starting work.
+            error = ServiceUnavailableError("the server is shutting down", headers={"retry-after": "5"})
 
-        started = False
-        status = 500
+            async def send_refusal(message: Message) -> None:
+                if message["type"] == "http.response.start":
+                    MutableHeaders(scope=message)["request-id"] = request_id
+                await send(message)
+
+            await error_response(scope["path"], request_id, error)(scope, receive, send_refusal)
+            return
+        self.traffic.enter()
         began = time.perf_counter()
+        outcome = {"status": 499, "started": False}  # 499: the client left before an answer began
+        try:
+            await self._answer(scope, receive, send, request_id, state, outcome)
+        finally:
+            for finisher in state.get("finishers", ()):
+                try:
+                    await finisher()
+                except Exception as error:
+                    logger.error("a request's end hook failed: %s (%s)", type(error).__name__, request_id)
+            if self.on_response is not None:
+                await self.on_response(scope, outcome["status"], time.perf_counter() - began)
+            self.traffic.leave()
 
+    async def _answer(self, scope: Scope, receive: Receive, send: Send, request_id: str, state: dict[str, Any],
+                      outcome: dict[str, Any]) -> None:
         async def send_with_id(message: Message) -> None:
-            nonlocal started, status
             if message["type"] == "http.response.start":
-                started = True
-                status = message["status"]
-                MutableHeaders(scope=message)["request-id"] = request_id
+                outcome["started"] = True
+                outcome["status"] = message["status"]
+                headers = MutableHeaders(scope=message)
+                for name, value in state.get("response_headers", {}).items():
+                    if name not in headers:
+                        headers[name] = value
+                headers["request-id"] = request_id
             await send(message)
-            if message["type"] == "http.response.body" and not message.get("more_body") and self.on_response:
-                self.on_response(scope, status, time.perf_counter() - began)
 
         limit = self.upload_bytes.get(scope["path"], self.max_request_bytes) if scope["method"] == "POST" else self.max_request_bytes
         declared = _content_length(scope)
@@ -85,7 +140,7 @@ class RequestContextMiddleware:
             # Handled here, not re-raised: the server's own traceback logging would print the
             # exception's message, which may quote request content. Only the type is logged.
             logger.error("unhandled %s on %s %s (%s)", type(error).__name__, scope["method"], scope["path"], request_id)
-            if not started:
+            if not outcome["started"]:
                 await error_response(scope["path"], request_id, InternalError("internal server error"))(
                     scope, receive, send_with_id
                 )

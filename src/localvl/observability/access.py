@@ -1,8 +1,9 @@
 """The access log: one JSON line per request, made only of facts about it, never of its content.
 
 Fields: request id, method, route template (never the path: ids and query strings stay out),
-status, milliseconds, the API key's identity (a hash prefix, never the key), the served model's
-name, and the token counts of a Message. Logged under ``localvl.access`` at INFO.
+status, milliseconds, the key's name (a stored key's name, ``static-`` and a hash prefix for a
+key given by flag, ``jwt:`` and the subject for a token; never the key), the served model's name,
+the token counts of a Message, and whether the response cache answered. Logged under ``localvl.access`` at INFO.
 """
 
 from __future__ import annotations
@@ -27,12 +28,13 @@ def log_access(scope: Any, route: str, status: int, seconds: float) -> None:
         "status": status,
         "ms": round(seconds * 1000, 1),
     }
-    owner = state.get("owner")
-    if owner:
-        line["key"] = owner[:12]
+    if state.get("key_name"):
+        line["key"] = state["key_name"]
     if state.get("model"):
         line["model"] = state["model"]
     usage = state.get("usage")
     if isinstance(usage, dict):
         line.update({name: usage[name] for name in USAGE_FIELDS if isinstance(usage.get(name), int)})
+    if state.get("cache_hit"):
+        line["response_cache"] = "hit"
     logger.info(json.dumps(line, separators=(",", ":")))

@@ -62,6 +62,21 @@ batch_requests = sa.Table(
     sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
 )
 
+api_keys = sa.Table(
+    "api_keys",
+    metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("name", sa.String(255), nullable=False),
+    sa.Column("key_hash", sa.String(64), nullable=False, unique=True),  # sha256 of the key: the key itself is never kept
+    sa.Column("hint", sa.String(32), nullable=False),  # the key's first characters, to recognise it in a list
+    sa.Column("rpm", sa.Integer, nullable=True),  # None: no limit
+    sa.Column("itpm", sa.Integer, nullable=True),
+    sa.Column("otpm", sa.Integer, nullable=True),
+    sa.Column("max_streams", sa.Integer, nullable=True),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("revoked_at", sa.DateTime(timezone=True), nullable=True),
+)
+
 schema_version = sa.Table("schema_version", metadata, sa.Column("version", sa.Integer, primary_key=True))
 
 
@@ -97,9 +112,17 @@ def _v3(connection: Connection) -> None:
     connection.execute(sa.text("CREATE INDEX ix_batch_requests_status ON batch_requests (status)"))
 
 
+def _v4(connection: Connection) -> None:
+    connection.execute(sa.text(
+        "CREATE TABLE api_keys (id VARCHAR(64) PRIMARY KEY, name VARCHAR(255) NOT NULL, "
+        "key_hash VARCHAR(64) NOT NULL UNIQUE, hint VARCHAR(32) NOT NULL, rpm INTEGER, itpm INTEGER, otpm INTEGER, "
+        "max_streams INTEGER, created_at TIMESTAMP WITH TIME ZONE NOT NULL, revoked_at TIMESTAMP WITH TIME ZONE)"
+    ))
+
+
 # Append only: a released step is never edited, a change is a new step. Steps are plain DDL, not
 # ``metadata.create_all``, so each one creates exactly what its version had.
-MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3]
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3, _v4]
 
 
 def utc(value: dt.datetime | None) -> dt.datetime | None:

@@ -8,6 +8,7 @@ from localvl.settings import Settings
 from localvl.store.batches import BatchStore
 from localvl.store.database import Database, default_url
 from localvl.store.files import FileStore
+from localvl.store.keys import KeyStore
 
 
 class LazyStore:
@@ -16,6 +17,7 @@ class LazyStore:
         self._database: Database | None = None
         self._files: FileStore | None = None
         self._batches: BatchStore | None = None
+        self._keys: KeyStore | None = None
         self._lock = asyncio.Lock()
 
     @property
@@ -47,9 +49,16 @@ class LazyStore:
             self._batches = BatchStore(database, lease_s=self.settings.batch_lease)
         return self._batches
 
+    async def keys(self) -> KeyStore:
+        database = await self.database()
+        if self._keys is None:
+            self._keys = KeyStore(database)
+        return self._keys
+
     async def stop(self) -> None:
         if self._database is not None:
             await self._database.stop()
             self._database = None
             self._files = None
             self._batches = None
+            self._keys = None

@@ -37,6 +37,11 @@ class BatchWorker:
         self.wake = asyncio.Event()  # set when a batch is created: no need to wait for the next poll
         self._running: dict[tuple[str, int], asyncio.Task[None]] = {}
         self._task: asyncio.Task[None] | None = None
+        self._paused = False
+
+    def pause(self) -> None:
+        """Claim nothing more (the server is draining); requests already running go on."""
+        self._paused = True
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="localvl-batches")
@@ -68,7 +73,7 @@ class BatchWorker:
                     await store.renew(self.id, list(self._running))
                     await store.sweep(dt.timedelta(seconds=self.settings.batch_retention))
                     last_sweep = loop.time()
-                room = self.settings.batch_concurrency - len(self._running)
+                room = 0 if self._paused else self.settings.batch_concurrency - len(self._running)
                 claimed = await store.claim(self.id, room) if room > 0 else []
                 for item in claimed:
                     key = (item.batch_id, item.position)

@@ -15,11 +15,14 @@ from localvl.api.anthropic import convert
 from localvl.api.anthropic.schemas import CountTokensRequest, MessagesRequest
 from localvl.api.anthropic.threads import ThreadStore
 from localvl.api.validation import load_json_object, parse_body, parse_value
-from localvl.api.anthropic.stream import Output, collect_message, message_events
+from localvl.api.anthropic.stream import Output, collect_message, message_events, replayed_events
 from localvl.api.auth import require_api_key
+from localvl.api.deadline import DeadlineStream
 from localvl.api.disconnect import until_disconnect
+from localvl.api.limits import rate_limited
 from localvl.api.middleware import new_id
 from localvl.api.model_names import ModelNames
+from localvl.api.response_cache import cache_key, cacheable
 from localvl.api.signatures import ThinkingSigner
 from localvl.engine.protocol import Engine, GenerationStream
 from localvl.engine.sequence import INTERACTIVE
@@ -130,10 +133,27 @@ async def start_message(
     return stream, output
 
 
-@router.post("/v1/messages")
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def _cache_key(request: Request, raw: bytes, served: str) -> str | None:
+    """The response-cache key of this request, or None when it is not to be cached."""
+    state = request.app.state
+    if state.response_cache is None:
+        return None
+    data = load_json_object(raw)
+    if not cacheable(data):
+        return None
+    owner = "" if state.settings.response_cache_shared else request.state.owner
+    model = f"{served}\0{state.engine.info.name_or_path}\0{state.settings.revision or ''}"
+    return cache_key(data, model, owner)
+
+
+@router.post("/v1/messages", dependencies=[Depends(rate_limited)])
 async def create_message(request: Request) -> Any:
     names, settings = _names(request), _settings(request)
     on_done = None
+    key = None
     if request.headers.get("content-type", "").startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
         body = await _form_body(request, names)
     else:
@@ -143,30 +163,42 @@ async def create_message(request: Request) -> Any:
             body, on_done = _threaded(request, data, len(raw))
         else:
             body = parse_body(MessagesRequest, raw)
-    names.require(body.model)
+            key = _cache_key(request, raw, names.require(body.model).name)
+    served = names.require(body.model).name
     message_id = new_id("msg_")
+    cache = request.app.state.response_cache
+    if key is not None:
+        hit = await cache.get(key)
+        request.scope["state"].setdefault("response_headers", {})["x-localvl-cache"] = "hit" if hit else "miss"
+        if hit is not None:
+            request.state.model, request.state.cache_hit = served, True
+            request.state.usage = hit["usage"]
+            message = dict(hit, id=message_id, model=body.model)
+            if body.stream:
+                return StreamingResponse(replayed_events(message), media_type="text/event-stream", headers=SSE_HEADERS)
+            return JSONResponse(message)
     try:
         stream, output = await start_message(request.app.state, request.state.owner, body, message_id)
     except BaseException:
         if on_done is not None:
             on_done(message_id, None)
         raise
-    request.state.model = names.require(body.model).name  # for the access log: the served name
+    stream = DeadlineStream(stream, settings.request_timeout)
+    request.state.model = served  # for the access log: the served name
     thread_done = None if on_done is None else functools.partial(on_done, message_id)
 
     def done(message: dict[str, Any] | None) -> None:
         if message is not None:
             request.state.usage = message["usage"]  # for the access log: counts only
+            if key is not None:
+                request.scope["state"].setdefault("finishers", []).append(functools.partial(cache.put, key, message))
         if thread_done is not None:
             thread_done(message)
 
     output = dataclasses.replace(output, on_done=done)
     if body.stream:
-        return StreamingResponse(
-            message_events(stream, output, settings.ping_interval),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
+        return StreamingResponse(message_events(stream, output, settings.ping_interval),
+                                 media_type="text/event-stream", headers=SSE_HEADERS)
     message = await until_disconnect(request, collect_message(stream, output))
     return JSONResponse(message)
 

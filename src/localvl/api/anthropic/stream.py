@@ -192,3 +192,33 @@ async def message_events(stream: GenerationStream, output: Output, ping_interval
     finally:
         output.done(message)
         await stream.aclose()
+
+
+def replayed_events(message: dict[str, Any]) -> Iterator[bytes]:
+    """The SSE stream of a finished Message (a response-cache hit): the same events a live stream
+    of it sends, one delta per block."""
+    start = dict(message, content=[], stop_reason=None, stop_sequence=None,
+                 usage=dict(message["usage"], output_tokens=0))
+    yield sse_event("message_start", {"type": "message_start", "message": start})
+    for index, block in enumerate(message["content"]):
+        kind = block["type"]
+        empty = {"text": {"text": ""}, "thinking": {"thinking": "", "signature": ""}, "tool_use": {"input": {}}}.get(kind, {})
+        yield sse_event("content_block_start", {"type": "content_block_start", "index": index,
+                                                "content_block": {**block, **empty}})
+        deltas: list[dict[str, Any]] = []
+        if kind == "text":
+            deltas.append({"type": "text_delta", "text": block["text"]})
+        elif kind == "thinking":
+            if block["thinking"]:
+                deltas.append({"type": "thinking_delta", "thinking": block["thinking"]})
+            deltas.append({"type": "signature_delta", "signature": block["signature"]})
+        elif kind == "tool_use":
+            deltas.append({"type": "input_json_delta", "partial_json": json.dumps(block["input"], ensure_ascii=False)})
+        for delta in deltas:
+            yield sse_event("content_block_delta", {"type": "content_block_delta", "index": index, "delta": delta})
+        yield sse_event("content_block_stop", {"type": "content_block_stop", "index": index})
+    usage = {k: v for k, v in message["usage"].items() if k != "service_tier"}
+    yield sse_event("message_delta", {"type": "message_delta",
+                                      "delta": {"stop_reason": message["stop_reason"], "stop_sequence": message["stop_sequence"]},
+                                      "usage": usage})
+    yield sse_event("message_stop", {"type": "message_stop"})

@@ -22,6 +22,7 @@ CODES = {
     "authentication_error": "invalid_api_key",
     "rate_limit_error": "rate_limit_exceeded",
     "overloaded_error": "overloaded",
+    "timeout_error": "timeout",
 }
 
 

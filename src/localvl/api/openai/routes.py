@@ -10,7 +10,9 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from localvl.api.auth import require_api_key
+from localvl.api.deadline import DeadlineStream
 from localvl.api.disconnect import until_disconnect
+from localvl.api.limits import rate_limited
 from localvl.api.middleware import new_id
 from localvl.api.openai import convert
 from localvl.api.openai.schemas import ChatCompletionRequest
@@ -23,7 +25,7 @@ from localvl.media.fetch import fetch_all
 router = APIRouter(dependencies=[Depends(require_api_key)])
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", dependencies=[Depends(rate_limited)])
 async def chat_completions(request: Request) -> Any:
     state = request.app.state
     engine: Engine = state.engine
@@ -36,23 +38,28 @@ async def chat_completions(request: Request) -> Any:
     streams: list[GenerationStream] = []
     try:
         for generation in generations:
-            streams.append(await engine.submit(generation))
+            streams.append(DeadlineStream(await engine.submit(generation), settings.request_timeout))
     except BaseException:
         for stream in streams:
             await stream.aclose()
         raise
     created = int(time.time())
+    request.state.model = state.model_names.require(body.model).name
+
+    def done(usage: dict[str, int]) -> None:
+        request.state.usage = usage  # for the access log and the rate limits: counts only
+
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(
             completion_chunks(
                 streams, completion_id, body.model, created, include_usage, state.settings.ping_interval,
-                logprobs=bool(body.logprobs),
+                logprobs=bool(body.logprobs), on_done=done,
             ),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
     completion = await until_disconnect(
-        request, collect_completion(streams, completion_id, body.model, created, logprobs=bool(body.logprobs))
+        request, collect_completion(streams, completion_id, body.model, created, logprobs=bool(body.logprobs), on_done=done)
     )
     return JSONResponse(completion)

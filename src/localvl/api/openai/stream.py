@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from localvl import __version__
 from localvl.api.openai.errors import error_json
@@ -96,8 +96,20 @@ async def merged(streams: list[GenerationStream]) -> AsyncIterator[tuple[int, Ev
             await stream.aclose()
 
 
+def usage_counts(finished: list[Finished]) -> dict[str, int]:
+    """The request's token counts in the neutral (Anthropic) vocabulary: for logs and rate limits."""
+    first = finished[0].usage
+    return {
+        "input_tokens": first.input_tokens,
+        "cache_creation_input_tokens": first.cache_creation_input_tokens,
+        "cache_read_input_tokens": first.cache_read_input_tokens,
+        "output_tokens": sum(f.usage.output_tokens for f in finished),
+    }
+
+
 async def collect_completion(
-    streams: list[GenerationStream], completion_id: str, model: str, created: int, logprobs: bool = False
+    streams: list[GenerationStream], completion_id: str, model: str, created: int, logprobs: bool = False,
+    on_done: Callable[[dict[str, int]], None] | None = None,
 ) -> dict[str, Any]:
     texts: list[list[str]] = [[] for _ in streams]
     thoughts: list[list[str]] = [[] for _ in streams]
@@ -117,6 +129,8 @@ async def collect_completion(
     done = [f for f in finished if f is not None]
     if len(done) != len(streams):
         raise InternalError("generation ended without a result")
+    if on_done is not None:
+        on_done(usage_counts(done))
 
     def message(i: int) -> dict[str, Any]:
         text = "".join(texts[i])
@@ -159,6 +173,7 @@ async def completion_chunks(
     include_usage: bool,
     ping_interval: float,
     logprobs: bool = False,
+    on_done: Callable[[dict[str, int]], None] | None = None,
 ) -> AsyncIterator[bytes]:
     """The SSE stream: a role chunk per choice, content chunks, a finish chunk per choice,
     the usage chunk when asked for, then ``[DONE]``. Closing it (client gone) aborts every choice."""
@@ -194,6 +209,8 @@ async def completion_chunks(
             elif isinstance(event, Finished):
                 finished.append(event)
                 yield chunk([choice(index, {}, FINISH_REASONS[event.reason])])
+        if finished and on_done is not None:
+            on_done(usage_counts(finished))
         if include_usage and finished:
             yield chunk([], usage=usage_json(finished))
     except LocalvlError as error:

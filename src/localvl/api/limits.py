@@ -1,0 +1,36 @@
+"""The limits a generation request runs under: the key's rate limits and concurrent-request
+count, checked before any work starts, and its tokens charged once it ends."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.requests import Request
+
+from localvl.security.keys import Identity
+from localvl.security.ratelimit import RateLimiter
+
+
+async def rate_limited(request: Request) -> None:
+    """A dependency for the generation routes (after authentication)."""
+    limiter: RateLimiter = request.app.state.limiter
+    identity: Identity = request.state.identity
+    limits = identity.limits
+    state: dict[str, Any] = request.scope["state"]
+    limiter.enter(identity.owner, limits)  # raises beyond max_streams
+    finishers = state.setdefault("finishers", [])
+
+    async def leave() -> None:
+        limiter.leave(identity.owner)
+
+    finishers.append(leave)
+    state.setdefault("response_headers", {}).update(await limiter.admit(identity.owner, limits))
+
+    async def charge() -> None:
+        usage = state.get("usage")
+        if isinstance(usage, dict) and not state.get("cache_hit"):  # a cached answer used no model time
+            # Anthropic counts cache reads apart from input tokens: they do not use up the limit.
+            input_tokens = int(usage.get("input_tokens") or 0) + int(usage.get("cache_creation_input_tokens") or 0)
+            await limiter.charge(identity.owner, limits, input_tokens, int(usage.get("output_tokens") or 0))
+
+    finishers.append(charge)

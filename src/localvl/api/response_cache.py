@@ -1,0 +1,88 @@
+"""The response cache: exact repeats of deterministic requests answered from memory.
+
+Opt-in (``--response-cache N``). Only requests whose answer is a function of the request are
+cached: temperature 0 (or a fixed seed), no thread, no URL-sourced media (what a URL serves can
+change). The key hashes the normalised request (``stream`` aside: a streamed request and a plain
+one share an answer), the served model and its revision, and the caller's identity unless
+``--response-cache-shared``. In-process LRU by default; Redis when ``--redis-url`` is set, so
+several servers share it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections import OrderedDict
+from typing import Any, Protocol
+
+IGNORED_FIELDS = ("stream", "metadata")  # do not change the answer
+
+
+def cacheable(data: dict[str, Any]) -> bool:
+    """Whether this request's answer is determined by the request itself."""
+    if data.get("thread") is not None:
+        return False
+    deterministic = data.get("temperature") == 0 or isinstance(data.get("seed"), int)
+    return deterministic and '"url"' not in json.dumps(data.get("messages", []))
+
+
+def cache_key(data: dict[str, Any], model: str, owner: str) -> str:
+    normalised = {k: v for k, v in data.items() if k not in IGNORED_FIELDS}
+    text = json.dumps(normalised, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(f"{model}\0{owner}\0{text}".encode()).hexdigest()
+
+
+class ResponseCache(Protocol):
+    async def get(self, key: str) -> dict[str, Any] | None: ...
+
+    async def put(self, key: str, message: dict[str, Any]) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class MemoryCache:
+    def __init__(self, entries: int, ttl: float) -> None:
+        self.entries = entries
+        self.ttl = ttl
+        self._items: OrderedDict[str, tuple[float, dict[str, Any]]] = OrderedDict()
+
+    async def get(self, key: str) -> dict[str, Any] | None:
+        found = self._items.get(key)
+        if found is None:
+            return None
+        if time.monotonic() - found[0] > self.ttl:
+            del self._items[key]
+            return None
+        self._items.move_to_end(key)
+        return found[1]
+
+    async def put(self, key: str, message: dict[str, Any]) -> None:
+        self._items[key] = (time.monotonic(), message)
+        self._items.move_to_end(key)
+        while len(self._items) > self.entries:
+            self._items.popitem(last=False)
+
+    async def close(self) -> None:
+        self._items.clear()
+
+
+class RedisCache:
+    """Entries as JSON with Redis's own expiry; Redis's eviction policy bounds the memory."""
+
+    def __init__(self, url: str, ttl: float, prefix: str = "localvl:response:") -> None:
+        import redis.asyncio as redis
+
+        self.client: Any = redis.Redis.from_url(url)
+        self.ttl = ttl
+        self.prefix = prefix
+
+    async def get(self, key: str) -> dict[str, Any] | None:
+        raw = await self.client.get(self.prefix + key)
+        return json.loads(raw) if raw else None
+
+    async def put(self, key: str, message: dict[str, Any]) -> None:
+        await self.client.set(self.prefix + key, json.dumps(message), px=int(self.ttl * 1000))
+
+    async def close(self) -> None:
+        await self.client.aclose()

@@ -1,0 +1,54 @@
+"""Running the app under uvicorn, with a drain on SIGTERM/SIGINT.
+
+The first signal starts the drain: ``/ready`` turns 503 (load balancers stop sending), new
+requests get 503 ``overloaded_error`` with ``retry-after`` (clients retry elsewhere or later),
+the batch worker claims nothing more, and running requests, streams included, get up to
+``--shutdown-timeout`` seconds to finish. Then uvicorn shuts down (the lifespan gives unfinished
+batch claims back and stops the engine). A second signal skips the wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from types import FrameType
+from typing import Any
+
+import uvicorn
+
+from localvl.api.app import drain
+
+logger = logging.getLogger(__name__)
+
+
+class DrainingServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, shutdown_timeout: float) -> None:
+        super().__init__(config)
+        self.shutdown_timeout = shutdown_timeout
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._draining = False
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._draining or self._loop is None or self.should_exit:
+            super().handle_exit(sig, frame)
+            return
+        self._draining = True
+        self._loop.call_soon_threadsafe(lambda: self._loop.create_task(self._drain()))  # type: ignore[union-attr]
+
+    async def _drain(self) -> None:
+        app: Any = self.config.app
+        logger.info("draining: new requests are refused; waiting up to %gs for running ones", self.shutdown_timeout)
+        if not await drain(app, self.shutdown_timeout):
+            logger.warning("shutdown timeout passed with requests still running: they are cut off")
+        self.should_exit = True
+
+
+def run(app: Any, host: str, port: int, log_level: str, shutdown_timeout: float) -> None:
+    # uvicorn's own grace period only covers what the drain already waited for.
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=1)
+    DrainingServer(config, shutdown_timeout).run()

@@ -1,0 +1,125 @@
+"""Limits in process: rate limits and their headers, running-request slots, the time limit,
+drain refusals, the response cache."""
+
+import json
+
+import pytest
+from fastapi.testclient import TestClient
+
+from localvl.api.app import create_app
+from localvl.engine.local import LocalEngine
+from localvl.settings import Settings
+from tests.api.test_app import assert_error, body
+
+KEY = "sk-limits"
+
+
+@pytest.fixture(scope="module")
+def engine(loaded_model):
+    return LocalEngine(loaded_model("qwen2_5_vl"))
+
+
+def make_client(engine, tmp_path, **settings):
+    values = dict(api_key=[KEY, "sk-other"], served_model_name="tiny-vl", data_dir=tmp_path, alias=["claude-*"])
+    values.update(settings)
+    return TestClient(create_app(Settings(**values), engine), headers={"x-api-key": KEY})
+
+
+def test_requests_over_the_rpm_get_429_with_anthropics_headers(engine, tmp_path):
+    with make_client(engine, tmp_path, rpm=2) as client:
+        first = client.post("/v1/messages", json=body())
+        assert first.status_code == 200
+        assert first.headers["anthropic-ratelimit-requests-limit"] == "2"
+        assert first.headers["anthropic-ratelimit-requests-remaining"] == "1"
+        assert first.headers["anthropic-ratelimit-requests-reset"].endswith("Z")
+        assert client.post("/v1/messages", json=body()).status_code == 200
+        refused = client.post("/v1/messages", json=body())
+        assert_error(refused, 429, "rate_limit_error")
+        assert int(refused.headers["retry-after"]) >= 25
+        assert refused.headers["anthropic-ratelimit-requests-remaining"] == "0"
+        # The same limit on the OpenAI route, in its envelope; another key has its own allowance.
+        chat = client.post("/v1/chat/completions", json={"model": "tiny-vl", "messages": [{"role": "user", "content": "hi"}]})
+        assert chat.status_code == 429 and chat.json()["error"]["type"] == "rate_limit_error"
+        assert client.post("/v1/messages", json=body(), headers={"x-api-key": "sk-other"}).status_code == 200
+        # Routes that generate nothing are not limited.
+        assert client.post("/v1/messages/count_tokens", json=body()).status_code == 200
+        assert client.get("/v1/models").status_code == 200
+
+
+def test_output_tokens_are_charged_when_the_answer_ends(engine, tmp_path):
+    with make_client(engine, tmp_path, otpm=5) as client:
+        first = client.post("/v1/messages", json=body(max_tokens=20, temperature=0))
+        assert first.status_code == 200 and first.headers["anthropic-ratelimit-output-tokens-remaining"] == "5"
+        used = first.json()["usage"]["output_tokens"]
+        second = client.post("/v1/messages", json=body(max_tokens=20))
+        if used > 5:  # the first answer put the bucket in debt: wait it off
+            assert_error(second, 429, "rate_limit_error")
+        else:
+            assert int(second.headers["anthropic-ratelimit-output-tokens-remaining"]) == 5 - used
+
+
+def test_running_slots_are_given_back_however_a_request_ends(engine, tmp_path):
+    with make_client(engine, tmp_path, max_streams_per_key=1) as client:
+        limiter = client.app.state.limiter
+        assert client.post("/v1/messages", json=body()).status_code == 200
+        with client.stream("POST", "/v1/messages", json=body(stream=True)) as streamed:
+            assert streamed.status_code == 200 and b"message_stop" in b"".join(streamed.iter_bytes())
+        assert_error(client.post("/v1/messages", json=body(max_tokens=-1)), 400, "invalid_request_error")
+        assert limiter._running == {}
+
+
+def test_a_request_past_its_time_limit_ends_with_504_timeout_error(engine, tmp_path):
+    with make_client(engine, tmp_path, request_timeout=1e-6) as client:
+        assert_error(client.post("/v1/messages", json=body(max_tokens=50)), 504, "timeout_error")
+        with client.stream("POST", "/v1/messages", json=body(max_tokens=50, stream=True)) as streamed:
+            text = b"".join(streamed.iter_bytes()).decode()
+        assert "event: error" in text and '"timeout_error"' in text
+        chat = client.post("/v1/chat/completions", json={"model": "tiny-vl", "messages": [{"role": "user", "content": "hi"}]})
+        assert chat.status_code == 504 and chat.json()["error"]["code"] == "timeout"  # OpenAI's words
+
+
+def test_draining_refuses_new_work_but_answers_probes(engine, tmp_path):
+    with make_client(engine, tmp_path) as client:
+        client.app.state.traffic.draining = True
+        refused = client.post("/v1/messages", json=body())
+        assert_error(refused, 503, "overloaded_error")
+        assert refused.headers["retry-after"] == "5"
+        assert client.get("/health").status_code == 200
+        assert client.get("/ready").status_code == 503
+        assert client.get("/metrics").status_code == 200
+
+
+def _events(text):
+    return [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: ")]
+
+
+def test_the_response_cache_answers_exact_deterministic_repeats(engine, tmp_path):
+    with make_client(engine, tmp_path, response_cache=8) as client:
+        ask = body(max_tokens=12, temperature=0, messages=[{"role": "user", "content": "cache me"}])
+        first = client.post("/v1/messages", json=ask)
+        assert first.headers["x-localvl-cache"] == "miss"
+        again = client.post("/v1/messages", json=ask)
+        assert again.headers["x-localvl-cache"] == "hit"
+        a, b = first.json(), again.json()
+        assert a["id"] != b["id"] and {**a, "id": None} == {**b, "id": None}
+        # A streaming client gets the stored answer replayed as the events a live stream sends.
+        with client.stream("POST", "/v1/messages", json={**ask, "stream": True}) as streamed:
+            assert streamed.headers["x-localvl-cache"] == "hit"
+            events = _events(b"".join(streamed.iter_bytes()).decode())
+        kinds = [e["type"] for e in events]
+        assert kinds[0] == "message_start" and kinds[-2:] == ["message_delta", "message_stop"]
+        text = "".join(e["delta"].get("text", "") for e in events if e["type"] == "content_block_delta")
+        assert text == "".join(block.get("text", "") for block in a["content"])
+        assert events[-2]["usage"]["output_tokens"] == a["usage"]["output_tokens"]
+        # Not shared across keys; not for sampled requests; a different request is a different entry.
+        other = client.post("/v1/messages", json=ask, headers={"x-api-key": "sk-other"})
+        assert other.headers["x-localvl-cache"] == "miss"
+        assert "x-localvl-cache" not in client.post("/v1/messages", json={**ask, "temperature": 1}).headers
+        assert client.post("/v1/messages", json={**ask, "max_tokens": 11}).headers["x-localvl-cache"] == "miss"
+
+
+def test_a_shared_response_cache_serves_every_key(engine, tmp_path):
+    with make_client(engine, tmp_path, response_cache=8, response_cache_shared=True) as client:
+        ask = body(max_tokens=6, temperature=0)
+        assert client.post("/v1/messages", json=ask).headers["x-localvl-cache"] == "miss"
+        assert client.post("/v1/messages", json=ask, headers={"x-api-key": "sk-other"}).headers["x-localvl-cache"] == "hit"

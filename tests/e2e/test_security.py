@@ -1,0 +1,159 @@
+"""Keys, JWTs, rate limits, running-request limits and the response cache, through the official
+SDKs against a real server."""
+
+import os
+import threading
+import time
+
+import anthropic
+import httpx
+import jwt
+import pytest
+
+from localvl.cli import main
+from tests.e2e.conftest import API_KEY, Server
+
+SECRET = "jwt-secret-" + "x" * 32
+
+
+@pytest.fixture(scope="module")
+def keyed(model_dir, tmp_path_factory):
+    """A server whose keys live in its store (plus JWTs), with a response cache."""
+    data = tmp_path_factory.mktemp("keyed-data")
+    made = {}
+    for name, limits in (("limited", ["--rpm", "2"]), ("free", []), ("single", ["--max-streams", "1"])):
+        import contextlib
+        import io
+
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+            assert main(["keys", "create", "--name", name, *limits, "--data-dir", str(data)]) == 0
+        made[name] = out.getvalue().strip()
+    server = Server(model_dir("qwen2_5_vl"), tmp_path_factory.mktemp("logs") / "keyed.log", "--data-dir", str(data),
+                    "--jwt-secret", SECRET, "--response-cache", "32")
+    yield server, made, data
+    server.stop()
+
+
+def client(server, key=None, **kwargs):
+    return anthropic.Anthropic(base_url=server.url, api_key=key, max_retries=0, **kwargs)
+
+
+def ask(c, **kwargs):
+    values = dict(model="claude-sonnet-4-5", max_tokens=5, messages=[{"role": "user", "content": "hi"}])
+    values.update(kwargs)
+    return c.messages.create(**values)
+
+
+def test_stored_keys_authenticate_and_bad_ones_do_not(keyed):
+    server, made, _ = keyed
+    assert ask(client(server, made["free"])).usage.output_tokens > 0
+    assert ask(client(server, API_KEY)).usage.output_tokens > 0  # flags and the store side by side
+    with pytest.raises(anthropic.AuthenticationError):
+        ask(client(server, made["free"] + "x"))
+
+
+def test_a_revoked_key_stops_working_within_seconds(keyed, capsys):
+    server, _, data = keyed
+    assert main(["keys", "create", "--name", "temp", "--data-dir", str(data)]) == 0
+    key = capsys.readouterr().out.strip()
+    time.sleep(5.5)  # a key made after the server looked is found at its next look
+    assert ask(client(server, key)).usage.output_tokens > 0
+    assert main(["keys", "revoke", "temp", "--data-dir", str(data)]) == 0
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        try:
+            ask(client(server, key))
+        except anthropic.AuthenticationError:
+            return
+        time.sleep(0.5)
+    raise AssertionError("a revoked key still works")
+
+
+def test_rate_limits_reach_the_sdk_with_retry_after(keyed):
+    server, made, _ = keyed
+    c = client(server, made["limited"])
+    raw = c.messages.with_raw_response.create(model="claude-sonnet-4-5", max_tokens=5, messages=[{"role": "user", "content": "a"}])
+    assert raw.headers["anthropic-ratelimit-requests-limit"] == "2"
+    ask(c)
+    with pytest.raises(anthropic.RateLimitError) as raised:
+        ask(c)
+    assert raised.value.response.headers["retry-after"].isdigit()
+    assert raised.value.body["error"]["type"] == "rate_limit_error"
+    ask(client(server, made["free"]))  # one key's limit is not another's
+
+
+def test_one_key_one_running_request(keyed):
+    server, made, _ = keyed
+    c = client(server, made["single"])
+    started = threading.Event()
+    finished = []
+
+    def long_stream():
+        with c.messages.stream(model="claude-sonnet-4-5", max_tokens=300, messages=[{"role": "user", "content": "go"}],
+                               extra_body={"temperature": 1.0}) as stream:
+            for _ in stream:
+                started.set()
+            finished.append(stream.get_final_message())
+
+    worker = threading.Thread(target=long_stream)
+    worker.start()
+    assert started.wait(60)
+    with pytest.raises(anthropic.RateLimitError):
+        ask(c)
+    worker.join(120)
+    assert finished and ask(c).usage.output_tokens > 0  # the slot came back
+
+
+def test_jwt_bearer_tokens_through_the_sdk(keyed):
+    server, _, _ = keyed
+    token = jwt.encode({"sub": "svc-a", "exp": int(time.time()) + 300}, SECRET, algorithm="HS256")
+    c = anthropic.Anthropic(base_url=server.url, auth_token=token, api_key=None, max_retries=0)
+    assert ask(c).usage.output_tokens > 0
+    # Files belong to the token's subject.
+    uploaded = c.beta.files.upload(file=("a.txt", b"hello", "text/plain"))
+    other = jwt.encode({"sub": "svc-b", "exp": int(time.time()) + 300}, SECRET, algorithm="HS256")
+    with pytest.raises(anthropic.NotFoundError):
+        anthropic.Anthropic(base_url=server.url, auth_token=other, max_retries=0).beta.files.retrieve_metadata(uploaded.id)
+    expired = jwt.encode({"sub": "svc-a", "exp": int(time.time()) - 600}, SECRET, algorithm="HS256")
+    with pytest.raises(anthropic.AuthenticationError) as raised:
+        ask(anthropic.Anthropic(base_url=server.url, auth_token=expired, max_retries=0))
+    assert "expired" in raised.value.message
+
+
+def test_the_response_cache_through_the_sdk(keyed):
+    server, made, _ = keyed
+    c = client(server, made["free"])
+    kwargs = dict(max_tokens=10, messages=[{"role": "user", "content": "repeat after me"}], extra_body={"temperature": 0})
+    first = c.messages.with_raw_response.create(model="claude-sonnet-4-5", **kwargs)
+    assert first.headers["x-localvl-cache"] == "miss"
+    with c.messages.stream(model="claude-sonnet-4-5", **kwargs) as stream:
+        replayed = stream.get_final_message()
+    original = first.parse()
+    assert [b.text for b in replayed.content] == [b.text for b in original.content]
+    assert replayed.usage.output_tokens == original.usage.output_tokens and replayed.id != original.id
+    assert [b.text for b in ask(c, **kwargs).content] == [b.text for b in original.content]
+
+
+def test_two_servers_share_limits_through_redis(model_dir, tmp_path):
+    url = os.environ.get("LOCALVL_TEST_REDIS_URL")
+    if not url:
+        pytest.skip("no Redis server (set LOCALVL_TEST_REDIS_URL; .ci/run starts one)")
+    key = "sk-shared-" + str(time.time_ns())
+    servers = [Server(model_dir("qwen2_5_vl"), tmp_path / f"r{i}.log", "--redis-url", url, "--rpm", "3", "--api-key", key)
+               for i in range(2)]
+    try:
+        answers = []
+        for i in range(4):
+            try:
+                ask(client(servers[i % 2], key))
+                answers.append(200)
+            except anthropic.RateLimitError:
+                answers.append(429)
+        assert answers == [200, 200, 200, 429]  # three requests a minute across both servers
+        with pytest.raises(anthropic.RateLimitError):
+            ask(client(servers[0], key))
+        assert httpx.get(servers[0].url + "/health").status_code == 200
+    finally:
+        for server in servers:
+            server.stop()

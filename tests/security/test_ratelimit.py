@@ -1,0 +1,141 @@
+"""Token buckets, in process and in Redis: the same decisions either way."""
+
+import asyncio
+import datetime as dt
+import secrets
+
+import pytest
+
+from localvl.errors import RateLimitError
+from localvl.security.keys import Limits
+from localvl.security.ratelimit import INPUT, OUTPUT, REQUESTS, MemoryBuckets, RateLimiter, capacities, headers
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def run(coroutine):
+    return asyncio.run(coroutine)
+
+
+def test_capacities_name_only_the_limited_kinds():
+    assert capacities(Limits()) == {}
+    assert capacities(Limits(rpm=5, otpm=100)) == {REQUESTS: 5, OUTPUT: 100}
+
+
+def test_requests_burst_to_the_limit_then_wait_for_the_refill():
+    clock = Clock()
+    buckets = MemoryBuckets(clock)
+    caps = {REQUESTS: 3}
+
+    async def go():
+        for expected in (2, 1, 0):
+            admission = await buckets.admit("k", caps)
+            assert admission.admitted and admission.levels[REQUESTS] == pytest.approx(expected)
+        refused = await buckets.admit("k", caps)
+        assert not refused.admitted and refused.retry_after == pytest.approx(20.0)  # 1 request / (3 per 60 s)
+        assert (await buckets.admit("other", caps)).admitted  # keys are counted apart
+        clock.now += 20.0
+        assert (await buckets.admit("k", caps)).admitted
+        assert not (await buckets.admit("k", caps)).admitted
+        clock.now += 3600  # never more than a minute's allowance
+        levels = [(await buckets.admit("k", caps)).admitted for _ in range(4)]
+        assert levels == [True, True, True, False]
+
+    run(go())
+
+
+def test_tokens_are_charged_after_the_fact_and_debt_is_waited_off():
+    clock = Clock()
+    buckets = MemoryBuckets(clock)
+    caps = {INPUT: 600, OUTPUT: 60}
+
+    async def go():
+        assert (await buckets.admit("k", caps)).admitted
+        await buckets.charge("k", caps, {INPUT: 100, OUTPUT: 90})  # 30 output tokens over
+        refused = await buckets.admit("k", caps)
+        assert not refused.admitted
+        assert refused.levels[OUTPUT] == pytest.approx(-30) and refused.levels[INPUT] == pytest.approx(500)
+        assert refused.retry_after == pytest.approx(30.0, abs=1e-3)  # 30 tokens at 1 token/s
+        clock.now += 31
+        assert (await buckets.admit("k", caps)).admitted
+
+    run(go())
+
+
+def test_headers_follow_anthropics_names():
+    found = headers({REQUESTS: 10, INPUT: 1000}, {REQUESTS: 4.6, INPUT: -5})
+    assert found["anthropic-ratelimit-requests-limit"] == "10"
+    assert found["anthropic-ratelimit-requests-remaining"] == "4"
+    assert found["anthropic-ratelimit-input-tokens-remaining"] == "0"
+    reset = dt.datetime.fromisoformat(found["anthropic-ratelimit-requests-reset"].replace("Z", "+00:00"))
+    seconds = (reset - dt.datetime.now(dt.timezone.utc)).total_seconds()
+    assert 30 < seconds < 34  # 5.4 requests at 1 per 6 s
+    assert not any(name.startswith("anthropic-ratelimit-output") for name in found)
+
+
+def test_the_limiter_raises_429_with_retry_after_and_counts_running_requests():
+    limiter = RateLimiter(MemoryBuckets())
+    limits = Limits(rpm=1, max_streams=2)
+
+    async def go():
+        found = await limiter.admit("k", limits)
+        assert found["anthropic-ratelimit-requests-remaining"] == "0"
+        with pytest.raises(RateLimitError) as raised:
+            await limiter.admit("k", limits)
+        assert int(raised.value.headers["retry-after"]) >= 59
+        assert await limiter.admit("k", Limits()) == {}  # nothing limited: nothing said
+
+    run(go())
+    limiter.enter("k", limits)
+    limiter.enter("k", limits)
+    with pytest.raises(RateLimitError):
+        limiter.enter("k", limits)
+    limiter.leave("k")
+    limiter.enter("k", limits)
+
+
+def test_a_failing_backend_lets_requests_through():
+    class Down:
+        async def admit(self, owner, caps):
+            raise ConnectionError("down")
+
+        async def charge(self, owner, caps, amounts):
+            raise ConnectionError("down")
+
+    limiter = RateLimiter(Down())
+    assert run(limiter.admit("k", Limits(rpm=1))) == {}
+    run(limiter.charge("k", Limits(otpm=1), 5, 5))
+
+
+def test_redis_buckets_decide_like_memory_ones(redis_url):
+    from localvl.security.redis_buckets import RedisBuckets
+
+    async def go():
+        buckets = RedisBuckets(redis_url)
+        owner = "k-" + secrets.token_hex(4)
+        caps = {REQUESTS: 2, OUTPUT: 60}
+        try:
+            assert (await buckets.admit(owner, caps)).admitted
+            second = await buckets.admit(owner, caps)
+            assert second.admitted and second.levels[REQUESTS] == pytest.approx(0, abs=0.01)
+            refused = await buckets.admit(owner, caps)
+            assert not refused.admitted and refused.retry_after == pytest.approx(30, abs=0.5)
+            # A second server (another client) sees the same buckets.
+            other = RedisBuckets(redis_url)
+            assert not (await other.admit(owner, caps)).admitted
+            await other.close()
+            owner2 = owner + "-tokens"
+            await buckets.charge(owner2, caps, {OUTPUT: 120})
+            debt = await buckets.admit(owner2, caps)
+            assert not debt.admitted and debt.levels[OUTPUT] == pytest.approx(-60, abs=0.5)
+            assert debt.levels[REQUESTS] == pytest.approx(2, abs=0.01)  # a refused request takes nothing
+        finally:
+            await buckets.close()
+
+    run(go())
