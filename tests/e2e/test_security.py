@@ -135,14 +135,20 @@ def test_the_response_cache_through_the_sdk(keyed):
     assert [b.text for b in ask(c, **kwargs).content] == [b.text for b in original.content]
 
 
-def test_two_servers_share_limits_through_redis(model_dir, tmp_path):
+def test_two_servers_share_limits_and_answers_through_redis(model_dir, tmp_path):
     url = os.environ.get("LOCALVL_TEST_REDIS_URL")
     if not url:
         pytest.skip("no Redis server (set LOCALVL_TEST_REDIS_URL; .ci/run starts one)")
     key = "sk-shared-" + str(time.time_ns())
-    servers = [Server(model_dir("qwen2_5_vl"), tmp_path / f"r{i}.log", "--redis-url", url, "--rpm", "3", "--api-key", key)
-               for i in range(2)]
+    servers = [Server(model_dir("qwen2_5_vl"), tmp_path / f"r{i}.log", "--redis-url", url, "--rpm", "5", "--api-key", key,
+                      "--response-cache", "8") for i in range(2)]
     try:
+        # An answer one server cached is served by the other.
+        question = dict(max_tokens=6, messages=[{"role": "user", "content": f"shared {time.time_ns()}"}], extra_body={"temperature": 0})
+        first = client(servers[0], key).messages.with_raw_response.create(model="claude-sonnet-4-5", **question)
+        second = client(servers[1], key).messages.with_raw_response.create(model="claude-sonnet-4-5", **question)
+        assert (first.headers["x-localvl-cache"], second.headers["x-localvl-cache"]) == ("miss", "hit")
+        assert [b.text for b in first.parse().content] == [b.text for b in second.parse().content]
         answers = []
         for i in range(4):
             try:
@@ -150,7 +156,7 @@ def test_two_servers_share_limits_through_redis(model_dir, tmp_path):
                 answers.append(200)
             except anthropic.RateLimitError:
                 answers.append(429)
-        assert answers == [200, 200, 200, 429]  # three requests a minute across both servers
+        assert answers == [200, 200, 200, 429]  # five requests a minute across both servers
         with pytest.raises(anthropic.RateLimitError):
             ask(client(servers[0], key))
         assert httpx.get(servers[0].url + "/health").status_code == 200
