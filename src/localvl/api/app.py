@@ -25,7 +25,7 @@ from localvl.api.auth import require_api_key
 from localvl.api.errors import install_error_handlers
 from localvl.api.middleware import RequestContextMiddleware, Traffic
 from localvl.api.model_names import ModelNames, ServedModel, parse_aliases
-from localvl.api.response_cache import MemoryCache, RedisCache, ResponseCache
+from localvl.api.response_cache import MemoryCache, RedisCache, ResponseCache, model_fingerprint
 from localvl.api.signatures import ThinkingSigner
 from localvl.engine.protocol import Engine
 from localvl.models.tiny import default_cache_dir
@@ -127,6 +127,7 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
     app.state.authenticator = authenticator(settings, app.state.store)
     app.state.limiter = rate_limiter(settings)
     app.state.response_cache = response_cache(settings)
+    app.state.model_fingerprint = model_fingerprint(engine.info.name_or_path, settings.revision)
     app.state.traffic = Traffic()
     app.state.batch_worker = BatchWorker(app.state)
     app.state.ready = False

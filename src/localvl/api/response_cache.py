@@ -14,6 +14,7 @@ import hashlib
 import json
 import time
 from collections import OrderedDict
+from pathlib import Path
 from typing import Any, Protocol
 
 IGNORED_FIELDS = ("stream", "metadata")  # do not change the answer
@@ -25,6 +26,20 @@ def cacheable(data: dict[str, Any]) -> bool:
         return False
     deterministic = data.get("temperature") == 0 or isinstance(data.get("seed"), int)
     return deterministic and '"url"' not in json.dumps(data.get("messages", []))
+
+
+def model_fingerprint(source: str, revision: str | None) -> str:
+    """What identifies the weights answering: the source, the revision asked for, and for a
+    folder the names, sizes and times of its files — new weights in the same folder (or a cache
+    in Redis outliving a restart) never serve the old weights' answers."""
+    parts = [source, revision or ""]
+    folder = Path(source)
+    if folder.is_dir():
+        for path in sorted(folder.iterdir()):
+            if path.is_file():
+                stat = path.stat()
+                parts.append(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}")
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()
 
 
 def cache_key(data: dict[str, Any], model: str, owner: str) -> str:

@@ -145,8 +145,7 @@ def _cache_key(request: Request, raw: bytes, served: str) -> str | None:
     if not cacheable(data):
         return None
     owner = "" if state.settings.response_cache_shared else request.state.owner
-    model = f"{served}\0{state.engine.info.name_or_path}\0{state.settings.revision or ''}"
-    return cache_key(data, model, owner)
+    return cache_key(data, f"{served}\0{state.model_fingerprint}", owner)
 
 
 @router.post("/v1/messages", dependencies=[Depends(rate_limited)])
