@@ -11,3 +11,6 @@ LOCALVL_TEST_DEVICE=cuda timeout "${TESTS_S:-200}" python3 -m pytest -q -x -p no
 timeout "${LOAD_S:-240}" python3 benchmarks/load.py --shape 3b --device cuda --concurrency 1,16,64 --requests 64 \
   --single-requests 8 --baseline-requests 2 --tokens 128 --json "$out/load.json" 2>&1 | grep -v -E "Loading|Writing" | tee "$out/load.txt"
 timeout "${PROFILE_S:-80}" python3 benchmarks/profile_step.py --shape 3b --device cuda --batch 64 --tokens 24 2>&1 | grep -v -E "Loading|Writing" | head -60 | tee "$out/profile.txt"
+# The loading paths on the GPU: bf16 auto, flash-attention where installed, bitsandbytes 8/4-bit
+# (carry its wheel and accelerate's in .whl: docs/MODELS.md).
+timeout "${LOADING_S:-90}" python3 benchmarks/loading_check.py --device cuda 2>&1 | grep -v -E "Loading|Writing" | tail -8 | tee "$out/loading.txt"
