@@ -258,7 +258,9 @@ def tiny_model(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="localvl", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="localvl", description="Qwen vision-language models on your own machine, behind Anthropic's Messages API."
+    )
     parser.add_argument("--version", action="version", version=f"localvl {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
