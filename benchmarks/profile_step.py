@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from localvl.cli import apply_cpu_threads
 from localvl.conversation import Conversation, GenerationRequest, SamplingParams, Text, Turn
 from localvl.engine.local import EngineConfig, LocalEngine
 
@@ -82,6 +83,7 @@ def main() -> None:
     logging.getLogger("localvl").setLevel(args.log_level.upper())
     with tempfile.TemporaryDirectory() as tmp:
         loaded = build(args.shape, args.device, "auto", Path(tmp))
+        apply_cpu_threads(loaded.model.device.type, None)  # as `localvl serve` does
     loaded = dataclasses.replace(loaded, eos_token_ids=frozenset())
     engine = LocalEngine(loaded, EngineConfig(max_num_seqs=max(64, args.batch)))
     device = engine.model.device
@@ -104,7 +106,7 @@ def main() -> None:
         # The profiler records the thread that starts it: start and stop it here, on the engine thread.
         pure = len(batch) == args.batch and all(s.count == 1 for s in batch)
         if profiling["on"] and pure and profiling["prof"] is None and profiling["left"]:
-            profiling["prof"] = torch.profiler.profile(activities=activities)
+            profiling["prof"] = torch.profiler.profile(activities=activities, record_shapes=True)
             profiling["prof"].__enter__()
         out, ms = timed(device, run, batch)
         steps.append((sum(s.count for s in batch), ms))
@@ -135,7 +137,7 @@ def main() -> None:
             print(engine.stats())
             sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
             print(f"profile of 5 decode steps at batch {args.batch}:")
-            print(prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=70))
+            print(prof.key_averages(group_by_input_shape=True).table(sort_by=sort, row_limit=30, max_name_column_width=70))
             if args.prefill:
                 await profile_prefill(engine, activities, sort)
         finally:
