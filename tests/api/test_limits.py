@@ -123,3 +123,30 @@ def test_a_shared_response_cache_serves_every_key(engine, tmp_path):
         ask = body(max_tokens=6, temperature=0)
         assert client.post("/v1/messages", json=ask).headers["x-localvl-cache"] == "miss"
         assert client.post("/v1/messages", json=ask, headers={"x-api-key": "sk-other"}).headers["x-localvl-cache"] == "hit"
+
+
+def test_chat_completions_are_cached_too(engine, tmp_path):
+    with make_client(engine, tmp_path, response_cache=8) as client:
+        ask = {"model": "tiny-vl", "max_tokens": 10, "temperature": 0, "messages": [{"role": "user", "content": "cache me too"}]}
+        first = client.post("/v1/chat/completions", json=ask)
+        again = client.post("/v1/chat/completions", json=ask)
+        assert (first.headers["x-localvl-cache"], again.headers["x-localvl-cache"]) == ("miss", "hit")
+        a, b = first.json(), again.json()
+        assert a["id"] != b["id"] and a["choices"] == b["choices"] and a["usage"] == b["usage"]
+        assert "localvl_usage" not in b
+        with client.stream("POST", "/v1/chat/completions",
+                           json={**ask, "stream": True, "stream_options": {"include_usage": True}}) as streamed:
+            assert streamed.headers["x-localvl-cache"] == "hit"
+            lines = [line for line in b"".join(streamed.iter_bytes()).decode().splitlines() if line.startswith("data: ")]
+        assert lines[-1] == "data: [DONE]"
+        chunks = [json.loads(line[6:]) for line in lines[:-1]]
+        assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+        text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+        assert text == (a["choices"][0]["message"]["content"] or "")
+        assert chunks[-1]["usage"] == a["usage"] and chunks[-2]["choices"][0]["finish_reason"] == a["choices"][0]["finish_reason"]
+        # A streamed miss fills the cache for plain requests too.
+        other = {**ask, "messages": [{"role": "user", "content": "streamed first"}], "stream": True}
+        with client.stream("POST", "/v1/chat/completions", json=other) as streamed:
+            assert streamed.headers["x-localvl-cache"] == "miss"
+            b"".join(streamed.iter_bytes())
+        assert client.post("/v1/chat/completions", json={**other, "stream": False}).headers["x-localvl-cache"] == "hit"

@@ -13,12 +13,18 @@ def test_only_deterministic_self_contained_requests_qualify():
     assert not cacheable({**base, "temperature": 0, "thread": {"type": "create"}})
     url = {"role": "user", "content": [{"type": "image", "source": {"type": "url", "url": "https://x/y.png"}}]}
     assert not cacheable({**base, "temperature": 0, "messages": [url]})
+    # OpenAI's image parts: a data: URL is the image itself, an http(s) one is fetched.
+    inline = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}
+    fetched = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "HTTP://x/y.png"}}]}
+    assert cacheable({**base, "seed": 7, "messages": [inline]})
+    assert not cacheable({**base, "seed": 7, "messages": [fetched]})
 
 
 def test_keys_ignore_stream_and_metadata_but_not_owner_or_model():
     data = {"model": "m", "temperature": 0, "messages": []}
     key = cache_key(data, "model-a", "alice")
     assert cache_key({**data, "stream": True, "metadata": {"user_id": "u"}}, "model-a", "alice") == key
+    assert cache_key({**data, "stream_options": {"include_usage": True}, "user": "u"}, "model-a", "alice") == key
     assert cache_key(data, "model-a", "bob") != key and cache_key(data, "model-b", "alice") != key
     assert cache_key({**data, "max_tokens": 6}, "model-a", "alice") != key
 

@@ -135,6 +135,20 @@ def test_the_response_cache_through_the_sdk(keyed):
     assert [b.text for b in ask(c, **kwargs).content] == [b.text for b in original.content]
 
 
+def test_the_response_cache_through_the_openai_sdk(keyed):
+    import openai
+
+    server, made, _ = keyed
+    c = openai.OpenAI(base_url=server.url + "/v1", api_key=made["free"], max_retries=0)
+    kwargs = dict(model="tiny-vl", max_tokens=8, temperature=0, messages=[{"role": "user", "content": "openai repeat"}])
+    first = c.chat.completions.with_raw_response.create(**kwargs)
+    assert first.headers["x-localvl-cache"] == "miss"
+    chunks = list(c.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
+    original = first.parse()
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == (original.choices[0].message.content or "")
+    assert chunks[-1].usage.completion_tokens == original.usage.completion_tokens
+
+
 def test_two_servers_share_limits_and_answers_through_redis(model_dir, tmp_path):
     url = os.environ.get("LOCALVL_TEST_REDIS_URL")
     if not url:

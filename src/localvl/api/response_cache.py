@@ -1,8 +1,8 @@
 """The response cache: exact repeats of deterministic requests answered from memory.
 
-Opt-in (``--response-cache N``). Only requests whose answer is a function of the request are
-cached: temperature 0 (or a fixed seed), no thread, no URL-sourced media (what a URL serves can
-change). The key hashes the normalised request (``stream`` aside: a streamed request and a plain
+Opt-in (``--response-cache N``), for Messages and Chat Completions alike. Only requests whose
+answer is a function of the request are cached: temperature 0 (or a fixed seed), no thread, no
+media named by an http(s) URL (what a URL serves can change). The key hashes the normalised request (``stream`` aside: a streamed request and a plain
 one share an answer), the served model and its revision, and the caller's identity unless
 ``--response-cache-shared``. In-process LRU by default; Redis when ``--redis-url`` is set, so
 several servers share it.
@@ -17,7 +17,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Protocol
 
-IGNORED_FIELDS = ("stream", "metadata")  # do not change the answer
+IGNORED_FIELDS = ("stream", "stream_options", "metadata", "user")  # do not change the answer
 
 
 def cacheable(data: dict[str, Any]) -> bool:
@@ -25,7 +25,19 @@ def cacheable(data: dict[str, Any]) -> bool:
     if data.get("thread") is not None:
         return False
     deterministic = data.get("temperature") == 0 or isinstance(data.get("seed"), int)
-    return deterministic and '"url"' not in json.dumps(data.get("messages", []))
+    return deterministic and not _fetches(data.get("messages", []))
+
+
+def _fetches(value: Any) -> bool:
+    """Whether media is named by an http(s) URL anywhere in ``value`` (data: URLs are content)."""
+    if isinstance(value, dict):
+        url = value.get("url")
+        if isinstance(url, str) and url.lower().startswith(("http://", "https://")):
+            return True
+        return any(_fetches(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_fetches(v) for v in value)
+    return False
 
 
 def model_fingerprint(source: str, revision: str | None) -> str:
@@ -46,6 +58,15 @@ def cache_key(data: dict[str, Any], model: str, owner: str) -> str:
     normalised = {k: v for k, v in data.items() if k not in IGNORED_FIELDS}
     text = json.dumps(normalised, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(f"{model}\0{owner}\0{text}".encode()).hexdigest()
+
+
+def request_key(state: Any, owner: str, data: dict[str, Any], served: str, dialect: str) -> str | None:
+    """The cache key of a request to this app (``state``: the app's state), or None when there is
+    no cache or the request is not to be cached."""
+    if state.response_cache is None or not cacheable(data):
+        return None
+    who = "" if state.settings.response_cache_shared else owner
+    return cache_key(data, f"{dialect}\0{served}\0{state.model_fingerprint}", who)
 
 
 class ResponseCache(Protocol):

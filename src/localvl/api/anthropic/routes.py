@@ -22,7 +22,7 @@ from localvl.api.disconnect import until_disconnect
 from localvl.api.limits import rate_limited
 from localvl.api.middleware import new_id
 from localvl.api.model_names import ModelNames
-from localvl.api.response_cache import cache_key, cacheable
+from localvl.api.response_cache import request_key
 from localvl.api.signatures import ThinkingSigner
 from localvl.engine.protocol import Engine, GenerationStream
 from localvl.engine.sequence import INTERACTIVE
@@ -136,18 +136,6 @@ async def start_message(
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-def _cache_key(request: Request, raw: bytes, served: str) -> str | None:
-    """The response-cache key of this request, or None when it is not to be cached."""
-    state = request.app.state
-    if state.response_cache is None:
-        return None
-    data = load_json_object(raw)
-    if not cacheable(data):
-        return None
-    owner = "" if state.settings.response_cache_shared else request.state.owner
-    return cache_key(data, f"{served}\0{state.model_fingerprint}", owner)
-
-
 @router.post("/v1/messages", dependencies=[Depends(rate_limited)])
 async def create_message(request: Request) -> Any:
     names, settings = _names(request), _settings(request)
@@ -162,7 +150,8 @@ async def create_message(request: Request) -> Any:
             body, on_done = _threaded(request, data, len(raw))
         else:
             body = parse_body(MessagesRequest, raw)
-            key = _cache_key(request, raw, names.require(body.model).name)
+            key = request_key(request.app.state, request.state.owner, load_json_object(raw), names.require(body.model).name,
+                              "anthropic") if request.app.state.response_cache is not None else None
     served = names.require(body.model).name
     message_id = new_id("msg_")
     cache = request.app.state.response_cache

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any
 
@@ -16,8 +17,9 @@ from localvl.api.limits import rate_limited
 from localvl.api.middleware import new_id
 from localvl.api.openai import convert
 from localvl.api.openai.schemas import ChatCompletionRequest
-from localvl.api.openai.stream import collect_completion, completion_chunks
-from localvl.api.validation import parse_body
+from localvl.api.openai.stream import collect_completion, completion_chunks, replayed_chunks
+from localvl.api.response_cache import request_key
+from localvl.api.validation import load_json_object, parse_body
 from localvl.engine.protocol import Engine, GenerationStream
 from localvl.media.fetch import fetch_all
 
@@ -29,10 +31,25 @@ router = APIRouter(dependencies=[Depends(require_api_key)])
 async def chat_completions(request: Request) -> Any:
     state = request.app.state
     engine: Engine = state.engine
-    body = parse_body(ChatCompletionRequest, await request.body())
-    state.model_names.require(body.model)
+    raw = await request.body()
+    body = parse_body(ChatCompletionRequest, raw)
+    served = state.model_names.require(body.model).name
     completion_id = new_id("chatcmpl-")
     settings = state.settings
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    cache = state.response_cache
+    key = None if cache is None else request_key(state, request.state.owner, load_json_object(raw), served, "openai")
+    if key is not None:
+        hit = await cache.get(key)
+        request.scope["state"].setdefault("response_headers", {})["x-localvl-cache"] = "hit" if hit else "miss"
+        if hit is not None:
+            request.state.model, request.state.cache_hit, request.state.usage = served, True, hit["localvl_usage"]
+            completion = {k: v for k, v in hit.items() if k != "localvl_usage"}
+            completion.update(id=completion_id, created=int(time.time()), model=body.model)
+            if body.stream:
+                return StreamingResponse(replayed_chunks(completion, include_usage), media_type="text/event-stream",
+                                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return JSONResponse(completion)
     fetched = await fetch_all(convert.image_urls(body), settings.url_policy(), settings.max_image_bytes)
     generations = await anyio.to_thread.run_sync(convert.generation_requests, completion_id, body, settings.media(fetched))
     streams: list[GenerationStream] = []
@@ -44,13 +61,15 @@ async def chat_completions(request: Request) -> Any:
             await stream.aclose()
         raise
     created = int(time.time())
-    request.state.model = state.model_names.require(body.model).name
+    request.state.model = served
 
-    def done(usage: dict[str, int]) -> None:
+    def done(usage: dict[str, int], completion: dict[str, Any]) -> None:
         request.state.usage = usage  # for the access log and the rate limits: counts only
+        if key is not None:
+            stored = {**completion, "localvl_usage": usage}
+            request.scope["state"].setdefault("finishers", []).append(functools.partial(cache.put, key, stored))
 
     if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(
             completion_chunks(
                 streams, completion_id, body.model, created, include_usage, state.settings.ping_interval,

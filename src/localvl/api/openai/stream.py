@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable, Iterator
 
 from localvl import __version__
 from localvl.api.openai.errors import error_json
@@ -107,58 +107,81 @@ def usage_counts(finished: list[Finished]) -> dict[str, int]:
     }
 
 
-async def collect_completion(
-    streams: list[GenerationStream], completion_id: str, model: str, created: int, logprobs: bool = False,
-    on_done: Callable[[dict[str, int]], None] | None = None,
-) -> dict[str, Any]:
-    texts: list[list[str]] = [[] for _ in streams]
-    thoughts: list[list[str]] = [[] for _ in streams]
-    calls: list[list[dict[str, Any]]] = [[] for _ in streams]
-    entries: list[list[TokenLogprob]] = [[] for _ in streams]
-    finished: list[Finished | None] = [None] * len(streams)
-    async for index, event in merged(streams):
-        if isinstance(event, TextDelta):
-            texts[index].append(event.text)
-            entries[index].extend(event.logprobs)
-        elif isinstance(event, ThinkingDelta):
-            thoughts[index].append(event.text)
-        elif isinstance(event, ToolCallEvent):
-            calls[index].append(tool_call_json(event))
-        elif isinstance(event, Finished):
-            finished[index] = event
-    done = [f for f in finished if f is not None]
-    if len(done) != len(streams):
-        raise InternalError("generation ended without a result")
-    if on_done is not None:
-        on_done(usage_counts(done))
+class Choices:
+    """What each choice has said so far: enough to write the whole ``chat.completion``."""
 
-    def message(i: int) -> dict[str, Any]:
-        text = "".join(texts[i])
-        out: dict[str, Any] = {"role": "assistant", "content": text if text or not calls[i] else None, "refusal": None}
-        if thoughts[i]:
-            out["reasoning_content"] = "".join(thoughts[i])  # the field vLLM and DeepSeek use
-        if calls[i]:
-            out["tool_calls"] = calls[i]
+    def __init__(self, count: int) -> None:
+        self.texts: list[list[str]] = [[] for _ in range(count)]
+        self.thoughts: list[list[str]] = [[] for _ in range(count)]
+        self.calls: list[list[dict[str, Any]]] = [[] for _ in range(count)]
+        self.entries: list[list[TokenLogprob]] = [[] for _ in range(count)]
+        self.finished: list[Finished | None] = [None] * count
+
+    def add(self, index: int, event: Event) -> None:
+        if isinstance(event, TextDelta):
+            self.texts[index].append(event.text)
+            self.entries[index].extend(event.logprobs)
+        elif isinstance(event, ThinkingDelta):
+            self.thoughts[index].append(event.text)
+        elif isinstance(event, ToolCallEvent):
+            self.calls[index].append(tool_call_json(event))
+        elif isinstance(event, Finished):
+            self.finished[index] = event
+
+    def done(self) -> list[Finished]:
+        """Every choice's end; ``InternalError`` if one ended without one."""
+        done = [f for f in self.finished if f is not None]
+        if len(done) != len(self.finished):
+            raise InternalError("generation ended without a result")
+        return done
+
+    def _message(self, i: int) -> dict[str, Any]:
+        text = "".join(self.texts[i])
+        calls = self.calls[i]
+        out: dict[str, Any] = {"role": "assistant", "content": text if text or not calls else None, "refusal": None}
+        if self.thoughts[i]:
+            out["reasoning_content"] = "".join(self.thoughts[i])  # the field vLLM and DeepSeek use
+        if calls:
+            out["tool_calls"] = calls
         return out
 
-    choices = [
-        {
-            "index": i,
-            "message": message(i),
-            "logprobs": logprobs_json(entries[i], logprobs),
-            "finish_reason": FINISH_REASONS[done[i].reason],
+    def completion(self, completion_id: str, model: str, created: int, logprobs: bool) -> dict[str, Any]:
+        done = self.done()
+        choices = [
+            {
+                "index": i,
+                "message": self._message(i),
+                "logprobs": logprobs_json(self.entries[i], logprobs),
+                "finish_reason": FINISH_REASONS[done[i].reason],
+            }
+            for i in range(len(done))
+        ]
+        return {
+            "id": completion_id,
+            "object": "chat.completion",
+            "created": created,
+            "model": model,
+            "system_fingerprint": FINGERPRINT,
+            "choices": choices,
+            "usage": usage_json(done),
         }
-        for i in range(len(streams))
-    ]
-    return {
-        "id": completion_id,
-        "object": "chat.completion",
-        "created": created,
-        "model": model,
-        "system_fingerprint": FINGERPRINT,
-        "choices": choices,
-        "usage": usage_json(done),
-    }
+
+
+# Called once a request ends normally: its token counts (neutral vocabulary) and its completion.
+OnDone = Callable[[dict[str, int], dict[str, Any]], None]
+
+
+async def collect_completion(
+    streams: list[GenerationStream], completion_id: str, model: str, created: int, logprobs: bool = False,
+    on_done: OnDone | None = None,
+) -> dict[str, Any]:
+    choices = Choices(len(streams))
+    async for index, event in merged(streams):
+        choices.add(index, event)
+    completion = choices.completion(completion_id, model, created, logprobs)
+    if on_done is not None:
+        on_done(usage_counts(choices.done()), completion)
+    return completion
 
 
 def _data(payload: dict[str, Any]) -> bytes:
@@ -173,7 +196,7 @@ async def completion_chunks(
     include_usage: bool,
     ping_interval: float,
     logprobs: bool = False,
-    on_done: Callable[[dict[str, int]], None] | None = None,
+    on_done: OnDone | None = None,
 ) -> AsyncIterator[bytes]:
     """The SSE stream: a role chunk per choice, content chunks, a finish chunk per choice,
     the usage chunk when asked for, then ``[DONE]``. Closing it (client gone) aborts every choice."""
@@ -187,6 +210,7 @@ async def completion_chunks(
 
     finished: list[Finished] = []
     calls = [0] * len(streams)  # tool calls so far, per choice: each call's index
+    seen = Choices(len(streams))  # the whole completion, for on_done (the response cache)
     for index in range(len(streams)):
         yield chunk([choice(index, {"role": "assistant", "content": ""})])
     try:
@@ -195,6 +219,7 @@ async def completion_chunks(
                 yield b": ping\n\n"
                 continue
             index, event = item  # type: ignore[misc]
+            seen.add(index, event)
             if isinstance(event, TextDelta):
                 yield chunk([choice(index, {"content": event.text}, entries=event.logprobs)])
             elif isinstance(event, ThinkingDelta):
@@ -210,7 +235,7 @@ async def completion_chunks(
                 finished.append(event)
                 yield chunk([choice(index, {}, FINISH_REASONS[event.reason])])
         if finished and on_done is not None:
-            on_done(usage_counts(finished))
+            on_done(usage_counts(finished), seen.completion(completion_id, model, created, logprobs))
         if include_usage and finished:
             yield chunk([], usage=usage_json(finished))
     except LocalvlError as error:
@@ -218,4 +243,33 @@ async def completion_chunks(
     except Exception as error:  # after the headers went out, an error chunk is the only way to say it
         logger.error("stream failed: %s", type(error).__name__)
         yield _data({"error": error_json(InternalError("the server failed while streaming this response"))})
+    yield b"data: [DONE]\n\n"
+
+
+def replayed_chunks(completion: dict[str, Any], include_usage: bool) -> Iterator[bytes]:
+    """The chunk stream of a finished completion (a response-cache hit), shaped as a live one:
+    per choice a role chunk, its reasoning, content and tool calls, its finish chunk; then usage."""
+
+    def chunk(choices: list[dict[str, Any]], **extra: Any) -> bytes:
+        return _data({"id": completion["id"], "object": "chat.completion.chunk", "created": completion["created"],
+                      "model": completion["model"], "system_fingerprint": completion.get("system_fingerprint"),
+                      "choices": choices, **extra})
+
+    def choice(index: int, delta: dict[str, Any], finish: str | None = None, logprobs: Any = None) -> dict[str, Any]:
+        return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+
+    for entry in completion["choices"]:
+        index, message = entry["index"], entry["message"]
+        yield chunk([choice(index, {"role": "assistant", "content": ""})])
+        if message.get("reasoning_content"):
+            yield chunk([choice(index, {"reasoning_content": message["reasoning_content"]})])
+        if message.get("content"):
+            yield chunk([choice(index, {"content": message["content"]}, logprobs=entry.get("logprobs"))])
+        for number, call in enumerate(message.get("tool_calls") or []):
+            header = {**call, "function": {**call["function"], "arguments": ""}}
+            yield chunk([choice(index, {"tool_calls": [{"index": number, **header}]})])
+            yield chunk([choice(index, {"tool_calls": [{"index": number, "function": {"arguments": call["function"]["arguments"]}}]})])
+        yield chunk([choice(index, {}, entry["finish_reason"])])
+    if include_usage:
+        yield chunk([], usage=completion["usage"])
     yield b"data: [DONE]\n\n"
