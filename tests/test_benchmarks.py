@@ -1,0 +1,40 @@
+"""The benchmarks run end to end on a small CPU configuration (what they measure is printed,
+never asserted: timings do not belong in tests). This is what proves the GPU scripts work before
+a GPU session spends its minutes on them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(*args: str, timeout: float = 240) -> str:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(ROOT))
+    done = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+def test_the_load_benchmark_compares_engine_and_baseline(tmp_path):
+    out = run("benchmarks/load.py", "--tokens", "8", "--requests", "4", "--concurrency", "1,2", "--baseline-requests", "1",
+              "--single-requests", "1", "--vision-images", "2", "--json", str(tmp_path / "load.json"))
+    assert "naive model.generate" in out and "concurrency 2 vs 1" in out
+    result = json.loads((tmp_path / "load.json").read_text())
+    assert result["output_tokens"] == 8 and result["prompt_tokens"] > 256  # one 448 px image is 256 tokens
+    assert {row["concurrency"] for row in result["engine"]} == {1, 2}
+    assert all(row["requests_per_s"] > 0 for row in result["engine"]) and result["baseline"]["requests_per_s"] > 0
+
+
+def test_the_step_profile_and_the_decode_split_run():
+    assert "decode step median" in run("benchmarks/profile_step.py", "--batch", "2", "--tokens", "12")
+    assert "engine-thread CPU per step" in run("benchmarks/decode_split.py")
+
+
+def test_the_loading_check_loads_and_answers():
+    out = run("benchmarks/loading_check.py")
+    assert "auto dtype, auto attention: loaded" in out and "tokens through the engine" in out
