@@ -9,8 +9,12 @@ import importlib
 import logging
 import os
 import sys
+import types
+import typing
 from pathlib import Path
 from typing import Any, Sequence
+
+from pydantic_core import PydanticUndefined
 
 from localvl import __version__
 
@@ -19,6 +23,10 @@ COMMANDS: list[str] = ["localvl.chat", "localvl.models.commands", "localvl.secur
 
 
 def _serve_parser(sub: Any) -> None:
+    """``serve``'s flags, one per setting: ``--max-queue`` sets ``max_queue`` (settings.py holds each
+    one's type, default and description, so the flags cannot drift from the settings)."""
+    from localvl.settings import Settings
+
     p = sub.add_parser(
         "serve",
         help="serve a model behind Anthropic's Messages API",
@@ -26,85 +34,29 @@ def _serve_parser(sub: Any) -> None:
         "TOML file given by --config (flags win over the environment, which wins over the file).",
         argument_default=argparse.SUPPRESS,
     )
-    p.add_argument("--config", type=Path, help="TOML file with settings (LOCALVL_CONFIG)")
-    p.add_argument("--model", help="model folder or hub id (default: the built-in demo model)")
-    p.add_argument("--revision", help="hub revision of --model")
-    p.add_argument("--model-source", dest="model_source", choices=["huggingface", "modelscope"],
-                   help="where a hub id missing on disk is pulled from (default huggingface)")
-    p.add_argument("--attention", choices=["auto", "sdpa", "flash_attention_2", "eager"],
-                   help="attention kernel (default auto: flash_attention_2 on CUDA with flash-attn, else sdpa)")
-    p.add_argument("--quantize", choices=["4bit", "8bit"], help="quantize on load with bitsandbytes")
-    p.add_argument("--min-pixels", dest="min_pixels", type=int, help="image pixel budget, lower bound")
-    p.add_argument("--max-pixels", dest="max_pixels", type=int, help="image pixel budget, upper bound")
-    p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, help="port to listen on (default 8000)")
-    p.add_argument("--api-key", dest="api_key", action="append", help="accepted API key (repeatable)")
-    p.add_argument("--served-model-name", dest="served_model_name", help="the model's name in the API")
-    p.add_argument(
-        "--alias",
-        action="append",
-        help="PATTERN[=NAME]: request model names matching the glob mean NAME (default: claude-* means "
-        "the served model; giving --alias replaces that default)",
-    )
-    p.add_argument("--device", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--dtype", help="auto, bfloat16, float16, float32")
-    p.add_argument("--max-model-len", dest="max_model_len", type=int, help="context length in tokens")
-    p.add_argument("--max-batch-tokens", dest="max_batch_tokens", type=int, help="tokens per engine step (default 2048)")
-    p.add_argument("--max-num-seqs", dest="max_num_seqs", type=int, help="requests in the running batch (default 64)")
-    p.add_argument("--block-size", dest="block_size", type=int, help="tokens per KV-cache block (default 16)")
-    p.add_argument("--kv-cache-memory", dest="kv_cache_memory", type=int, help="bytes of KV cache (default: auto)")
-    p.add_argument(
-        "--gpu-memory-utilization", dest="gpu_memory_utilization", type=float,
-        help="share of free GPU memory for the KV cache (default 0.85)",
-    )
-    p.add_argument("--image-cache-memory", dest="image_cache_memory", type=int, help="bytes of image embeddings kept")
-    p.add_argument("--cpu-threads", dest="cpu_threads", type=int, help="torch threads on a CPU (default: cores - 1)")
-    p.add_argument(
-        "--cuda-graphs", dest="cuda_graphs", action=argparse.BooleanOptionalAction,
-        help="replay decode steps as CUDA graphs on a GPU (default on)",
-    )
-    p.add_argument("--max-queue", dest="max_queue", type=int, help="waiting requests before 529 (default 256)")
-    p.add_argument("--max-request-bytes", dest="max_request_bytes", type=int, help="largest request body")
-    p.add_argument("--ping-interval", dest="ping_interval", type=float, help="seconds between SSE pings")
-    p.add_argument("--cache-dir", dest="cache_dir", type=Path, help="where the demo model is kept")
-    p.add_argument("--url-allowlist", dest="url_allowlist", help="comma-separated hosts/addresses/CIDRs image URLs may reach although not public")
-    p.add_argument("--fetch-timeout", dest="fetch_timeout", type=float, help="seconds to fetch one URL (default 30)")
-    p.add_argument("--max-image-bytes", dest="max_image_bytes", type=int, help="largest image, inline or by URL (default 5 MB)")
-    p.add_argument("--max-images", dest="max_images", type=int, help="most images per request (default 100)")
-    p.add_argument("--max-image-side", dest="max_image_side", type=int, help="most pixels on an image side (default 8000)")
-    p.add_argument("--many-images", dest="many_images", type=int, help="beyond this many images the tighter side applies (20)")
-    p.add_argument("--max-image-side-many", dest="max_image_side_many", type=int, help="side limit with many images (2000)")
-    p.add_argument("--max-pdf-bytes", dest="max_pdf_bytes", type=int, help="largest PDF document (default 32 MB)")
-    p.add_argument("--max-pdf-pages", dest="max_pdf_pages", type=int, help="most pages of a PDF (default 600)")
-    p.add_argument("--pdf-page-pixels", dest="pdf_page_pixels", type=int, help="most pixels a PDF page is rendered with")
-    p.add_argument("--data-dir", dest="data_dir", type=Path, help="uploaded files and the SQLite database (default ~/.local/share/localvl)")
-    p.add_argument("--database-url", dest="database_url", help="store URL (default SQLite in the data dir; postgresql+asyncpg://...)")
-    p.add_argument("--max-file-bytes", dest="max_file_bytes", type=int, help="largest upload to /v1/files (default 500 MB)")
-    p.add_argument("--batch-concurrency", dest="batch_concurrency", type=int, help="batch requests run at once (default 16)")
-    p.add_argument("--batch-expiry", dest="batch_expiry", type=float, help="seconds before unstarted batch requests expire (24 h)")
-    p.add_argument("--batch-retention", dest="batch_retention", type=float, help="seconds finished batch results are kept (29 days)")
-    p.add_argument("--batch-lease", dest="batch_lease", type=float, help="seconds a batch request stays claimed unrenewed (120)")
-    p.add_argument("--shutdown-timeout", dest="shutdown_timeout", type=float, help="seconds running requests get to finish on SIGTERM (30)")
-    p.add_argument("--insecure-no-auth", dest="insecure_no_auth", action="store_true",
-                   help="serve a non-loopback host with no API key (anyone who reaches it can use the model)")
-    p.add_argument("--jwt-secret", dest="jwt_secret", help="accept JWT bearer tokens signed with this HS256 secret")
-    p.add_argument("--jwt-public-key", dest="jwt_public_key", type=Path, help="accept JWTs signed by this RS256/ES256 public key (PEM)")
-    p.add_argument("--jwt-jwks-file", dest="jwt_jwks_file", type=Path, help="accept JWTs signed by a key in this JWKS file")
-    p.add_argument("--jwt-audience", dest="jwt_audience", help="the aud claim JWTs must carry")
-    p.add_argument("--jwt-issuer", dest="jwt_issuer", help="the iss claim JWTs must carry")
-    p.add_argument("--rpm", type=int, help="requests per minute per key (stored keys with their own limits keep theirs)")
-    p.add_argument("--itpm", type=int, help="input tokens per minute per key")
-    p.add_argument("--otpm", type=int, help="output tokens per minute per key")
-    p.add_argument("--max-streams-per-key", dest="max_streams_per_key", type=int, help="requests one key may run at once")
-    p.add_argument("--redis-url", dest="redis_url", help="Redis for rate limits and the response cache shared by several servers")
-    p.add_argument("--request-timeout", dest="request_timeout", type=float, help="seconds a request may run (default 600)")
-    p.add_argument("--response-cache", dest="response_cache", type=int, help="deterministic answers kept for exact repeats (entries; 0: off)")
-    p.add_argument("--response-cache-ttl", dest="response_cache_ttl", type=float, help="seconds a cached answer is served (3600)")
-    p.add_argument("--response-cache-shared", dest="response_cache_shared", action="store_true",
-                   help="let one key's cached answers serve another key's identical request")
-    p.add_argument("--thinking-key", dest="thinking_key", help="key that signs thinking blocks (default: kept in the cache dir)")
-    p.add_argument("--log-level", dest="log_level", help="debug, info, warning, error")
+    for name, field in Settings.model_fields.items():
+        p.add_argument("--" + name.replace("_", "-"), dest=name, help=_flag_help(field), **_flag_kind(field))
     p.set_defaults(run=lambda args: serve({k: v for k, v in vars(args).items() if k not in ("command", "run")}))
+
+
+def _flag_kind(field: Any) -> dict[str, Any]:
+    """argparse's type/action/choices for a settings field's annotation."""
+    kind = field.annotation
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):  # X | None
+        kind = next(arg for arg in typing.get_args(kind) if arg is not type(None))
+    if kind is bool:
+        return {"action": "store_true"} if field.default is False else {"action": argparse.BooleanOptionalAction}
+    if typing.get_origin(kind) is list:
+        return {"action": "append"}
+    if typing.get_origin(kind) is typing.Literal:
+        return {"choices": list(typing.get_args(kind))}
+    return {"type": kind}
+
+
+def _flag_help(field: Any) -> str:
+    default = field.default
+    shown = default is not None and default is not PydanticUndefined and not isinstance(default, bool)
+    return f"{field.description} (default {default})" if shown else str(field.description)
 
 
 def _tiny_parser(sub: Any) -> None:

@@ -43,15 +43,15 @@ class Settings(BaseSettings):
     quantize: Literal["4bit", "8bit"] | None = Field(None, description="quantize on load with bitsandbytes")
     min_pixels: int | None = Field(None, ge=1, description="image pixel budget: smaller images are enlarged to this")
     max_pixels: int | None = Field(None, ge=1, description="image pixel budget: larger images are shrunk to this")
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
+    host: str = Field("127.0.0.1", description="address to listen on (a non-loopback one needs authentication)")
+    port: int = Field(8000, ge=0, le=65535, description="port to listen on")
     api_key: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, description="accepted API keys; none means no authentication"
+        default_factory=list, description="accepted API keys (repeatable; clients send one as x-api-key); none and no stored keys or JWT settings means no authentication"
     )
     served_model_name: str | None = Field(None, description="the model's name in the API; default: from --model")
     alias: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: [DEFAULT_ALIAS],
-        description="PATTERN or PATTERN=NAME: request model names (glob) that mean a served model",
+        description="PATTERN or PATTERN=NAME (repeatable): request model names (glob) that mean a served model; giving any replaces the default claude-*",
     )
     device: str = Field("auto", description="auto, cpu, cuda, cuda:1, ...")
     dtype: str = Field("auto", description="auto, bfloat16, float16 or float32")
@@ -115,7 +115,7 @@ class Settings(BaseSettings):
     thinking_key: str | None = Field(
         None, description="key that signs thinking blocks; default: a random key kept in the cache directory"
     )
-    log_level: str = "info"
+    log_level: str = Field("info", description="debug, info, warning or error")
 
     def resolved_data_dir(self) -> Path:
         if self.data_dir is not None:
@@ -143,7 +143,9 @@ class Settings(BaseSettings):
     @classmethod
     def _split_commas(cls, value: Any) -> Any:
         if isinstance(value, str):
-            return [item.strip() for item in value.split(",") if item.strip()]
+            value = [value]
+        if isinstance(value, list):  # repeated flags, each of which may hold a comma-separated list too
+            return [item.strip() for entry in value for item in str(entry).split(",") if item.strip()]
         return value
 
     @classmethod
