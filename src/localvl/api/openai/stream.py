@@ -208,9 +208,8 @@ async def completion_chunks(
     def choice(index: int, delta: dict[str, Any], finish: str | None = None, entries: tuple[TokenLogprob, ...] = ()) -> dict[str, Any]:
         return {"index": index, "delta": delta, "logprobs": logprobs_json(entries, logprobs and bool(entries)), "finish_reason": finish}
 
-    finished: list[Finished] = []
     calls = [0] * len(streams)  # tool calls so far, per choice: each call's index
-    seen = Choices(len(streams))  # the whole completion, for on_done (the response cache)
+    seen = Choices(len(streams))  # what each choice said: the usage chunk, and on_done's completion
     for index in range(len(streams)):
         yield chunk([choice(index, {"role": "assistant", "content": ""})])
     try:
@@ -232,12 +231,12 @@ async def completion_chunks(
                 yield chunk([choice(index, {"tool_calls": [{"index": calls[index], "function": {"arguments": arguments}}]})])
                 calls[index] += 1
             elif isinstance(event, Finished):
-                finished.append(event)
                 yield chunk([choice(index, {}, FINISH_REASONS[event.reason])])
-        if finished and on_done is not None:
-            on_done(usage_counts(finished), seen.completion(completion_id, model, created, logprobs))
-        if include_usage and finished:
-            yield chunk([], usage=usage_json(finished))
+        done = seen.done()
+        if on_done is not None:
+            on_done(usage_counts(done), seen.completion(completion_id, model, created, logprobs))
+        if include_usage:
+            yield chunk([], usage=usage_json(done))
     except LocalvlError as error:
         yield _data({"error": error_json(error)})
     except Exception as error:  # after the headers went out, an error chunk is the only way to say it
