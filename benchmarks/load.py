@@ -1,7 +1,7 @@
 """Load through the HTTP API: localvl's engine against the seed's one-model.generate-per-request, in one run.
 
-The workload is the seed article's: one image (448x448 by default, a different one per request, so
-the image cache does not help) and ~100 text tokens per request, a fixed number of output tokens
+The workload is the seed article's: one image (448x448 by default, a different one per request and
+per concurrency level, so neither the image cache nor the prefix cache helps) and ~100 text tokens per request, a fixed number of output tokens
 (end-of-turn tokens are ignored so every request produces exactly that many). Measured side by side:
 
 - the naive baseline: ``model.generate`` per request, one after another (no HTTP: its best case);
@@ -255,13 +255,15 @@ def main() -> None:
     clock = StepClock(engine)
     # The load generator runs in its own process, so it does not take the server's CPU time (GIL).
     pool = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
-    bodies = [r.body(args.tokens) for r in requests]
     with pool, InProcessServer(engine) as url:
         pool.submit(client.run_load, url, [r.body(4) for r in workload(2, args.image, seed=5_000)], 2).result()
         clock.ttft()
         rows = []
-        for level in levels:
-            some = bodies[: args.single_requests] if level == 1 and args.single_requests else bodies
+        for index, level in enumerate(levels):
+            # Each level gets images of its own: with the same ones, a level would find the earlier
+            # levels' images and prompts in the caches and skip the vision tower and the prefill.
+            count = args.single_requests if level == 1 and args.single_requests else args.requests
+            some = [r.body(args.tokens) for r in workload(count, args.image, seed=1_000 * (index + 1))]
             cpu = time.process_time()
             row = pool.submit(client.run_load, url, some, level).result()
             row["server_cpu_ms_per_request"] = (time.process_time() - cpu) * 1000 / row["requests"]
