@@ -35,10 +35,11 @@ from typing import Any
 import torch
 from PIL import Image as PILImage
 
-from localvl.cli import apply_cpu_threads
+from localvl.cli import apply_cpu_threads, engine_config
 from localvl.conversation import Conversation, Text, Turn
-from localvl.engine.local import EngineConfig, LocalEngine
+from localvl.engine.local import LocalEngine
 from localvl.models.loader import LoadedModel
+from localvl.settings import Settings
 
 try:
     from benchmarks import client
@@ -124,7 +125,6 @@ class InProcessServer:
         import uvicorn
 
         from localvl.api.app import create_app
-        from localvl.settings import Settings
 
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -225,6 +225,7 @@ def main() -> None:
     parser.add_argument("--image", type=int, default=448, help="side of the square images, px")
     parser.add_argument("--vision-images", type=int, default=16)
     parser.add_argument("--max-num-seqs", type=int, default=64)
+    parser.add_argument("--stream-interval", type=float, default=None, help="as localvl serve's (default: its default)")
     parser.add_argument("--cpu-threads", type=int, default=None, help="as localvl serve's (default: cores - 1)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--log-level", default="warning", help="localvl's log level (debug shows engine tracebacks)")
@@ -237,7 +238,9 @@ def main() -> None:
         loaded = build(args.shape, args.device, args.dtype, Path(tmp))
     loaded = dataclasses.replace(loaded, eos_token_ids=frozenset())  # every request makes --tokens tokens
     apply_cpu_threads(loaded.model.device.type, args.cpu_threads)  # as `localvl serve` does
-    engine = LocalEngine(loaded, EngineConfig(max_num_seqs=args.max_num_seqs, max_queue=100_000))
+    settings = Settings(stream_interval=args.stream_interval) if args.stream_interval is not None else Settings()
+    config = dataclasses.replace(engine_config(settings), max_num_seqs=args.max_num_seqs, max_queue=100_000)
+    engine = LocalEngine(loaded, config)  # as `localvl serve` makes it, but for those two
     device = loaded.model.device
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     requests = workload(args.requests, args.image)

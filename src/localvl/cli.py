@@ -196,6 +196,7 @@ def engine_config(settings: Any) -> Any:
         image_cache_memory=settings.image_cache_memory,
         max_queue=settings.max_queue,
         cuda_graphs=settings.cuda_graphs,
+        stream_interval=settings.stream_interval,
     )
 
 

@@ -70,6 +70,10 @@ class Settings(BaseSettings):
     cuda_graphs: bool = Field(True, description="replay decode steps as CUDA graphs on a GPU")
     max_queue: int = Field(256, ge=1, description="waiting requests beyond which new ones get 529 overloaded")
     max_request_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="largest request body accepted")
+    stream_interval: float = Field(
+        0.02, ge=0, le=1,
+        description="seconds a stream's next text delta waits, gathering the tokens that come meanwhile; 0: one event per token",
+    )
     ping_interval: float = Field(10.0, gt=0, description="seconds between SSE pings while nothing else is sent")
     cache_dir: Path | None = Field(None, description="where localvl keeps the demo model and vocabularies")
     url_allowlist: Annotated[list[str], NoDecode] = Field(

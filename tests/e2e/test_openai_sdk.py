@@ -150,12 +150,11 @@ def test_a_streaming_client_that_leaves_stops_every_choice(server):
                "messages": [{"role": "user", "content": "Write a very long story."}]}
     headers = {"authorization": f"Bearer {API_KEY}"}
     with httpx.stream("POST", server.url + "/v1/chat/completions", json=payload, headers=headers, timeout=60) as response:
-        seen = 0
+        # Leave at the first text: the longer a client stays, the likelier a random model at
+        # temperature 1 ends a choice itself (then only the other one is aborted).
         for line in response.iter_lines():
             if line.startswith("data: ") and '"content":"' in line and '"content":""' not in line:
-                seen += 1
-                if seen >= 4:
-                    break
+                break
     deadline = time.monotonic() + 30
     while server.log().count(" aborted") < aborted_before + 2 and time.monotonic() < deadline:
         time.sleep(0.1)

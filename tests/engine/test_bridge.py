@@ -3,7 +3,7 @@ import asyncio
 import torch
 
 from localvl.engine.bridge import Job, Outbox, Stream
-from localvl.engine.events import Finished, TextDelta, Usage
+from localvl.engine.events import Finished, TextDelta, ThinkingDelta, Usage
 from localvl.engine.runner import PromptState
 from localvl.engine.sampling import ResolvedSampling
 from localvl.engine.sequence import Sequence
@@ -56,3 +56,50 @@ def test_a_flush_to_a_closed_loop_cancels_its_requests():
     j.emit(TextDelta("x"))
     outbox.flush()
     assert j.cancelled.is_set()
+
+
+def test_with_an_interval_tokens_that_come_meanwhile_go_out_as_one_delta_and_the_first_at_once():
+    async def main():
+        loop = asyncio.get_running_loop()
+        outbox = Outbox()
+        seq = Sequence("r", [1, 2], payload=job(loop, outbox))
+        stream = Stream(seq, lambda _: None, interval=0.2)
+        seq.payload.emit(TextDelta("a"))
+        outbox.flush()
+        started = loop.time()
+        first = await stream.__anext__()
+        first_at = loop.time() - started
+
+        async def produce():  # one token every 20 ms, as engine steps would
+            for piece in ("b", "c", "d"):
+                await asyncio.sleep(0.02)
+                seq.payload.emit(TextDelta(piece))
+                outbox.flush()
+            seq.payload.emit(ThinkingDelta("t"))  # another kind of event ends the run of text
+            seq.payload.emit(Finished("eos", Usage(2, 4)))
+            outbox.flush()
+
+        producer = asyncio.create_task(produce())
+        rest = [event async for event in stream]
+        await producer
+        return first, first_at, rest, loop.time() - started
+
+    first, first_at, rest, total = asyncio.run(main())
+    assert first == TextDelta("a") and first_at < 0.1
+    assert rest == [TextDelta("bcd"), ThinkingDelta("t"), Finished("eos", Usage(2, 4))]
+    assert total >= 0.2  # the second delta waited for the interval
+
+
+def test_without_an_interval_a_reader_that_keeps_up_gets_every_token_as_it_comes():
+    async def main():
+        outbox = Outbox()
+        seq = Sequence("r", [1, 2], payload=job(asyncio.get_running_loop(), outbox))
+        stream = Stream(seq, lambda _: None)
+        events = []
+        for piece in ("a", "b"):
+            seq.payload.emit(TextDelta(piece))
+            outbox.flush()
+            events.append(await stream.__anext__())
+        return events
+
+    assert asyncio.run(main()) == [TextDelta("a"), TextDelta("b")]

@@ -15,7 +15,7 @@ from typing import Any, Callable
 import torch
 
 from localvl.engine.detokenizer import IncrementalDetokenizer
-from localvl.engine.events import Event, Finished, TextDelta, TokenLogprob
+from localvl.engine.events import Event, Finished, TextDelta, ThinkingDelta, TokenLogprob
 from localvl.engine.runner import PromptState
 from localvl.engine.sampling import ResolvedSampling
 from localvl.engine.sequence import Sequence
@@ -86,13 +86,23 @@ class Job:
 
 
 class Stream:
-    """The asyncio end of one request (a ``GenerationStream``)."""
+    """The asyncio end of one request (a ``GenerationStream``).
 
-    def __init__(self, seq: Sequence, abort: Callable[[str], None]) -> None:
+    Text arrives a token at a time; handing each token to the client as its own event costs the
+    server a trip through the HTTP stack per token (measured on a 2-core CPU at 16 concurrent
+    requests: ~100 µs of the event loop's time per event, competing with the engine for the GIL).
+    So after a delta, the next one waits until ``interval`` seconds have passed and carries every
+    token that came meanwhile: the first text goes out at once, later text at most ``interval``
+    late, and every event that is not text (a tool call, the end) at once.
+    """
+
+    def __init__(self, seq: Sequence, abort: Callable[[str], None], interval: float = 0.0) -> None:
         self.request_id = seq.id
         self.input_tokens = len(seq.prompt)
         self._job: Job = seq.payload
         self._abort = abort
+        self._interval = interval
+        self._last_delta = float("-inf")  # loop time the last delta went out
         self._done = False
         self._held: Event | LocalvlError | None = None
 
@@ -106,24 +116,36 @@ class Stream:
             item, self._held = self._held, None
         else:
             item = await self._job.events.get()
-        if isinstance(item, TextDelta):
-            # A consumer that fell behind gets what queued up as one delta, not one per token.
-            events = self._job.events
-            deltas = [item]
-            while not events.empty():
-                following = events.get_nowait()
-                if not isinstance(following, TextDelta):
-                    self._held = following
-                    break
-                deltas.append(following)
-            if len(deltas) > 1:
-                item = TextDelta("".join(d.text for d in deltas), tuple(lp for d in deltas for lp in d.logprobs))
+        if isinstance(item, (TextDelta, ThinkingDelta)):
+            item = await self._gather(item)
         if isinstance(item, LocalvlError):
             self._done = True
             raise item
         if isinstance(item, Finished):
             self._done = True
         return item
+
+    async def _gather(self, item: TextDelta | ThinkingDelta) -> TextDelta | ThinkingDelta:
+        """``item`` joined with the deltas of its kind that follow it, once the interval is over."""
+        loop = asyncio.get_running_loop()
+        wait = self._last_delta + self._interval - loop.time()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        events = self._job.events
+        deltas = [item]
+        while not events.empty():
+            following = events.get_nowait()
+            if type(following) is not type(item):
+                self._held = following
+                break
+            deltas.append(following)
+        self._last_delta = loop.time()
+        if len(deltas) == 1:
+            return item
+        text = "".join(d.text for d in deltas)
+        if isinstance(item, ThinkingDelta):
+            return ThinkingDelta(text)
+        return TextDelta(text, tuple(lp for d in deltas for lp in d.logprobs))  # type: ignore[union-attr]
 
     async def aclose(self) -> None:
         if not self._done:

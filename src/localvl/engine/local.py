@@ -68,6 +68,7 @@ class EngineConfig:
     max_queue: int = 256  # waiting requests beyond this get 529 overloaded_error
     cuda_graphs: bool = True  # replay decode steps as CUDA graphs (GPU only)
     check_integrity: bool = False  # audit the block tables whenever the engine goes idle (tests)
+    stream_interval: float = 0.0  # seconds between a stream's text deltas (``bridge.Stream``)
 
 
 class LocalEngine:
@@ -224,7 +225,7 @@ class LocalEngine:
         self._active[seq.id] = seq
         self._submitted += 1
         self._inbox.put(seq)
-        return Stream(seq, self.abort)
+        return Stream(seq, self.abort, self.config.stream_interval)
 
     def _parser(self, request: GenerationRequest, ids: list[int]) -> OutputParser | None:
         tools = bool(request.conversation.tools) and request.tool_choice.mode != "none"
