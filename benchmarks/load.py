@@ -19,10 +19,12 @@ import argparse
 import base64
 import concurrent.futures
 import dataclasses
+import functools
 import logging
 import io
 import json
 import multiprocessing
+import os
 import random
 import socket
 import statistics
@@ -38,6 +40,8 @@ from PIL import Image as PILImage
 from localvl.cli import apply_cpu_threads, engine_config
 from localvl.conversation import Conversation, Text, Turn
 from localvl.engine.local import LocalEngine
+from localvl.engine.process import ProcessEngine
+from localvl.engine.qwen_vl import QwenVLRunner
 from localvl.models.loader import LoadedModel
 from localvl.settings import Settings
 
@@ -81,6 +85,37 @@ class Request:
         from localvl.media.images import load_image
 
         return Conversation([Turn("user", [load_image(self.png, "image/png", "bench"), Text(self.text)])])
+
+
+def engine_model(shape: str, device: str, dtype: str) -> LoadedModel:
+    """The benchmark's model, with no end-of-turn token: every request makes exactly --tokens tokens."""
+    with tempfile.TemporaryDirectory() as tmp:
+        loaded = build(shape, device, dtype, Path(tmp))
+    return dataclasses.replace(loaded, eos_token_ids=frozenset())
+
+
+def server_cpu(engine: Any) -> float:
+    """CPU seconds the server has used: this process, and the engine's process if it has one."""
+    seconds = time.process_time()
+    process = getattr(engine, "_process", None)
+    if process is not None:
+        fields = Path(f"/proc/{process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        seconds += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return seconds
+
+
+# The load generator's process makes a level's request bodies (PNG-encoding the images is seconds
+# of CPU) before the level starts, and keeps them: the server's process never spends time on them.
+_prepared: dict[int, list[dict[str, Any]]] = {}
+
+
+def prepare_level(count: int, side: int, seed: int, tokens: int) -> int:
+    _prepared[seed] = [r.body(tokens) for r in workload(count, side, seed=seed)]
+    return seed
+
+
+def run_level(url: str, seed: int, concurrency: int) -> dict[str, float]:
+    return client.run_load(url, _prepared.pop(seed), concurrency)
 
 
 def workload(count: int, side: int, seed: int = 0) -> list[Request]:
@@ -182,6 +217,13 @@ class StepClock:
 
         engine.runner.run = timed  # type: ignore[method-assign]
 
+    @classmethod
+    def absent(cls) -> StepClock:
+        """A clock that saw nothing: an engine in another process cannot be timed from here."""
+        clock = cls.__new__(cls)
+        clock.decode, clock.submitted, clock.first_token = {}, {}, {}
+        return clock
+
     def ttft(self) -> dict[str, float]:
         """Server-side TTFT p50/p99 (ms) of the requests since the last call."""
         times = sorted(self.first_token[k] - self.submitted[k] for k in self.first_token if k in self.submitted)
@@ -197,16 +239,16 @@ class StepClock:
         return statistics.median(times) * 1000 if times else None
 
 
-def vision_rate(engine: LocalEngine, side: int, count: int) -> dict[str, float]:
+def vision_rate(engine: Any, model: QwenVLRunner, side: int, count: int) -> dict[str, float]:
     """Images per second through the vision tower, ``count`` images in one call (as one step batches them)."""
     rendered = [engine.renderer.render(r.conversation()) for r in workload(count, side, seed=10_000)]
     pixels = torch.cat([p.pixel_values for p in rendered])
     grids = torch.cat([p.image_grid_thw for p in rendered])
-    device = engine.model.device
-    engine.model.encode_images(pixels[: len(pixels) // count], grids[:1])  # warm-up
+    device = model.device
+    model.encode_images(pixels[: len(pixels) // count], grids[:1])  # warm-up
     sync(device)
     start = time.perf_counter()
-    engine.model.encode_images(pixels, grids)
+    model.encode_images(pixels, grids)
     sync(device)
     elapsed = time.perf_counter() - start
     return {"images": count, "ms": elapsed * 1000, "images_per_s": count / elapsed}
@@ -226,6 +268,8 @@ def main() -> None:
     parser.add_argument("--vision-images", type=int, default=16)
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--stream-interval", type=float, default=None, help="as localvl serve's (default: its default)")
+    parser.add_argument("--in-process", action="store_true",
+                        help="the engine in the server's process (--no-engine-process); also times its steps")
     parser.add_argument("--cpu-threads", type=int, default=None, help="as localvl serve's (default: cores - 1)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--log-level", default="warning", help="localvl's log level (debug shows engine tracebacks)")
@@ -234,13 +278,19 @@ def main() -> None:
     logging.getLogger("localvl").setLevel(args.log_level.upper())
     levels = [int(x) for x in args.concurrency.split(",")]
 
-    with tempfile.TemporaryDirectory() as tmp:
-        loaded = build(args.shape, args.device, args.dtype, Path(tmp))
-    loaded = dataclasses.replace(loaded, eos_token_ids=frozenset())  # every request makes --tokens tokens
-    apply_cpu_threads(loaded.model.device.type, args.cpu_threads)  # as `localvl serve` does
+    loaded = engine_model(args.shape, args.device, args.dtype)
     settings = Settings(stream_interval=args.stream_interval) if args.stream_interval is not None else Settings()
     config = dataclasses.replace(engine_config(settings), max_num_seqs=args.max_num_seqs, max_queue=100_000)
-    engine = LocalEngine(loaded, config)  # as `localvl serve` makes it, but for those two
+    # As `localvl serve` makes it (but for those two settings): by default in a process of its own,
+    # with its own copy of the model (this one runs the baseline); --in-process also times its steps.
+    engine: Any
+    if args.in_process:
+        apply_cpu_threads(loaded.model.device.type, args.cpu_threads)
+        engine = LocalEngine(loaded, config)
+    else:
+        load = functools.partial(engine_model, args.shape, args.device, args.dtype)
+        engine = ProcessEngine(load, lambda: loaded.processor, config, cpu_threads=args.cpu_threads, log_level=args.log_level)
+        apply_cpu_threads(loaded.model.device.type, args.cpu_threads)
     device = loaded.model.device
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     requests = workload(args.requests, args.image)
@@ -255,7 +305,7 @@ def main() -> None:
     print(f"  naive model.generate, one at a time: {base['requests_per_s']:.3f} req/s, "
           f"{base['output_tokens_per_s']:.1f} tok/s", flush=True)
 
-    clock = StepClock(engine)
+    clock = StepClock(engine) if args.in_process else StepClock.absent()
     # The load generator runs in its own process, so it does not take the server's CPU time (GIL).
     pool = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
     with pool, InProcessServer(engine) as url:
@@ -266,16 +316,17 @@ def main() -> None:
             # Each level gets images of its own: with the same ones, a level would find the earlier
             # levels' images and prompts in the caches and skip the vision tower and the prefill.
             count = args.single_requests if level == 1 and args.single_requests else args.requests
-            some = [r.body(args.tokens) for r in workload(count, args.image, seed=1_000 * (index + 1))]
-            cpu = time.process_time()
-            row = pool.submit(client.run_load, url, some, level).result()
-            row["server_cpu_ms_per_request"] = (time.process_time() - cpu) * 1000 / row["requests"]
+            prepared = pool.submit(prepare_level, count, args.image, 1_000 * (index + 1), args.tokens).result()
+            cpu = server_cpu(engine)
+            row = pool.submit(run_level, url, prepared, level).result()
+            row["server_cpu_ms_per_request"] = (server_cpu(engine) - cpu) * 1000 / row["requests"]
             row["vs_baseline"] = row["requests_per_s"] / base["requests_per_s"]
             row.update(clock.ttft())
             rows.append(row)
+            server_ttft = (f"TTFT p50 {row['server_ttft_p50_ms']:.1f} ms p99 {row['server_ttft_p99_ms']:.1f} ms "
+                           if "server_ttft_p50_ms" in row else "")
             print(f"  engine, concurrency {level:>3}: {row['requests_per_s']:.3f} req/s, "
-                  f"{row['output_tokens_per_s']:.1f} tok/s, TTFT p50 {row['server_ttft_p50_ms']:.1f} ms "
-                  f"p99 {row['server_ttft_p99_ms']:.1f} ms (first text: p50 {row['ttft_p50_ms']:.1f} ms) "
+                  f"{row['output_tokens_per_s']:.1f} tok/s, {server_ttft}(first text: p50 {row['ttft_p50_ms']:.1f} ms) "
                   f"— {row['vs_baseline']:.2f}x the baseline; CPU time per request: server "
                   f"{row['server_cpu_ms_per_request']:.1f} ms, load generator {row['client_cpu_ms_per_request']:.1f} ms", flush=True)
         result["engine"] = rows
@@ -299,8 +350,8 @@ def main() -> None:
     steps = {size: clock.median_ms(size) for size in sorted(clock.decode)}
     result["decode_ms_per_step"] = steps
     shown = ", ".join(f"batch {k}: {v:.2f}" for k, v in steps.items() if k in (1, 2, 4, 8, 16, 32, 64) and v)
-    print(f"  decode step, median ms: {shown}")
-    result["vision"] = vision_rate(engine, args.image, args.vision_images)
+    print(f"  decode step, median ms: {shown or 'timed with --in-process only'}")
+    result["vision"] = vision_rate(engine, QwenVLRunner(loaded.model), args.image, args.vision_images)
     print(f"  vision tower: {args.vision_images} images of {args.image}px in one call: "
           f"{result['vision']['ms']:.1f} ms = {result['vision']['images_per_s']:.1f} images/s")
     if args.json:

@@ -28,6 +28,14 @@ def test_the_load_benchmark_compares_engine_and_baseline(tmp_path):
     assert result["output_tokens"] == 8 and result["prompt_tokens"] > 256  # one 448 px image is 256 tokens
     assert {row["concurrency"] for row in result["engine"]} == {1, 2}
     assert all(row["requests_per_s"] > 0 for row in result["engine"]) and result["baseline"]["requests_per_s"] > 0
+    assert all(row["server_cpu_ms_per_request"] > 0 for row in result["engine"])  # the engine process's CPU too
+
+
+def test_the_load_benchmark_times_steps_with_the_engine_in_process(tmp_path):
+    out = run("benchmarks/load.py", "--tokens", "8", "--requests", "2", "--concurrency", "2", "--baseline-requests", "1",
+              "--vision-images", "1", "--in-process", "--json", str(tmp_path / "load.json"))
+    result = json.loads((tmp_path / "load.json").read_text())
+    assert "server_ttft_p50_ms" in result["engine"][0] and result["decode_ms_per_step"] and "TTFT p50" in out
 
 
 def test_the_step_profile_and_the_decode_split_run():

@@ -5,6 +5,7 @@ modules listed in ``COMMANDS``, each with an ``add_parser(sub)`` that sets ``run
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import logging
 import os
@@ -125,9 +126,10 @@ def serve(flags: dict[str, Any]) -> int:
     from localvl.api import serving
     from localvl.api.app import create_app
     from localvl.engine.local import LocalEngine
+    from localvl.engine.process import EngineStartError, ProcessEngine
     from localvl.models.demo import BANNER, demo_model_path
     from localvl.models.hub import HubError, resolve_model
-    from localvl.models.loader import ModelLoadError, load_model
+    from localvl.models.loader import ModelLoadError, load_frontend_processor, load_model
 
     model = settings.model
     if model is None:
@@ -139,7 +141,8 @@ def serve(flags: dict[str, Any]) -> int:
         settings.served_model_name = model  # the hub id, as before, not the cache folder's commit hash
     try:
         folder = str(resolve_model(model, settings.model_source, settings.revision))
-        loaded = load_model(
+        load = functools.partial(
+            load_model,
             folder,
             device=settings.device,
             dtype=settings.dtype,
@@ -149,11 +152,21 @@ def serve(flags: dict[str, Any]) -> int:
             min_pixels=settings.min_pixels,
             max_pixels=settings.max_pixels,
         )
-    except (HubError, ModelLoadError) as error:
+        engine: Any
+        if settings.engine_process:
+            processor = functools.partial(
+                load_frontend_processor, folder, min_pixels=settings.min_pixels, max_pixels=settings.max_pixels
+            )
+            engine = ProcessEngine(load, processor, engine_config(settings), cpu_threads=settings.cpu_threads,
+                                   log_level=settings.log_level)
+            apply_cpu_threads("cpu", 1)  # this process only renders: its torch work is small
+        else:
+            loaded = load()
+            apply_cpu_threads(loaded.model.device.type, settings.cpu_threads)
+            engine = LocalEngine(loaded, engine_config(settings))
+    except (HubError, ModelLoadError, EngineStartError) as error:
         print(f"localvl serve: {error}", file=sys.stderr)
         return 1
-    apply_cpu_threads(loaded.model.device.type, settings.cpu_threads)
-    engine = LocalEngine(loaded, engine_config(settings))
     try:
         app = create_app(settings, engine)
     except ValueError as error:  # e.g. an alias naming a model that is not served

@@ -67,6 +67,11 @@ class Settings(BaseSettings):
     cpu_threads: int | None = Field(
         None, ge=1, description="torch threads when the model runs on the CPU; default: all cores but one"
     )
+    engine_process: bool = Field(
+        True,
+        description="run the model in a process of its own, so HTTP, image decoding and streaming never wait for "
+        "the engine (Python's GIL); off: one process",
+    )
     cuda_graphs: bool = Field(True, description="replay decode steps as CUDA graphs on a GPU")
     max_queue: int = Field(256, ge=1, description="waiting requests beyond which new ones get 529 overloaded")
     max_request_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="largest request body accepted")

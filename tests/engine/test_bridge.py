@@ -11,7 +11,7 @@ from localvl.engine.sequence import Sequence
 
 def job(loop, outbox):
     state = PromptState(torch.zeros(3, 2, dtype=torch.long), 0)
-    return Job(state, ResolvedSampling(), (), None, False, loop, outbox)
+    return Job("r", state, ResolvedSampling(), (), None, False, loop, outbox)
 
 
 def test_one_flush_delivers_a_steps_events_and_a_slow_reader_gets_them_merged():
@@ -20,7 +20,7 @@ def test_one_flush_delivers_a_steps_events_and_a_slow_reader_gets_them_merged():
     async def main():
         outbox = Outbox()
         seq = Sequence("r", [1, 2], payload=job(asyncio.get_running_loop(), outbox))
-        stream = Stream(seq, aborted.append)
+        stream = Stream("r", 2, seq.payload.events, aborted.append)
         for piece in ("He", "llo", " world"):
             seq.payload.emit(TextDelta(piece))
         seq.payload.emit(Finished("eos", Usage(2, 3)))
@@ -38,7 +38,7 @@ def test_closing_a_stream_early_aborts_its_request():
     async def main():
         outbox = Outbox()
         seq = Sequence("r", [1], payload=job(asyncio.get_running_loop(), outbox))
-        stream = Stream(seq, aborted.append)
+        stream = Stream("r", 2, seq.payload.events, aborted.append)
         seq.payload.emit(TextDelta("x"))
         outbox.flush()
         await stream.__anext__()
@@ -63,7 +63,7 @@ def test_with_an_interval_tokens_that_come_meanwhile_go_out_as_one_delta_and_the
         loop = asyncio.get_running_loop()
         outbox = Outbox()
         seq = Sequence("r", [1, 2], payload=job(loop, outbox))
-        stream = Stream(seq, lambda _: None, interval=0.2)
+        stream = Stream("r", 2, seq.payload.events, lambda _: None, interval=0.2)
         seq.payload.emit(TextDelta("a"))
         outbox.flush()
         started = loop.time()
@@ -94,7 +94,7 @@ def test_without_an_interval_a_reader_that_keeps_up_gets_every_token_as_it_comes
     async def main():
         outbox = Outbox()
         seq = Sequence("r", [1, 2], payload=job(asyncio.get_running_loop(), outbox))
-        stream = Stream(seq, lambda _: None)
+        stream = Stream("r", 2, seq.payload.events, lambda _: None)
         events = []
         for piece in ("a", "b"):
             seq.payload.emit(TextDelta(piece))

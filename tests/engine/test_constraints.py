@@ -152,13 +152,14 @@ def test_without_parallel_calls_the_turn_ends_at_the_first_call(loaded_model, mo
     loaded = loaded_model("qwen2_5_vl")
     call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": 2}}\n</tool_call>'
     written = loaded.tokenizer.encode("Checking.\n" + call + "\n" + call, add_special_tokens=False)
-    constrain = LocalEngine._constrain
+    make_job = LocalEngine._job
 
-    async def model_writes_two_calls(self, job, request):
-        await constrain(self, job, request)
+    def model_writes_two_calls(self, *args):
+        job = make_job(self, *args)
         job.forced = list(written)  # what the model "samples"
+        return job
 
-    monkeypatch.setattr(LocalEngine, "_constrain", model_writes_two_calls)
+    monkeypatch.setattr(LocalEngine, "_job", model_writes_two_calls)
 
     async def body(engine):
         results = []

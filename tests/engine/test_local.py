@@ -108,7 +108,7 @@ def test_a_prompt_longer_than_the_context_is_refused(loaded_model):
 
     async def body(engine):
         n = await engine.count_tokens(conv)
-        engine._info = dataclasses.replace(engine.info, context_length=n - 1)
+        engine.frontend.facts = dataclasses.replace(engine.frontend.facts, context_length=n - 1)
         with pytest.raises(InvalidRequestError) as caught:
             await engine.submit(GenerationRequest("r", conv, SamplingParams(max_tokens=5)))
         return n, caught.value

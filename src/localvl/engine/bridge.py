@@ -18,7 +18,6 @@ from localvl.engine.detokenizer import IncrementalDetokenizer
 from localvl.engine.events import Event, Finished, TextDelta, ThinkingDelta, TokenLogprob
 from localvl.engine.runner import PromptState
 from localvl.engine.sampling import ResolvedSampling
-from localvl.engine.sequence import Sequence
 from localvl.engine.stops import StopMatcher
 from localvl.errors import LocalvlError
 from localvl.prompt.outputs import OutputParser
@@ -55,12 +54,13 @@ def _deliver(batch: list[tuple[Job, Event | LocalvlError]]) -> None:
 class Job:
     """A request's state that only the engine side needs."""
 
+    id: str
     prompt: PromptState
     sampling: ResolvedSampling
     stop_sequences: tuple[str, ...]
     seed: int | None
     context_limited: bool  # max_new_tokens was cut to what the context has left
-    loop: asyncio.AbstractEventLoop
+    loop: asyncio.AbstractEventLoop | None  # where the events go (None in an engine process: a pipe)
     outbox: Outbox
     events: asyncio.Queue[Event | LocalvlError] = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -96,10 +96,17 @@ class Stream:
     late, and every event that is not text (a tool call, the end) at once.
     """
 
-    def __init__(self, seq: Sequence, abort: Callable[[str], None], interval: float = 0.0) -> None:
-        self.request_id = seq.id
-        self.input_tokens = len(seq.prompt)
-        self._job: Job = seq.payload
+    def __init__(
+        self,
+        request_id: str,
+        input_tokens: int,
+        events: asyncio.Queue[Event | LocalvlError],
+        abort: Callable[[str], None],
+        interval: float = 0.0,
+    ) -> None:
+        self.request_id = request_id
+        self.input_tokens = input_tokens
+        self._events = events
         self._abort = abort
         self._interval = interval
         self._last_delta = float("-inf")  # loop time the last delta went out
@@ -115,7 +122,7 @@ class Stream:
         if self._held is not None:
             item, self._held = self._held, None
         else:
-            item = await self._job.events.get()
+            item = await self._events.get()
         if isinstance(item, (TextDelta, ThinkingDelta)):
             item = await self._gather(item)
         if isinstance(item, LocalvlError):
@@ -131,7 +138,7 @@ class Stream:
         wait = self._last_delta + self._interval - loop.time()
         if wait > 0:
             await asyncio.sleep(wait)
-        events = self._job.events
+        events = self._events
         deltas = [item]
         while not events.empty():
             following = events.get_nowait()

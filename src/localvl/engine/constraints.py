@@ -27,8 +27,7 @@ class Constraints:
         self._eos = sorted(eos_token_ids)
         self._ll: Any = None
         self._lock = threading.Lock()
-        vocab = tokenizer.get_vocab()
-        self.tags = TagIds(vocab.get("<tool_call>"), vocab.get("</tool_call>"), vocab.get("</think>"))
+        self.tags = TagIds.of(tokenizer)
 
     def _ll_tokenizer(self) -> Any:
         with self._lock:

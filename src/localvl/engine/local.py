@@ -11,17 +11,16 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
-import os
 import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import anyio
 import torch
 
-from localvl.conversation import Conversation, GenerationRequest, SamplingParams
+from localvl.conversation import Conversation, GenerationRequest
 from localvl.engine.blocks import BlockManager
 from localvl.engine.constraints import Constraints, allowed_tokens
 from localvl.engine.bridge import Job, Outbox, Stream
@@ -37,20 +36,19 @@ from localvl.engine.events import (
     ToolCallEvent,
     Usage,
 )
+from localvl.engine.frontend import Admission, Frontend, ModelFacts
 from localvl.engine.kv_cache import PagedKVCache
 from localvl.engine.protocol import ModelInfo
 from localvl.engine.qwen_vl import QwenVLRunner
-from localvl.engine.runner import StepRunner, prepare_prompt
-from localvl.engine.sampling import ResolvedSampling, apply_penalties, sample_batch, sample_next
+from localvl.engine.runner import StepRunner
+from localvl.engine.sampling import apply_penalties, sample_batch, sample_next
 from localvl.engine.scheduler import Scheduled, Scheduler
 from localvl.engine.sequence import Sequence
 from localvl.engine.stops import StopMatcher
 from localvl.engine.vision import ImageCache
 from localvl.errors import InternalError, InvalidRequestError, OverloadedError, ServiceUnavailableError
 from localvl.models.loader import LoadedModel
-from localvl.prompt.grammar import request_grammar
-from localvl.prompt.outputs import THINK_OPEN, OutputParser, Piece, TextPiece, ThinkingPiece, tool_call_id
-from localvl.prompt.render import Renderer
+from localvl.prompt.outputs import Piece, TextPiece, ThinkingPiece, tool_call_id
 
 logger = logging.getLogger(__name__)
 
@@ -72,13 +70,10 @@ class EngineConfig:
 
 
 class LocalEngine:
-    def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None) -> None:
+    def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None, outbox: Outbox | None = None) -> None:
         self.loaded = loaded
         self.config = config = config or EngineConfig()
         self.model = QwenVLRunner(loaded.model)
-        # Renders run in worker threads beside the engine: a few in parallel keep a burst of
-        # image requests from queueing behind one processor.
-        self.renderer = Renderer(loaded.processor, workers=min(4, os.cpu_count() or 1))
         # The engine thread decodes with its own copy: one Rust tokenizer must not serve two threads.
         self._tokenizer = copy.deepcopy(loaded.tokenizer)
         self._skip_ids = special_token_ids(self._tokenizer) - loaded.eos_token_ids
@@ -114,8 +109,13 @@ class LocalEngine:
         capacity = self.kv_cache.num_blocks * config.block_size
         self.observers: list[Callable[[RequestRecord], None]] = []  # called on the engine thread
         self._info = ModelInfo(loaded.name_or_path, loaded.model_type, min(loaded.context_length, capacity))
+        self.facts = ModelFacts(
+            self.model.image_token_id, self.model.spatial_merge_size, loaded.sampling_defaults, self._info.context_length
+        )
+        self.frontend = Frontend(loaded.processor, self.facts)
+        self.renderer = self.frontend.renderer
         self._inbox: queue.Queue[Sequence | None] = queue.Queue()
-        self._outbox = Outbox()
+        self._outbox = outbox or Outbox()  # another kind in an engine process (process.py)
         self._active: dict[str, Sequence] = {}
         # Requests submitted and not yet started: each counter is written by one thread only.
         self._submitted = 0  # asyncio side
@@ -175,81 +175,72 @@ class LocalEngine:
         return self._thread is not None and self._thread.is_alive()
 
     async def start(self) -> None:
+        self.start_thread()
+
+    async def stop(self) -> None:
+        await anyio.to_thread.run_sync(self.stop_thread)
+
+    def start_thread(self) -> None:
         if self._thread is None:
             self._stopping = False
             self._thread = threading.Thread(target=self._run, name="localvl-engine", daemon=True)
             self._thread.start()
 
-    async def stop(self) -> None:
+    def stop_thread(self) -> None:
+        """Drop every request (their streams end with 503) and wait for the engine thread to end."""
         self._stopping = True
         for seq in list(self._active.values()):
             seq.payload.cancelled.set()
         if self._thread is not None:
             self._inbox.put(None)
-            await anyio.to_thread.run_sync(self._thread.join)
+            self._thread.join()
             self._thread = None
 
     async def count_tokens(self, conversation: Conversation) -> int:
-        return await anyio.to_thread.run_sync(self.renderer.count, conversation)
+        return await self.frontend.count_tokens(conversation)
 
     async def submit(self, request: GenerationRequest) -> Stream:
         if self._stopping or self._thread is None:
             raise ServiceUnavailableError("the engine is not running")
         self._check_queue()
-        rendered = await anyio.to_thread.run_sync(self.renderer.render, request.conversation)
-        length = int(rendered.input_ids.numel())
-        limit = self._info.context_length
-        if length > limit:
-            raise InvalidRequestError(f"prompt is too long: {length} tokens > {limit} maximum")
-        ids, images, state = prepare_prompt(rendered, self.model.image_token_id, self.model.spatial_merge_size)
-        room = limit - length
-        sampling = request.sampling
-        job = Job(
-            prompt=state,
-            sampling=self._resolve(sampling),
-            stop_sequences=tuple(sampling.stop_sequences),
-            seed=sampling.seed,
-            logprobs=sampling.logprobs,
-            context_limited=sampling.max_tokens > room,
-            loop=asyncio.get_running_loop(),
-            outbox=self._outbox,
-            parser=self._parser(request, ids),
-            thinking_budget=request.thinking_budget,
-            one_tool_call=not request.tool_choice.parallel,
-        )
-        await self._constrain(job, request)
-        seq = Sequence(
-            request.id, ids, images, max_new_tokens=min(sampling.max_tokens, room), priority=request.priority, payload=job
-        )
+        admission = await self.frontend.prepare(request)
+        matcher = None
+        if admission.grammar is not None:
+            matcher = await anyio.to_thread.run_sync(self.constraints.matcher, admission.grammar)
+        loop = asyncio.get_running_loop()
+        job = self.admit(admission, matcher, self._outbox, loop)
+        return Stream(admission.id, len(admission.ids), job.events, self.abort, self.config.stream_interval)
+
+    def admit(self, admission: Admission, matcher: Any, outbox: Any, loop: asyncio.AbstractEventLoop | None = None) -> Job:
+        """Queue a prepared request for the engine thread (from any one thread at a time)."""
         self._check_queue()  # again: others may have queued while this one rendered
+        job = self._job(admission, matcher, outbox, loop)
+        seq = Sequence(
+            admission.id, admission.ids, admission.images, max_new_tokens=admission.max_new_tokens,
+            priority=admission.priority, payload=job,
+        )
         self._active[seq.id] = seq
         self._submitted += 1
         self._inbox.put(seq)
-        return Stream(seq, self.abort, self.config.stream_interval)
+        return job
 
-    def _parser(self, request: GenerationRequest, ids: list[int]) -> OutputParser | None:
-        tools = bool(request.conversation.tools) and request.tool_choice.mode != "none"
-        thinking = self.renderer.thinks and request.conversation.thinking is not False
-        if not (tools or thinking):
-            return None
-        # Thinking templates open <think> in the generation prompt: the output starts inside it.
-        opened = thinking and self._tokenizer.decode(ids[-3:]).rstrip().endswith(THINK_OPEN)
-        return OutputParser(tools=tools, thinking=thinking, in_thinking=opened)
-
-    async def _constrain(self, job: Job, request: GenerationRequest) -> None:
-        conversation, choice = request.conversation, request.tool_choice
-        tags = self.constraints.tags
-        if conversation.tools and choice.mode == "none" and tags.tool_open is not None:
-            job.banned = (tags.tool_open,)
-        in_thinking = job.parser is not None and job.parser.in_thinking
-        try:
-            grammar = request_grammar(
-                conversation.tools, choice, request.strict_tools, request.output_schema, tags, in_thinking
-            )
-        except ValueError as error:
-            raise InvalidRequestError(f"this model cannot constrain its output that way: {error}") from None
-        if grammar is not None:
-            job.matcher = await anyio.to_thread.run_sync(self.constraints.matcher, grammar)
+    def _job(self, admission: Admission, matcher: Any, outbox: Any, loop: asyncio.AbstractEventLoop | None) -> Job:
+        return Job(
+            id=admission.id,
+            prompt=admission.prompt,
+            sampling=admission.sampling,
+            stop_sequences=admission.stop_sequences,
+            seed=admission.seed,
+            logprobs=admission.logprobs,
+            context_limited=admission.context_limited,
+            loop=loop,
+            outbox=outbox,
+            parser=admission.parser,
+            thinking_budget=admission.thinking_budget,
+            one_tool_call=admission.one_tool_call,
+            matcher=matcher,
+            banned=admission.banned,
+        )
 
     def _check_queue(self) -> None:
         if self._submitted - self._started >= self.config.max_queue:
@@ -259,19 +250,6 @@ class LocalEngine:
         seq = self._active.get(request_id)
         if seq is not None:
             seq.payload.cancelled.set()  # the engine drops it before its next step
-
-    def _resolve(self, sampling: SamplingParams) -> ResolvedSampling:
-        defaults = self.loaded.sampling_defaults
-        return ResolvedSampling(
-            temperature=defaults.temperature if sampling.temperature is None else sampling.temperature,
-            top_p=defaults.top_p if sampling.top_p is None else sampling.top_p,
-            top_k=defaults.top_k if sampling.top_k is None else sampling.top_k,
-            repetition_penalty=(
-                defaults.repetition_penalty if sampling.repetition_penalty is None else sampling.repetition_penalty
-            ),
-            presence_penalty=sampling.presence_penalty,
-            frequency_penalty=sampling.frequency_penalty,
-        )
 
     # ------------------------------------------------------------------ the engine thread
 

@@ -36,6 +36,19 @@ class PromptState:
     pixels: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # until encoded
     features: list[ImageFeatures] | None = None
 
+    def __getstate__(self) -> dict[str, object]:
+        # As NumPy arrays, which pickle protocol 5 passes out of band (no copy into the pickle):
+        # the state crosses to an engine process with every request (process.py).
+        state = dict(self.__dict__)
+        state["positions"] = self.positions.numpy()
+        state["pixels"] = [(pixels.numpy(), grid.numpy()) for pixels, grid in self.pixels]
+        return state
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        state["positions"] = torch.from_numpy(state["positions"])  # type: ignore[call-overload]
+        state["pixels"] = [(torch.from_numpy(p), torch.from_numpy(g)) for p, g in state["pixels"]]  # type: ignore[attr-defined]
+        self.__dict__.update(state)
+
 
 def prepare_prompt(
     prompt: PromptInputs, image_token_id: int, merge: int

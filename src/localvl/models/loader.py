@@ -284,3 +284,15 @@ def load_model(
         eos_token_ids=_eos_ids(model, processor.tokenizer),
         sampling_defaults=sampling_defaults(getattr(model, "generation_config", None)),
     )
+
+
+def load_frontend_processor(
+    name_or_path: str, *, revision: str | None = None, min_pixels: int | None = None, max_pixels: int | None = None
+) -> Any:
+    """The processor alone, as ``load_model`` prepares it: for a server whose model runs in another process."""
+    from localvl.models.processor import apply_pixel_budget, load_processor
+
+    processor = load_processor(name_or_path, **({"revision": revision} if revision else {}))
+    apply_pixel_budget(processor, min_pixels, max_pixels)
+    return processor
+

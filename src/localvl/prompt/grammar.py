@@ -33,6 +33,11 @@ class TagIds:
     tool_close: int | None
     think_close: int | None
 
+    @classmethod
+    def of(cls, tokenizer: Any) -> TagIds:
+        vocab = tokenizer.get_vocab()
+        return cls(vocab.get("<tool_call>"), vocab.get("</tool_call>"), vocab.get("</think>"))
+
 
 def _json(schema: dict[str, Any]) -> str:
     return "%json " + json.dumps({**schema, "x-guidance": JSON_STYLE}, ensure_ascii=False)

@@ -1,0 +1,396 @@
+"""The engine in a process of its own: the HTTP server's work never waits for the engine's GIL.
+
+In one process, the engine thread (stepping the model: mostly Python on a CPU, kernel launches on
+a GPU) and the server's threads (HTTP, JSON, base64, image preprocessing, streaming) take turns on
+one interpreter lock. Here the server process keeps the front end (``frontend.py``: render, check,
+plan) and the engine process holds the model, the KV cache and the engine thread, as vLLM and
+SGLang split them. Between them, two pipes of pickled messages:
+
+- to the engine: ``submit`` (an ``Admission``: token ids, pixels, sampling), ``abort``, ``stop``;
+- from it: ``ready``/``failed`` once at start, an ``ack`` per submit (or the error that refused
+  it), and after each engine step one ``events`` message with every request's events of that
+  step, finished-request records for metrics, and now and then the engine's counters.
+
+If the engine process dies, every open stream ends with an error and ``alive`` turns false (the
+server's /ready then answers 503).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import pickle
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any, Callable
+
+import anyio
+
+from localvl.conversation import Conversation, GenerationRequest
+from localvl.engine.bridge import Job, Outbox, Stream
+from localvl.engine.events import Event, Finished, RequestRecord
+from localvl.engine.frontend import Frontend
+from localvl.engine.protocol import ModelInfo
+from localvl.errors import InternalError, LocalvlError, ServiceUnavailableError
+
+logger = logging.getLogger(__name__)
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+STATS_INTERVAL = 0.1  # seconds between counter updates while the engine is busy
+
+
+def _write(connection: Connection, message: Any) -> None:
+    """One message: its pickle, then each large buffer in it (an image's pixels) as it lies in memory.
+
+    Pickle protocol 5 hands out-of-band buffers (NumPy arrays; ``PromptState`` sends its tensors
+    as arrays) to ``buffer_callback`` instead of copying them into the pickle; measured here, an
+    in-band 448 px image (4.8 MB of float32 pixels) cost ~11 ms of the server's CPU per request to
+    pickle and write, most of it copies.
+    """
+    buffers: list[pickle.PickleBuffer] = []
+    data = pickle.dumps(message, protocol=5, buffer_callback=buffers.append)
+    views = [buffer.raw() for buffer in buffers]
+    connection.send_bytes(pickle.dumps((data, [view.nbytes for view in views])))
+    for view in views:
+        connection.send_bytes(view)
+
+
+def _read(connection: Connection) -> Any:
+    data, sizes = pickle.loads(connection.recv_bytes())
+    buffers = []
+    for size in sizes:
+        buffer = bytearray(size)  # writable, so the arrays (and tensors) made on it are too
+        connection.recv_bytes_into(buffer)
+        buffers.append(buffer)
+    return pickle.loads(data, buffers=buffers)
+
+
+def _widen(connection: Connection) -> None:
+    """A bigger pipe buffer (Linux): an image crosses in a few writes instead of ~75 of 64 KiB."""
+    try:
+        import fcntl
+
+        fcntl.fcntl(connection.fileno(), fcntl.F_SETPIPE_SZ, 1 << 20)
+    except (ImportError, AttributeError, OSError):  # another OS, or a lower limit: the default works too
+        pass
+
+
+class EngineStartError(RuntimeError):
+    """The engine process could not load the model or start; the message says why."""
+
+
+class _PipeOutbox(Outbox):
+    """The engine process's outbox: a step's events go down the pipe as one message."""
+
+    def __init__(self, send: Callable[[Any], None]) -> None:
+        super().__init__()
+        self._send = send
+        self._events: list[tuple[str, Event | LocalvlError]] = []
+        self._records: list[RequestRecord] = []
+        self._stats: Callable[[], dict[str, int]] | None = None
+        self._idle: Callable[[], bool] = lambda: True
+        self._stats_at = 0.0
+
+    def watch(self, stats: Callable[[], dict[str, int]], idle: Callable[[], bool]) -> None:
+        self._stats, self._idle = stats, idle
+
+    def add(self, job: Job, item: Event | LocalvlError) -> None:
+        self._events.append((job.id, item))
+
+    def record(self, record: RequestRecord) -> None:
+        self._records.append(record)
+
+    def flush(self) -> None:
+        now = time.monotonic()
+        # Counters ride along every STATS_INTERVAL, and whenever the engine goes idle, so the
+        # server's view never stays stale at "running".
+        stats = None
+        if self._stats is not None and (now - self._stats_at >= STATS_INTERVAL or self._idle()):
+            stats, self._stats_at = self._stats(), now
+        if not self._events and not self._records and stats is None:
+            return
+        events, self._events = self._events, []
+        records, self._records = self._records, []
+        try:
+            self._send(("events", events, records, stats))
+        except OSError:  # the server is gone (killed): nobody to tell; the main thread stops the engine
+            pass
+
+
+def _serve(
+    load: Callable[[], Any],
+    config: Any,
+    cpu_threads: int | None,
+    log_level: str,
+    commands: Connection,
+    replies: Connection,
+) -> None:
+    """The engine process: load the model, run the engine thread, answer the server's messages."""
+    # Ctrl-C in a terminal and systemd's stop signal reach every process of the group: the server
+    # drains its requests and then stops this process down the pipe (or, if the server dies, the
+    # pipe's end stops it). Dying at the signal would fail the very requests the drain waits for.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    logging.basicConfig(level=log_level.upper(), format=LOG_FORMAT)
+    lock = threading.Lock()
+
+    def send(message: Any) -> None:
+        with lock:
+            _write(replies, message)
+
+    from localvl.cli import apply_cpu_threads
+    from localvl.engine.local import LocalEngine
+
+    outbox = _PipeOutbox(send)
+    try:
+        loaded = load()
+        apply_cpu_threads(loaded.model.device.type, cpu_threads)
+        engine = LocalEngine(loaded, config, outbox)
+    except Exception as error:  # the server prints it: a load error's message says what to do
+        from localvl.models.loader import ModelLoadError
+
+        send(("failed", str(error) if isinstance(error, ModelLoadError) else f"{type(error).__name__}: {error}"))
+        return
+    outbox.watch(engine.stats, lambda: len(engine.scheduler) == 0)
+    engine.observers.append(outbox.record)
+    engine.start_thread()
+    send(("ready", engine.info, engine.facts))
+    while True:
+        try:
+            message = _read(commands)
+        except (EOFError, OSError):  # the server is gone
+            message = ("stop",)
+        kind = message[0]
+        if kind == "submit":
+            admission = message[1]
+            try:
+                matcher = engine.constraints.matcher(admission.grammar) if admission.grammar is not None else None
+                engine.admit(admission, matcher, outbox)
+            except LocalvlError as error:
+                send(("ack", admission.id, error))
+            else:
+                send(("ack", admission.id, None))
+        elif kind == "abort":
+            engine.abort(message[1])
+        elif kind == "stop":
+            engine.stop_thread()
+            try:
+                send(("stopped",))
+            except OSError:
+                pass
+            return
+
+
+@dataclass(eq=False)
+class _Remote:
+    """A request the engine process is working on, as the server sees it."""
+
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue[Event | LocalvlError]
+    ack: asyncio.Future[LocalvlError | None]
+
+
+def _deliver(batch: list[tuple[asyncio.Queue[Event | LocalvlError], Event | LocalvlError]]) -> None:
+    for events, item in batch:
+        events.put_nowait(item)
+
+
+def _acknowledge(ack: asyncio.Future[LocalvlError | None], error: LocalvlError | None) -> None:
+    if not ack.done():
+        ack.set_result(error)
+
+
+class ProcessEngine:
+    """An ``Engine`` whose model runs in a child process; rendering stays in this one."""
+
+    def __init__(
+        self,
+        load: Callable[[], Any],
+        processor: Callable[[], Any],
+        config: Any,
+        *,
+        cpu_threads: int | None = None,
+        log_level: str = "info",
+        start_timeout: float = 3600.0,
+    ) -> None:
+        """Start the engine process and wait until its model is loaded.
+
+        ``load`` (run in the engine process, so it must pickle: a module-level function or a
+        ``functools.partial`` of one) returns the ``LoadedModel``; ``processor`` (run here) returns
+        the same folder's processor. Raises ``EngineStartError`` if the model cannot be loaded.
+        """
+        self.config = config
+        self.observers: list[Callable[[RequestRecord], None]] = []
+        self._requests: dict[str, _Remote] = {}
+        self._stats: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._running = False
+        self._stopping = False
+        self._dead = False
+        context = multiprocessing.get_context("spawn")  # fork would copy this process's threads' state
+        command_out, self._commands = context.Pipe(duplex=False)
+        self._replies, reply_in = context.Pipe(duplex=False)
+        _widen(self._commands)
+        self._process = context.Process(
+            target=_serve, args=(load, config, cpu_threads, log_level, command_out, reply_in),
+            name="localvl-engine", daemon=True,
+        )
+        self._process.start()
+        command_out.close()
+        reply_in.close()
+        message = self._first_reply(start_timeout)
+        if message[0] != "ready":
+            self._process.join(5)
+            raise EngineStartError(message[1])
+        self._info: ModelInfo = message[1]
+        self.facts = message[2]
+        self.frontend = Frontend(processor(), self.facts)
+        self.renderer = self.frontend.renderer
+        self._reader = threading.Thread(target=self._read, name="localvl-engine-replies", daemon=True)
+        self._reader.start()
+
+    def _first_reply(self, timeout: float) -> Any:
+        deadline = time.monotonic() + timeout
+        while not self._replies.poll(0.2):
+            if not self._process.is_alive():
+                return ("failed", f"the engine process exited with status {self._process.exitcode} while loading")
+            if time.monotonic() > deadline:
+                self._process.kill()
+                return ("failed", f"the engine process did not load the model in {timeout:.0f} s")
+        try:
+            return _read(self._replies)
+        except (EOFError, OSError):
+            return ("failed", f"the engine process exited with status {self._process.exitcode} while loading")
+
+    # ------------------------------------------------------------------ Engine protocol
+
+    @property
+    def info(self) -> ModelInfo:
+        return self._info
+
+    @property
+    def alive(self) -> bool:
+        return not self._dead and self._process.is_alive()
+
+    def stats(self) -> dict[str, int]:
+        """The engine's counters as of its last report (at most ~0.1 s old while it is busy)."""
+        return dict(self._stats)
+
+    async def start(self) -> None:
+        self._running = True
+
+    async def stop(self) -> None:
+        self._running = False
+        if self._stopping:
+            return
+        self._stopping = True
+        try:
+            await anyio.to_thread.run_sync(self._send, ("stop",))
+        except OSError:
+            pass
+        await anyio.to_thread.run_sync(self._process.join, 60)
+        if self._process.is_alive():
+            logger.error("the engine process did not stop in 60 s; killing it")
+            self._process.kill()
+            await anyio.to_thread.run_sync(self._process.join, 10)
+        await anyio.to_thread.run_sync(self._reader.join, 10)
+
+    async def count_tokens(self, conversation: Conversation) -> int:
+        return await self.frontend.count_tokens(conversation)
+
+    async def submit(self, request: GenerationRequest) -> Stream:
+        if not self._running or not self.alive:
+            raise ServiceUnavailableError("the engine is not running")
+        admission = await self.frontend.prepare(request)
+        loop = asyncio.get_running_loop()
+        remote = _Remote(loop, asyncio.Queue(), loop.create_future())
+        self._requests[admission.id] = remote
+        try:
+            # Off the event loop: an image's pixels are megabytes to write down the pipe.
+            await anyio.to_thread.run_sync(self._send, ("submit", admission))
+            error = await remote.ack
+        except BaseException:  # cancelled (the client left) or the pipe broke
+            self.abort(admission.id)
+            raise
+        if error is not None:
+            self._requests.pop(admission.id, None)
+            raise error
+        return Stream(admission.id, len(admission.ids), remote.events, self.abort, self.config.stream_interval)
+
+    def abort(self, request_id: str) -> None:
+        if self._requests.pop(request_id, None) is not None:
+            try:
+                self._send(("abort", request_id))
+            except OSError:  # the engine process is gone: nothing to abort
+                pass
+
+    # ------------------------------------------------------------------ the pipes
+
+    def _send(self, message: Any) -> None:
+        with self._lock:
+            _write(self._commands, message)
+
+    def _read(self) -> None:
+        """The reply reader's thread: hand each step's events to their event loops in one call each."""
+        while True:
+            try:
+                message = _read(self._replies)
+            except (EOFError, OSError):
+                break
+            kind = message[0]
+            if kind == "events":
+                _, events, records, stats = message
+                # Counters and records first: whoever sees a request end sees them up to date.
+                if stats is not None:
+                    self._stats = stats
+                for record in records:
+                    for observe in self.observers:
+                        try:
+                            observe(record)
+                        except Exception as error:  # metrics must never fail a request
+                            logger.error("request observer failed: %s", type(error).__name__)
+                self._dispatch(events)
+            elif kind == "ack":
+                _, request_id, error = message
+                remote = self._requests.get(request_id)
+                if remote is not None:
+                    self._call(remote.loop, _acknowledge, remote.ack, error)
+            elif kind == "stopped":
+                break
+        self._dead = True
+        if not self._stopping:
+            logger.error("the engine process stopped unexpectedly (exit status %s)", self._process.exitcode)
+        self._fail_all()
+
+    def _dispatch(self, events: list[tuple[str, Event | LocalvlError]]) -> None:
+        batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[Event | LocalvlError], Event | LocalvlError]]] = {}
+        for request_id, item in events:
+            remote = self._requests.get(request_id)
+            if remote is None:  # aborted meanwhile
+                continue
+            if isinstance(item, (Finished, LocalvlError)):
+                self._requests.pop(request_id, None)
+            batches.setdefault(remote.loop, []).append((remote.events, item))
+        for loop, batch in batches.items():
+            self._call(loop, _deliver, batch)
+
+    def _fail_all(self) -> None:
+        error: LocalvlError = (
+            ServiceUnavailableError("the server is shutting down") if self._stopping
+            else InternalError("the engine stopped while generating this response")
+        )
+        for request_id, remote in list(self._requests.items()):
+            self._requests.pop(request_id, None)
+            self._call(remote.loop, _acknowledge, remote.ack, error)
+            self._call(remote.loop, _deliver, [(remote.events, error)])
+
+    @staticmethod
+    def _call(loop: asyncio.AbstractEventLoop, function: Callable[..., None], *args: Any) -> None:
+        try:
+            loop.call_soon_threadsafe(function, *args)
+        except RuntimeError:  # that event loop is gone: nobody is listening
+            pass

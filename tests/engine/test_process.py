@@ -1,0 +1,137 @@
+"""The engine in its own process: the same answers as the model alone, and every way a request or
+the process itself can end."""
+
+import asyncio
+import functools
+import os
+import signal
+
+import pytest
+
+from localvl.conversation import Conversation, GenerationRequest, SamplingParams, Text, Turn
+from localvl.engine.events import Finished, TextDelta
+from localvl.engine.local import EngineConfig
+from localvl.engine.process import EngineStartError, ProcessEngine
+from localvl.errors import InternalError, InvalidRequestError, ServiceUnavailableError
+from localvl.models.loader import load_frontend_processor, load_model
+from tests.conftest import TEST_DEVICE
+from tests.engine.test_batching import assert_matches_reference, collect, mixed_conversations
+
+
+def start(folder, **config) -> ProcessEngine:
+    config.setdefault("kv_cache_memory", 32 << 20)
+    load = functools.partial(load_model, str(folder), device=TEST_DEVICE, dtype="float32")
+    return ProcessEngine(load, functools.partial(load_frontend_processor, str(folder)), EngineConfig(**config),
+                         cpu_threads=1, log_level="warning")
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir):
+    engine = start(model_dir("qwen2_5_vl"))
+    asyncio.run(engine.start())
+    yield engine
+    asyncio.run(engine.stop())
+
+
+def story(i: int = 0) -> Conversation:
+    return Conversation([Turn("user", [Text(f"{i} Write a very long story.")])])
+
+
+def test_concurrent_requests_with_images_equal_the_model_alone(engine, loaded_model):
+    convs = mixed_conversations(8)
+
+    async def body():
+        return await asyncio.gather(*[collect(engine, c, f"mix{i}") for i, c in enumerate(convs)])
+
+    results = asyncio.run(body())
+    assert_matches_reference(loaded_model("qwen2_5_vl"), convs, results)
+    assert engine.info.model_type == "qwen2_5_vl"
+
+
+def test_counts_and_records_come_back_from_the_engine_process(engine):
+    records = []
+    engine.observers.append(records.append)
+    try:
+        text, finished = asyncio.run(collect(engine, story(), "counted", max_tokens=5))
+    finally:
+        engine.observers.remove(records.append)
+    assert finished.usage.input_tokens + finished.usage.cache_creation_input_tokens + finished.usage.cache_read_input_tokens == asyncio.run(engine.count_tokens(story()))
+    assert [r.output_tokens for r in records] == [finished.usage.output_tokens]
+    stats = engine.stats()
+    assert stats["steps"] > 0 and stats["running"] == 0 and stats["failures"] == 0
+
+
+def test_a_request_the_engine_refuses_raises_at_submit(engine):
+    schema = {"type": "object", "properties": {"a": {"type": "string", "pattern": "(unclosed"}}, "required": ["a"]}
+
+    async def body():
+        request = GenerationRequest("bad", story(), SamplingParams(max_tokens=5, temperature=0), output_schema=schema)
+        with pytest.raises(InvalidRequestError):
+            await engine.submit(request)
+        return await collect(engine, story(), "after", max_tokens=3)  # the engine goes on
+
+    _, finished = asyncio.run(body())
+    assert finished.usage.output_tokens == 3
+
+
+def test_closing_a_stream_frees_its_place_in_the_engine(engine):
+    async def body():
+        stream = await engine.submit(GenerationRequest("long", story(), SamplingParams(max_tokens=30000, temperature=1)))
+        await stream.__anext__()
+        await stream.aclose()
+        for _ in range(200):  # the counters come back at least every 0.1 s while it works
+            await asyncio.sleep(0.02)
+            if engine.stats()["running"] == 0:
+                return True
+        return False
+
+    assert asyncio.run(body())
+
+
+def test_the_signals_a_terminal_or_systemd_sends_the_whole_group_leave_the_engine_running(engine):
+    async def body():
+        stream = await engine.submit(GenerationRequest("sig", story(), SamplingParams(max_tokens=40, temperature=0)))
+        await stream.__anext__()
+        os.kill(engine._process.pid, signal.SIGINT)
+        os.kill(engine._process.pid, signal.SIGTERM)
+        return [event async for event in stream]
+
+    events = asyncio.run(body())
+    assert isinstance(events[-1], Finished) and engine.alive  # not an error: the engine went on
+
+
+def test_stopping_ends_open_streams_and_a_dead_engine_fails_them(model_dir):
+    async def stopped():
+        engine = start(model_dir("qwen2_5_vl"))
+        await engine.start()
+        stream = await engine.submit(GenerationRequest("s", story(), SamplingParams(max_tokens=30000, temperature=1)))
+        await stream.__anext__()
+        await engine.stop()
+        with pytest.raises(ServiceUnavailableError):
+            async for _ in stream:
+                pass
+        assert not engine.alive
+
+    async def killed():
+        engine = start(model_dir("qwen2_5_vl"))
+        await engine.start()
+        stream = await engine.submit(GenerationRequest("k", story(), SamplingParams(max_tokens=30000, temperature=1)))
+        assert isinstance(await stream.__anext__(), TextDelta)
+        os.kill(engine._process.pid, signal.SIGKILL)
+        with pytest.raises(InternalError):
+            async for event in stream:
+                assert not isinstance(event, Finished)
+        assert not engine.alive
+        with pytest.raises(ServiceUnavailableError):
+            await engine.submit(GenerationRequest("later", story(), SamplingParams(max_tokens=3)))
+        await engine.stop()
+
+    asyncio.run(stopped())
+    asyncio.run(killed())
+
+
+def test_a_folder_the_engine_cannot_load_fails_at_start_with_the_loaders_message(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "qwen2"}')
+    with pytest.raises(EngineStartError) as caught:
+        start(tmp_path)
+    assert "text model" in str(caught.value)
