@@ -46,3 +46,9 @@ def test_the_step_profile_and_the_decode_split_run():
 def test_the_loading_check_loads_and_answers():
     out = run("benchmarks/loading_check.py")
     assert "auto dtype, auto attention: loaded" in out and "tokens through the engine" in out
+
+
+def test_the_engine_alone_runs_beside_the_baseline():
+    out = run("benchmarks/engine_only.py", "--requests", "2", "--concurrency", "2", "--tokens", "6", "--baseline-requests", "1",
+              "--prerendered")
+    assert "naive model.generate" in out and "engine alone, concurrency 2, prompts rendered beforehand" in out

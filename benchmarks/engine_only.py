@@ -1,0 +1,77 @@
+"""The engine alone, no HTTP: what it can do when nothing else in the process wants the GIL.
+
+load.py's workload (one 448 px image + ~100 words, 128 output tokens) submitted straight to a
+``LocalEngine`` at a given concurrency, beside the naive ``model.generate`` baseline of the same
+run. With ``--prerendered`` the prompts are rendered before the clock starts, so the engine thread
+is the only busy one: the ceiling a server can reach around this engine on this machine.
+
+    python benchmarks/engine_only.py --prerendered
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import time
+from typing import Any
+
+try:
+    from benchmarks.load import baseline, engine_model, workload
+except ImportError:  # run as a script from benchmarks/
+    from load import baseline, engine_model, workload  # type: ignore[no-redef]
+
+from localvl.cli import apply_cpu_threads, engine_config
+from localvl.conversation import GenerationRequest, SamplingParams
+from localvl.engine.local import LocalEngine
+from localvl.settings import Settings
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--image", type=int, default=448)
+    parser.add_argument("--baseline-requests", type=int, default=4)
+    parser.add_argument("--prerendered", action="store_true", help="render every prompt before the clock starts")
+    args = parser.parse_args()
+
+    loaded = engine_model("tiny", "auto", "auto")
+    apply_cpu_threads(loaded.model.device.type, None)  # as `localvl serve` does
+    config = dataclasses.replace(engine_config(Settings()), max_queue=100_000)
+    engine = LocalEngine(loaded, config)
+    conversations = [r.conversation() for r in workload(args.requests, args.image, seed=4_242)]
+    if args.prerendered:
+        rendered = {id(c): engine.renderer.render(c) for c in conversations}
+        render = engine.renderer.render
+        engine.renderer.render = lambda c: rendered.get(id(c)) or render(c)  # type: ignore[method-assign]
+    base = baseline(loaded, engine, workload(args.baseline_requests, args.image, seed=1), args.tokens)
+
+    async def run() -> dict[str, Any]:
+        await engine.start()
+        gate = asyncio.Semaphore(args.concurrency)
+
+        async def one(i: int, conversation: Any) -> None:
+            async with gate:
+                request = GenerationRequest(f"r{i}", conversation, SamplingParams(max_tokens=args.tokens, temperature=0))
+                async for _ in await engine.submit(request):
+                    pass
+
+        await one(-1, workload(1, args.image, seed=99)[0].conversation())  # warm-up
+        started, cpu = time.perf_counter(), time.process_time()
+        await asyncio.gather(*[one(i, c) for i, c in enumerate(conversations)])
+        elapsed = time.perf_counter() - started
+        await engine.stop()
+        return {"requests_per_s": args.requests / elapsed, "cpu_ms_per_request": (time.process_time() - cpu) * 1000 / args.requests}
+
+    result = asyncio.run(run())
+    what = "prompts rendered beforehand" if args.prerendered else "rendering included"
+    print(f"naive model.generate, one at a time: {base['requests_per_s']:.2f} req/s")
+    print(f"engine alone, concurrency {args.concurrency}, {what}: {result['requests_per_s']:.2f} req/s "
+          f"({result['requests_per_s'] / base['requests_per_s']:.2f}x the baseline), "
+          f"{result['cpu_ms_per_request']:.1f} ms CPU per request")
+
+
+if __name__ == "__main__":
+    main()
