@@ -50,10 +50,18 @@ class Server:
         return self.log_path.read_text(errors="replace")
 
     def peak_rss_bytes(self) -> int:
-        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-        raise RuntimeError("no VmHWM")
+        """The server's peak resident memory, its engine process's included (the model lives there)."""
+        pids = [self.process.pid]
+        for task in Path(f"/proc/{self.process.pid}/task").iterdir():
+            pids += [int(p) for p in (task / "children").read_text().split()]
+        total = 0
+        for pid in pids:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    total += int(line.split()[1]) * 1024
+        if len(pids) < 2:
+            raise RuntimeError("no engine process found")
+        return total
 
     def stop(self) -> None:
         self.process.terminate()
