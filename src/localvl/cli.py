@@ -9,6 +9,7 @@ import functools
 import importlib
 import logging
 import os
+import signal
 import sys
 import types
 import typing
@@ -159,6 +160,7 @@ def serve(flags: dict[str, Any]) -> int:
             )
             engine = ProcessEngine(load, processor, engine_config(settings), cpu_threads=settings.cpu_threads,
                                    log_level=settings.log_level)
+            engine.on_death = lambda: os.kill(os.getpid(), signal.SIGTERM)  # shut down, then exit 1 (below)
             apply_cpu_threads("cpu", 1)  # this process only renders: its torch work is small
         else:
             loaded = load()
@@ -178,7 +180,7 @@ def serve(flags: dict[str, Any]) -> int:
     # Shut down cleanly (the lifespan stopped the batch worker, the engine and the store): exit now,
     # rather than wait at interpreter teardown on a thread some library left running.
     logging.shutdown()
-    os._exit(0)
+    os._exit(1 if getattr(engine, "died", False) else 0)
 
 
 def apply_cpu_threads(device_type: str, threads: int | None) -> None:

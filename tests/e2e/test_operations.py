@@ -108,6 +108,34 @@ def test_sigterm_drains_a_running_stream_and_refuses_new_work(model_dir, tmp_pat
         server.stop()
 
 
+def test_when_the_engine_process_dies_open_streams_end_with_an_error_and_the_server_exits_1(model_dir, tmp_path):
+    import os
+    import signal
+    from pathlib import Path
+
+    from tests.e2e.conftest import Server
+
+    server = Server(model_dir("qwen2_vl"), tmp_path / "dead.log", "--shutdown-timeout", "30")
+    try:
+        children = [int(pid) for task in Path(f"/proc/{server.process.pid}/task").iterdir()
+                    for pid in (task / "children").read_text().split()]
+        engine_pid, = [pid for pid in children if b"resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        payload = {"model": "tiny-vl", "max_tokens": 30000, "stream": True, "temperature": 1,
+                   "messages": [{"role": "user", "content": "Tell a very long story."}]}
+        events: list[str] = []
+        with httpx.stream("POST", server.url + "/v1/messages", json=payload, headers={"x-api-key": API_KEY}, timeout=60) as response:
+            for line in response.iter_lines():
+                if line.startswith("event: "):
+                    events.append(line[7:])
+                    if events[-1] == "content_block_delta" and events.count("content_block_delta") == 1:
+                        os.kill(engine_pid, signal.SIGKILL)  # as the kernel's OOM killer would
+        assert events[-1] == "error" and "message_stop" not in events
+        assert server.process.wait(timeout=60) == 1  # a supervisor (systemd Restart=on-failure) restarts it
+        assert "the engine process stopped unexpectedly" in server.log()
+    finally:
+        server.stop()
+
+
 def test_the_access_log_is_one_json_line_per_request_without_content(server, client):
     import json
 

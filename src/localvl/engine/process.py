@@ -225,12 +225,16 @@ class ProcessEngine:
         """
         self.config = config
         self.observers: list[Callable[[RequestRecord], None]] = []
+        # Called (on the reply reader's thread) if the engine process dies unasked: `localvl serve`
+        # shuts down then, and exits with status 1 so a supervisor restarts it.
+        self.on_death: Callable[[], None] | None = None
         self._requests: dict[str, _Remote] = {}
         self._stats: dict[str, int] = {}
         self._lock = threading.Lock()
         self._running = False
         self._stopping = False
         self._dead = False
+        self._died = False
         context = multiprocessing.get_context("spawn")  # fork would copy this process's threads' state
         command_out, self._commands = context.Pipe(duplex=False)
         self._replies, reply_in = context.Pipe(duplex=False)
@@ -275,6 +279,11 @@ class ProcessEngine:
     @property
     def alive(self) -> bool:
         return not self._dead and self._process.is_alive()
+
+    @property
+    def died(self) -> bool:
+        """The engine process ended without being asked to."""
+        return self._died
 
     def stats(self) -> dict[str, int]:
         """The engine's counters as of its last report (at most ~0.1 s old while it is busy)."""
@@ -362,9 +371,13 @@ class ProcessEngine:
             elif kind == "stopped":
                 break
         self._dead = True
-        if not self._stopping:
+        self._died = not self._stopping
+        if self._died:
+            self._process.join(5)
             logger.error("the engine process stopped unexpectedly (exit status %s)", self._process.exitcode)
         self._fail_all()
+        if self.died and self.on_death is not None:
+            self.on_death()
 
     def _dispatch(self, events: list[tuple[str, Event | LocalvlError]]) -> None:
         batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[Event | LocalvlError], Event | LocalvlError]]] = {}
