@@ -115,10 +115,7 @@ class _PipeOutbox(Outbox):
             return
         events, self._events = self._events, []
         records, self._records = self._records, []
-        try:
-            self._send(("events", events, records, stats))
-        except OSError:  # the server is gone (killed): nobody to tell; the main thread stops the engine
-            pass
+        self._send(("events", events, records, stats))
 
 
 def _serve(
@@ -139,8 +136,11 @@ def _serve(
     lock = threading.Lock()
 
     def send(message: Any) -> None:
-        with lock:
-            _write(replies, message)
+        try:
+            with lock:
+                _write(replies, message)
+        except OSError:  # the server is gone: nobody to tell; reading its end stops this process
+            pass
 
     from localvl.cli import apply_cpu_threads
     from localvl.engine.local import LocalEngine
@@ -172,16 +172,17 @@ def _serve(
                 engine.admit(admission, matcher, outbox)
             except LocalvlError as error:
                 send(("ack", admission.id, error))
+            except Exception as error:  # a bug: this request fails, the engine goes on
+                logger.error("admitting a request failed: %s", type(error).__name__)
+                logger.debug("admission failure", exc_info=True)
+                send(("ack", admission.id, InternalError("the engine could not take this request")))
             else:
                 send(("ack", admission.id, None))
         elif kind == "abort":
             engine.abort(message[1])
         elif kind == "stop":
             engine.stop_thread()
-            try:
-                send(("stopped",))
-            except OSError:
-                pass
+            send(("stopped",))
             return
 
 
