@@ -211,7 +211,7 @@ class LocalEngine:
         job = self.admit(admission, matcher, self._outbox, loop)
         return Stream(admission.id, len(admission.ids), job.events, self.abort, self.config.stream_interval)
 
-    def admit(self, admission: Admission, matcher: Any, outbox: Any, loop: asyncio.AbstractEventLoop | None = None) -> Job:
+    def admit(self, admission: Admission, matcher: Any, outbox: Outbox, loop: asyncio.AbstractEventLoop | None = None) -> Job:
         """Queue a prepared request for the engine thread (from any one thread at a time)."""
         self._check_queue()  # again: others may have queued while this one rendered
         job = self._job(admission, matcher, outbox, loop)
@@ -224,7 +224,7 @@ class LocalEngine:
         self._inbox.put(seq)
         return job
 
-    def _job(self, admission: Admission, matcher: Any, outbox: Any, loop: asyncio.AbstractEventLoop | None) -> Job:
+    def _job(self, admission: Admission, matcher: Any, outbox: Outbox, loop: asyncio.AbstractEventLoop | None) -> Job:
         return Job(
             id=admission.id,
             prompt=admission.prompt,
