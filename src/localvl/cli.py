@@ -101,6 +101,9 @@ def _auth_configured(settings: Any) -> bool:
     return asyncio.run(stored()) > 0
 
 
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"  # the engine process's too
+
+
 def serve(flags: dict[str, Any]) -> int:
     from pydantic import ValidationError
 
@@ -122,7 +125,7 @@ def serve(flags: dict[str, Any]) -> int:
             file=sys.stderr,
         )
         return 2
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=settings.log_level.upper(), format=LOG_FORMAT)
 
     from localvl.api import serving
     from localvl.api.app import create_app

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import functools
 import logging
 import queue
 import threading
@@ -49,6 +50,7 @@ from localvl.engine.vision import ImageCache
 from localvl.errors import InternalError, InvalidRequestError, OverloadedError, ServiceUnavailableError
 from localvl.models.loader import LoadedModel
 from localvl.prompt.outputs import Piece, TextPiece, ThinkingPiece, tool_call_id
+from localvl.prompt.render import Renderer
 
 logger = logging.getLogger(__name__)
 
@@ -112,8 +114,6 @@ class LocalEngine:
         self.facts = ModelFacts(
             self.model.image_token_id, self.model.spatial_merge_size, loaded.sampling_defaults, self._info.context_length
         )
-        self.frontend = Frontend(loaded.processor, self.facts)
-        self.renderer = self.frontend.renderer
         self._inbox: queue.Queue[Sequence | None] = queue.Queue()
         self._outbox = outbox or Outbox()  # another kind in an engine process (process.py)
         self._active: dict[str, Sequence] = {}
@@ -147,6 +147,15 @@ class LocalEngine:
         num_blocks = max(1, min(budget // per_block, useful))
         logger.info("KV cache: %d blocks of %d tokens (%.2f GiB)", num_blocks, self.config.block_size, num_blocks * per_block / GiB)
         return PagedKVCache(num_blocks=num_blocks, device=device, **shape)  # type: ignore[arg-type]
+
+    @functools.cached_property
+    def frontend(self) -> Frontend:
+        """Made on first use: in an engine process (process.py) the server renders, not this."""
+        return Frontend(self.loaded.processor, self.facts)
+
+    @property
+    def renderer(self) -> Renderer:
+        return self.frontend.renderer
 
     @property
     def info(self) -> ModelInfo:

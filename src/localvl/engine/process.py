@@ -39,7 +39,6 @@ from localvl.errors import InternalError, LocalvlError, ServiceUnavailableError
 
 logger = logging.getLogger(__name__)
 
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 STATS_INTERVAL = 0.1  # seconds between counter updates while the engine is busy
 
 
@@ -132,6 +131,9 @@ def _serve(
     # pipe's end stops it). Dying at the signal would fail the very requests the drain waits for.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    from localvl.cli import LOG_FORMAT, apply_cpu_threads
+    from localvl.engine.local import LocalEngine
+
     logging.basicConfig(level=log_level.upper(), format=LOG_FORMAT)
     lock = threading.Lock()
 
@@ -141,9 +143,6 @@ def _serve(
                 _write(replies, message)
         except OSError:  # the server is gone: nobody to tell; reading its end stops this process
             pass
-
-    from localvl.cli import apply_cpu_threads
-    from localvl.engine.local import LocalEngine
 
     outbox = _PipeOutbox(send)
     try:
