@@ -127,6 +127,22 @@ def test_random_ids_concatenate_to_the_whole_decode(tok, pool):
         assert "".join(deltas) + tail == tok.decode(ids), ids
 
 
+def test_the_direct_decoder_spells_what_the_tokenizer_does(tok):
+    from localvl.engine.detokenizer import decoder
+
+    class Wrapped:  # not a tokenizers-backed class: decoded through its own decode
+        def decode(self, ids, **kwargs):
+            return tok.decode(ids, **kwargs)
+
+    direct, wrapped = decoder(tok), decoder(Wrapped())
+    assert direct.__code__ is not wrapped.__code__  # the tiny tokenizer takes the direct path
+    rng = random.Random(7)
+    for _ in range(200):  # special tokens included: spelled out, as decode does without skipping
+        ids = [rng.randrange(len(tok)) for _ in range(rng.randint(1, 12))]
+        expected = tok.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        assert direct(ids) == expected == wrapped(ids)
+
+
 def test_token_bytes_concatenate_to_the_text(loaded_model):
     from localvl.engine.detokenizer import token_bytes
 

@@ -29,8 +29,9 @@ def test_rows_and_chunks_attend_to_their_own_history(dtype):
     device = torch.device(TEST_DEVICE)
     cache = PagedKVCache(num_layers=1, num_blocks=64, block_size=BLOCK, kv_heads=KV_HEADS, head_dim=DIM, dtype=dtype, device=device)
     cache.touch(63)  # as the runner does before a step: blocks in use are zeroed before first use
-    # (history already cached, new tokens this step): two decodes, a short chunk, a long chunk
-    shapes = [(9, 1), (3, 1), (5, 6), (0, 21)]
+    # (history already cached, new tokens this step): two decodes, a short chunk, then long chunks
+    # with no history, a history shorter than the chunk, and one longer
+    shapes = [(9, 1), (3, 1), (5, 6), (0, 21), (7, 12), (30, 5)]
     free = iter(range(64))
     histories, tables = [], []
     for cached, new in shapes:
@@ -67,8 +68,11 @@ def test_rows_and_chunks_attend_to_their_own_history(dtype):
     real = (torch.arange(6).unsqueeze(0) < counts.unsqueeze(1)).flatten()
     batch.row_sources = real.nonzero().flatten().to(device)
     batch.row_targets = batch.row_queries.flatten().cpu()[real].to(device)
-    long_table = torch.tensor(tables[3], device=device)
-    batch.prefills = [PrefillChunk(8, 29, long_table, 21)]
+    batch.prefills = []
+    start = sum(new for _, new in shapes[:rows])
+    for (cached, new), table in zip(shapes[rows:], tables[rows:]):
+        batch.prefills.append(PrefillChunk(start, start + new, torch.tensor(table, device=device), cached + new))
+        start += new
 
     q = torch.cat(queries, dim=1).unsqueeze(0)
     out, _ = paged_attention(Layer(), q, torch.cat(keys, 1).unsqueeze(0), torch.cat(values, 1).unsqueeze(0), None, scaling=DIM**-0.5, localvl_batch=batch)

@@ -7,7 +7,7 @@ character, so the concatenation of everything released equals the decoded whole.
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from localvl.models.byte_level import bytes_to_unicode
 
@@ -16,33 +16,58 @@ _REPLACEMENT = "\ufffd"
 
 class IncrementalDetokenizer:
     def __init__(self, tokenizer: Any, skip_token_ids: Iterable[int] = ()) -> None:
-        self._tokenizer = tokenizer
+        self._decode = decoder(tokenizer)
         self._skip = frozenset(skip_token_ids)
         self._ids: list[int] = []
         self._prefix = 0  # window start: everything before it has been released
         self._read = 0  # tokens up to here have been released as text
-
-    def _decode(self, ids: list[int]) -> str:
-        return self._tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        self._seen = ""  # the window's released part, decoded: it changes only when text is released
 
     def add(self, token_id: int) -> str:
         """Feed one generated token; return newly complete text (possibly "")."""
         if token_id in self._skip:
             return ""
         self._ids.append(token_id)
-        seen = self._decode(self._ids[self._prefix : self._read])
+        seen = self._seen
         text = self._decode(self._ids[self._prefix :])
         if text.endswith(_REPLACEMENT) or len(text) <= len(seen):
             return ""
         self._prefix, self._read = self._read, len(self._ids)
+        self._seen = self._decode(self._ids[self._prefix : self._read])
         return text[len(seen) :]
 
     def flush(self) -> str:
         """Whatever is still held at the end of generation (an incomplete character decodes as U+FFFD)."""
-        seen = self._decode(self._ids[self._prefix : self._read])
+        seen = self._seen
         text = self._decode(self._ids[self._prefix :])
         self._prefix = self._read = len(self._ids)
+        self._seen = ""
         return text[len(seen) :] if len(text) > len(seen) else ""
+
+
+def decoder(tokenizer: Any) -> Callable[[list[int]], str]:
+    """``tokenizer.decode`` of ids as they are (special tokens spelled out, no clean-up).
+
+    A transformers tokenizer backed by the ``tokenizers`` library is decoded by that library
+    directly: the same text without transformers' per-call Python (~10 µs a call on this project's
+    CPU machine, two calls per generated token).
+    """
+    try:
+        from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+    except ImportError:  # another transformers layout: the slow path is still right
+        TokenizersBackend = PreTrainedTokenizerBase = None  # type: ignore[assignment,misc]
+    cls = type(tokenizer)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if (
+        TokenizersBackend is not None
+        and isinstance(tokenizer, TokenizersBackend)
+        and cls.decode is PreTrainedTokenizerBase.decode
+        and cls._decode is TokenizersBackend._decode
+        and backend is not None
+    ):
+        return lambda ids: backend.decode(ids, skip_special_tokens=False)
+    return lambda ids: tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
 
 def special_token_ids(tokenizer: Any) -> frozenset[int]:

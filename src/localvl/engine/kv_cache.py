@@ -82,6 +82,7 @@ class PrefillChunk:
     end: int
     context_blocks: torch.Tensor  # [blocks] the blocks of every token the chunk's queries see, in order
     context: int  # how many tokens that is
+    mask: torch.Tensor | None = None  # made by the first layer that needs it, reused by the others
 
 
 @dataclass
@@ -96,7 +97,7 @@ class AttentionBatch:
     slot_mapping: torch.Tensor  # [tokens] the slot each new token's keys and values are written to
     rows: int = 0
     row_blocks: torch.Tensor | None = None  # [rows, most blocks], padded with the scratch block
-    row_mask: torch.Tensor | None = None  # [rows, 1, queries, most blocks * block_size] True where visible
+    row_mask: torch.Tensor | None = None  # [rows, 1, queries, most blocks * block_size]: True (or 0.0, additive) where visible
     row_lengths: torch.Tensor | None = None  # [rows] int32 context lengths, for the decode kernel
     kernel: bool = False  # one query per row: read the pool in place (triton_decode.py)
     # More than one query per row: where each (row, query) comes from in the packed step (padding
@@ -192,15 +193,35 @@ def paged_attention(
         context = chunk.context
         k = _gather(key_blocks, chunk.context_blocks).flatten(0, 1)[:context].transpose(0, 1).unsqueeze(0)  # [1, kv_heads, context, dim]
         v = _gather(value_blocks, chunk.context_blocks).flatten(0, 1)[:context].transpose(0, 1).unsqueeze(0)
-        qc = q[:, chunk.start : chunk.end].unsqueeze(0)
-        length = chunk.end - chunk.start
-        mask = None
-        if length != context:  # the chunk's queries are the last `length` tokens of the context
-            rows = torch.arange(length, device=q.device).unsqueeze(1) + (context - length)
-            mask = torch.arange(context, device=q.device).unsqueeze(0) <= rows
-        o = _sdpa(qc, k, v, mask, scaling)
-        out[chunk.start : chunk.end] = o[0].transpose(0, 1)
+        out[chunk.start : chunk.end] = _attend_chunk(q[:, chunk.start : chunk.end], k, v, chunk, scaling)
     return out.unsqueeze(0), None
+
+
+def _attend_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: PrefillChunk, scale: float | None) -> torch.Tensor:
+    """A chunk's queries ``[heads, length, dim]`` — the last ``length`` tokens of its context — over
+    the context's keys and values ``[1, kv_heads, context, dim]`` → ``[length, heads, dim]``.
+    """
+    heads, length, dim = q.shape
+    prefix = chunk.context - length  # tokens cached before this chunk
+    if prefix == 0:
+        return _sdpa(q.unsqueeze(0), k, v, None, scale)[0].transpose(0, 1)
+    if prefix <= length:
+        # Zero queries stand in for the cached prefix and their outputs are dropped: a square causal
+        # call needs no mask and skips the masked half, where a masked one computes all of it (on
+        # this project's CPU machine, 385 new tokens after 16 cached: 0.87 ms against 1.0 ms, plus
+        # 0.2 ms to make and convert the mask).
+        padded = torch.cat([q.new_zeros(heads, prefix, dim), q], dim=1)
+        return _sdpa(padded.unsqueeze(0), k, v, None, scale)[0, :, prefix:].transpose(0, 1)
+    if chunk.mask is None:
+        rows = torch.arange(length, device=q.device).unsqueeze(1) + prefix
+        visible = torch.arange(chunk.context, device=q.device).unsqueeze(0) <= rows
+        chunk.mask = additive_mask(visible, q.dtype)
+    return _sdpa(q.unsqueeze(0), k, v, chunk.mask, scale)[0].transpose(0, 1)
+
+
+def additive_mask(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean mask as the additive one SDPA would convert it to on every call."""
+    return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(~visible, float("-inf"))
 
 
 def register_attention() -> None:

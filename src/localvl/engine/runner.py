@@ -11,11 +11,12 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from localvl.engine.blocks import ImageSpan
 from localvl.engine.cuda_graphs import DecodeGraphs
-from localvl.engine.kv_cache import AttentionBatch, PagedKVCache, PrefillChunk
+from localvl.engine.kv_cache import AttentionBatch, PagedKVCache, PrefillChunk, additive_mask
 from localvl.engine.positions import mrope_positions
 from localvl.engine.qwen_vl import ImageFeatures, PromptInputs, QwenVLRunner
 from localvl.engine.scheduler import Scheduled
@@ -152,28 +153,33 @@ class StepRunner:
         """Describe the short chunks as padded rows: blocks, causal masks, and query placement."""
         device = self.model.device
         widest = max(len(b) for b in blocks)
-        scratch = self.cache.scratch_block
-        padded = torch.tensor([b + [scratch] * (widest - len(b)) for b in blocks], dtype=torch.long)
+        padded = np.full((len(blocks), widest), self.cache.scratch_block, dtype=np.int64)  # ~2x torch.tensor of lists
+        for row, row_blocks in enumerate(blocks):
+            padded[row, : len(row_blocks)] = row_blocks
         queries = max(count for _, count, _ in spans)
-        counts = torch.tensor([count for _, count, _ in spans])
         ends = torch.tensor([end for _, _, end in spans])
-        # query t of a row sees keys up to its own index (end - count + t); padding repeats the last
         attention.rows = len(blocks)
-        attention.row_blocks = padded.to(device, non_blocking=True)
+        attention.row_blocks = torch.from_numpy(padded).to(device, non_blocking=True)
         if queries == 1 and self.decode_kernel:  # the kernel reads lengths; no mask to build
             attention.kernel = True
             attention.row_lengths = ends.to(torch.int32).to(device, non_blocking=True)
             return
+        slots = torch.arange(widest * self.block_size)
+        if queries == 1:  # decodes: a row sees its whole context
+            mask = (slots.unsqueeze(0) < ends.unsqueeze(1)).view(len(blocks), 1, 1, -1)
+            attention.row_mask = additive_mask(mask, self.model.dtype).to(device, non_blocking=True)
+            return
+        # query t of a row sees keys up to its own index (end - count + t); padding repeats the last
+        counts = torch.tensor([count for _, count, _ in spans])
         t = torch.minimum(torch.arange(queries).unsqueeze(0), (counts - 1).unsqueeze(1))  # [rows, queries]
         visible = (ends - counts).unsqueeze(1) + t
-        mask = torch.arange(widest * self.block_size).view(1, 1, -1) <= visible.unsqueeze(2)  # [rows, queries, slots]
-        attention.row_mask = mask.unsqueeze(1).to(device, non_blocking=True)
-        if queries > 1:
-            starts = torch.tensor([start for start, _, _ in spans])
-            attention.row_queries = (starts.unsqueeze(1) + t).to(device, non_blocking=True)
-            real = (torch.arange(queries).unsqueeze(0) < counts.unsqueeze(1)).flatten()
-            attention.row_sources = real.nonzero().flatten().to(device, non_blocking=True)
-            attention.row_targets = attention.row_queries.flatten().cpu()[real].to(device, non_blocking=True)
+        mask = slots.view(1, 1, -1) <= visible.unsqueeze(2)  # [rows, queries, slots]
+        attention.row_mask = additive_mask(mask.unsqueeze(1), self.model.dtype).to(device, non_blocking=True)
+        starts = torch.tensor([start for start, _, _ in spans])
+        attention.row_queries = (starts.unsqueeze(1) + t).to(device, non_blocking=True)
+        real = (torch.arange(queries).unsqueeze(0) < counts.unsqueeze(1)).flatten()
+        attention.row_sources = real.nonzero().flatten().to(device, non_blocking=True)
+        attention.row_targets = attention.row_queries.flatten().cpu()[real].to(device, non_blocking=True)
 
     @torch.inference_mode()
     def run(self, batch: list[Scheduled]) -> tuple[list[Scheduled], torch.Tensor | None]:
