@@ -38,6 +38,7 @@ import torch
 from PIL import Image as PILImage
 
 from localvl.cli import apply_cpu_threads, engine_config
+from localvl.engine import affinity
 from localvl.conversation import Conversation, Text, Turn
 from localvl.engine.local import LocalEngine
 from localvl.engine.process import ProcessEngine
@@ -271,6 +272,7 @@ def main() -> None:
     parser.add_argument("--in-process", action="store_true",
                         help="the engine in the server's process (--no-engine-process); also times its steps")
     parser.add_argument("--cpu-threads", type=int, default=None, help="as localvl serve's (default: cores - 1)")
+    parser.add_argument("--no-cpu-affinity", action="store_true", help="as localvl serve's: let the OS place both processes")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--log-level", default="warning", help="localvl's log level (debug shows engine tracebacks)")
     args = parser.parse_args()
@@ -278,6 +280,7 @@ def main() -> None:
     logging.getLogger("localvl").setLevel(args.log_level.upper())
     levels = [int(x) for x in args.concurrency.split(",")]
 
+    all_cores = affinity.available()
     loaded = engine_model(args.shape, args.device, args.dtype)
     settings = Settings(stream_interval=args.stream_interval) if args.stream_interval is not None else Settings()
     config = dataclasses.replace(engine_config(settings), max_num_seqs=args.max_num_seqs, max_queue=100_000)
@@ -289,7 +292,8 @@ def main() -> None:
         engine = LocalEngine(loaded, config)
     else:
         load = functools.partial(engine_model, args.shape, args.device, args.dtype)
-        engine = ProcessEngine(load, lambda: loaded.processor, config, cpu_threads=args.cpu_threads, log_level=args.log_level)
+        engine = ProcessEngine(load, lambda: loaded.processor, config, cpu_threads=args.cpu_threads,
+                               cpu_affinity=not args.no_cpu_affinity, log_level=args.log_level)
         apply_cpu_threads(loaded.model.device.type, args.cpu_threads)
     device = loaded.model.device
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
@@ -307,7 +311,10 @@ def main() -> None:
 
     clock = StepClock(engine) if args.in_process else StepClock.absent()
     # The load generator runs in its own process, so it does not take the server's CPU time (GIL).
-    pool = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+    # (On every core: the server may have pinned itself, and its children would inherit that.)
+    pool = concurrent.futures.ProcessPoolExecutor(
+        1, mp_context=multiprocessing.get_context("spawn"), initializer=affinity.pin_process, initargs=(all_cores,)
+    )
     with pool, InProcessServer(engine) as url:
         pool.submit(client.run_load, url, [r.body(4) for r in workload(2, args.image, seed=5_000)], 2).result()
         clock.ttft()

@@ -162,7 +162,7 @@ def serve(flags: dict[str, Any]) -> int:
                 load_frontend_processor, folder, min_pixels=settings.min_pixels, max_pixels=settings.max_pixels
             )
             engine = ProcessEngine(load, processor, engine_config(settings), cpu_threads=settings.cpu_threads,
-                                   log_level=settings.log_level)
+                                   cpu_affinity=settings.cpu_affinity, log_level=settings.log_level)
             engine.on_death = lambda: os.kill(os.getpid(), signal.SIGTERM)  # shut down, then exit 1 (below)
             apply_cpu_threads("cpu", 1)  # this process only renders: its torch work is small
         else:
@@ -199,7 +199,10 @@ def apply_cpu_threads(device_type: str, threads: int | None) -> None:
 
     import torch
 
-    torch.set_num_threads(threads or max(1, (os.cpu_count() or 2) - 1))
+    from localvl.engine.affinity import available
+
+    cores = len(available()) or os.cpu_count() or 2  # a container's cpuset, not the host's count
+    torch.set_num_threads(threads or max(1, cores - 1))
 
 
 def engine_config(settings: Any) -> Any:

@@ -72,6 +72,12 @@ class Settings(BaseSettings):
         description="run the model in a process of its own, so HTTP, image decoding and streaming never wait for "
         "the engine (Python's GIL); off: one process",
     )
+    cpu_affinity: bool = Field(
+        True,
+        description="with the model on the CPU in its own process: the engine takes cpu_threads cores (default: all "
+        "but one) and HTTP, image decoding and streaming keep the rest, so neither slows the other; off: the OS "
+        "places both",
+    )
     cuda_graphs: bool = Field(True, description="replay decode steps as CUDA graphs on a GPU")
     max_queue: int = Field(256, ge=1, description="waiting requests beyond which new ones get 529 overloaded")
     max_request_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="largest request body accepted")

@@ -9,6 +9,7 @@ import signal
 import pytest
 
 from localvl.conversation import Conversation, GenerationRequest, SamplingParams, Text, Turn
+from localvl.engine.affinity import available
 from localvl.engine.events import Finished, TextDelta
 from localvl.engine.local import EngineConfig
 from localvl.engine.process import EngineStartError, ProcessEngine
@@ -18,11 +19,11 @@ from tests.conftest import TEST_DEVICE
 from tests.engine.test_batching import assert_matches_reference, collect, mixed_conversations
 
 
-def start(folder, **config) -> ProcessEngine:
+def start(folder, cpu_affinity=False, **config) -> ProcessEngine:
     config.setdefault("kv_cache_memory", 32 << 20)
     load = functools.partial(load_model, str(folder), device=TEST_DEVICE, dtype="float32")
     return ProcessEngine(load, functools.partial(load_frontend_processor, str(folder)), EngineConfig(**config),
-                         cpu_threads=1, log_level="warning")
+                         cpu_threads=1, cpu_affinity=cpu_affinity, log_level="warning")
 
 
 @pytest.fixture(scope="module")
@@ -135,3 +136,18 @@ def test_a_folder_the_engine_cannot_load_fails_at_start_with_the_loaders_message
     with pytest.raises(EngineStartError) as caught:
         start(tmp_path)
     assert "text model" in str(caught.value)
+
+
+@pytest.mark.skipif(TEST_DEVICE != "cpu" or len(available()) < 2, reason="a model on the CPU, and two cores to split")
+def test_on_a_cpu_the_engine_and_the_server_run_on_cores_of_their_own_until_stop(model_dir):
+    before = available()
+    engine = start(model_dir("qwen2_5_vl"), cpu_affinity=True)
+    try:
+        asyncio.run(engine.start())
+        engine_cores = sorted(os.sched_getaffinity(engine._process.pid))
+        assert engine_cores == before[:1] and available() == before[1:]  # cpu_threads=1: one core for the engine
+        text, finished = asyncio.run(collect(engine, story(), "pinned", max_tokens=3))
+        assert finished.usage.output_tokens == 3
+    finally:
+        asyncio.run(engine.stop())
+    assert available() == before

@@ -34,6 +34,7 @@ import anyio
 import numpy
 
 from localvl.conversation import Conversation, GenerationRequest
+from localvl.engine import affinity
 from localvl.engine.bridge import Job, Outbox, Stream
 from localvl.engine.events import Event, Finished, RequestRecord
 from localvl.engine.frontend import Frontend
@@ -154,6 +155,7 @@ def _serve(
     load: Callable[[], Any],
     config: Any,
     cpu_threads: int | None,
+    cpu_affinity: bool,
     log_level: str,
     commands: Connection,
     replies: Connection,
@@ -180,6 +182,12 @@ def _serve(
     outbox = _PipeOutbox(send)
     try:
         loaded = load()
+        server_cpus = None
+        parts = affinity.split(affinity.available(), cpu_threads) if cpu_affinity and loaded.model.device.type == "cpu" else None
+        if parts is not None:
+            engine_cpus, server_cpus = parts
+            affinity.pin_process(engine_cpus)
+            cpu_threads = len(engine_cpus)
         apply_cpu_threads(loaded.model.device.type, cpu_threads)
         engine = LocalEngine(loaded, config, outbox)
     except Exception as error:  # the server prints it: a load error's message says what to do
@@ -190,7 +198,7 @@ def _serve(
     outbox.watch(engine.stats, lambda: len(engine.scheduler) == 0)
     engine.observers.append(outbox.record)
     engine.start_thread()
-    send(("ready", engine.info, engine.facts))
+    send(("ready", engine.info, engine.facts, server_cpus))
     while True:
         try:
             message = _read(commands)
@@ -247,6 +255,7 @@ class ProcessEngine:
         config: Any,
         *,
         cpu_threads: int | None = None,
+        cpu_affinity: bool = False,
         log_level: str = "info",
         start_timeout: float = 3600.0,
     ) -> None:
@@ -255,6 +264,8 @@ class ProcessEngine:
         ``load`` (run in the engine process, so it must pickle: a module-level function or a
         ``functools.partial`` of one) returns the ``LoadedModel``; ``processor`` (run here) returns
         the same folder's processor. Raises ``EngineStartError`` if the model cannot be loaded.
+        With ``cpu_affinity`` and a model on the CPU, the engine process takes ``cpu_threads`` cores
+        (default: all but one) and this process keeps the rest (``affinity.py``) until ``stop``.
         """
         self.config = config
         self.observers: list[Callable[[RequestRecord], None]] = []
@@ -273,7 +284,7 @@ class ProcessEngine:
         self._replies, reply_in = context.Pipe(duplex=False)
         _widen(self._commands)
         self._process = context.Process(
-            target=_serve, args=(load, config, cpu_threads, log_level, command_out, reply_in),
+            target=_serve, args=(load, config, cpu_threads, cpu_affinity, log_level, command_out, reply_in),
             name="localvl-engine", daemon=True,
         )
         self._process.start()
@@ -285,6 +296,10 @@ class ProcessEngine:
             raise EngineStartError(message[1])
         self._info: ModelInfo = message[1]
         self.facts = message[2]
+        self._cpus_before: list[int] | None = None
+        if message[3] is not None:  # the engine pinned itself to the other cores
+            self._cpus_before = affinity.available()
+            affinity.pin_process(message[3])
         self.frontend = Frontend(processor(), self.facts)
         self.renderer = self.frontend.renderer
         self._reader = threading.Thread(target=self._read, name="localvl-engine-replies", daemon=True)
@@ -340,6 +355,8 @@ class ProcessEngine:
             self._process.kill()
             await anyio.to_thread.run_sync(self._process.join, 10)
         await anyio.to_thread.run_sync(self._reader.join, 10)
+        if self._cpus_before:  # the engine's cores are free again
+            affinity.pin_process(self._cpus_before)
 
     async def count_tokens(self, conversation: Conversation) -> int:
         return await self.frontend.count_tokens(conversation)
