@@ -5,8 +5,9 @@ own work (HTTP, image decoding and preprocessing, streaming) runs beside it. Lef
 server's threads land on the engine's core now and then: the engine waits in the run queue and
 comes back to caches full of someone else's pixels. Partitioned — the engine all cores but the
 last, the server the last — each keeps its core warm. Measured on this project's 2-core CPU
-machine (2026-11-26, docs/PERFORMANCE.md): 16 concurrent image requests, 20.3-20.7 requests/s
-unpinned against 25.1-26.8 pinned, and server CPU per request 68 → 56 ms.
+machine (2026-11-26, docs/PERFORMANCE.md): 16 concurrent image requests, four runs each taken in
+turn, 4.06x the naive baseline unpinned against 4.77x pinned on average (17.7-21.4 against
+20.3-23.3 requests/s).
 """
 
 from __future__ import annotations
