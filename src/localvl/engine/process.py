@@ -198,6 +198,10 @@ def _serve(
     outbox.watch(engine.stats, lambda: len(engine.scheduler) == 0)
     engine.observers.append(outbox.record)
     engine.start_thread()
+    if server_cpus is not None:
+        # This thread only reads the server's messages (an image's pixels are megabytes): on the
+        # server's cores, off the engine thread's, which it started above with the engine's.
+        os.sched_setaffinity(0, server_cpus)
     send(("ready", engine.info, engine.facts, server_cpus))
     while True:
         try:
