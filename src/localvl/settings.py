@@ -75,8 +75,8 @@ class Settings(BaseSettings):
     cpu_affinity: bool = Field(
         True,
         description="with the model on the CPU in its own process: the engine takes cpu_threads cores (default: all "
-        "but one) and HTTP, image decoding and streaming keep the rest, so neither slows the other; off: the OS "
-        "places both",
+        "but one) and HTTP, image decoding and streaming keep the rest, so neither slows the other (cpu_threads of "
+        "every core: no split); off: the OS places both",
     )
     cuda_graphs: bool = Field(True, description="replay decode steps as CUDA graphs on a GPU")
     max_queue: int = Field(256, ge=1, description="waiting requests beyond which new ones get 529 overloaded")

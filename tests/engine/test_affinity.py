@@ -12,9 +12,13 @@ def test_the_engine_takes_all_cores_but_the_last_by_default():
     assert split([0, 1], None) == ([0], [1])
 
 
-def test_the_engine_takes_as_many_cores_as_it_has_threads_and_always_leaves_one():
+def test_the_engine_takes_as_many_cores_as_it_has_threads():
     assert split(range(8), 2) == ([0, 1], [2, 3, 4, 5, 6, 7])
-    assert split(range(4), 16) == ([0, 1, 2], [3])
+
+
+def test_threads_asking_for_every_core_get_them_unsplit():
+    assert split(range(4), 4) is None
+    assert split(range(4), 16) is None
 
 
 def test_one_core_is_not_split():

@@ -25,11 +25,12 @@ def available() -> list[int]:
 
 def split(cpus: Iterable[int], threads: int | None) -> tuple[list[int], list[int]] | None:
     """(the engine's cores, the server's cores): ``threads`` cores (default: all but one) for the
-    engine and the rest for the server; None when there is no core to spare for either."""
+    engine and the rest for the server; None when none is left for the server — one core, or
+    ``threads`` asking for them all, which it gets, shared as the OS sees fit."""
     cpus = sorted(cpus)
-    if len(cpus) < 2:
+    take = threads or len(cpus) - 1
+    if take >= len(cpus) or take < 1:
         return None
-    take = min(threads or len(cpus) - 1, len(cpus) - 1)
     return cpus[:take], cpus[take:]
 
 

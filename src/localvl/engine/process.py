@@ -304,6 +304,8 @@ class ProcessEngine:
         if message[3] is not None:  # the engine pinned itself to the other cores
             self._cpus_before = affinity.available()
             affinity.pin_process(message[3])
+            logger.info("model on the CPU: the engine process runs on cores %s, the server on %s",
+                        sorted(set(self._cpus_before) - set(message[3])), message[3])
         self.frontend = Frontend(processor(), self.facts)
         self.renderer = self.frontend.renderer
         self._reader = threading.Thread(target=self._read, name="localvl-engine-replies", daemon=True)
