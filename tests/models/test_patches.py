@@ -1,5 +1,7 @@
 """The fast patch arithmetic must give what the stock PIL image processor gives."""
 
+import pickle
+
 import numpy as np
 import pytest
 import torch
@@ -38,3 +40,25 @@ def test_fast_patches_equal_the_stock_image_processor(model_dir, family):
         torch.testing.assert_close(a["pixel_values"], b["pixel_values"], rtol=1e-5, atol=1e-5)
     both = fast(images=_pictures()[:2], return_tensors="pt")  # several images: concatenated in order
     assert both["pixel_values"].shape[0] == int(both["image_grid_thw"].prod(1).sum())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_compact_patches_make_the_same_pixels_after_pickling(model_dir, family):
+    """What crosses to an engine process: each image's bytes, which become the very pixels the
+    processor makes (bit for bit), in an eighth of the size."""
+    processor = load_processor(str(model_dir(family)))
+    fast = processor.image_processor
+    if type(fast).__mro__[1].__name__ != "_FastPatches":
+        pytest.skip(f"{type(fast).__name__} is not the PIL path this replaces")
+    pictures = _pictures()
+    full = fast(images=pictures, return_tensors="pt")
+    fast.compact = True
+    compact = fast(images=pictures, return_tensors="pt")
+    assert "pixel_values" not in compact
+    assert torch.equal(compact["image_grid_thw"], full["image_grid_thw"])
+    patches = compact["patches"]
+    assert len(patches) == len(pictures) and all(p.raw.dtype == torch.uint8 for p in patches)
+    received = pickle.loads(pickle.dumps(patches, protocol=5))
+    assert torch.equal(torch.cat([p.pixels() for p in received]), full["pixel_values"])
+    # a byte per value, not four, and one frame of a still image's identical frames
+    assert sum(p.raw.numel() for p in patches) * fast.temporal_patch_size == full["pixel_values"].numel()

@@ -70,8 +70,9 @@ class Frontend:
     async def count_tokens(self, conversation: Conversation) -> int:
         return await anyio.to_thread.run_sync(self.renderer.count, conversation)
 
-    async def prepare(self, request: GenerationRequest) -> Admission:
-        rendered = await anyio.to_thread.run_sync(self.renderer.render, request.conversation)
+    async def prepare(self, request: GenerationRequest, compact: bool = False) -> Admission:
+        """``compact``: images as ``Patches`` (bytes), for an engine in another process to make pixels of."""
+        rendered = await anyio.to_thread.run_sync(self.renderer.render, request.conversation, compact)
         facts = self.facts
         length = int(rendered.input_ids.numel())
         limit = facts.context_length

@@ -370,7 +370,9 @@ class ProcessEngine:
     async def submit(self, request: GenerationRequest) -> Stream:
         if not self._running or not self.alive:
             raise ServiceUnavailableError("the engine is not running")
-        admission = await self.frontend.prepare(request)
+        # Images cross the pipe as bytes, an eighth of their pixels: the engine process makes
+        # the pixels as it reads them, on the server's cores, off this process's GIL.
+        admission = await self.frontend.prepare(request, compact=True)
         loop = asyncio.get_running_loop()
         remote = _Remote(loop, asyncio.Queue(), loop.create_future())
         self._requests[admission.id] = remote

@@ -16,6 +16,7 @@ import torch
 
 from localvl.engine.kv_cache import ATTENTION_NAME, AttentionBatch, register_attention
 from localvl.engine.varlen import VARLEN_NAME, register_varlen_attention
+from localvl.models.patches import Patches
 
 SUPPORTED_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
 # Qwen3-VL adds vision features to the hidden states of its first decoder layers ("deepstack").
@@ -30,6 +31,13 @@ class PromptInputs:
     pixel_values: torch.Tensor | None = None
     image_grid_thw: torch.Tensor | None = None  # [images, 3]
     image_keys: tuple[str, ...] = ()  # content hash of each image, in prompt order
+    patches: list[Patches] | None = None  # instead of pixel_values: each image's, before the arithmetic
+
+    def pixels(self) -> torch.Tensor | None:
+        """Every image's pixels, concatenated: ``pixel_values``, or made from ``patches``."""
+        if self.patches is not None:
+            return torch.cat([p.pixels() for p in self.patches])
+        return self.pixel_values
 
 
 @dataclass

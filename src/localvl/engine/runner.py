@@ -22,6 +22,7 @@ from localvl.engine.qwen_vl import ImageFeatures, PromptInputs, QwenVLRunner
 from localvl.engine.scheduler import Scheduled
 from localvl.engine.sequence import Sequence
 from localvl.engine.vision import ImageCache
+from localvl.models.patches import Patches
 
 
 SHORT_CHUNK = 16  # chunks up to this many tokens (decodes, prefix-hit remainders) attend as padded rows
@@ -34,7 +35,9 @@ class PromptState:
     positions: torch.Tensor  # [3, prompt length] M-RoPE positions, on the CPU
     delta: int  # token i past the prompt sits at position i + delta
     keys: list[str] = field(default_factory=list)  # one per image span
-    pixels: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # until encoded
+    # Until encoded: each image's pixels and grid. Rendered for an engine process, its Patches,
+    # which become pixels as the engine process receives them.
+    pixels: list[tuple[torch.Tensor | Patches, torch.Tensor]] = field(default_factory=list)
     features: list[ImageFeatures] | None = None
 
     def __getstate__(self) -> dict[str, object]:
@@ -42,12 +45,17 @@ class PromptState:
         # the state crosses to an engine process with every request (process.py).
         state = dict(self.__dict__)
         state["positions"] = self.positions.numpy()
-        state["pixels"] = [(pixels.numpy(), grid.numpy()) for pixels, grid in self.pixels]
+        state["pixels"] = [(p if isinstance(p, Patches) else p.numpy(), grid.numpy()) for p, grid in self.pixels]
         return state
 
     def __setstate__(self, state: dict[str, object]) -> None:
+        # In an engine process, on the thread that reads the server's messages (the server's
+        # cores, process.py): the engine thread gets pixels ready for the vision tower.
         state["positions"] = torch.from_numpy(state["positions"])  # type: ignore[call-overload]
-        state["pixels"] = [(torch.from_numpy(p), torch.from_numpy(g)) for p, g in state["pixels"]]  # type: ignore[attr-defined]
+        state["pixels"] = [
+            (p.pixels() if isinstance(p, Patches) else torch.from_numpy(p), torch.from_numpy(g))
+            for p, g in state["pixels"]  # type: ignore[attr-defined]
+        ]
         self.__dict__.update(state)
 
 
@@ -59,9 +67,14 @@ def prepare_prompt(
     positions, delta = mrope_positions(prompt.input_ids, prompt.image_grid_thw, image_token_id, merge)
     state = PromptState(positions, delta)
     spans: list[ImageSpan] = []
-    if prompt.pixel_values is not None and prompt.image_grid_thw is not None:
+    if (prompt.pixel_values is not None or prompt.patches is not None) and prompt.image_grid_thw is not None:
         grids = prompt.image_grid_thw
-        rows = prompt.pixel_values.split([int(t * h * w) for t, h, w in grids.tolist()])
+        rows: list[torch.Tensor] | list[Patches]
+        if prompt.patches is not None:
+            rows = prompt.patches
+        else:
+            assert prompt.pixel_values is not None
+            rows = list(prompt.pixel_values.split([int(t * h * w) for t, h, w in grids.tolist()]))
         cursor = 0
         for index, (grid, pixels) in enumerate(zip(grids, rows)):
             t, h, w = (int(x) for x in grid)
@@ -70,7 +83,8 @@ def prepare_prompt(
             if index < len(prompt.image_keys):
                 content = prompt.image_keys[index]
             else:
-                content = hashlib.sha256(pixels.numpy().tobytes()).hexdigest()
+                data = pixels.raw if isinstance(pixels, Patches) else pixels
+                content = hashlib.sha256(data.numpy().tobytes()).hexdigest()
             key = f"{content}:{t}x{h}x{w}"
             spans.append(ImageSpan(cursor, count, key))
             state.keys.append(key)
@@ -119,7 +133,8 @@ class StepRunner:
                 if cached is not None:
                     found[key] = cached
                 else:
-                    missing[key] = pixels
+                    image, grid = pixels
+                    missing[key] = (image.pixels() if isinstance(image, Patches) else image, grid)
         for keys in self._vision_batches(missing):
             if len(keys) == 1:  # as they are: no copy of the pixels (4.8 MB for a 448 px image)
                 pixel_values, grids = missing[keys[0]]

@@ -149,21 +149,28 @@ class Renderer:
         except ValueError as error:  # e.g. continue_final_message on content the template rewrote
             raise InvalidRequestError(f"the model's chat template rejected the conversation: {error}") from None
 
-    def render(self, conversation: Conversation) -> PromptInputs:
+    def render(self, conversation: Conversation, compact: bool = False) -> PromptInputs:
+        """The prompt's token ids and its images' pixels; with ``compact``, the images' ``Patches``
+        instead where the processor can make them (``models/patches.py``)."""
         text = self.prompt_text(conversation)
         found = conversation.images()
         images = [image.pixels for image in found]
         processor = self._processors.get()
+        image_processor = getattr(processor, "image_processor", None)
         try:
+            if image_processor is not None:
+                image_processor.compact = compact
             out = processor(text=[text], images=images or None, return_tensors="pt")
         except ValueError as error:  # e.g. Qwen's resize refuses aspect ratios over 200:1
             raise InvalidRequestError(f"the model's processor rejected an image: {error}") from None
         finally:
+            if image_processor is not None:
+                image_processor.compact = False
             self._processors.put(processor)
         input_ids = out["input_ids"][0].to(torch.long)
         if images:
             keys = tuple(image.sha256 for image in found)
-            return PromptInputs(input_ids, out["pixel_values"], out["image_grid_thw"], keys)
+            return PromptInputs(input_ids, out.get("pixel_values"), out["image_grid_thw"], keys, out.get("patches"))
         return PromptInputs(input_ids)
 
     def count(self, conversation: Conversation) -> int:
