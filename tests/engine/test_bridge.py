@@ -103,3 +103,28 @@ def test_without_an_interval_a_reader_that_keeps_up_gets_every_token_as_it_comes
         return events
 
     assert asyncio.run(main()) == [TextDelta("a"), TextDelta("b")]
+
+
+def test_with_an_interval_the_end_does_not_wait_for_it():
+    """The last token's text and the end come in one step: both go out at once, whatever the
+    interval — the client's answer is complete a step after its last token, not an interval."""
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        outbox = Outbox()
+        seq = Sequence("r", [1, 2], payload=job(loop, outbox))
+        stream = Stream("r", 2, seq.payload.events, lambda _: None, interval=5.0)
+        seq.payload.emit(TextDelta("a"))
+        outbox.flush()
+        assert await stream.__anext__() == TextDelta("a")
+        started = loop.time()
+        seq.payload.emit(TextDelta("b"))
+        seq.payload.emit(TextDelta("c"))
+        seq.payload.emit(Finished("eos", Usage(2, 3)))
+        outbox.flush()
+        rest = [event async for event in stream]
+        return rest, loop.time() - started
+
+    rest, took = asyncio.run(main())
+    assert rest == [TextDelta("bc"), Finished("eos", Usage(2, 3))]
+    assert took < 1.0  # not the 5 s interval

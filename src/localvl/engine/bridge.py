@@ -93,7 +93,7 @@ class Stream:
     requests: ~100 µs of the event loop's time per event, competing with the engine for the GIL).
     So after a delta, the next one waits until ``interval`` seconds have passed and carries every
     token that came meanwhile: the first text goes out at once, later text at most ``interval``
-    late, and every event that is not text (a tool call, the end) at once.
+    late, and every event that is not text (a tool call, the end) at once, with the text before it.
     """
 
     def __init__(
@@ -133,19 +133,16 @@ class Stream:
         return item
 
     async def _gather(self, item: TextDelta | ThinkingDelta) -> TextDelta | ThinkingDelta:
-        """``item`` joined with the deltas of its kind that follow it, once the interval is over."""
+        """``item`` joined with the deltas of its kind that follow it, once the interval is over —
+        or at once when another kind of event is already there (the end, most often: the last
+        token's text and the end come in one step, and the end waits for nothing)."""
         loop = asyncio.get_running_loop()
-        wait = self._last_delta + self._interval - loop.time()
-        if wait > 0:
-            await asyncio.sleep(wait)
-        events = self._events
         deltas = [item]
-        while not events.empty():
-            following = events.get_nowait()
-            if type(following) is not type(item):
-                self._held = following
-                break
-            deltas.append(following)
+        self._take(deltas)
+        wait = self._last_delta + self._interval - loop.time()
+        if self._held is None and wait > 0:
+            await asyncio.sleep(wait)
+            self._take(deltas)
         self._last_delta = loop.time()
         if len(deltas) == 1:
             return item
@@ -153,6 +150,16 @@ class Stream:
         if isinstance(item, ThinkingDelta):
             return ThinkingDelta(text)
         return TextDelta(text, tuple(lp for d in deltas for lp in d.logprobs))  # type: ignore[union-attr]
+
+    def _take(self, deltas: list[TextDelta | ThinkingDelta]) -> None:
+        """Move the queued deltas of ``deltas``' kind onto it, up to the first other event, held."""
+        events = self._events
+        while not events.empty():
+            following = events.get_nowait()
+            if type(following) is not type(deltas[0]):
+                self._held = following
+                return
+            deltas.append(following)
 
     async def aclose(self) -> None:
         if not self._done:
