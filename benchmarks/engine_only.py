@@ -3,9 +3,11 @@
 load.py's workload (one 448 px image + ~100 words, 128 output tokens) submitted straight to a
 ``LocalEngine`` at a given concurrency, beside the naive ``model.generate`` baseline of the same
 run. With ``--prerendered`` the prompts are rendered before the clock starts, so the engine thread
-is the only busy one: the ceiling a server can reach around this engine on this machine.
+is the only busy one: the ceiling a server can reach around this engine on this machine. With
+``--engine-process`` the engine runs in a process of its own as ``localvl serve`` runs it (its
+cores split from this process's), still without HTTP.
 
-    python benchmarks/engine_only.py --prerendered
+    python benchmarks/engine_only.py --prerendered [--engine-process]
 """
 
 from __future__ import annotations
@@ -13,17 +15,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import functools
 import time
 from typing import Any
 
 try:
-    from benchmarks.load import baseline, engine_model, workload
+    from benchmarks.load import baseline, engine_model, server_cpu, workload
 except ImportError:  # run as a script from benchmarks/
-    from load import baseline, engine_model, workload  # type: ignore[no-redef]
+    from load import baseline, engine_model, server_cpu, workload  # type: ignore[no-redef]
 
 from localvl.cli import apply_cpu_threads, engine_config
 from localvl.conversation import GenerationRequest, SamplingParams
 from localvl.engine.local import LocalEngine
+from localvl.engine.process import ProcessEngine
 from localvl.settings import Settings
 
 
@@ -35,17 +39,25 @@ def main() -> None:
     parser.add_argument("--image", type=int, default=448)
     parser.add_argument("--baseline-requests", type=int, default=4)
     parser.add_argument("--prerendered", action="store_true", help="render every prompt before the clock starts")
+    parser.add_argument("--engine-process", action="store_true", help="the engine in a process of its own, as served")
     args = parser.parse_args()
 
     loaded = engine_model("tiny", "auto", "auto")
-    apply_cpu_threads(loaded.model.device.type, None)  # as `localvl serve` does
     config = dataclasses.replace(engine_config(Settings()), max_queue=100_000)
-    engine = LocalEngine(loaded, config)
+    engine: Any
+    if args.engine_process:
+        load = functools.partial(engine_model, "tiny", "auto", "auto")
+        engine = ProcessEngine(load, lambda: loaded.processor, config, cpu_affinity=True)
+        apply_cpu_threads(loaded.model.device.type, None)
+    else:
+        apply_cpu_threads(loaded.model.device.type, None)  # as `localvl serve` does
+        engine = LocalEngine(loaded, config)
     conversations = [r.conversation() for r in workload(args.requests, args.image, seed=4_242)]
     if args.prerendered:
-        rendered = {id(c): engine.renderer.render(c) for c in conversations}
+        compact = args.engine_process  # as an engine process's server renders
+        rendered = {id(c): engine.renderer.render(c, compact) for c in conversations}
         render = engine.renderer.render
-        engine.renderer.render = lambda c: rendered.get(id(c)) or render(c)  # type: ignore[method-assign]
+        engine.renderer.render = lambda c, compact=False: rendered.get(id(c)) or render(c, compact)  # type: ignore[method-assign]
     base = baseline(loaded, engine, workload(args.baseline_requests, args.image, seed=1), args.tokens)
 
     async def run() -> dict[str, Any]:
@@ -59,18 +71,25 @@ def main() -> None:
                     pass
 
         await one(-1, workload(1, args.image, seed=99)[0].conversation())  # warm-up
-        started, cpu = time.perf_counter(), time.process_time()
+        await asyncio.sleep(0.3)  # an engine process reports its counters at least every 0.1 s
+        steps = engine.stats().get("steps", 0)
+        started, cpu = time.perf_counter(), server_cpu(engine)
         await asyncio.gather(*[one(i, c) for i, c in enumerate(conversations)])
         elapsed = time.perf_counter() - started
+        cpu = server_cpu(engine) - cpu
+        await asyncio.sleep(0.3)
+        steps = engine.stats().get("steps", 0) - steps
         await engine.stop()
-        return {"requests_per_s": args.requests / elapsed, "cpu_ms_per_request": (time.process_time() - cpu) * 1000 / args.requests}
+        return {"requests_per_s": args.requests / elapsed, "cpu_ms_per_request": cpu * 1000 / args.requests,
+                "steps_per_request": steps / args.requests}
 
     result = asyncio.run(run())
     what = "prompts rendered beforehand" if args.prerendered else "rendering included"
+    what += ", in an engine process" if args.engine_process else ""
     print(f"naive model.generate, one at a time: {base['requests_per_s']:.2f} req/s")
     print(f"engine alone, concurrency {args.concurrency}, {what}: {result['requests_per_s']:.2f} req/s "
           f"({result['requests_per_s'] / base['requests_per_s']:.2f}x the baseline), "
-          f"{result['cpu_ms_per_request']:.1f} ms CPU per request")
+          f"{result['cpu_ms_per_request']:.1f} ms CPU per request (both processes), {result['steps_per_request']:.1f} steps per request")
 
 
 if __name__ == "__main__":

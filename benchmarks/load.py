@@ -240,6 +240,36 @@ class StepClock:
         return statistics.median(times) * 1000 if times else None
 
 
+class Occupancy:
+    """How full the engine kept its batch during a level: sequences running, sampled every 10 ms
+    (an engine process reports its counters every ~0.1 s), and engine steps per request.
+
+    Requests spend time outside the engine too (the HTTP request, decoding and preprocessing the
+    image, streaming the answer): with N clients, the engine runs fewer than N sequences, and a
+    step's fixed cost is shared by fewer tokens.
+    """
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+        self.samples: list[int] = []
+        self._stop = threading.Event()
+        self._steps = engine.stats().get("steps", 0)
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.01):
+            self.samples.append(self.engine.stats().get("running", 0))
+
+    def finish(self, requests: int) -> dict[str, float]:
+        self._stop.set()
+        self._thread.join()
+        time.sleep(0.3)  # the engine process's last report of its counters
+        middle = self.samples[len(self.samples) // 10 : len(self.samples) - len(self.samples) // 10] or [0]
+        return {"mean_running": sum(middle) / len(middle),
+                "steps_per_request": (self.engine.stats().get("steps", 0) - self._steps) / requests}
+
+
 def vision_rate(engine: Any, model: QwenVLRunner, side: int, count: int) -> dict[str, float]:
     """Images per second through the vision tower, ``count`` images in one call (as one step batches them)."""
     rendered = [engine.renderer.render(r.conversation()) for r in workload(count, side, seed=10_000)]
@@ -325,8 +355,10 @@ def main() -> None:
             count = args.single_requests if level == 1 and args.single_requests else args.requests
             prepared = pool.submit(prepare_level, count, args.image, 1_000 * (index + 1), args.tokens).result()
             cpu = server_cpu(engine)
+            occupancy = Occupancy(engine)
             row = pool.submit(run_level, url, prepared, level).result()
             row["server_cpu_ms_per_request"] = (server_cpu(engine) - cpu) * 1000 / row["requests"]
+            row.update(occupancy.finish(row["requests"]))
             row["vs_baseline"] = row["requests_per_s"] / base["requests_per_s"]
             row.update(clock.ttft())
             rows.append(row)
@@ -335,7 +367,9 @@ def main() -> None:
             print(f"  engine, concurrency {level:>3}: {row['requests_per_s']:.3f} req/s, "
                   f"{row['output_tokens_per_s']:.1f} tok/s, {server_ttft}(first text: p50 {row['ttft_p50_ms']:.1f} ms) "
                   f"— {row['vs_baseline']:.2f}x the baseline; CPU time per request: server "
-                  f"{row['server_cpu_ms_per_request']:.1f} ms, load generator {row['client_cpu_ms_per_request']:.1f} ms", flush=True)
+                  f"{row['server_cpu_ms_per_request']:.1f} ms, load generator {row['client_cpu_ms_per_request']:.1f} ms; "
+                  f"the engine ran {row['mean_running']:.1f} sequences on average, "
+                  f"{row['steps_per_request']:.1f} steps per request", flush=True)
         result["engine"] = rows
         follow_up = workload(1, args.image, seed=9_000)[0]
         clock.ttft()
