@@ -174,4 +174,5 @@ class Renderer:
         return PromptInputs(input_ids)
 
     def count(self, conversation: Conversation) -> int:
-        return int(self.render(conversation).input_ids.numel())
+        # Compact: the count needs the image tokens, not the images' float pixels.
+        return int(self.render(conversation, compact=True).input_ids.numel())
