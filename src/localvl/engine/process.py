@@ -199,7 +199,7 @@ def _serve(
     engine.observers.append(outbox.record)
     engine.start_thread()
     if server_cpus is not None:
-        # This thread only reads the server's messages (an image's pixels are megabytes): on the
+        # This thread reads the server's messages and makes images' pixels of their bytes: on the
         # server's cores, off the engine thread's, which it started above with the engine's.
         os.sched_setaffinity(0, server_cpus)
     send(("ready", engine.info, engine.facts, server_cpus))
@@ -377,7 +377,7 @@ class ProcessEngine:
         remote = _Remote(loop, asyncio.Queue(), loop.create_future())
         self._requests[admission.id] = remote
         try:
-            # Off the event loop: an image's pixels are megabytes to write down the pipe.
+            # Off the event loop: an image is still ~0.6 MB (448 px) to write down the pipe.
             await anyio.to_thread.run_sync(self._send, ("submit", admission))
             error = await remote.ack
         except BaseException:  # cancelled (the client left) or the pipe broke
