@@ -40,6 +40,9 @@ def test_requests_over_the_rpm_get_429_with_anthropics_headers(engine, tmp_path)
         # The same limit on the OpenAI route, in its envelope; another key has its own allowance.
         chat = client.post("/v1/chat/completions", json={"model": "tiny-vl", "messages": [{"role": "user", "content": "hi"}]})
         assert chat.status_code == 429 and chat.json()["error"]["type"] == "rate_limit_error"
+        # ... where the key's standing is told in OpenAI's headers, not Anthropic's
+        assert chat.headers["x-ratelimit-remaining-requests"] == "0" and int(chat.headers["retry-after"]) >= 25
+        assert not any(name.startswith("anthropic-ratelimit") for name in chat.headers)
         assert client.post("/v1/messages", json=body(), headers={"x-api-key": "sk-other"}).status_code == 200
         # Routes that generate nothing are not limited.
         assert client.post("/v1/messages/count_tokens", json=body()).status_code == 200

@@ -8,6 +8,7 @@ import time
 import anthropic
 import httpx
 import jwt
+import openai
 import pytest
 
 from localvl.cli import main
@@ -21,7 +22,8 @@ def keyed(model_dir, tmp_path_factory):
     """A server whose keys live in its store (plus JWTs), with a response cache."""
     data = tmp_path_factory.mktemp("keyed-data")
     made = {}
-    for name, limits in (("limited", ["--rpm", "2"]), ("free", []), ("single", ["--max-streams", "1"])):
+    keys = (("limited", ["--rpm", "2"]), ("free", []), ("single", ["--max-streams", "1"]), ("openai", ["--rpm", "5", "--otpm", "1000"]))
+    for name, limits in keys:
         import contextlib
         import io
 
@@ -81,6 +83,21 @@ def test_rate_limits_reach_the_sdk_with_retry_after(keyed):
     assert raised.value.response.headers["retry-after"].isdigit()
     assert raised.value.body["error"]["type"] == "rate_limit_error"
     ask(client(server, made["free"]))  # one key's limit is not another's
+
+
+def test_the_openai_sdk_sees_openais_rate_limit_headers(keyed):
+    server, made, _ = keyed
+    c = openai.OpenAI(base_url=server.url + "/v1", api_key=made["openai"], max_retries=0)
+    raw = c.chat.completions.with_raw_response.create(
+        model="claude-sonnet-4-5", max_tokens=5, messages=[{"role": "user", "content": "hi"}]
+    )
+    assert raw.parse().usage.completion_tokens > 0
+    assert raw.headers["x-ratelimit-limit-requests"] == "5" and raw.headers["x-ratelimit-remaining-requests"] == "4"
+    assert raw.headers["x-ratelimit-reset-requests"].endswith("s")  # e.g. "12s": a request refills in 12
+    # tokens are charged when an answer ends: at the first answer the bucket is still full
+    assert raw.headers["x-ratelimit-limit-tokens"] == "1000" and raw.headers["x-ratelimit-remaining-tokens"] == "1000"
+    assert raw.headers["x-ratelimit-reset-tokens"] == "0ms"
+    assert not any(name.startswith("anthropic-ratelimit") for name in raw.headers)
 
 
 def test_one_key_one_running_request(keyed):

@@ -8,7 +8,9 @@ import pytest
 
 from localvl.errors import RateLimitError
 from localvl.security.keys import Limits
-from localvl.security.ratelimit import INPUT, OUTPUT, REQUESTS, MemoryBuckets, RateLimiter, capacities, headers
+from localvl.security.ratelimit import (
+    INPUT, OUTPUT, REQUESTS, MemoryBuckets, RateLimiter, capacities, duration, headers, openai_headers,
+)
 
 
 class Clock:
@@ -77,6 +79,24 @@ def test_headers_follow_anthropics_names():
     seconds = (reset - dt.datetime.now(dt.timezone.utc)).total_seconds()
     assert 30 < seconds < 34  # 5.4 requests at 1 per 6 s
     assert not any(name.startswith("anthropic-ratelimit-output") for name in found)
+
+
+def test_openai_headers_name_requests_and_the_nearest_token_limit():
+    found = openai_headers({REQUESTS: 10, INPUT: 1000, OUTPUT: 100}, {REQUESTS: 4.6, INPUT: 900, OUTPUT: 25})
+    assert found["x-ratelimit-limit-requests"] == "10"
+    assert found["x-ratelimit-remaining-requests"] == "4"
+    assert found["x-ratelimit-reset-requests"] == "32.4s"  # 5.4 requests at 1 per 6 s
+    # output is nearer its end (25 %) than input (90 %): it speaks for tokens
+    assert found["x-ratelimit-limit-tokens"] == "100" and found["x-ratelimit-remaining-tokens"] == "25"
+    assert found["x-ratelimit-reset-tokens"] == "45s"  # output full again in 45 s, input in 6
+    assert openai_headers({REQUESTS: 10}, {REQUESTS: 10.0}) == {
+        "x-ratelimit-limit-requests": "10", "x-ratelimit-remaining-requests": "10", "x-ratelimit-reset-requests": "0ms"}
+    assert "x-ratelimit-limit-requests" not in openai_headers({OUTPUT: 5}, {OUTPUT: -3})
+
+
+@pytest.mark.parametrize("seconds, text", [(0.0204, "20ms"), (1, "1s"), (360, "6m0s"), (90.5, "1m30.5s"), (59.9999, "1m0s"), (-2, "0ms")])
+def test_durations_are_written_as_openai_writes_them(seconds, text):
+    assert duration(seconds) == text
 
 
 def test_the_limiter_raises_429_with_retry_after_and_counts_running_requests():

@@ -8,11 +8,21 @@ from typing import Any
 from starlette.requests import Request
 
 from localvl.security.keys import Identity
-from localvl.security.ratelimit import RateLimiter
+from localvl.security.ratelimit import HeaderStyle, RateLimiter, headers, openai_headers
 
 
 async def rate_limited(request: Request) -> None:
-    """A dependency for the generation routes (after authentication)."""
+    """A dependency for the generation routes (after authentication), telling where the key
+    stands in Anthropic's headers (``anthropic-ratelimit-*``)."""
+    await _limit(request, headers)
+
+
+async def openai_rate_limited(request: Request) -> None:
+    """``rate_limited``, telling it in OpenAI's headers (``x-ratelimit-*``)."""
+    await _limit(request, openai_headers)
+
+
+async def _limit(request: Request, style: HeaderStyle) -> None:
     limiter: RateLimiter = request.app.state.limiter
     identity: Identity = request.state.identity
     limits = identity.limits
@@ -24,7 +34,7 @@ async def rate_limited(request: Request) -> None:
         limiter.leave(identity.owner)
 
     finishers.append(leave)
-    state.setdefault("response_headers", {}).update(await limiter.admit(identity.owner, limits))
+    state.setdefault("response_headers", {}).update(await limiter.admit(identity.owner, limits, style))
 
     async def charge() -> None:
         usage = state.get("usage")

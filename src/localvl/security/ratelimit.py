@@ -16,7 +16,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Mapping, Protocol
+from typing import Callable, Mapping, Protocol
 
 from localvl.errors import RateLimitError
 from localvl.security.keys import Limits
@@ -112,6 +112,38 @@ def headers(caps: Mapping[str, int], levels: Mapping[str, float]) -> dict[str, s
     return out
 
 
+def openai_headers(caps: Mapping[str, int], levels: Mapping[str, float]) -> dict[str, str]:
+    """OpenAI's ``x-ratelimit-*`` headers. OpenAI limits tokens as one kind, input and output
+    together: of the input and output limits, the one nearer its end speaks for ``tokens``, and
+    ``reset-tokens`` is when both are full again."""
+    out: dict[str, str] = {}
+    if REQUESTS in caps:
+        capacity, level = caps[REQUESTS], levels[REQUESTS]
+        out["x-ratelimit-limit-requests"] = str(capacity)
+        out["x-ratelimit-remaining-requests"] = str(max(0, math.floor(level)))
+        out["x-ratelimit-reset-requests"] = duration((capacity - level) * 60.0 / capacity)
+    kinds = [kind for kind in (INPUT, OUTPUT) if kind in caps]
+    if kinds:
+        nearest = min(kinds, key=lambda kind: levels[kind] / caps[kind])
+        out["x-ratelimit-limit-tokens"] = str(caps[nearest])
+        out["x-ratelimit-remaining-tokens"] = str(max(0, math.floor(levels[nearest])))
+        out["x-ratelimit-reset-tokens"] = duration(max((caps[k] - levels[k]) * 60.0 / caps[k] for k in kinds))
+    return out
+
+
+def duration(seconds: float) -> str:
+    """A span as OpenAI writes its resets (Go's style): ``20ms``, ``1s``, ``6m0s``, ``1m30.5s``."""
+    milliseconds = max(0, round(seconds * 1000))
+    if milliseconds < 1000:
+        return f"{milliseconds}ms"
+    minutes, rest = divmod(milliseconds, 60_000)
+    text = f"{rest / 1000:.3f}".rstrip("0").rstrip(".") + "s"
+    return f"{minutes}m{text}" if minutes else text
+
+
+HeaderStyle = Callable[[Mapping[str, int], Mapping[str, float]], dict[str, str]]
+
+
 class RateLimiter:
     """Admission against a key's limits, the headers that tell the client where it stands, and
     the concurrent-request count per key (kept in this process)."""
@@ -120,8 +152,9 @@ class RateLimiter:
         self.buckets = buckets
         self._running: dict[str, int] = {}
 
-    async def admit(self, owner: str, limits: Limits) -> dict[str, str]:
-        """The headers for the response; ``RateLimitError`` (with ``retry-after``) when over a limit."""
+    async def admit(self, owner: str, limits: Limits, style: HeaderStyle = headers) -> dict[str, str]:
+        """The headers for the response, named in ``style`` (Anthropic's by default);
+        ``RateLimitError`` (with ``retry-after``) when over a limit."""
         caps = capacities(limits)
         if not caps:
             return {}
@@ -130,7 +163,7 @@ class RateLimiter:
         except Exception as error:  # a shared backend down must not take the model down with it
             logger.warning("rate limits not checked: the backend failed (%s)", type(error).__name__)
             return {}
-        found = headers(caps, admission.levels)
+        found = style(caps, admission.levels)
         if not admission.admitted:
             found["retry-after"] = str(max(1, math.ceil(admission.retry_after)))
             raise RateLimitError("this API key is over its rate limit; retry after the time in retry-after",

@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from localvl.api.auth import require_api_key
 from localvl.api.deadline import DeadlineStream
 from localvl.api.disconnect import until_disconnect
-from localvl.api.limits import rate_limited
+from localvl.api.limits import openai_rate_limited
 from localvl.api.middleware import new_id
 from localvl.api.openai import convert
 from localvl.api.openai.schemas import ChatCompletionRequest
@@ -27,7 +27,7 @@ from localvl.media.fetch import fetch_all
 router = APIRouter(dependencies=[Depends(require_api_key)])
 
 
-@router.post("/v1/chat/completions", dependencies=[Depends(rate_limited)])
+@router.post("/v1/chat/completions", dependencies=[Depends(openai_rate_limited)])
 async def chat_completions(request: Request) -> Any:
     state = request.app.state
     engine: Engine = state.engine
