@@ -1,5 +1,6 @@
 """A prompt's state as the engine gets it: in this process, or pickled down an engine process's pipe."""
 
+import copy
 import pickle
 
 import torch
@@ -31,3 +32,18 @@ def test_compact_render_reaches_the_engine_as_the_same_pixels_in_fewer_bytes(loa
     assert len(received.pixels) == 2
     for (pixels, grid), (expected, expected_grid) in zip(received.pixels, state.pixels):
         assert torch.equal(pixels, expected) and torch.equal(grid, expected_grid)
+
+
+def test_a_processor_without_the_fast_path_renders_pixels_even_when_asked_for_patches(loaded_model):
+    """(The torchvision image processors, say: their own arithmetic, nothing to stop before.)"""
+    loaded = loaded_model("qwen2_5_vl")
+    processor = copy.deepcopy(loaded.processor)
+    fast = processor.image_processor
+    processor.image_processor = type(fast).__mro__[2].from_dict(fast.to_dict())  # the stock class
+    config = loaded.model.config
+    picture = load_image(image_bytes("PNG", size=(90, 60)), "image/png", "test")
+    rendered = Renderer(processor).render(Conversation([Turn("user", [picture, Text("what is it")])]), compact=True)
+    assert rendered.patches is None and rendered.pixel_values is not None
+    _, spans, state = prepare_prompt(rendered, config.image_token_id, config.vision_config.spatial_merge_size)
+    received = pickle.loads(pickle.dumps(state, protocol=5))
+    assert len(spans) == 1 and torch.equal(received.pixels[0][0], rendered.pixel_values)

@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+from localvl.models.patches import compact as patches_on
 from localvl.models.patches import fast_patches
 from localvl.models.processor import load_processor
 from tests.conftest import FAMILIES
@@ -52,8 +53,9 @@ def test_compact_patches_make_the_same_pixels_after_pickling(model_dir, family):
         pytest.skip(f"{type(fast).__name__} is not the PIL path this replaces")
     pictures = _pictures()
     full = fast(images=pictures, return_tensors="pt")
-    fast.compact = True
-    compact = fast(images=pictures, return_tensors="pt")
+    with patches_on():
+        compact = fast(images=pictures, return_tensors="pt")
+    assert "pixel_values" in fast(images=pictures[:1], return_tensors="pt")  # only within
     assert "pixel_values" not in compact
     assert torch.equal(compact["image_grid_thw"], full["image_grid_thw"])
     patches = compact["patches"]

@@ -7,7 +7,7 @@ stock processor — its resize (PIL), its pixel budget, its mean/std and patch s
 layout — and redoes only the arithmetic after the resize in float32 torch. A test holds it equal to
 the stock output on every family.
 
-Asked for ``compact`` output, it stops before the arithmetic: ``Patches`` holds an image's patches
+Asked for compact output (``compact()``), it stops before the arithmetic: ``Patches`` holds an image's patches
 as bytes, an eighth of the float32 pixels the vision tower takes (and half of that again, as a
 still image's frames are copies), and makes those pixels wherever they are needed — the engine
 process, so that a 448 px image crosses the pipe as 0.6 MB instead of 4.8 MB.
@@ -15,8 +15,10 @@ process, so that a 448 px image crosses the pipe as 0.6 MB instead of 4.8 MB.
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -95,13 +97,29 @@ class _FastPatches:
             scale, shift = scale / std, -_channels(kwargs["image_mean"], channels) / std
         patches = [Patches(rows, scale, shift, temporal) for rows in raw]
         grid = torch.tensor(grids, dtype=torch.int64)
-        if getattr(self, "compact", False):
+        if getattr(_local, "compact", False):
             return BatchFeature(data={"image_grid_thw": grid, "patches": patches})
         pixels = patches[0].pixels() if len(patches) == 1 else torch.cat([p.pixels() for p in patches])
         return BatchFeature(data={"pixel_values": pixels, "image_grid_thw": grid}, tensor_type=kwargs.get("return_tensors"))
 
 
 _SUBCLASSES: dict[type, type] = {}
+
+
+_local = threading.local()
+
+
+@contextlib.contextmanager
+def compact() -> Iterator[None]:
+    """Within it, the fast image processors on this thread make ``Patches``, not pixel_values.
+
+    Per thread, not an attribute of the processor: nothing of it can reach a saved config.
+    """
+    _local.compact = True
+    try:
+        yield
+    finally:
+        _local.compact = False
 
 
 def fast_patches(image_processor: Any) -> bool:

@@ -7,6 +7,7 @@ it is whatever the folder's chat template says.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import json
@@ -19,6 +20,7 @@ import torch
 from localvl.conversation import Conversation, Image, Text, Thinking, ToolCall, ToolResult, Turn
 from localvl.engine.qwen_vl import PromptInputs
 from localvl.errors import InvalidRequestError
+from localvl.models import patches
 from localvl.prompt.tools import PROBE_TOOL, hermes_messages
 
 
@@ -156,16 +158,12 @@ class Renderer:
         found = conversation.images()
         images = [image.pixels for image in found]
         processor = self._processors.get()
-        image_processor = getattr(processor, "image_processor", None)
         try:
-            if image_processor is not None:
-                image_processor.compact = compact
-            out = processor(text=[text], images=images or None, return_tensors="pt")
+            with patches.compact() if compact else contextlib.nullcontext():
+                out = processor(text=[text], images=images or None, return_tensors="pt")
         except ValueError as error:  # e.g. Qwen's resize refuses aspect ratios over 200:1
             raise InvalidRequestError(f"the model's processor rejected an image: {error}") from None
         finally:
-            if image_processor is not None:
-                image_processor.compact = False
             self._processors.put(processor)
         input_ids = out["input_ids"][0].to(torch.long)
         if images:
