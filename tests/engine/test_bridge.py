@@ -14,6 +14,13 @@ def job(loop, outbox):
     return Job("r", state, ResolvedSampling(), (), None, False, loop, outbox)
 
 
+def streaming(interval=0.0):
+    """A request's job and its stream on the running loop: (its Sequence, the Outbox, the Stream)."""
+    outbox = Outbox()
+    seq = Sequence("r", [1, 2], payload=job(asyncio.get_running_loop(), outbox))
+    return seq, outbox, Stream("r", 2, seq.payload.events, lambda _: None, interval=interval)
+
+
 def test_one_flush_delivers_a_steps_events_and_a_slow_reader_gets_them_merged():
     aborted = []
 
@@ -61,9 +68,7 @@ def test_a_flush_to_a_closed_loop_cancels_its_requests():
 def test_with_an_interval_tokens_that_come_meanwhile_go_out_as_one_delta_and_the_first_at_once():
     async def main():
         loop = asyncio.get_running_loop()
-        outbox = Outbox()
-        seq = Sequence("r", [1, 2], payload=job(loop, outbox))
-        stream = Stream("r", 2, seq.payload.events, lambda _: None, interval=0.2)
+        seq, outbox, stream = streaming(interval=0.2)
         seq.payload.emit(TextDelta("a"))
         outbox.flush()
         started = loop.time()
@@ -92,9 +97,7 @@ def test_with_an_interval_tokens_that_come_meanwhile_go_out_as_one_delta_and_the
 
 def test_without_an_interval_a_reader_that_keeps_up_gets_every_token_as_it_comes():
     async def main():
-        outbox = Outbox()
-        seq = Sequence("r", [1, 2], payload=job(asyncio.get_running_loop(), outbox))
-        stream = Stream("r", 2, seq.payload.events, lambda _: None)
+        seq, outbox, stream = streaming()
         events = []
         for piece in ("a", "b"):
             seq.payload.emit(TextDelta(piece))
@@ -111,9 +114,7 @@ def test_with_an_interval_the_end_does_not_wait_for_it():
 
     async def main():
         loop = asyncio.get_running_loop()
-        outbox = Outbox()
-        seq = Sequence("r", [1, 2], payload=job(loop, outbox))
-        stream = Stream("r", 2, seq.payload.events, lambda _: None, interval=5.0)
+        seq, outbox, stream = streaming(interval=5.0)
         seq.payload.emit(TextDelta("a"))
         outbox.flush()
         assert await stream.__anext__() == TextDelta("a")

@@ -33,12 +33,6 @@ class PromptInputs:
     image_keys: tuple[str, ...] = ()  # content hash of each image, in prompt order
     patches: list[Patches] | None = None  # instead of pixel_values: each image's, before the arithmetic
 
-    def pixels(self) -> torch.Tensor | None:
-        """Every image's pixels, concatenated: ``pixel_values``, or made from ``patches``."""
-        if self.patches is not None:
-            return torch.cat([p.pixels() for p in self.patches])
-        return self.pixel_values
-
 
 @dataclass
 class ImageFeatures:
