@@ -14,19 +14,51 @@ from typing import Any
 from urllib.parse import urlsplit
 
 
-def _dechunk(body: bytes) -> bytes:
-    """The payload of an HTTP/1.1 chunked body."""
-    out, at = [], 0
-    while True:
-        eol = body.index(b"\r\n", at)
-        size = int(body[at:eol].split(b";")[0], 16)
-        if size == 0:
-            return b"".join(out)
-        out.append(body[eol + 2 : eol + 2 + size])
-        at = eol + 2 + size + 2
+class Connection:
+    """One keep-alive HTTP/1.1 connection, as the SDKs' connection pools keep theirs."""
+
+    def __init__(self, url: str) -> None:
+        parts = urlsplit(url)
+        self.host, self.port, self.netloc = parts.hostname, parts.port, parts.netloc
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def post(self, path: str, payload: bytes) -> tuple[bytes, bytes, float | None]:
+        """(status, body, seconds until the first text delta arrived) of one POST."""
+        if self.writer is None or self.writer.is_closing():
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        assert self.reader is not None
+        start = time.perf_counter()
+        self.writer.write(
+            f"POST {path} HTTP/1.1\r\nHost: {self.netloc}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload
+        )
+        head = (await self.reader.readuntil(b"\r\n\r\n")).lower()
+        status = head.split(b" ", 2)[1]
+        first = None
+        if b"transfer-encoding: chunked" in head:
+            chunks: list[bytes] = []
+            while size := int((await self.reader.readuntil(b"\r\n")).split(b";")[0], 16):
+                chunk = (await self.reader.readexactly(size + 2))[:-2]
+                if first is None and b'"text_delta"' in chunk:
+                    first = time.perf_counter() - start
+                chunks.append(chunk)
+            await self.reader.readuntil(b"\r\n")
+            body = b"".join(chunks)
+        else:
+            length = int(head.split(b"content-length:", 1)[1].split(b"\r\n", 1)[0])
+            body = await self.reader.readexactly(length)
+        if b"connection: close" in head:
+            self.close()
+        return status, body, first
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
 
 
-async def stream_one(url: str, body: dict[str, Any], keep_text: bool = False) -> tuple[float, float, int, str]:
+async def stream_one(connection: Connection, body: dict[str, Any], keep_text: bool = False) -> tuple[float, float, int, str]:
     """(TTFT s, total s, output tokens, text) of one streamed message.
 
     The load generator shares the server's CPU cores, so like wrk it speaks HTTP/1.1 over a bare
@@ -34,27 +66,9 @@ async def stream_one(url: str, body: dict[str, Any], keep_text: bool = False) ->
     the events it needs: the first text delta's arrival, the final usage, errors, and the text only
     when ``keep_text``.
     """
-    parts = urlsplit(url)
-    payload = json.dumps(body).encode()
     start = time.perf_counter()
-    first = None
-    reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
-    writer.write(
-        f"POST /v1/messages HTTP/1.1\r\nHost: {parts.netloc}\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n".encode() + payload
-    )
-    chunks: list[bytes] = []
-    try:
-        while data := await reader.read(1 << 16):
-            if first is None and b'"text_delta"' in data:
-                first = time.perf_counter() - start
-            chunks.append(data)
-    finally:
-        writer.close()
+    status, content, first = await connection.post("/v1/messages", json.dumps(body).encode())
     total = time.perf_counter() - start
-    head, _, raw = b"".join(chunks).partition(b"\r\n\r\n")
-    status = head.split(b" ", 2)[1]
-    content = _dechunk(raw) if b"chunked" in head.lower() else raw
     if status != b"200":
         raise RuntimeError(f"HTTP {status.decode()}: {content[:300]!r}")
     tokens = 0
@@ -76,8 +90,12 @@ async def load(url: str, bodies: list[dict[str, Any]], concurrency: int) -> dict
     results: list[tuple[float, float, int, str]] = []
 
     async def worker() -> None:
-        while queue:
-            results.append(await stream_one(url, queue.pop(0)))
+        connection = Connection(url)
+        try:
+            while queue:
+                results.append(await stream_one(connection, queue.pop(0)))
+        finally:
+            connection.close()
 
     start, cpu = time.perf_counter(), time.process_time()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -96,10 +114,14 @@ async def second_turn(url: str, first_body: dict[str, Any], follow_up: dict[str,
     ``follow_up`` is the first body with more turns after the first: the assistant's answer is
     put in between.
     """
-    first, _, _, answer = await stream_one(url, first_body, keep_text=True)
-    messages = follow_up["messages"]
-    messages.insert(1, {"role": "assistant", "content": answer or "(no text)"})
-    second, _, _, _ = await stream_one(url, follow_up)
+    connection = Connection(url)
+    try:
+        first, _, _, answer = await stream_one(connection, first_body, keep_text=True)
+        messages = follow_up["messages"]
+        messages.insert(1, {"role": "assistant", "content": answer or "(no text)"})
+        second, _, _, _ = await stream_one(connection, follow_up)
+    finally:
+        connection.close()
     return {"first_ttft_ms": first * 1000, "second_ttft_ms": second * 1000, "ratio": second / first}
 
 
