@@ -105,13 +105,14 @@ def server_cpu(engine: Any) -> float:
     return seconds
 
 
-# The load generator's process makes a level's request bodies (PNG-encoding the images is seconds
-# of CPU) before the level starts, and keeps them: the server's process never spends time on them.
-_prepared: dict[int, list[dict[str, Any]]] = {}
+# The load generator's process makes a level's request bodies, as JSON, before the level starts
+# (PNG-encoding the images is seconds of CPU; serialising one ~2 ms), and keeps them: neither the
+# server nor the clients it stands in for spend time on them while the clock runs.
+_prepared: dict[int, list[bytes]] = {}
 
 
 def prepare_level(count: int, side: int, seed: int, tokens: int) -> int:
-    _prepared[seed] = [r.body(tokens) for r in workload(count, side, seed=seed)]
+    _prepared[seed] = [json.dumps(r.body(tokens)).encode() for r in workload(count, side, seed=seed)]
     return seed
 
 
@@ -303,6 +304,9 @@ def main() -> None:
                         help="the engine in the server's process (--no-engine-process); also times its steps")
     parser.add_argument("--cpu-threads", type=int, default=None, help="as localvl serve's (default: cores - 1)")
     parser.add_argument("--no-cpu-affinity", action="store_true", help="as localvl serve's: let the OS place both processes")
+    parser.add_argument("--client-cores", choices=["server", "all"], default="server",
+                        help="where the load generator runs: on the server's cores (default), as the clients on other "
+                             "machines it stands in for would leave the engine's alone, or on every core")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--log-level", default="warning", help="localvl's log level (debug shows engine tracebacks)")
     args = parser.parse_args()
@@ -340,13 +344,17 @@ def main() -> None:
           f"{base['output_tokens_per_s']:.1f} tok/s", flush=True)
 
     clock = StepClock(engine) if args.in_process else StepClock.absent()
-    # The load generator runs in its own process, so it does not take the server's CPU time (GIL).
-    # (On every core: the server may have pinned itself, and its children would inherit that.)
+    # The load generator runs in its own process, so it does not take the server's GIL. By default
+    # on the server's cores (with the model on the CPU the engine process has pinned itself to the
+    # others): it stands in for clients elsewhere, which take no time from the engine's core.
+    client_cores = affinity.available() if args.client_cores == "server" else all_cores
+    result["client_cores"] = client_cores
+    print(f"  load generator on cores {client_cores or 'any'} of {all_cores or 'any'}", flush=True)
     pool = concurrent.futures.ProcessPoolExecutor(
-        1, mp_context=multiprocessing.get_context("spawn"), initializer=affinity.pin_process, initargs=(all_cores,)
+        1, mp_context=multiprocessing.get_context("spawn"), initializer=affinity.pin_process, initargs=(client_cores,)
     )
     with pool, InProcessServer(engine) as url:
-        pool.submit(client.run_load, url, [r.body(4) for r in workload(2, args.image, seed=5_000)], 2).result()
+        pool.submit(client.run_load, url, [json.dumps(r.body(4)).encode() for r in workload(2, args.image, seed=5_000)], 2).result()
         clock.ttft()
         rows = []
         for index, level in enumerate(levels):
