@@ -69,7 +69,7 @@ def load_image(data: bytes, media_type: str | None, where: str) -> Image:
             if getattr(picture, "is_animated", False):
                 picture.seek(0)  # an animation reads as its first frame
             picture.load()
-            picture = ImageOps.exif_transpose(picture)
+            ImageOps.exif_transpose(picture, in_place=True)  # not a copy of every image without EXIF rotation
             rgb = _to_rgb(picture)
     except InvalidRequestError:
         raise
