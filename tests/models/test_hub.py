@@ -305,3 +305,41 @@ def test_serve_offline_without_the_model_fails_with_the_message(online, tmp_path
     assert result.returncode == 1
     assert "localvl serve: Qwen/Tiny-VL is not on this machine" in result.stderr
     assert "localvl pull Qwen/Tiny-VL" in result.stderr
+
+
+@pytest.mark.parametrize("layout", [("hub", "models", "Qwen", "Tiny-VL-2___5"), ("models", "Qwen", "Tiny-VL-2___5"),
+                                    ("hub", "Qwen", "Tiny-VL-2.5"), ("Qwen", "Tiny-VL-2.5")])
+def test_a_model_an_older_modelscope_client_left_is_listed_and_served_offline(tmp_path, monkeypatch, model_dir, capfd, layout):
+    import shutil
+
+    monkeypatch.setenv("MODELSCOPE_CACHE", str(tmp_path / "ms"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    folder = tmp_path.joinpath("ms", *layout)
+    shutil.copytree(model_dir("qwen2_5_vl"), folder)
+    repo = "Qwen/Tiny-VL-2.5"
+    found = [m for m in list_local() if m.source == "modelscope"]
+    assert [(m.repo_id, m.path, m.complete, m.model_type) for m in found] == [(repo, folder, True, "qwen2_5_vl")]
+    assert resolve_model(repo, "modelscope", download=False) == folder
+    # a revision asked for is not one an older client's folder can be said to hold
+    with pytest.raises(HubError, match="is not on this machine"):
+        resolve_model(repo, "modelscope", "v1.0", download=False)
+    code, out, _ = cli(capfd, "models")
+    assert code == 0 and repo in out and str(folder) in out and "incomplete" not in out
+
+    (folder / "model.safetensors").unlink()  # an interrupted download: not served, listed as incomplete
+    assert [m.complete for m in list_local() if m.source == "modelscope"] == [False]
+    with pytest.raises(HubError, match="is not on this machine"):
+        resolve_model(repo, "modelscope", download=False)
+
+
+def test_a_sharded_legacy_folder_is_whole_only_with_every_shard(tmp_path):
+    from localvl.models.hub.modelscope import weights_complete
+
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+    (tmp_path / "model-00001-of-00002.safetensors").write_bytes(b"x")
+    assert not weights_complete(tmp_path)
+    (tmp_path / "model-00002-of-00002.safetensors").write_bytes(b"x")
+    assert weights_complete(tmp_path)
+    (tmp_path / "model.safetensors.index.json").write_text("{not json")
+    assert not weights_complete(tmp_path)

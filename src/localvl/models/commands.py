@@ -72,7 +72,7 @@ def run_models(args: argparse.Namespace) -> int:
         return 0
     rows = [("SOURCE", "MODEL", "REVISION", "SIZE", "TYPE", "PATH")]
     for m in found:
-        revision = m.revision[:12] + (f" ({', '.join(m.refs)})" if m.refs else "")
+        revision = (m.revision[:12] or "-") + (f" ({', '.join(m.refs)})" if m.refs else "")
         kind = (m.model_type or "?") + ("" if m.complete else ", incomplete")
         rows.append((m.source, m.repo_id, revision, human_size(m.size), kind, str(m.path)))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]

@@ -50,9 +50,58 @@ def _ms_record(repo_id: str, revision: str) -> Path:
 def local_copy(repo_id: str, revision: str | None) -> Path | None:
     record = _ms_record(repo_id, _ms_revision(revision))
     if not record.is_file():
-        return None
+        # A folder an older modelscope client left, if its weights are whole: it names no revision,
+        # so it stands in only where none was asked for.
+        return next((f for f in _legacy_folders(repo_id) if weights_complete(f)), None) if revision is None else None
     path = Path(json.loads(record.read_text())["path"])
     return path if path.is_dir() else None
+
+
+# Where older modelscope clients kept a model, under the cache root (modelscope's own
+# ``find_reusable_legacy_repo_dir`` names them; 1.40's source checked): ``models/owner/name`` with
+# the name's dots written "___", its default root's ``hub/models/...`` before the root moved up a
+# level, ``hub/owner/name`` before the ``models`` level, and ``owner/name`` flat under a
+# MODELSCOPE_CACHE.
+_LEGACY_PARENTS = (("models",), ("hub", "models"), ("hub",), ())
+_NOT_OWNERS = {"models", "hub", "datasets", "localvl-pulls"}
+
+
+def _legacy_folders(repo_id: str) -> list[Path]:
+    owner, name = repo_id.split("/", 1)
+    root = cache_dir()
+    folders = [root.joinpath(*parent, owner, n) for parent in _LEGACY_PARENTS for n in (name.replace(".", "___"), name)]
+    return [f for f in folders if (f / "config.json").is_file()]
+
+
+def _legacy_listing() -> list[tuple[str, Path]]:
+    """(repo id, folder) of every model folder in an older client's layout."""
+    root = cache_dir()
+    found = []
+    for parent in _LEGACY_PARENTS:
+        base = root.joinpath(*parent)
+        if not base.is_dir():
+            continue
+        for owner in sorted(base.iterdir()):
+            # not the current layout's owner--name folders, nor a level named above
+            skip = _NOT_OWNERS if not parent else {"models"} if parent == ("hub",) else set()
+            if owner.name.startswith(".") or "--" in owner.name or owner.name in skip or not owner.is_dir():
+                continue
+            for folder in sorted(owner.iterdir()):
+                if not folder.name.startswith(".") and (folder / "config.json").is_file():
+                    found.append((f"{owner.name}/{folder.name.replace('___', '.')}", folder))
+    return found
+
+
+def weights_complete(folder: Path) -> bool:
+    """Whether every weight file the folder's index names (or its one weight file) is there."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (OSError, ValueError, KeyError, AttributeError, TypeError):
+            return False
+        return all((folder / shard).is_file() for shard in shards)
+    return (folder / "model.safetensors").is_file()
 
 
 def pull(repo_id: str, revision: str | None) -> Path:
@@ -115,4 +164,8 @@ def list_local() -> list[LocalModel]:
                 model_type(snapshot), local_copy(repo_id, snapshot.name) == snapshot,
             )
         )
+    for repo_id, folder in _legacy_listing():
+        files = [p for p in folder.rglob("*") if p.is_file() and not hidden(p, folder)]
+        found.append(LocalModel("modelscope", repo_id, "", folder, sum(p.stat().st_size for p in files), (),
+                                model_type(folder), weights_complete(folder)))
     return found
