@@ -33,14 +33,16 @@ class FakeStream:
 
 
 def parse(frames: list[bytes]) -> list[tuple[str, dict]]:
+    """The events of the stream's writes (a write may carry several whole events)."""
     events = []
     for frame in frames:
         text = frame.decode()
         assert text.endswith("\n\n")
-        name_line, data_line = text.strip().split("\n")
-        name, data = name_line.removeprefix("event: "), json.loads(data_line.removeprefix("data: "))
-        assert data["type"] == name
-        events.append((name, data))
+        for event in text.removesuffix("\n\n").split("\n\n"):
+            name_line, data_line = event.split("\n")
+            name, data = name_line.removeprefix("event: "), json.loads(data_line.removeprefix("data: "))
+            assert data["type"] == name
+            events.append((name, data))
     return events
 
 
@@ -67,6 +69,15 @@ def test_event_sequence_of_a_text_answer():
     assert events[6][1]["delta"] == {"stop_reason": "end_turn", "stop_sequence": None}
     assert events[6][1]["usage"]["output_tokens"] == 2
     assert stream.closed
+
+
+def test_events_ready_together_go_out_in_one_write():
+    stream = FakeStream([TextDelta("Hel"), TextDelta("lo"), Finished("eos", Usage(7, 2))])
+    writes = [[n for n, _ in parse([frame])] for frame in asyncio.run(drain(stream))]
+    assert writes == [
+        ["message_start", "ping"], ["content_block_start", "content_block_delta"], ["content_block_delta"],
+        ["content_block_stop", "message_delta", "message_stop"],
+    ]
 
 
 def test_an_answer_without_text_has_no_content_block():

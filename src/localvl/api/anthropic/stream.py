@@ -155,11 +155,15 @@ async def collect_message(stream: GenerationStream, output: Output) -> dict[str,
 
 
 async def message_events(stream: GenerationStream, output: Output, ping_interval: float) -> AsyncIterator[bytes]:
-    """The SSE stream of one message. Closing this iterator (client gone) aborts the generation."""
+    """The SSE stream of one message. Closing this iterator (client gone) aborts the generation.
+
+    Events that are ready together go out in one write (a block's start with its first delta;
+    the last block's end, the message's delta and its stop): each write is a syscall and wakes
+    the client, measured at ~31 per 128-token answer before.
+    """
     start_usage = Usage(input_tokens=stream.input_tokens, output_tokens=0)
     start = message_json(output.message_id, output.model, [], None, start_usage)
-    yield sse_event("message_start", {"type": "message_start", "message": start})
-    yield sse_event("ping", {"type": "ping"})
+    yield sse_event("message_start", {"type": "message_start", "message": start}) + sse_event("ping", {"type": "ping"})
     blocks = _Blocks(output)
     message: dict[str, Any] | None = None
     try:
@@ -167,23 +171,24 @@ async def message_events(stream: GenerationStream, output: Output, ping_interval
             if event is HEARTBEAT:
                 yield sse_event("ping", {"type": "ping"})
             elif isinstance(event, Finished):
-                for frame in blocks.close():
-                    yield frame
+                frames = list(blocks.close())
                 usage = usage_json(event.usage)
                 usage.pop("service_tier")
-                yield sse_event(
+                frames.append(sse_event(
                     "message_delta",
                     {
                         "type": "message_delta",
                         "delta": {"stop_reason": STOP_REASONS[event.reason], "stop_sequence": event.stop_sequence},
                         "usage": usage,
                     },
-                )
+                ))
+                frames.append(sse_event("message_stop", {"type": "message_stop"}))
                 message = message_json(output.message_id, output.model, blocks.content, event, event.usage)
-                yield sse_event("message_stop", {"type": "message_stop"})
+                yield b"".join(frames)
             else:
-                for frame in blocks.add(event):  # type: ignore[arg-type]
-                    yield frame
+                frames = b"".join(blocks.add(event))  # type: ignore[arg-type]
+                if frames:
+                    yield frames
     except LocalvlError as error:
         yield sse_event("error", error_event(error))
     except Exception as error:  # after the headers went out, an error event is the only way to say it

@@ -210,8 +210,9 @@ async def completion_chunks(
 
     calls = [0] * len(streams)  # tool calls so far, per choice: each call's index
     seen = Choices(len(streams))  # what each choice said: the usage chunk, and on_done's completion
-    for index in range(len(streams)):
-        yield chunk([choice(index, {"role": "assistant", "content": ""})])
+    # Chunks ready together go out in one write (each is a syscall and wakes the client).
+    yield b"".join(chunk([choice(index, {"role": "assistant", "content": ""})]) for index in range(len(streams)))
+    tail = b""
     try:
         async for item in with_heartbeats(merged(streams), ping_interval):
             if item is HEARTBEAT:
@@ -227,8 +228,8 @@ async def completion_chunks(
                 call = tool_call_json(event)
                 arguments = call["function"]["arguments"]
                 call["function"]["arguments"] = ""
-                yield chunk([choice(index, {"tool_calls": [{"index": calls[index], **call}]})])
-                yield chunk([choice(index, {"tool_calls": [{"index": calls[index], "function": {"arguments": arguments}}]})])
+                yield (chunk([choice(index, {"tool_calls": [{"index": calls[index], **call}]})])
+                       + chunk([choice(index, {"tool_calls": [{"index": calls[index], "function": {"arguments": arguments}}]})]))
                 calls[index] += 1
             elif isinstance(event, Finished):
                 yield chunk([choice(index, {}, FINISH_REASONS[event.reason])])
@@ -236,13 +237,13 @@ async def completion_chunks(
         if on_done is not None:
             on_done(usage_counts(done), seen.completion(completion_id, model, created, logprobs))
         if include_usage:
-            yield chunk([], usage=usage_json(done))
+            tail = chunk([], usage=usage_json(done))
     except LocalvlError as error:
-        yield _data({"error": error_json(error)})
+        tail = _data({"error": error_json(error)})
     except Exception as error:  # after the headers went out, an error chunk is the only way to say it
         logger.error("stream failed: %s", type(error).__name__)
-        yield _data({"error": error_json(InternalError("the server failed while streaming this response"))})
-    yield b"data: [DONE]\n\n"
+        tail = _data({"error": error_json(InternalError("the server failed while streaming this response"))})
+    yield tail + b"data: [DONE]\n\n"
 
 
 def replayed_chunks(completion: dict[str, Any], include_usage: bool) -> Iterator[bytes]:

@@ -1,0 +1,59 @@
+"""The Chat Completions SSE encoder on its own: chunk order and which chunks share a write."""
+
+import asyncio
+import json
+
+from localvl.api.openai.stream import completion_chunks
+from localvl.engine.events import Finished, TextDelta, Usage
+from localvl.errors import OverloadedError
+
+
+class FakeStream:
+    def __init__(self, items):
+        self.request_id = "r1"
+        self.input_tokens = 7
+        self.items = list(items)
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        await asyncio.sleep(0)
+        if not self.items:
+            raise StopAsyncIteration
+        item = self.items.pop(0)
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+    async def aclose(self):
+        pass
+
+
+def writes(items, include_usage=True) -> list[list[object]]:
+    """Each write's SSE payloads: the chunks as dicts, ``[DONE]`` as the string."""
+    async def run():
+        return [frame async for frame in completion_chunks([FakeStream(items)], "chatcmpl-1", "m", 0, include_usage, 10.0)]
+
+    out = []
+    for frame in asyncio.run(run()):
+        text = frame.decode()
+        assert text.endswith("\n\n")
+        payloads = [line.removeprefix("data: ") for line in text.removesuffix("\n\n").split("\n\n")]
+        out.append([p if p == "[DONE]" else json.loads(p) for p in payloads])
+    return out
+
+
+def test_the_usage_chunk_and_done_go_out_in_one_write():
+    got = writes([TextDelta("Hel"), TextDelta("lo"), Finished("eos", Usage(7, 2))])
+    assert [len(w) for w in got] == [1, 1, 1, 1, 2]
+    assert got[0][0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert [w[0]["choices"][0]["delta"]["content"] for w in got[1:3]] == ["Hel", "lo"]
+    assert got[3][0]["choices"][0]["finish_reason"] == "stop"
+    assert got[4][0]["usage"]["completion_tokens"] == 2 and got[4][1] == "[DONE]"
+    assert writes([TextDelta("a"), Finished("eos", Usage(7, 1))], include_usage=False)[-1] == ["[DONE]"]
+
+
+def test_a_failure_mid_stream_is_an_error_chunk_then_done():
+    got = writes([TextDelta("a"), OverloadedError("busy")])
+    assert got[-1][0]["error"]["message"] == "busy" and got[-1][1] == "[DONE]"
