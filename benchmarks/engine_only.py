@@ -20,9 +20,9 @@ import time
 from typing import Any
 
 try:
-    from benchmarks.load import baseline, engine_model, server_cpu, workload
+    from benchmarks.load import baseline, engine_model, pooled, server_cpu, workload
 except ImportError:  # run as a script from benchmarks/
-    from load import baseline, engine_model, server_cpu, workload  # type: ignore[no-redef]
+    from load import baseline, engine_model, pooled, server_cpu, workload  # type: ignore[no-redef]
 
 from localvl.cli import apply_cpu_threads, engine_config
 from localvl.conversation import GenerationRequest, SamplingParams
@@ -58,7 +58,10 @@ def main() -> None:
         rendered = {id(c): engine.renderer.render(c, compact) for c in conversations}
         render = engine.renderer.render
         engine.renderer.render = lambda c, compact=False: rendered.get(id(c)) or render(c, compact)  # type: ignore[method-assign]
-    base = baseline(loaded, engine, workload(args.baseline_requests, args.image, seed=1), args.tokens)
+    # Half the baseline before the engine runs and half after, pooled, as load.py takes it.
+    naive = workload(args.baseline_requests, args.image, seed=1)
+    first, second = naive[: (len(naive) + 1) // 2], naive[(len(naive) + 1) // 2 :]
+    before = baseline(loaded, engine, first, args.tokens)
 
     async def run() -> dict[str, Any]:
         await engine.start()
@@ -79,14 +82,17 @@ def main() -> None:
         cpu = server_cpu(engine) - cpu
         await asyncio.sleep(0.3)
         steps = engine.stats().get("steps", 0) - steps
+        after = baseline(loaded, engine, second, args.tokens) if second else None  # on the same cores as before
         await engine.stop()
         return {"requests_per_s": args.requests / elapsed, "cpu_ms_per_request": cpu * 1000 / args.requests,
-                "steps_per_request": steps / args.requests}
+                "steps_per_request": steps / args.requests, "after": after}
 
     result = asyncio.run(run())
+    base = pooled(before, result["after"])
     what = "prompts rendered beforehand" if args.prerendered else "rendering included"
     what += ", in an engine process" if args.engine_process else ""
-    print(f"naive model.generate, one at a time: {base['requests_per_s']:.2f} req/s")
+    halves = f" (before the engine {before['requests_per_s']:.2f}, after {base['after_requests_per_s']:.2f})" if second else ""
+    print(f"naive model.generate, one at a time: {base['requests_per_s']:.2f} req/s{halves}")
     print(f"engine alone, concurrency {args.concurrency}, {what}: {result['requests_per_s']:.2f} req/s "
           f"({result['requests_per_s'] / base['requests_per_s']:.2f}x the baseline), "
           f"{result['cpu_ms_per_request']:.1f} ms CPU per request (both processes), {result['steps_per_request']:.1f} steps per request")
