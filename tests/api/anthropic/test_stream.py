@@ -6,30 +6,7 @@ import json
 from localvl.api.anthropic.stream import Output, collect_message, message_events
 from localvl.engine.events import Finished, TextDelta, Usage
 from localvl.errors import InternalError, OverloadedError
-
-
-class FakeStream:
-    def __init__(self, items, delay=0.0):
-        self.request_id = "r1"
-        self.input_tokens = 7
-        self.items = list(items)
-        self.delay = delay
-        self.closed = False
-
-    def __aiter__(self):
-        return self
-
-    async def __anext__(self):
-        await asyncio.sleep(self.delay)
-        if not self.items:
-            raise StopAsyncIteration
-        item = self.items.pop(0)
-        if isinstance(item, Exception):
-            raise item
-        return item
-
-    async def aclose(self):
-        self.closed = True
+from tests.api.fake_stream import FakeStream
 
 
 def parse(frames: list[bytes]) -> list[tuple[str, dict]]:

@@ -6,28 +6,7 @@ import json
 from localvl.api.openai.stream import completion_chunks
 from localvl.engine.events import Finished, TextDelta, Usage
 from localvl.errors import OverloadedError
-
-
-class FakeStream:
-    def __init__(self, items):
-        self.request_id = "r1"
-        self.input_tokens = 7
-        self.items = list(items)
-
-    def __aiter__(self):
-        return self
-
-    async def __anext__(self):
-        await asyncio.sleep(0)
-        if not self.items:
-            raise StopAsyncIteration
-        item = self.items.pop(0)
-        if isinstance(item, Exception):
-            raise item
-        return item
-
-    async def aclose(self):
-        pass
+from tests.api.fake_stream import FakeStream
 
 
 def writes(items, include_usage=True) -> list[list[object]]:
