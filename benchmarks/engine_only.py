@@ -20,9 +20,9 @@ import time
 from typing import Any
 
 try:
-    from benchmarks.load import baseline, engine_model, pooled, server_cpu, workload
+    from benchmarks.load import baseline, engine_model, halves, pooled, server_cpu, spread, workload
 except ImportError:  # run as a script from benchmarks/
-    from load import baseline, engine_model, pooled, server_cpu, workload  # type: ignore[no-redef]
+    from load import baseline, engine_model, halves, pooled, server_cpu, spread, workload  # type: ignore[no-redef]
 
 from localvl.cli import apply_cpu_threads, engine_config
 from localvl.conversation import GenerationRequest, SamplingParams
@@ -59,8 +59,7 @@ def main() -> None:
         render = engine.renderer.render
         engine.renderer.render = lambda c, compact=False: rendered.get(id(c)) or render(c, compact)  # type: ignore[method-assign]
     # Half the baseline before the engine runs and half after, pooled, as load.py takes it.
-    naive = workload(args.baseline_requests, args.image, seed=1)
-    first, second = naive[: (len(naive) + 1) // 2], naive[(len(naive) + 1) // 2 :]
+    first, second = halves(workload(args.baseline_requests, args.image, seed=1))
     before = baseline(loaded, engine, first, args.tokens)
 
     async def run() -> dict[str, Any]:
@@ -91,8 +90,7 @@ def main() -> None:
     base = pooled(before, result["after"])
     what = "prompts rendered beforehand" if args.prerendered else "rendering included"
     what += ", in an engine process" if args.engine_process else ""
-    halves = f" (before the engine {before['requests_per_s']:.2f}, after {base['after_requests_per_s']:.2f})" if second else ""
-    print(f"naive model.generate, one at a time: {base['requests_per_s']:.2f} req/s{halves}")
+    print(f"naive model.generate, one at a time: {base['requests_per_s']:.2f} req/s{spread(base)}")
     print(f"engine alone, concurrency {args.concurrency}, {what}: {result['requests_per_s']:.2f} req/s "
           f"({result['requests_per_s'] / base['requests_per_s']:.2f}x the baseline), "
           f"{result['cpu_ms_per_request']:.1f} ms CPU per request (both processes), {result['steps_per_request']:.1f} steps per request")

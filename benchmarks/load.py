@@ -155,6 +155,19 @@ def baseline(loaded: LoadedModel, engine: LocalEngine, requests: list[Request], 
             "output_tokens_per_s": len(requests) * tokens / elapsed}
 
 
+def halves(requests: list[Request]) -> tuple[list[Request], list[Request]]:
+    """The baseline's requests to run before the engine and after it (the first half may be all)."""
+    middle = (len(requests) + 1) // 2
+    return requests[:middle], requests[middle:]
+
+
+def spread(base: dict[str, float]) -> str:
+    """How far apart a pooled baseline's halves ran, for printing; "" for a baseline run once."""
+    if "after_requests_per_s" not in base:
+        return ""
+    return f" (before the engine {base['before_requests_per_s']:.3f}, after {base['after_requests_per_s']:.3f})"
+
+
 def pooled(before: dict[str, float], after: dict[str, float] | None) -> dict[str, float]:
     """The baseline's two halves as one: all their requests over all their time."""
     if after is None:
@@ -352,8 +365,7 @@ def main() -> None:
 
     # Half the baseline's requests before the engine's levels, half after: this machine's speed
     # drifts over minutes, and a baseline taken only first would put all of the drift in the ratio.
-    naive = requests[: args.baseline_requests or args.requests]
-    first, second = naive[: (len(naive) + 1) // 2], naive[(len(naive) + 1) // 2 :]
+    first, second = halves(requests[: args.baseline_requests or args.requests])
     before = baseline(loaded, engine, first, args.tokens)
     print(f"  naive model.generate, one at a time, before the engine: {before['requests_per_s']:.3f} req/s", flush=True)
 
@@ -394,9 +406,8 @@ def main() -> None:
         result["engine"] = rows
         base = pooled(before, baseline(loaded, engine, second, args.tokens) if second else None)
         result["baseline"] = base
-        halves = f" (before the engine {before['requests_per_s']:.3f}, after {base['after_requests_per_s']:.3f})" if second else ""
         print(f"  naive model.generate, one at a time: {base['requests_per_s']:.3f} req/s, "
-              f"{base['output_tokens_per_s']:.1f} tok/s{halves}", flush=True)
+              f"{base['output_tokens_per_s']:.1f} tok/s{spread(base)}", flush=True)
         for row in rows:
             row["vs_baseline"] = row["requests_per_s"] / base["requests_per_s"]
             print(f"  engine, concurrency {row['concurrency']:>3}: {row['vs_baseline']:.2f}x the baseline", flush=True)
