@@ -80,7 +80,11 @@ def test_sigterm_drains_a_running_stream_and_refuses_new_work(model_dir, tmp_pat
     server = Server(model_dir("qwen2_vl"), tmp_path / "term.log", "--shutdown-timeout", "60")
     headers = {"x-api-key": API_KEY}
     try:
-        payload = {"model": "tiny-vl", "max_tokens": 400, "stream": True, "messages": [{"role": "user", "content": "Tell a story."}]}
+        # A story of at least 400 characters, by the output's schema: random weights would otherwise
+        # now and then end the turn before the stream could be interrupted, or during the drain's checks.
+        story = {"type": "object", "properties": {"story": {"type": "string", "minLength": 400}}, "required": ["story"]}
+        payload = {"model": "tiny-vl", "max_tokens": 400, "stream": True, "messages": [{"role": "user", "content": "Tell a story."}],
+                   "output_config": {"format": {"type": "json_schema", "schema": story}}}
         events: list[str] = []
         with httpx.stream("POST", server.url + "/v1/messages", json=payload, headers=headers, timeout=60) as response:
             for line in response.iter_lines():
