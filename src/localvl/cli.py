@@ -217,6 +217,7 @@ def engine_config(settings: Any) -> Any:
         image_cache_memory=settings.image_cache_memory,
         max_queue=settings.max_queue,
         cuda_graphs=settings.cuda_graphs,
+        cpu_kernel=settings.cpu_kernel,
         stream_interval=settings.stream_interval,
     )
 

@@ -79,6 +79,11 @@ class Settings(BaseSettings):
         "every core: no split); off: the OS places both",
     )
     cuda_graphs: bool = Field(True, description="replay decode steps as CUDA graphs on a GPU")
+    cpu_kernel: bool = Field(
+        True,
+        description="with the model on the CPU: build (once, with the machine's C++ compiler) and use localvl's decode "
+        "attention kernel, which reads the paged KV cache in place; off, or where it cannot be built: gathered SDPA",
+    )
     max_queue: int = Field(256, ge=1, description="waiting requests beyond which new ones get 529 overloaded")
     max_request_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="largest request body accepted")
     stream_interval: float = Field(

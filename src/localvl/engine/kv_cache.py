@@ -99,7 +99,7 @@ class AttentionBatch:
     row_blocks: torch.Tensor | None = None  # [rows, most blocks], padded with the scratch block
     row_mask: torch.Tensor | None = None  # [rows, 1, queries, most blocks * block_size]: True (or 0.0, additive) where visible
     row_lengths: torch.Tensor | None = None  # [rows] int32 context lengths, for the decode kernel
-    kernel: bool = False  # one query per row: read the pool in place (triton_decode.py)
+    kernel: bool = False  # one query per row: read the pool in place (triton_decode.py, cpu_decode.py)
     # More than one query per row: where each (row, query) comes from in the packed step (padding
     # repeats a row's last token), and which of them are real, to scatter the results back.
     row_queries: torch.Tensor | None = None  # [rows, queries]
@@ -136,7 +136,10 @@ def _attend_rows(q: torch.Tensor, key_blocks: torch.Tensor, value_blocks: torch.
     heads, _, dim = q.shape
     rows = batch.rows
     if batch.kernel and batch.row_queries is None and batch.row_lengths is not None:
-        from localvl.engine.triton_decode import paged_decode
+        if q.device.type == "cpu":
+            from localvl.engine.cpu_decode import paged_decode
+        else:
+            from localvl.engine.triton_decode import paged_decode
 
         scale = scale if scale is not None else dim**-0.5
         out[:rows] = paged_decode(q[:, :rows].transpose(0, 1), key_blocks, value_blocks, batch.row_blocks, batch.row_lengths, scale)

@@ -67,6 +67,7 @@ class EngineConfig:
     image_cache_memory: int = 512 << 20
     max_queue: int = 256  # waiting requests beyond this get 529 overloaded_error
     cuda_graphs: bool = True  # replay decode steps as CUDA graphs (GPU only)
+    cpu_kernel: bool = True  # decode attention by cpu_decode.py's compiled kernel (CPU only)
     check_integrity: bool = False  # audit the block tables whenever the engine goes idle (tests)
     stream_interval: float = 0.0  # seconds between a stream's text deltas (``bridge.Stream``)
 
@@ -92,15 +93,17 @@ class LocalEngine:
             max_blocks = -(-loaded.context_length // config.block_size)
             graphs = DecodeGraphs(self.model, self.kv_cache, config.max_num_seqs, min(max_blocks, self.kv_cache.num_blocks))
         self.runner = StepRunner(self.model, self.kv_cache, self.image_cache, graphs)
+        text = self.model.text_config
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        shape = (config.block_size, text.num_attention_heads, text.num_key_value_heads, head_dim)
+        if self.model.device.type == "cpu" and config.cpu_kernel:
+            from localvl.engine import cpu_decode
+
+            self.runner.decode_kernel = cpu_decode.usable(self.model.dtype, *shape)
         if self.model.device.type == "cuda":
             from localvl.engine import triton_decode
 
-            text = self.model.text_config
-            head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-            kernel = triton_decode.usable(
-                self.model.device, self.model.dtype, config.block_size,
-                text.num_attention_heads, text.num_key_value_heads, head_dim,
-            )
+            kernel = triton_decode.usable(self.model.device, self.model.dtype, *shape)
             self.runner.decode_kernel = kernel
             if graphs is not None:
                 graphs.kernel = kernel

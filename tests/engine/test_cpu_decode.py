@@ -1,0 +1,115 @@
+"""The CPU decode-attention kernel against SDPA over the same keys, gathered by hand."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from localvl.engine import cpu_decode
+
+needs_kernel = pytest.mark.skipif(cpu_decode._compiler() is None, reason="needs a C++ compiler")
+
+
+def reference(q, key_blocks, value_blocks, tables, lengths):
+    out = []
+    for r in range(q.shape[0]):
+        n = int(lengths[r])
+        k = key_blocks[tables[r]].flatten(0, 1)[:n].transpose(0, 1).float()
+        v = value_blocks[tables[r]].flatten(0, 1)[:n].transpose(0, 1).float()
+        out.append(F.scaled_dot_product_attention(q[r].unsqueeze(1).float(), k, v, enable_gqa=True)[:, 0])
+    return torch.stack(out)
+
+
+def case(rows, heads, kv_heads, dim, block_size, dtype, longest, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    widest = -(-longest // block_size)
+    pool = rows * widest + 3
+    key_blocks = torch.randn(pool, block_size, kv_heads, dim, generator=generator).to(dtype)
+    value_blocks = torch.randn(pool, block_size, kv_heads, dim, generator=generator).to(dtype)
+    tables = torch.randperm(pool, generator=generator)[: rows * widest].view(rows, widest)  # scattered blocks
+    lengths = torch.randint(1, longest + 1, (rows,), generator=generator, dtype=torch.int32)
+    lengths[0] = longest
+    q = torch.randn(rows, heads, dim, generator=generator).to(dtype)
+    return q, key_blocks, value_blocks, tables, lengths
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    "heads, kv_heads, dim, block_size",
+    [(4, 2, 16, 16), (16, 2, 128, 16), (28, 4, 128, 32), (12, 12, 64, 16), (14, 2, 80, 16), (16, 1, 256, 16)],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_kernel_equals_sdpa_over_the_gathered_blocks(heads, kv_heads, dim, block_size, dtype):
+    q, key_blocks, value_blocks, tables, lengths = case(7, heads, kv_heads, dim, block_size, dtype, longest=5 * block_size + 3)
+    got = cpu_decode.paged_decode(q, key_blocks, value_blocks, tables, lengths, dim**-0.5)
+    tolerance = 2e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), reference(q, key_blocks, value_blocks, tables, lengths), atol=tolerance, rtol=tolerance)
+    assert got.dtype == dtype and got.shape == q.shape
+
+
+@needs_kernel
+def test_a_long_context_several_threads_and_strided_queries_give_the_same_answer():
+    q, key_blocks, value_blocks, tables, lengths = case(5, 8, 2, 64, 16, torch.float32, longest=3000, seed=1)
+    want = reference(q, key_blocks, value_blocks, tables, lengths)
+    # The engine passes a transposed view of the step's packed queries: heads outermost.
+    strided = q.transpose(0, 1).contiguous().transpose(0, 1)
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            got = cpu_decode.paged_decode(strided, key_blocks, value_blocks, tables, lengths, 64**-0.5)
+            torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_kernel
+def test_what_lies_past_a_rows_end_never_reaches_its_answer():
+    q, key_blocks, value_blocks, tables, lengths = case(4, 4, 2, 16, 16, torch.float32, longest=40)
+    lengths[:] = torch.tensor([40, 17, 1, 33], dtype=torch.int32)
+    want = reference(q, key_blocks, value_blocks, tables, lengths)
+    for r, n in enumerate(lengths.tolist()):  # the rest of each row's last block: NaN
+        last, used = tables[r, (n - 1) // 16], (n - 1) % 16 + 1
+        key_blocks[last, used:] = float("nan")
+        value_blocks[last, used:] = float("nan")
+    got = cpu_decode.paged_decode(q, key_blocks, value_blocks, tables, lengths, 16**-0.5)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+
+
+@needs_kernel
+def test_shapes_the_kernel_does_not_take_keep_the_gathered_path():
+    assert cpu_decode.usable(torch.float32, block_size=16, heads=4, kv_heads=2, dim=16)
+    assert not cpu_decode.usable(torch.float16, block_size=16, heads=4, kv_heads=2, dim=16)
+    assert not cpu_decode.usable(torch.float32, block_size=4, heads=4, kv_heads=2, dim=16)
+    assert not cpu_decode.usable(torch.float32, block_size=16, heads=4, kv_heads=2, dim=24)
+    assert not cpu_decode.usable(torch.float32, block_size=16, heads=34, kv_heads=2, dim=16)  # 17 heads a group
+    q, key_blocks, value_blocks, tables, lengths = case(2, 4, 2, 24, 16, torch.float32, longest=20)
+    with pytest.raises(ValueError, match="does not take this shape"):
+        cpu_decode.paged_decode(q, key_blocks, value_blocks, tables, lengths, 24**-0.5)
+
+
+def test_without_a_compiler_the_engine_is_told_to_gather_and_why(monkeypatch, tmp_path, caplog):
+    monkeypatch.setattr(cpu_decode, "_library", None)
+    monkeypatch.setattr(cpu_decode, "_failed", None)
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("LOCALVL_CACHE_DIR", str(tmp_path / "cache"))
+    with caplog.at_level(logging.WARNING, logger="localvl.engine.cpu_decode"):
+        assert not cpu_decode.usable(torch.float32, block_size=16, heads=4, kv_heads=2, dim=16)
+    assert "gathers instead" in caplog.text and "no-such-compiler" in caplog.text
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("*.so"))
+
+
+def test_a_broken_compiler_is_reported_not_raised(monkeypatch, tmp_path, caplog):
+    compiler = tmp_path / "cc"
+    compiler.write_text("#!/bin/sh\necho 'fatal: this compiler builds nothing' >&2\nexit 1\n")
+    compiler.chmod(0o755)
+    monkeypatch.setattr(cpu_decode, "_library", None)
+    monkeypatch.setattr(cpu_decode, "_failed", None)
+    monkeypatch.setenv("CXX", str(compiler))
+    monkeypatch.setenv("LOCALVL_CACHE_DIR", str(tmp_path / "cache"))
+    with caplog.at_level(logging.WARNING, logger="localvl.engine.cpu_decode"):
+        assert not cpu_decode.usable(torch.float32, block_size=16, heads=4, kv_heads=2, dim=16)
+    assert "builds nothing" in caplog.text
