@@ -18,3 +18,6 @@ timeout "${PROFILE_S:-80}" python3 benchmarks/profile_step.py --shape 3b --devic
 # The loading paths on the GPU: bf16 auto, flash-attention where installed, bitsandbytes 8/4-bit
 # (carry its wheel and accelerate's in .whl: docs/MODELS.md).
 timeout "${LOADING_S:-90}" python3 benchmarks/loading_check.py --device cuda 2>&1 | grep -v -E "Loading|Writing" | tail -8 | tee "$out/loading.txt"
+# Last, off the GPU: the CPU decode kernel against gather + SDPA on this machine's many cores (it
+# needs a C++ compiler there; without one it says so and stops).
+timeout "${CPU_KERNEL_S:-60}" python3 benchmarks/decode_attention.py --tokens 32 2>&1 | grep -v -E "Loading|Writing" | tail -6 | tee "$out/cpu-kernel.txt"
