@@ -10,6 +10,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from localvl.engine import cpu_decode
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -41,6 +45,12 @@ def test_the_load_benchmark_times_steps_with_the_engine_in_process(tmp_path):
 def test_the_step_profile_and_the_decode_split_run():
     assert "decode step median" in run("benchmarks/profile_step.py", "--batch", "2", "--tokens", "12")
     assert "engine-thread CPU per step" in run("benchmarks/decode_split.py")
+
+
+@pytest.mark.skipif(cpu_decode._compiler() is None, reason="needs a C++ compiler")
+def test_the_decode_attention_comparison_runs():
+    out = run("benchmarks/decode_attention.py", "--rows", "3", "--context", "40", "--tokens", "6")
+    assert "tiny shape" in out and "3b shape" in out and "decode step at batch 16" in out
 
 
 def test_the_loading_check_loads_and_answers():
