@@ -91,6 +91,18 @@ def test_shapes_the_kernel_does_not_take_keep_the_gathered_path():
         cpu_decode.paged_decode(q, key_blocks, value_blocks, tables, lengths, 24**-0.5)
 
 
+@needs_kernel
+def test_a_table_pointing_outside_the_pool_is_an_error_not_a_crash():
+    q, key_blocks, value_blocks, tables, lengths = case(3, 4, 2, 16, 16, torch.float32, longest=40)
+    for bad_tables, bad_lengths in [
+        (tables.clone().index_fill_(1, torch.tensor([0]), key_blocks.shape[0]), lengths),  # a block past the pool
+        (tables.clone().index_fill_(1, torch.tensor([1]), -1), torch.full_like(lengths, 20)),  # a negative block
+        (tables, torch.full_like(lengths, tables.shape[1] * 16 + 1)),  # longer than the table
+    ]:
+        with pytest.raises(ValueError, match="outside the KV pool"):
+            cpu_decode.paged_decode(q, key_blocks, value_blocks, bad_tables, bad_lengths, 16**-0.5)
+
+
 def test_without_a_compiler_the_engine_is_told_to_gather_and_why(monkeypatch, tmp_path, caplog):
     monkeypatch.setattr(cpu_decode, "_library", None)
     monkeypatch.setattr(cpu_decode, "_failed", None)

@@ -194,13 +194,18 @@ int dispatch(const void* q, int64_t q_row, int64_t q_head, const void* k, const 
 // Returns 0, or a nonzero code for a shape this kernel does not take (nothing is written then).
 extern "C" int localvl_paged_decode(int dtype, const void* q, int64_t q_row, int64_t q_head, const void* k,
                                     const void* v, int64_t kv_block, int64_t kv_slot, int64_t kv_head,
-                                    const int64_t* tables, int64_t table_row, const int32_t* lengths, void* out,
-                                    int64_t out_row, int64_t out_head, int rows, int heads, int kv_heads, int dim,
-                                    int block_size, float scale, int threads) {
+                                    const int64_t* tables, int64_t table_row, int64_t table_width,
+                                    const int32_t* lengths, int64_t num_blocks, void* out, int64_t out_row,
+                                    int64_t out_head, int rows, int heads, int kv_heads, int dim, int block_size,
+                                    float scale, int threads) {
     if (kv_heads <= 0 || heads % kv_heads || heads / kv_heads > MAX_GROUP) return 1;
     if (dim <= 0 || dim % 16 || dim > 256 || block_size <= 0 || block_size % 16) return 2;
-    for (int r = 0; r < rows; ++r)
-        if (lengths[r] <= 0) return 3;
+    // Every block a row will read exists: a wrong table is an error for the step, not a crash.
+    for (int r = 0; r < rows; ++r) {
+        if (lengths[r] <= 0 || lengths[r] > table_width * block_size) return 3;
+        for (int64_t b = 0; b < (lengths[r] + block_size - 1) / block_size; ++b)
+            if (tables[r * table_row + b] < 0 || tables[r * table_row + b] >= num_blocks) return 3;
+    }
     const int group = heads / kv_heads;
     if (dtype == 0)
         return dispatch<float>(q, q_row, q_head, k, v, kv_block, kv_slot, kv_head, tables, table_row, lengths, out,

@@ -108,7 +108,7 @@ def _load() -> ctypes.CDLL | None:
             function = library.localvl_paged_decode
             function.restype = ctypes.c_int
             i64, i32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
-            function.argtypes = [i32, ptr, i64, i64, ptr, ptr, i64, i64, i64, ptr, i64, ptr, ptr, i64, i64,
+            function.argtypes = [i32, ptr, i64, i64, ptr, ptr, i64, i64, i64, ptr, i64, i64, ptr, i64, ptr, i64, i64,
                                  i32, i32, i32, i32, i32, ctypes.c_float, i32]
             _library = library
         except Exception as error:
@@ -135,9 +135,12 @@ def paged_decode(
     status = library.localvl_paged_decode(
         _DTYPES[q.dtype], q.data_ptr(), q.stride(0), q.stride(1),
         key_blocks.data_ptr(), value_blocks.data_ptr(), key_blocks.stride(0), key_blocks.stride(1), key_blocks.stride(2),
-        tables.data_ptr(), tables.stride(0), lengths.data_ptr(), out.data_ptr(), out.stride(0), out.stride(1),
+        tables.data_ptr(), tables.stride(0), tables.shape[1], lengths.data_ptr(), key_blocks.shape[0],
+        out.data_ptr(), out.stride(0), out.stride(1),
         rows, heads, kv_heads, dim, block_size, scale, torch.get_num_threads(),
     )
+    if status == 3:
+        raise ValueError("a block table or length points outside the KV pool")
     if status:
         raise ValueError(f"the CPU decode kernel does not take this shape (status {status})")
     return out
