@@ -125,3 +125,23 @@ def test_a_broken_compiler_is_reported_not_raised(monkeypatch, tmp_path, caplog)
     with caplog.at_level(logging.WARNING, logger="localvl.engine.cpu_decode"):
         assert not cpu_decode.usable(torch.float32, block_size=16, heads=4, kv_heads=2, dim=16)
     assert "builds nothing" in caplog.text
+
+
+@needs_kernel
+def test_a_build_that_does_not_load_falls_back_to_the_next_flags(monkeypatch, tmp_path):
+    # As clang does with -fopenmp where there is no OpenMP runtime: it compiles, then fails to load.
+    real = cpu_decode._compiler()
+    compiler = tmp_path / "cc"
+    compiler.write_text(
+        "#!/bin/sh\n"
+        'case "$*" in *-fopenmp*) for a; do [ "$prev" = -o ] && echo junk > "$a"; prev=$a; done; exit 0;; esac\n'
+        f'exec {real} "$@"\n'
+    )
+    compiler.chmod(0o755)
+    monkeypatch.setattr(cpu_decode, "_library", None)
+    monkeypatch.setattr(cpu_decode, "_failed", None)
+    monkeypatch.setenv("CXX", str(compiler))
+    monkeypatch.setenv("LOCALVL_CACHE_DIR", str(tmp_path / "cache"))
+    assert cpu_decode.usable(torch.float32, block_size=16, heads=4, kv_heads=2, dim=16), cpu_decode._failed
+    assert [p.name for p in (tmp_path / "cache" / "kernels").iterdir() if not p.name.startswith("cpu_decode-")] == []
+

@@ -3,15 +3,17 @@
 The portable path gathers every decoding sequence's blocks into a contiguous copy and runs SDPA
 over it. On a CPU both halves are slow for decode's shapes: the gather copies the whole context of
 every row each layer, and SDPA's CPU kernel is tuned for long query blocks, not one query per
-head. Measured on this project's 2-core machine (2026-11-26, docs/PERFORMANCE.md): 16 rows of
-~464 tokens, tiny model (head dim 16), ~240-370 µs per layer against ~70-80 µs here; the 3B
-shape (head dim 128, 8 query heads per KV head) ~3.8 ms against ~2.1 ms.
+head. Measured on this project's 2-core machine (``benchmarks/decode_attention.py``, 2026-11-26,
+docs/PERFORMANCE.md), one layer over 16 rows of 464 tokens: the tiny model's shape 264-376 µs
+against 108-161 µs here; the 3B shape (head dim 128, 8 query heads per KV head) 8.8-14 ms against
+2.9-4.0 ms; the tiny model's whole decode step at batch 16, 1.2x faster.
 
 The kernel (``cpu_decode.cpp``) is compiled with the machine's C++ compiler for this CPU
 (``-march=native``) into localvl's cache, keyed by the source, the compiler and the CPU, and loaded
-with ctypes — no build step at install, nothing to compile against torch. Where there is no
-compiler, the build fails or the kernel disagrees with SDPA on a self-test, the engine keeps the
-portable path and logs why once.
+with ctypes — no build step at install, nothing to compile against torch. OpenMP where the
+compiler has it and the library then loads (it shares torch's runtime); else one thread. Where
+there is no compiler, the build fails or the kernel disagrees with SDPA on a self-test, the engine
+keeps the portable path and logs why once.
 """
 
 from __future__ import annotations
@@ -67,14 +69,21 @@ def _cache_dir() -> Path:
 
 
 def _compile(compiler: str, target: Path) -> None:
+    """Build ``target`` with the first flag set that compiles and whose library loads: clang can
+    compile OpenMP code that needs a runtime (libomp) this machine lacks."""
     errors = []
     for flags in _FLAG_SETS:
         command = [compiler, "-std=c++17", "-shared", "-fPIC", *flags, "-o", str(target), str(SOURCE)]
-        result = subprocess.run(command, capture_output=True, text=True, timeout=300)
-        if result.returncode == 0:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+        if result.returncode != 0:
+            errors.append((result.stderr.strip().splitlines() or [f"status {result.returncode}"])[-1])
+            continue
+        try:
+            ctypes.CDLL(str(target))
             return
-        errors.append(result.stderr.strip().splitlines()[-1:] or [f"status {result.returncode}"])
-    raise RuntimeError(f"{compiler} could not build {SOURCE.name}: {errors[0][0]}")
+        except OSError as error:
+            errors.append(str(error))
+    raise RuntimeError(f"{compiler} could not build {SOURCE.name}: {errors[0]}")
 
 
 def _build() -> ctypes.CDLL:
@@ -91,7 +100,11 @@ def _build() -> ctypes.CDLL:
                 folder.mkdir(parents=True, exist_ok=True)
                 partial = folder / f".{target.name}.{os.getpid()}"
                 started = time.perf_counter()
-                _compile(compiler, partial)
+                try:
+                    _compile(compiler, partial)
+                except BaseException:
+                    partial.unlink(missing_ok=True)
+                    raise
                 os.replace(partial, target)  # whole or absent, with several processes building at once
                 logger.info("built the CPU decode kernel for this machine in %.1f s: %s", time.perf_counter() - started, target)
             return ctypes.CDLL(str(target))
