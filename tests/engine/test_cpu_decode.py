@@ -104,8 +104,8 @@ def test_a_table_pointing_outside_the_pool_is_an_error_not_a_crash():
 
 
 def test_without_a_compiler_the_engine_is_told_to_gather_and_why(monkeypatch, tmp_path, caplog):
-    monkeypatch.setattr(cpu_decode, "_library", None)
-    monkeypatch.setattr(cpu_decode, "_failed", None)
+    monkeypatch.setattr(cpu_decode, "_libraries", {})
+    monkeypatch.setattr(cpu_decode, "_failed", {})
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("LOCALVL_CACHE_DIR", str(tmp_path / "cache"))
     with caplog.at_level(logging.WARNING, logger="localvl.engine.cpu_decode"):
@@ -118,8 +118,8 @@ def test_a_broken_compiler_is_reported_not_raised(monkeypatch, tmp_path, caplog)
     compiler = tmp_path / "cc"
     compiler.write_text("#!/bin/sh\necho 'fatal: this compiler builds nothing' >&2\nexit 1\n")
     compiler.chmod(0o755)
-    monkeypatch.setattr(cpu_decode, "_library", None)
-    monkeypatch.setattr(cpu_decode, "_failed", None)
+    monkeypatch.setattr(cpu_decode, "_libraries", {})
+    monkeypatch.setattr(cpu_decode, "_failed", {})
     monkeypatch.setenv("CXX", str(compiler))
     monkeypatch.setenv("LOCALVL_CACHE_DIR", str(tmp_path / "cache"))
     with caplog.at_level(logging.WARNING, logger="localvl.engine.cpu_decode"):
@@ -138,10 +138,10 @@ def test_a_build_that_does_not_load_falls_back_to_the_next_flags(monkeypatch, tm
         f'exec {real} "$@"\n'
     )
     compiler.chmod(0o755)
-    monkeypatch.setattr(cpu_decode, "_library", None)
-    monkeypatch.setattr(cpu_decode, "_failed", None)
+    monkeypatch.setattr(cpu_decode, "_libraries", {})
+    monkeypatch.setattr(cpu_decode, "_failed", {})
     monkeypatch.setenv("CXX", str(compiler))
     monkeypatch.setenv("LOCALVL_CACHE_DIR", str(tmp_path / "cache"))
-    assert cpu_decode.usable(torch.float32, block_size=16, heads=4, kv_heads=2, dim=16), cpu_decode._failed
+    assert cpu_decode.usable(torch.float32, block_size=16, heads=4, kv_heads=2, dim=16), cpu_decode._failed.get(16)
     assert [p.name for p in (tmp_path / "cache" / "kernels").iterdir() if not p.name.startswith("cpu_decode-")] == []
 

@@ -187,9 +187,13 @@ int dispatch(const void* q, int64_t q_row, int64_t q_head, const void* k, const 
                   rows, kv_heads, group, block_size, scale, threads);                                                  \
         return 0;
     switch (dim / 16) {
+#ifdef LOCALVL_HEAD_DIM  // one head dim: a build of ~0.5 s instead of ~5 s for all sixteen
+        LOCALVL_CASE(LOCALVL_HEAD_DIM / 16)
+#else
         LOCALVL_CASE(1) LOCALVL_CASE(2) LOCALVL_CASE(3) LOCALVL_CASE(4) LOCALVL_CASE(5) LOCALVL_CASE(6)
         LOCALVL_CASE(7) LOCALVL_CASE(8) LOCALVL_CASE(9) LOCALVL_CASE(10) LOCALVL_CASE(11) LOCALVL_CASE(12)
         LOCALVL_CASE(13) LOCALVL_CASE(14) LOCALVL_CASE(15) LOCALVL_CASE(16)
+#endif
     }
 #undef LOCALVL_CASE
     return 2;
@@ -207,6 +211,9 @@ extern "C" int localvl_paged_decode(int dtype, const void* q, int64_t q_row, int
                                     float scale, int threads) {
     if (kv_heads <= 0 || heads % kv_heads || heads / kv_heads > MAX_GROUP) return 1;
     if (dim <= 0 || dim % 16 || dim > 256 || block_size <= 0 || block_size % 16) return 2;
+#ifdef LOCALVL_HEAD_DIM
+    if (dim != LOCALVL_HEAD_DIM) return 2;
+#endif
     // Every block a row will read exists: a wrong table is an error for the step, not a crash.
     for (int r = 0; r < rows; ++r) {
         if (lengths[r] <= 0 || lengths[r] > table_width * block_size) return 3;

@@ -9,7 +9,8 @@ against 108-161 µs here; the 3B shape (head dim 128, 8 query heads per KV head)
 2.9-4.0 ms; the tiny model's whole decode step at batch 16, 1.2x faster.
 
 The kernel (``cpu_decode.cpp``) is compiled with the machine's C++ compiler for this CPU
-(``-march=native``) into localvl's cache, keyed by the source, the compiler and the CPU, and loaded
+(``-march=native``) and the model's head dim (~0.5 s) into localvl's cache, keyed by the source,
+the compiler, the CPU and the head dim, and loaded
 with ctypes — no build step at install, nothing to compile against torch. OpenMP where the
 compiler has it and the library then loads (it shares torch's runtime); else one thread. Where
 there is no compiler, the build fails or the kernel disagrees with SDPA on a self-test, the engine
@@ -44,8 +45,8 @@ _FLAG_SETS = (
     ["-O3"],
 )
 
-_library: ctypes.CDLL | None = None
-_failed: str | None = None
+_libraries: dict[int, ctypes.CDLL] = {}  # by head dim: each build instantiates one
+_failed: dict[int, str] = {}
 
 
 def _compiler() -> str | None:
@@ -68,12 +69,12 @@ def _cache_dir() -> Path:
     return default_cache_dir() / "kernels"
 
 
-def _compile(compiler: str, target: Path) -> None:
+def _compile(compiler: str, target: Path, dim: int) -> None:
     """Build ``target`` with the first flag set that compiles and whose library loads: clang can
     compile OpenMP code that needs a runtime (libomp) this machine lacks."""
     errors = []
     for flags in _FLAG_SETS:
-        command = [compiler, "-std=c++17", "-shared", "-fPIC", *flags, "-o", str(target), str(SOURCE)]
+        command = [compiler, "-std=c++17", "-shared", "-fPIC", *flags, f"-DLOCALVL_HEAD_DIM={dim}", "-o", str(target), str(SOURCE)]
         result = subprocess.run(command, capture_output=True, text=True, timeout=600)
         if result.returncode != 0:
             errors.append((result.stderr.strip().splitlines() or [f"status {result.returncode}"])[-1])
@@ -86,22 +87,22 @@ def _compile(compiler: str, target: Path) -> None:
     raise RuntimeError(f"{compiler} could not build {SOURCE.name}: {errors[0]}")
 
 
-def _build() -> ctypes.CDLL:
+def _build(dim: int) -> ctypes.CDLL:
     compiler = _compiler()
     if compiler is None:
         raise RuntimeError("no C++ compiler (c++, g++ or clang++; or set CXX)")
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
     key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), version.encode(), _cpu_identity().encode(),
-                                     repr(_FLAG_SETS).encode()])).hexdigest()[:20]
+                                     repr(_FLAG_SETS).encode(), str(dim).encode()])).hexdigest()[:20]
     for folder in (_cache_dir(), Path(tempfile.gettempdir()) / f"localvl-kernels-{os.getuid() if hasattr(os, 'getuid') else 0}"):
-        target = folder / f"cpu_decode-{key}.so"
+        target = folder / f"cpu_decode-{dim}-{key}.so"
         try:
             if not target.exists():
                 folder.mkdir(parents=True, exist_ok=True)
                 partial = folder / f".{target.name}.{os.getpid()}"
                 started = time.perf_counter()
                 try:
-                    _compile(compiler, partial)
+                    _compile(compiler, partial, dim)
                 except BaseException:
                     partial.unlink(missing_ok=True)
                     raise
@@ -113,20 +114,19 @@ def _build() -> ctypes.CDLL:
     raise RuntimeError("no writable folder for the compiled kernel")
 
 
-def _load() -> ctypes.CDLL | None:
-    global _library, _failed
-    if _library is None and _failed is None:
+def _load(dim: int) -> ctypes.CDLL | None:
+    if dim not in _libraries and dim not in _failed:
         try:
-            library = _build()
+            library = _build(dim)
             function = library.localvl_paged_decode
             function.restype = ctypes.c_int
             i64, i32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
             function.argtypes = [i32, ptr, i64, i64, ptr, ptr, i64, i64, i64, ptr, i64, i64, ptr, i64, ptr, i64, i64,
                                  i32, i32, i32, i32, i32, ctypes.c_float, i32]
-            _library = library
+            _libraries[dim] = library
         except Exception as error:
-            _failed = f"{type(error).__name__}: {error}"
-    return _library
+            _failed[dim] = f"{type(error).__name__}: {error}"
+    return _libraries.get(dim)
 
 
 def paged_decode(
@@ -136,10 +136,14 @@ def paged_decode(
 
     Row r attends to its first ``lengths[r]`` tokens, found through ``tables[r]`` (block ids).
     """
-    library = _load()
-    assert library is not None, "cpu_decode.usable() was not checked"
     rows, heads, dim = q.shape
     _, block_size, kv_heads, _ = key_blocks.shape
+    if not _takes(q.dtype, block_size, heads, kv_heads, dim):
+        raise ValueError(f"the CPU decode kernel does not take this shape ({q.dtype}, head dim {dim}, "
+                         f"{heads} heads over {kv_heads}, blocks of {block_size})")
+    library = _load(dim)
+    if library is None:
+        raise ValueError(f"the CPU decode kernel could not be built for head dim {dim}: {_failed.get(dim)}")
     if q.stride(2) != 1:
         q = q.contiguous()
     tables = tables if tables.dtype == torch.int64 and tables.stride(1) == 1 else tables.to(torch.int64).contiguous()
@@ -159,14 +163,19 @@ def paged_decode(
     return out
 
 
+def _takes(dtype: torch.dtype, block_size: int, heads: int, kv_heads: int, dim: int) -> bool:
+    """Whether the kernel is written for this shape (cpu_decode.cpp's limits)."""
+    return dtype in _DTYPES and not heads % kv_heads and heads // kv_heads <= 16 and not dim % 16 and dim <= 256 and not block_size % 16
+
+
 def usable(dtype: torch.dtype, block_size: int, heads: int, kv_heads: int, dim: int) -> bool:
     """Whether the kernel builds here and agrees with SDPA on a small case of this model's shape."""
-    if dtype not in _DTYPES or heads % kv_heads or heads // kv_heads > 16 or dim % 16 or dim > 256 or block_size % 16:
+    if not _takes(dtype, block_size, heads, kv_heads, dim):
         logger.info("CPU decode kernel not used: it takes no %s, head dim %d, %d heads over %d or block size %d",
                     dtype, dim, heads, kv_heads, block_size)
         return False
-    if _load() is None:
-        logger.warning("CPU decode kernel not used (decode attention gathers instead): %s", _failed)
+    if _load(dim) is None:
+        logger.warning("CPU decode kernel not used (decode attention gathers instead): %s", _failed[dim])
         return False
     try:
         generator = torch.Generator().manual_seed(0)
