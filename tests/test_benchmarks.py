@@ -53,6 +53,12 @@ def test_the_decode_attention_comparison_runs():
     assert "tiny shape" in out and "3b shape" in out and "decode step at batch 16" in out
 
 
+def test_repeated_load_runs_are_summarised():
+    out = run("benchmarks/repeat.py", "--runs", "2", "--", "--tokens", "4", "--requests", "2", "--concurrency", "2",
+              "--baseline-requests", "2", timeout=400)
+    assert out.count("run ") >= 2 and "concurrency 2, 2 runs: vs the baseline median" in out
+
+
 def test_the_loading_check_loads_and_answers():
     out = run("benchmarks/loading_check.py")
     assert "auto dtype, auto attention: loaded" in out and "tokens through the engine" in out
