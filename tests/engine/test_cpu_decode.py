@@ -145,3 +145,13 @@ def test_a_build_that_does_not_load_falls_back_to_the_next_flags(monkeypatch, tm
     assert cpu_decode.usable(torch.float32, block_size=16, heads=4, kv_heads=2, dim=16), cpu_decode._failed.get(16)
     assert [p.name for p in (tmp_path / "cache" / "kernels").iterdir() if not p.name.startswith("cpu_decode-")] == []
 
+
+@needs_kernel
+def test_an_unusable_cache_folder_builds_in_the_temporary_folder(monkeypatch, tmp_path):
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("")  # the cache folder would be beneath a file: mkdir fails
+    monkeypatch.setattr(cpu_decode, "_libraries", {})
+    monkeypatch.setattr(cpu_decode, "_failed", {})
+    monkeypatch.setenv("LOCALVL_CACHE_DIR", str(blocked))
+    assert cpu_decode.usable(torch.float32, block_size=16, heads=4, kv_heads=2, dim=16), cpu_decode._failed.get(16)
+

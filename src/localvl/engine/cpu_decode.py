@@ -109,7 +109,7 @@ def _build(dim: int) -> ctypes.CDLL:
                 os.replace(partial, target)  # whole or absent, with several processes building at once
                 logger.info("built the CPU decode kernel for this machine in %.1f s: %s", time.perf_counter() - started, target)
             return ctypes.CDLL(str(target))
-        except PermissionError:  # a read-only cache: the temporary folder instead
+        except OSError:  # a read-only or unusable cache folder (containers): the temporary folder instead
             continue
     raise RuntimeError("no writable folder for the compiled kernel")
 
