@@ -10,11 +10,10 @@ against 108-161 µs here; the 3B shape (head dim 128, 8 query heads per KV head)
 
 The kernel (``cpu_decode.cpp``) is compiled with the machine's C++ compiler for this CPU
 (``-march=native``) and the model's head dim (~0.5 s) into localvl's cache, keyed by the source,
-the compiler, the CPU and the head dim, and loaded
-with ctypes — no build step at install, nothing to compile against torch. OpenMP where the
-compiler has it and the library then loads (it shares torch's runtime); else one thread. Where
-there is no compiler, the build fails or the kernel disagrees with SDPA on a self-test, the engine
-keeps the portable path and logs why once.
+the compiler, the CPU and the head dim, and loaded with ctypes: no build step at install, nothing
+to compile against torch. OpenMP where the compiler has it and the library then loads (it shares
+torch's runtime); else one thread. Where there is no compiler, the build fails or the kernel
+disagrees with SDPA on a self-test, the engine keeps the portable path and logs why once.
 """
 
 from __future__ import annotations
@@ -37,7 +36,7 @@ logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_decode.cpp")
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
-# Tried in turn: the first that compiles is used (OpenMP and -march=native where the compiler has them).
+# Tried in turn: the first that compiles and loads is used (OpenMP and -march=native where they work).
 _FLAG_SETS = (
     ["-O3", "-march=native", "-fopenmp"],
     ["-O3", "-march=native"],
