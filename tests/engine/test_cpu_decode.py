@@ -6,21 +6,11 @@ import logging
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from localvl.engine import cpu_decode
+from localvl.engine.kv_cache import gathered_decode
 
 needs_kernel = pytest.mark.skipif(cpu_decode._compiler() is None, reason="needs a C++ compiler")
-
-
-def reference(q, key_blocks, value_blocks, tables, lengths):
-    out = []
-    for r in range(q.shape[0]):
-        n = int(lengths[r])
-        k = key_blocks[tables[r]].flatten(0, 1)[:n].transpose(0, 1).float()
-        v = value_blocks[tables[r]].flatten(0, 1)[:n].transpose(0, 1).float()
-        out.append(F.scaled_dot_product_attention(q[r].unsqueeze(1).float(), k, v, enable_gqa=True)[:, 0])
-    return torch.stack(out)
 
 
 def case(rows, heads, kv_heads, dim, block_size, dtype, longest, seed=0):
@@ -46,14 +36,14 @@ def test_the_kernel_equals_sdpa_over_the_gathered_blocks(heads, kv_heads, dim, b
     q, key_blocks, value_blocks, tables, lengths = case(7, heads, kv_heads, dim, block_size, dtype, longest=5 * block_size + 3)
     got = cpu_decode.paged_decode(q, key_blocks, value_blocks, tables, lengths, dim**-0.5)
     tolerance = 2e-5 if dtype == torch.float32 else 2e-2
-    torch.testing.assert_close(got.float(), reference(q, key_blocks, value_blocks, tables, lengths), atol=tolerance, rtol=tolerance)
+    torch.testing.assert_close(got.float(), gathered_decode(q, key_blocks, value_blocks, tables, lengths, None), atol=tolerance, rtol=tolerance)
     assert got.dtype == dtype and got.shape == q.shape
 
 
 @needs_kernel
 def test_a_long_context_several_threads_and_strided_queries_give_the_same_answer():
     q, key_blocks, value_blocks, tables, lengths = case(5, 8, 2, 64, 16, torch.float32, longest=3000, seed=1)
-    want = reference(q, key_blocks, value_blocks, tables, lengths)
+    want = gathered_decode(q, key_blocks, value_blocks, tables, lengths, None)
     # The engine passes a transposed view of the step's packed queries: heads outermost.
     strided = q.transpose(0, 1).contiguous().transpose(0, 1)
     threads = torch.get_num_threads()
@@ -70,7 +60,7 @@ def test_a_long_context_several_threads_and_strided_queries_give_the_same_answer
 def test_what_lies_past_a_rows_end_never_reaches_its_answer():
     q, key_blocks, value_blocks, tables, lengths = case(4, 4, 2, 16, 16, torch.float32, longest=40)
     lengths[:] = torch.tensor([40, 17, 1, 33], dtype=torch.int32)
-    want = reference(q, key_blocks, value_blocks, tables, lengths)
+    want = gathered_decode(q, key_blocks, value_blocks, tables, lengths, None)
     for r, n in enumerate(lengths.tolist()):  # the rest of each row's last block: NaN
         last, used = tables[r, (n - 1) // 16], (n - 1) % 16 + 1
         key_blocks[last, used:] = float("nan")

@@ -30,7 +30,8 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+
+from localvl.engine.kv_cache import check_decode_kernel
 
 logger = logging.getLogger(__name__)
 
@@ -177,21 +178,7 @@ def usable(dtype: torch.dtype, block_size: int, heads: int, kv_heads: int, dim: 
         logger.warning("CPU decode kernel not used (decode attention gathers instead): %s", _failed[dim])
         return False
     try:
-        generator = torch.Generator().manual_seed(0)
-        blocks, rows = 8, 3
-        key_blocks = torch.randn(blocks, block_size, kv_heads, dim, generator=generator).to(dtype)
-        value_blocks = torch.randn(blocks, block_size, kv_heads, dim, generator=generator).to(dtype)
-        tables = torch.tensor([[3, 1, 6], [0, 2, 7], [5, 4, 4]])
-        lengths = torch.tensor([2 * block_size + 3, 1, block_size], dtype=torch.int32)
-        q = torch.randn(rows, heads, dim, generator=generator).to(dtype)
-        got = paged_decode(q, key_blocks, value_blocks, tables, lengths, dim**-0.5)
-        for r in range(rows):
-            n = int(lengths[r])
-            k = key_blocks[tables[r]].flatten(0, 1)[:n].transpose(0, 1).float()
-            v = value_blocks[tables[r]].flatten(0, 1)[:n].transpose(0, 1).float()
-            want = F.scaled_dot_product_attention(q[r].unsqueeze(1).float(), k, v, enable_gqa=True)[:, 0]
-            tolerance = 1e-5 if dtype == torch.float32 else 2e-2
-            torch.testing.assert_close(got[r].float(), want, atol=tolerance, rtol=tolerance)
+        check_decode_kernel(paged_decode, torch.device("cpu"), dtype, block_size, heads, kv_heads, dim)
     except Exception as error:
         logger.warning("CPU decode kernel not used (decode attention gathers instead): %s: %s", type(error).__name__, str(error)[:200])
         return False

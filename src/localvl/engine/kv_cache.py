@@ -227,6 +227,37 @@ def additive_mask(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(~visible, float("-inf"))
 
 
+def gathered_decode(
+    q: torch.Tensor, key_blocks: torch.Tensor, value_blocks: torch.Tensor, tables: torch.Tensor, lengths: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """What a paged decode kernel must compute, row by row in float32: ``q [rows, heads, dim]`` over
+    each row's first ``lengths[r]`` tokens, found through ``tables[r]`` → ``[rows, heads, dim]``."""
+    groups = q.shape[1] // key_blocks.shape[2]
+    out = []
+    for r in range(q.shape[0]):
+        n = int(lengths[r])
+        k = key_blocks[tables[r]].flatten(0, 1)[:n].transpose(0, 1).float().repeat_interleave(groups, 0)
+        v = value_blocks[tables[r]].flatten(0, 1)[:n].transpose(0, 1).float().repeat_interleave(groups, 0)
+        out.append(F.scaled_dot_product_attention(q[r].unsqueeze(1).float(), k, v, scale=scale)[:, 0])
+    return torch.stack(out)
+
+
+def check_decode_kernel(kernel: Any, device: torch.device, dtype: torch.dtype, block_size: int, heads: int, kv_heads: int, dim: int) -> None:
+    """A decode kernel's startup self-test: raises unless it agrees with ``gathered_decode`` on a
+    small case of the model's shape (scattered blocks; a partial block, one token, a whole block)."""
+    generator = torch.Generator().manual_seed(0)
+    blocks, rows = 8, 3
+    key_blocks = torch.randn(blocks, block_size, kv_heads, dim, generator=generator).to(device, dtype)
+    value_blocks = torch.randn(blocks, block_size, kv_heads, dim, generator=generator).to(device, dtype)
+    tables = torch.tensor([[3, 1, 6], [0, 2, 7], [5, 4, 4]], device=device)
+    lengths = torch.tensor([2 * block_size + 3, 1, block_size], device=device, dtype=torch.int32)
+    q = torch.randn(rows, heads, dim, generator=generator).to(device, dtype)
+    got = kernel(q, key_blocks, value_blocks, tables, lengths, dim**-0.5)
+    tolerance = 1e-4 if dtype == torch.float32 else 3e-2
+    want = gathered_decode(q, key_blocks, value_blocks, tables, lengths, dim**-0.5)
+    torch.testing.assert_close(got.float(), want, atol=tolerance, rtol=tolerance)
+
+
 def register_attention() -> None:
     from transformers import AttentionInterface
 

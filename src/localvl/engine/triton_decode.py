@@ -13,7 +13,8 @@ import logging
 from typing import Any
 
 import torch
-import torch.nn.functional as F
+
+from localvl.engine.kv_cache import check_decode_kernel
 
 logger = logging.getLogger(__name__)
 
@@ -95,21 +96,7 @@ def usable(device: torch.device, dtype: torch.dtype, block_size: int, heads: int
     try:
         if _kernel is None:
             _kernel = _build()
-        torch.manual_seed(0)
-        rows, blocks = 3, 8
-        key_blocks = torch.randn(blocks, block_size, kv_heads, dim, device=device, dtype=dtype)
-        value_blocks = torch.randn(blocks, block_size, kv_heads, dim, device=device, dtype=dtype)
-        tables = torch.tensor([[3, 1, 6], [0, 2, 7], [5, 4, 4]], device=device)
-        lengths = torch.tensor([2 * block_size + 3, 1, block_size], device=device, dtype=torch.int32)
-        q = torch.randn(rows, heads, dim, device=device, dtype=dtype)
-        got = paged_decode(q, key_blocks, value_blocks, tables, lengths, dim**-0.5)
-        for r in range(rows):
-            n = int(lengths[r])
-            k = key_blocks[tables[r]].flatten(0, 1)[:n].transpose(0, 1).repeat_interleave(heads // kv_heads, 0)
-            v = value_blocks[tables[r]].flatten(0, 1)[:n].transpose(0, 1).repeat_interleave(heads // kv_heads, 0)
-            want = F.scaled_dot_product_attention(q[r].unsqueeze(1).float(), k.float(), v.float())[:, 0]
-            tolerance = 1e-4 if dtype == torch.float32 else 3e-2
-            torch.testing.assert_close(got[r].float(), want, atol=tolerance, rtol=tolerance)
+        check_decode_kernel(paged_decode, device, dtype, block_size, heads, kv_heads, dim)
         return True
     except Exception as error:  # no Triton, an unsupported GPU, or a wrong answer: use the gather path
         logger.warning("paged decode kernel not used: %s: %s", type(error).__name__, str(error)[:200])
