@@ -15,6 +15,8 @@ timeout "${LOAD_S:-240}" python3 benchmarks/load.py --shape 3b --device cuda --c
 timeout "${LOAD_PROCESS_S:-150}" python3 benchmarks/load.py --shape 3b --device cuda --concurrency 64 --requests 64 \
   --baseline-requests 1 --tokens 128 --vision-images 1 --json "$out/load-process.json" 2>&1 | grep -v -E "Loading|Writing" | tee "$out/load-process.txt"
 timeout "${PROFILE_S:-80}" python3 benchmarks/profile_step.py --shape 3b --device cuda --batch 64 --tokens 24 2>&1 | grep -v -E "Loading|Writing" | head -60 | tee "$out/profile.txt"
+# How long 8 decoding streams pause while a 16-image request is prefilled, beside the tower's time for all 16.
+timeout "${STALL_S:-60}" python3 benchmarks/image_stall.py --shape 3b --device cuda --images 16 2>&1 | grep -v -E "Loading|Writing" | tail -4 | tee "$out/stall.txt"
 # The loading paths on the GPU: bf16 auto, flash-attention where installed, bitsandbytes 8/4-bit
 # (carry its wheel and accelerate's in .whl: docs/MODELS.md).
 timeout "${LOADING_S:-90}" python3 benchmarks/loading_check.py --device cuda 2>&1 | grep -v -E "Loading|Writing" | tail -8 | tee "$out/loading.txt"

@@ -68,3 +68,8 @@ def test_the_engine_alone_runs_beside_the_baseline():
     out = run("benchmarks/engine_only.py", "--requests", "2", "--concurrency", "2", "--tokens", "6", "--baseline-requests", "1",
               "--prerendered")
     assert "naive model.generate" in out and "engine alone, concurrency 2, prompts rendered beforehand" in out
+
+
+def test_the_image_stall_benchmark_runs():
+    out = run("benchmarks/image_stall.py", "--streams", "2", "--images", "3", "--image", "112", "--max-batch-tokens", "64")
+    assert "its prefill:" in out and "all 3 images through the vision tower in one call" in out

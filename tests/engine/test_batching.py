@@ -138,11 +138,49 @@ def test_a_second_turn_about_the_same_image_reuses_it_and_the_first_turn(loaded_
         return follow_up, first, (second_text, second), engine.stats()
 
     follow_up, first, (text, second), stats = run_engine(loaded, body, block_size=4)
-    assert stats["images_encoded"] == 1 and stats["image_cache_hits"] >= 1
+    # the image lies in the reused prefix: it needed neither the vision tower nor the image cache
+    assert stats["images_encoded"] == 1 and stats["image_cache_hits"] == 0
     first_prompt = first.usage.input_tokens + first.usage.cache_creation_input_tokens
     # every full block of the first turn's prompt but the last is reused (templates differ after it)
     assert second.usage.cache_read_input_tokens >= (first_prompt - 1) // 4 * 4 - 4
     assert_matches_reference(loaded, [follow_up], [(text, second)])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_images_are_encoded_as_the_prefill_reaches_them(loaded_model, family):
+    loaded = loaded_model(family)
+    conv = Conversation([Turn("user", [image(1), Text("first " * 60), image(2), Text("second " * 60), image(3), Text("end")])])
+
+    async def body(engine):
+        calls = []
+        encode = engine.runner.model.encode_images
+
+        def recorded(pixels, grids):
+            calls.append((engine.steps, len(grids)))
+            return encode(pixels, grids)
+
+        engine.runner.model.encode_images = recorded
+        return calls, await collect(engine, conv, "r")
+
+    calls, result = run_engine(loaded, body, max_batch_tokens=40, block_size=4)
+    # one image per vision-tower call, each in the step whose chunk first reaches it
+    assert [count for _, count in calls] == [1, 1, 1]
+    assert len({step for step, _ in calls}) == 3
+    assert_matches_reference(loaded, [conv], [result])
+
+
+def test_an_image_met_before_in_another_prompt_comes_from_the_image_cache(loaded_model):
+    loaded = loaded_model("qwen2_5_vl")
+    first = Conversation([Turn("user", [image(4), Text("describe it")])])
+    other = Conversation([Turn("user", [Text("a different opening " * 8), image(4), Text("and now?")])])
+
+    async def body(engine):
+        await collect(engine, first, "a")
+        return await collect(engine, other, "b"), engine.stats()
+
+    result, stats = run_engine(loaded, body, block_size=4)
+    assert stats["images_encoded"] == 1 and stats["image_cache_hits"] == 1
+    assert_matches_reference(loaded, [other], [result])
 
 
 def test_interactive_requests_overtake_background_work(loaded_model):

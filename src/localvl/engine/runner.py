@@ -1,9 +1,10 @@
 """One engine step on the model: scheduled chunks → packed tensors → forward → next-token logits.
 
 Chunks of single tokens (decoding sequences) are packed first so the paged attention can take
-them in one padded call; prefill chunks follow. Images are encoded the first time a sequence is
-scheduled — every image of every sequence new in this step in one vision-tower call — unless the
-image cache already holds them.
+them in one padded call; prefill chunks follow. An image is encoded when a prefill chunk first
+reaches it — every such image of the step in one vision-tower call — unless the image cache holds
+it: the step's token budget bounds its vision work too, and images a prefix hit skips are never
+encoded.
 """
 
 from __future__ import annotations
@@ -35,17 +36,18 @@ class PromptState:
     positions: torch.Tensor  # [3, prompt length] M-RoPE positions, on the CPU
     delta: int  # token i past the prompt sits at position i + delta
     keys: list[str] = field(default_factory=list)  # one per image span
-    # Until encoded: each image's pixels and grid. Rendered for an engine process, its Patches,
-    # which become pixels as the engine process receives them.
-    pixels: list[tuple[torch.Tensor | Patches, torch.Tensor]] = field(default_factory=list)
-    features: list[ImageFeatures] | None = None
+    # Until encoded (then None): each image's pixels and grid. Rendered for an engine process, its
+    # Patches, which become pixels as the engine process receives them.
+    pixels: list[tuple[torch.Tensor | Patches, torch.Tensor] | None] = field(default_factory=list)
+    features: list[ImageFeatures | None] = field(default_factory=list)  # each image's, once a chunk reached it
 
     def __getstate__(self) -> dict[str, object]:
         # As NumPy arrays, which pickle protocol 5 passes out of band (no copy into the pickle):
         # the state crosses to an engine process with every request (process.py).
         state = dict(self.__dict__)
         state["positions"] = self.positions.numpy()
-        state["pixels"] = [(p if isinstance(p, Patches) else p.numpy(), grid.numpy()) for p, grid in self.pixels]
+        state["pixels"] = [None if item is None else (item[0] if isinstance(item[0], Patches) else item[0].numpy(), item[1].numpy())
+                           for item in self.pixels]
         return state
 
     def __setstate__(self, state: dict[str, object]) -> None:
@@ -53,8 +55,8 @@ class PromptState:
         # cores, process.py): the engine thread gets pixels ready for the vision tower.
         state["positions"] = torch.from_numpy(state["positions"])  # type: ignore[call-overload]
         state["pixels"] = [
-            (p.pixels() if isinstance(p, Patches) else torch.from_numpy(p), torch.from_numpy(g))
-            for p, g in state["pixels"]  # type: ignore[attr-defined]
+            None if item is None else (item[0].pixels() if isinstance(item[0], Patches) else torch.from_numpy(item[0]), torch.from_numpy(item[1]))
+            for item in state["pixels"]  # type: ignore[attr-defined]
         ]
         self.__dict__.update(state)
 
@@ -89,6 +91,7 @@ def prepare_prompt(
             spans.append(ImageSpan(cursor, count, key))
             state.keys.append(key)
             state.pixels.append((pixels, grid.unsqueeze(0)))
+            state.features.append(None)
             cursor += count
     return ids, tuple(spans), state
 
@@ -121,18 +124,32 @@ class StepRunner:
         lengths = [s.start + 1 for s in batch]
         return graphs.run(ids, positions, slots, blocks, lengths)
 
-    def _encode_new_images(self, batch: list[Scheduled]) -> None:
+    def _encode_reached_images(self, batch: list[Scheduled]) -> None:
+        """Features of the images this step's chunks reach that no earlier chunk did: from the image
+        cache, or through the vision tower (whole images, all of the step's in as few calls as fit)."""
+        reached: list[tuple[PromptState, int]] = []
         missing: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         found: dict[str, ImageFeatures] = {}
-        pending = [s.sequence.payload.prompt for s in batch if s.sequence.payload.prompt.features is None]
-        for state in pending:
-            for key, pixels in zip(state.keys, state.pixels):
+        for s in batch:
+            seq = s.sequence
+            if not seq.images or s.start >= seq.images[-1].end:  # decodes, and chunks past the last image
+                continue
+            state, end = seq.payload.prompt, s.start + s.count
+            for index, span in enumerate(seq.images):
+                if span.start >= end:
+                    break
+                if span.end <= s.start or state.features[index] is not None:
+                    continue
+                reached.append((state, index))
+                key = state.keys[index]
                 if key in found or key in missing:
                     continue
                 cached = self.images.get(key)
                 if cached is not None:
                     found[key] = cached
                 else:
+                    pixels = state.pixels[index]
+                    assert pixels is not None
                     image, grid = pixels
                     missing[key] = (image.pixels() if isinstance(image, Patches) else image, grid)
         for keys in self._vision_batches(missing):
@@ -145,9 +162,9 @@ class StepRunner:
                 found[key] = features
                 self.images.put(key, features)
             self.images_encoded += len(keys)
-        for state in pending:
-            state.features = [found[key] for key in state.keys]
-            state.pixels = []
+        for state, index in reached:
+            state.features[index] = found[state.keys[index]]
+            state.pixels[index] = None
 
     def _vision_batches(self, missing: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> list[list[str]]:
         """Images grouped into vision-tower calls of at most ``max_vision_patches`` patches each,
@@ -206,7 +223,7 @@ class StepRunner:
         logits = self._decode_graph(batch)
         if logits is not None:
             return batch, logits
-        self._encode_new_images(batch)
+        self._encode_reached_images(batch)
         short = [s for s in batch if s.count <= SHORT_CHUNK]
         order = short + [s for s in batch if s.count > SHORT_CHUNK]
         device = self.model.device
@@ -234,9 +251,10 @@ class StepRunner:
                 tail_at.extend(range(packed + first - start, packed + s.count))
                 tail_positions.extend(range(first + state.delta, end + state.delta))
             slots.extend(self._slots(seq, start, end))
-            for span, image in zip(seq.images, state.features or []):
+            for span, image in zip(seq.images, state.features):
                 lo, hi = max(start, span.start), min(end, span.end)
                 if lo < hi:
+                    assert image is not None
                     rows = slice(lo - span.start, hi - span.start)
                     deep = [layer[rows] for layer in image.deepstack] if image.deepstack is not None else None
                     features.append((packed + lo - start, image.embeds[rows], deep))
