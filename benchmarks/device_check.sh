@@ -1,25 +1,35 @@
 #!/usr/bin/env bash
-# One GPU session's checks, in the order that matters: the engine's tests on CUDA, then the load
-# benchmark on the 3B shape, then where a step's time goes. Output under $OUT (or ./device-out).
-# Usage on a bare device machine (see docs/PERFORMANCE.md): bash benchmarks/device_check.sh
+# One GPU session's checks, in the order that matters, inside one device call: every step's timeout
+# is cut to what is left of TOTAL_S (default 540 s, under the device tool's 600 s per command), and
+# a step with under 20 s left is skipped, so the output of the steps that ran always comes back.
+# Output under $OUT (or ./device-out). Usage on a bare device machine (see docs/PERFORMANCE.md):
+#   bash benchmarks/device_check.sh
 set -u
 out=${OUT:-device-out}
 mkdir -p "$out"
+deadline=$((SECONDS + ${TOTAL_S:-540}))
+# step NAME SECONDS COMMAND...: run COMMAND with at most SECONDS, or what is left before the deadline.
+step() {
+  local name=$1 want=$2 left=$((deadline - SECONDS))
+  shift 2
+  if (( left < 20 )); then echo "skipped $name: ${left}s left" | tee -a "$out/skipped.txt"; return; fi
+  timeout "$(( want < left ? want : left ))" "$@"
+}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.txt"
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$out/gpu.txt"
-LOCALVL_TEST_DEVICE=cuda timeout "${TESTS_S:-200}" python3 -m pytest -q -x -p no:cacheprovider tests/engine tests/models/test_patches.py 2>&1 | tail -15 | tee "$out/tests.txt"
-# In the server's process first, where its steps can be timed; then as `localvl serve` runs it (the
-# engine in a process of its own) at 64 concurrent.
-timeout "${LOAD_S:-240}" python3 benchmarks/load.py --shape 3b --device cuda --concurrency 1,16,64 --requests 64 \
+step tests "${TESTS_S:-170}" env LOCALVL_TEST_DEVICE=cuda python3 -m pytest -q -x -p no:cacheprovider tests/engine tests/models/test_patches.py 2>&1 | tail -15 | tee "$out/tests.txt"
+# In the server's process, where its steps can be timed: every issue #3 GPU target in one run.
+step load "${LOAD_S:-220}" python3 benchmarks/load.py --shape 3b --device cuda --concurrency 1,16,64 --requests 64 \
   --single-requests 8 --baseline-requests 2 --tokens 128 --in-process --json "$out/load.json" 2>&1 | grep -v -E "Loading|Writing" | tee "$out/load.txt"
-timeout "${LOAD_PROCESS_S:-150}" python3 benchmarks/load.py --shape 3b --device cuda --concurrency 64 --requests 64 \
-  --baseline-requests 1 --tokens 128 --vision-images 1 --json "$out/load-process.json" 2>&1 | grep -v -E "Loading|Writing" | tee "$out/load-process.txt"
-timeout "${PROFILE_S:-80}" python3 benchmarks/profile_step.py --shape 3b --device cuda --batch 64 --tokens 24 2>&1 | grep -v -E "Loading|Writing" | head -60 | tee "$out/profile.txt"
+step profile "${PROFILE_S:-60}" python3 benchmarks/profile_step.py --shape 3b --device cuda --batch 64 --tokens 24 2>&1 | grep -v -E "Loading|Writing" | head -60 | tee "$out/profile.txt"
 # How long 8 decoding streams pause while a 16-image request is prefilled, beside the tower's time for all 16.
-timeout "${STALL_S:-60}" python3 benchmarks/image_stall.py --shape 3b --device cuda --images 16 2>&1 | grep -v -E "Loading|Writing" | tail -4 | tee "$out/stall.txt"
+step stall "${STALL_S:-45}" python3 benchmarks/image_stall.py --shape 3b --device cuda --images 16 2>&1 | grep -v -E "Loading|Writing" | tail -4 | tee "$out/stall.txt"
+# As `localvl serve` runs it: the engine in a process of its own, at 64 concurrent.
+step load-process "${LOAD_PROCESS_S:-120}" python3 benchmarks/load.py --shape 3b --device cuda --concurrency 64 --requests 64 \
+  --baseline-requests 1 --tokens 128 --vision-images 1 --json "$out/load-process.json" 2>&1 | grep -v -E "Loading|Writing" | tee "$out/load-process.txt"
 # The loading paths on the GPU: bf16 auto, flash-attention where installed, bitsandbytes 8/4-bit
 # (carry its wheel and accelerate's in .whl: docs/MODELS.md).
-timeout "${LOADING_S:-90}" python3 benchmarks/loading_check.py --device cuda 2>&1 | grep -v -E "Loading|Writing" | tail -8 | tee "$out/loading.txt"
+step loading "${LOADING_S:-90}" python3 benchmarks/loading_check.py --device cuda 2>&1 | grep -v -E "Loading|Writing" | tail -8 | tee "$out/loading.txt"
 # Last, off the GPU: the CPU decode kernel against gather + SDPA on this machine's many cores (it
 # needs a C++ compiler there; without one it says so and stops).
-timeout "${CPU_KERNEL_S:-60}" python3 benchmarks/decode_attention.py --tokens 32 2>&1 | grep -v -E "Loading|Writing" | tail -6 | tee "$out/cpu-kernel.txt"
+step cpu-kernel "${CPU_KERNEL_S:-60}" python3 benchmarks/decode_attention.py --tokens 32 2>&1 | grep -v -E "Loading|Writing" | tail -6 | tee "$out/cpu-kernel.txt"
