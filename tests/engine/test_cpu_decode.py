@@ -145,3 +145,18 @@ def test_an_unusable_cache_folder_builds_in_the_temporary_folder(monkeypatch, tm
     monkeypatch.setenv("LOCALVL_CACHE_DIR", str(blocked))
     assert cpu_decode.usable(torch.float32, block_size=16, heads=4, kv_heads=2, dim=16), cpu_decode._failed.get(16)
 
+
+
+@needs_kernel
+def test_a_new_build_removes_the_builds_it_replaces(monkeypatch, tmp_path):
+    folder = tmp_path / "cache" / "kernels"
+    folder.mkdir(parents=True)
+    stale, other_dim = folder / "cpu_decode-16-0123456789abcdef0123.so", folder / "cpu_decode-128-0123456789abcdef0123.so"
+    stale.write_bytes(b"an older source's build")
+    other_dim.write_bytes(b"another model's build")
+    monkeypatch.setattr(cpu_decode, "_libraries", {})
+    monkeypatch.setattr(cpu_decode, "_failed", {})
+    monkeypatch.setenv("LOCALVL_CACHE_DIR", str(tmp_path / "cache"))
+    assert cpu_decode.usable(torch.float32, block_size=16, heads=4, kv_heads=2, dim=16), cpu_decode._failed.get(16)
+    assert not stale.exists() and other_dim.exists()
+    assert len(list(folder.glob("cpu_decode-16-*.so"))) == 1

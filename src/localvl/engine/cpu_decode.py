@@ -108,6 +108,9 @@ def _build(dim: int) -> ctypes.CDLL:
                     raise
                 os.replace(partial, target)  # whole or absent, with several processes building at once
                 logger.info("built the CPU decode kernel for this machine in %.1f s: %s", time.perf_counter() - started, target)
+                for stale in folder.glob(f"cpu_decode-{dim}-*.so"):  # an older source's, compiler's or CPU's build
+                    if stale != target:
+                        stale.unlink(missing_ok=True)
             return ctypes.CDLL(str(target))
         except OSError:  # a read-only or unusable cache folder (containers): the temporary folder instead
             continue
