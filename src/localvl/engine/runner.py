@@ -46,8 +46,8 @@ class PromptState:
         # the state crosses to an engine process with every request (process.py).
         state = dict(self.__dict__)
         state["positions"] = self.positions.numpy()
-        state["pixels"] = [None if item is None else (item[0] if isinstance(item[0], Patches) else item[0].numpy(), item[1].numpy())
-                           for item in self.pixels]
+        # Only ever sent before any image is encoded: every entry still holds its pixels.
+        state["pixels"] = [(p if isinstance(p, Patches) else p.numpy(), grid.numpy()) for p, grid in self.pixels]  # type: ignore[misc]
         return state
 
     def __setstate__(self, state: dict[str, object]) -> None:
@@ -55,8 +55,8 @@ class PromptState:
         # cores, process.py): the engine thread gets pixels ready for the vision tower.
         state["positions"] = torch.from_numpy(state["positions"])  # type: ignore[call-overload]
         state["pixels"] = [
-            None if item is None else (item[0].pixels() if isinstance(item[0], Patches) else torch.from_numpy(item[0]), torch.from_numpy(item[1]))
-            for item in state["pixels"]  # type: ignore[attr-defined]
+            (p.pixels() if isinstance(p, Patches) else torch.from_numpy(p), torch.from_numpy(g))
+            for p, g in state["pixels"]  # type: ignore[attr-defined]
         ]
         self.__dict__.update(state)
 
