@@ -84,7 +84,7 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=8)
     parser.add_argument("--images", type=int, default=16)
     parser.add_argument("--image", type=int, default=448, help="side of the square images, px")
-    parser.add_argument("--max-batch-tokens", type=int, default=EngineConfig.max_batch_tokens)
+    parser.add_argument("--max-batch-tokens", type=int, default=None, help="default: the engine's for the device")
     args = parser.parse_args()
     loaded = engine_model(args.shape, args.device, args.dtype)
     apply_cpu_threads(loaded.model.device.type, None)  # as `localvl serve` does
@@ -111,7 +111,7 @@ def main() -> None:
     tower_ms = (time.perf_counter() - start) * 1000
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     print(f"{args.shape} on {name}: {args.streams} streams decoding; then one request of {args.images} images of "
-          f"{args.image}px ({tokens} prompt tokens), step budget {args.max_batch_tokens} tokens")
+          f"{args.image}px ({tokens} prompt tokens), step budget {engine.scheduler.max_batch_tokens} tokens")
     print(f"  decode step before it: {result['decode_ms']:.1f} ms (median)")
     print(f"  its prefill: {result['steps']} steps, the longest {result['longest_ms']:.1f} ms; its TTFT {result['ttft_ms']:.0f} ms")
     print(f"  all {args.images} images through the vision tower in one call: {tower_ms:.1f} ms "

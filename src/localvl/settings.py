@@ -56,10 +56,10 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="auto, cpu, cuda, cuda:1, ...")
     dtype: str = Field("auto", description="auto, bfloat16, float16 or float32")
     max_model_len: int | None = Field(None, ge=16, description="context length; default: the model's")
-    max_batch_tokens: int = Field(
-        2048, ge=16,
+    max_batch_tokens: int | None = Field(
+        None, ge=16,
         description="tokens per engine step (decodes plus prefill chunks); smaller: shorter pauses in running streams "
-        "while a long prompt and its images are prefilled",
+        "while a long prompt and its images are prefilled; default: 2048 on a GPU, 1024 on a CPU",
     )
     max_num_seqs: int = Field(64, ge=1, description="requests in the running batch at once")
     block_size: int = Field(16, ge=1, le=1024, description="tokens per KV-cache block")

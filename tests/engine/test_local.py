@@ -178,3 +178,15 @@ def test_submit_after_stop_is_refused(loaded_model):
             await engine.submit(GenerationRequest("r", conversation(), SamplingParams(max_tokens=2)))
 
     run(body())
+
+
+def test_the_step_budget_defaults_by_device_and_a_setting_overrides_it(loaded_model):
+    import torch
+
+    from localvl.engine.local import default_batch_tokens
+
+    loaded = loaded_model("qwen2_5_vl")
+    engine = LocalEngine(loaded, EngineConfig())
+    assert engine.scheduler.max_batch_tokens == default_batch_tokens(loaded.model.device)
+    assert (default_batch_tokens(torch.device("cpu")), default_batch_tokens(torch.device("cuda", 0))) == (1024, 2048)
+    assert LocalEngine(loaded, EngineConfig(max_batch_tokens=300)).scheduler.max_batch_tokens == 300

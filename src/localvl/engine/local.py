@@ -59,7 +59,7 @@ GiB = 1 << 30
 
 @dataclass(frozen=True)
 class EngineConfig:
-    max_batch_tokens: int = 2048  # tokens per step: decodes plus prefill chunks
+    max_batch_tokens: int | None = None  # tokens per step: decodes plus prefill chunks; None: by device (below)
     max_num_seqs: int = 64  # sequences in the running batch
     block_size: int = 16
     kv_cache_memory: int | None = None  # bytes; None: 2 GiB on a CPU, a share of free memory on a GPU
@@ -70,6 +70,13 @@ class EngineConfig:
     cpu_kernel: bool = True  # decode attention by cpu_decode.py's compiled kernel (CPU only)
     check_integrity: bool = False  # audit the block tables whenever the engine goes idle (tests)
     stream_interval: float = 0.0  # seconds between a stream's text deltas (``bridge.Stream``)
+
+
+def default_batch_tokens(device: torch.device) -> int:
+    """A step's token budget when none is set. A CPU gets half a GPU's: a 3B model's 2,048-token
+    chunk there paused running streams 19.2 s (four of its layers, one core), a 1,024-token one
+    10.4 s, for a prefill 1-2 % slower (docs/PERFORMANCE.md, ninth session)."""
+    return 2048 if device.type == "cuda" else 1024
 
 
 class LocalEngine:
@@ -86,7 +93,8 @@ class LocalEngine:
         self._think_close_ids = self._tokenizer.encode("\n</think>\n\n", add_special_tokens=False)
         self.kv_cache = self._make_kv_cache()
         self.blocks = BlockManager(self.kv_cache.num_blocks, config.block_size)
-        self.scheduler = Scheduler(self.blocks, max_batch_tokens=config.max_batch_tokens, max_num_seqs=config.max_num_seqs)
+        budget = config.max_batch_tokens or default_batch_tokens(self.model.device)
+        self.scheduler = Scheduler(self.blocks, max_batch_tokens=budget, max_num_seqs=config.max_num_seqs)
         self.image_cache = ImageCache(config.image_cache_memory)
         graphs = None
         if config.cuda_graphs and self.model.device.type == "cuda":
