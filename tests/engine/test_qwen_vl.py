@@ -1,11 +1,13 @@
 """The hand-stepped decoder must equal the stock model's own generate(), for every family."""
 
+import copy
+
 import pytest
 import torch
 from PIL import Image
 
 from localvl.engine.positions import mrope_positions
-from localvl.engine.qwen_vl import PromptInputs, QwenVLRunner
+from localvl.engine.qwen_vl import QwenVLRunner
 from tests.conftest import FAMILIES
 
 
@@ -62,6 +64,56 @@ def test_images_of_several_requests_encode_in_one_call_as_they_do_alone(loaded_m
         assert (both.deepstack is None) == (family != "qwen3_vl")
         for a, b in zip(both.deepstack or [], one.deepstack or []):
             torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_engines_vision_call_equals_the_stock_tower(loaded_model, family):
+    """Batched variable-length attention and the layout made on the CPU: the stock tower's features."""
+    loaded = loaded_model(family)
+    inputs = _inputs(loaded, IMAGE_SETS["two-sizes"])
+    runner = QwenVLRunner(loaded.model)
+    features = runner.encode_images(inputs["pixel_values"], inputs["image_grid_thw"])
+    visual = loaded.model.model.visual
+    assert "flash" not in (visual.config._attn_implementation or "")  # the stock path: SDPA per segment
+    with torch.inference_mode():
+        stock = visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"], return_dict=True)
+    torch.testing.assert_close(torch.cat([f.embeds for f in features]), stock.pooler_output)
+    for layer, expected in enumerate(getattr(stock, "deepstack_features", None) or []):
+        torch.testing.assert_close(torch.cat([f.deepstack[layer] for f in features]), expected)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_vision_call_reads_nothing_back_from_the_device(loaded_model, family):
+    """On a GPU, a value read back mid-call (``tolist``, ``item``) waits for all queued work. On
+    the meta device any such read raises: the tower must run through on it."""
+    loaded = loaded_model(family)
+    inputs = _inputs(loaded, IMAGE_SETS["two-sizes"])
+    grids = inputs["image_grid_thw"]
+    runner = QwenVLRunner(copy.deepcopy(loaded.model).to("meta"))
+    features = runner.encode_images(inputs["pixel_values"].to("meta"), grids)
+    assert [f.embeds.shape[0] for f in features] == [runner.image_tokens(tuple(g)) for g in grids.tolist()]
+    assert all(f.embeds.device.type == "meta" for f in features)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_tower_call_groups_each_set_of_segments_once(loaded_model, family, monkeypatch):
+    """Every layer of a kind gets the same boundaries: grouped once per call, not once per layer."""
+    from localvl.engine import varlen
+
+    loaded = loaded_model(family)
+    inputs = _inputs(loaded, IMAGE_SETS["two-sizes"])
+    model = copy.deepcopy(loaded.model)
+    model.model.visual.blocks.append(copy.deepcopy(model.model.visual.blocks[0]))  # a third layer
+    runner = QwenVLRunner(model)
+    grouped = []
+    group = varlen._grouped
+    monkeypatch.setattr(varlen, "_grouped", lambda bounds, device: grouped.append(bounds) or group(bounds, device))
+    runner.encode_images(inputs["pixel_values"], inputs["image_grid_thw"])
+    kinds = 2 if family == "qwen2_5_vl" else 1  # Qwen2.5-VL: windows, and whole images
+    assert len(runner.visual.blocks) > kinds
+    assert len(grouped) == kinds
+    runner.encode_images(inputs["pixel_values"], inputs["image_grid_thw"])
+    assert len(grouped) == 2 * kinds  # kept for one call only
 
 
 def test_the_stock_model_still_generates_between_engine_steps(loaded_model):

@@ -15,7 +15,7 @@ from typing import Any, Iterator
 import torch
 
 from localvl.engine.kv_cache import ATTENTION_NAME, AttentionBatch, register_attention
-from localvl.engine.varlen import VARLEN_NAME, register_varlen_attention
+from localvl.engine.varlen import VARLEN_NAME, one_tower_call, register_varlen_attention
 from localvl.models.patches import Patches
 
 SUPPORTED_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
@@ -116,9 +116,13 @@ class QwenVLRunner:
     @torch.inference_mode()
     def encode_images(self, pixel_values: torch.Tensor, grids: torch.Tensor) -> list[ImageFeatures]:
         """Run the vision tower once over several images (patches concatenated in ``grids`` order)."""
-        with self._attention_kernels(), self._varlen_vision():
+        grids = grids.cpu()
+        with self._attention_kernels(), self._varlen_vision() as ours, one_tower_call():
             out = self.visual(
-                pixel_values.to(self.device, self.visual.dtype), grid_thw=grids.to(self.device), return_dict=True
+                pixel_values.to(self.device, self.visual.dtype),
+                grid_thw=grids.to(self.device),
+                return_dict=True,
+                **self._vision_layout(grids, segments_on_device=not ours),
             )
         sizes = [self.image_tokens(tuple(int(x) for x in grid)) for grid in grids]
         dtype = self.dtype
@@ -159,17 +163,50 @@ class QwenVLRunner:
             )
         return out.last_hidden_state[0]
 
+    def _vision_layout(self, grids: torch.Tensor, segments_on_device: bool) -> dict[str, Any]:
+        """What the vision tower works out from the images' grids (patch positions, the packed
+        segments of images and of Qwen2.5-VL's windows, Qwen3-VL's position-embedding taps), made
+        here on the CPU by transformers' own helpers and handed in precomputed, as the tower allows.
+
+        Left to the tower, they are made from the grids on the model's device and read back to the
+        host mid-call (``tolist``, ``item``): on a GPU each read waits for the queue to drain. The
+        segment boundaries stay on the CPU for ``varlen.py``, which reads them; real flash-attention
+        takes them on the device.
+        """
+        from transformers import vision_utils
+
+        visual, device = self.visual, self.device
+        layout: dict[str, Any] = {"position_ids": vision_utils.get_vision_position_ids(grids, visual.spatial_merge_size).to(device)}
+        segments = {"cu_seqlens": vision_utils.get_vision_cu_seqlens(grids)}
+        if self.model_type == "qwen2_5_vl":
+            index, segments["cu_window_seqlens"] = vision_utils.get_vision_window_index(
+                grids, spatial_merge_size=visual.spatial_merge_size, window_size=visual.window_size, patch_size=visual.patch_size
+            )
+            layout["window_index"] = index.to(device)
+        if self.deepstack:  # Qwen3-VL: its learned position embeddings, resampled to each grid
+            indices, weights = vision_utils.get_vision_interpolation_indices_and_weights(
+                grids, num_grid_per_side=visual.num_grid_per_side, mode=visual.interpolation_mode,
+                align_corners=visual.interpolation_align_corners, spatial_merge_size=visual.config.spatial_merge_size,
+            )
+            layout["interp_indices"], layout["interp_weights"] = indices.to(device), weights.to(device)
+        for name, bounds in segments.items():
+            longest = "max_seqlen" if name == "cu_seqlens" else "max_window_seqlen"
+            layout[longest] = int((bounds[1:] - bounds[:-1]).max())
+            layout[name] = bounds.to(device) if segments_on_device else bounds
+        return layout
+
     @contextlib.contextmanager
-    def _varlen_vision(self) -> Iterator[None]:
-        """Give the vision tower the batched variable-length attention, unless it has real flash-attention."""
+    def _varlen_vision(self) -> Iterator[bool]:
+        """Give the vision tower the batched variable-length attention, unless it has real
+        flash-attention; say which it has (True: ``varlen.py``'s)."""
         config = self.visual.config
         previous = config._attn_implementation
         if previous is not None and "flash" in previous:
-            yield
+            yield False
             return
         config._attn_implementation = VARLEN_NAME
         try:
-            yield
+            yield True
         finally:
             config._attn_implementation = previous
 

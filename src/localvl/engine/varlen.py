@@ -10,7 +10,9 @@ length into one SDPA call each. Windows are almost all the same size, so a layer
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+import threading
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -38,20 +40,14 @@ def varlen_attention(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, is_causal=is_causal, **kwargs
         )
     q, k, v = query[0], key[0], value[0]  # [heads, tokens, dim]
-    bounds = cu_seq_lens_q.tolist()
-    groups: dict[int, list[int]] = {}
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        if end > start:
-            groups.setdefault(end - start, []).append(start)
     out = torch.empty_like(q)
     heads, _, dim = q.shape
-    for length, starts in groups.items():
-        if len(starts) == 1:  # 4-D: 3-D inputs send SDPA to its slow math kernel (CPU: 15.7 vs 1.6 ms here)
+    for length, starts, index in _groups(cu_seq_lens_q, q.device):
+        if index is None:  # 4-D: 3-D inputs send SDPA to its slow math kernel (CPU: 15.7 vs 1.6 ms here)
             span = slice(starts[0], starts[0] + length)
             o = F.scaled_dot_product_attention(q[None, :, span], k[None, :, span], v[None, :, span], scale=scaling)
             out[:, span] = o[0]
             continue
-        index = (torch.tensor(starts).unsqueeze(1) + torch.arange(length).unsqueeze(0)).flatten().to(q.device)
 
         def segments(t: torch.Tensor) -> torch.Tensor:  # [heads, n*length, dim] -> [n, heads, length, dim]
             return t.index_select(1, index).view(heads, len(starts), length, dim).transpose(0, 1)
@@ -59,6 +55,53 @@ def varlen_attention(
         o = F.scaled_dot_product_attention(segments(q), segments(k), segments(v), scale=scaling)
         out.index_copy_(1, index, o.transpose(0, 1).reshape(heads, len(starts) * length, dim))
     return out.transpose(0, 1).unsqueeze(0), None
+
+
+Groups = list[tuple[int, list[int], "torch.Tensor | None"]]  # (length, segment starts, their token indices)
+_calls = threading.local()
+
+
+@contextlib.contextmanager
+def one_tower_call() -> Iterator[None]:
+    """Within it, each boundary tensor's grouping is worked out once and kept.
+
+    A tower hands every layer of a kind (all, or Qwen2.5-VL's windowed and full ones) the same
+    tensor: the grouping (a read of the boundaries, and on a GPU a copy of the indices to it) is
+    then done once per call, not once per layer. Kept by identity for one call only, and holding
+    the tensors, so no other tensor can come to look like one of them.
+    """
+    _calls.seen = []
+    try:
+        yield
+    finally:
+        _calls.seen = None
+
+
+def _groups(bounds: torch.Tensor, device: torch.device) -> Groups:
+    """The segments of ``bounds`` (cumulative lengths), grouped by length."""
+    seen: list[tuple[torch.Tensor, torch.device, Groups]] | None = getattr(_calls, "seen", None)
+    for tensor, where, groups in seen or ():
+        if tensor is bounds and where == device:
+            return groups
+    groups = _grouped(bounds, device)
+    if seen is not None:
+        seen.append((bounds, device, groups))
+    return groups
+
+
+def _grouped(bounds: torch.Tensor, device: torch.device) -> Groups:
+    edges = bounds.tolist()
+    starts_by_length: dict[int, list[int]] = {}
+    for start, end in zip(edges[:-1], edges[1:]):
+        if end > start:
+            starts_by_length.setdefault(end - start, []).append(start)
+    groups: Groups = []
+    for length, starts in starts_by_length.items():
+        index = None
+        if len(starts) > 1:
+            index = (torch.tensor(starts).unsqueeze(1) + torch.arange(length).unsqueeze(0)).flatten().to(device)
+        groups.append((length, starts, index))
+    return groups
 
 
 def register_varlen_attention() -> None:
