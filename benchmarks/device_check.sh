@@ -21,6 +21,10 @@ step tests "${TESTS_S:-170}" env LOCALVL_TEST_DEVICE=cuda python3 -m pytest -q -
 # In the server's process, where its steps can be timed: every issue #3 GPU target in one run.
 step load "${LOAD_S:-220}" python3 benchmarks/load.py --shape 3b --device cuda --concurrency 1,16,64 --requests 64 \
   --single-requests 8 --baseline-requests 2 --tokens 128 --in-process --json "$out/load.json" 2>&1 | grep -v -E "Loading|Writing" | tee "$out/load.txt"
+# The same with the text decoder compiled (torch.compile; its start-up compile is outside the timings):
+# decode steps at batch 1 and 64 against the run above, the first time on a GPU.
+step compiled "${COMPILED_S:-150}" env LOCALVL_COMPILE=true python3 benchmarks/load.py --shape 3b --device cuda --concurrency 1,64 \
+  --requests 64 --single-requests 4 --baseline-requests 1 --tokens 128 --in-process --json "$out/compiled.json" 2>&1 | grep -v -E "Loading|Writing" | tee "$out/compiled.txt"
 step profile "${PROFILE_S:-60}" python3 benchmarks/profile_step.py --shape 3b --device cuda --batch 64 --tokens 24 2>&1 | grep -v -E "Loading|Writing" | head -60 | tee "$out/profile.txt"
 # How long 8 decoding streams pause while a 16-image request is prefilled, beside the tower's time for all 16.
 step stall "${STALL_S:-45}" python3 benchmarks/image_stall.py --shape 3b --device cuda --images 16 2>&1 | grep -v -E "Loading|Writing" | tail -4 | tee "$out/stall.txt"

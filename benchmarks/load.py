@@ -420,6 +420,9 @@ def main() -> None:
             first_ms, second_ms = ((clock.first_token[k] - clock.submitted[k]) * 1000 for k in order)
             turn.update(server_first_ttft_ms=first_ms, server_second_ttft_ms=second_ms, server_ratio=second_ms / first_ms)
         result["second_turn"] = turn
+        result["compiled"] = bool(engine.stats().get("compiled"))
+    if result["compiled"]:
+        print("  text decoder: compiled (torch.compile)")
     if len(rows) > 1:
         ratio = rows[-1]["requests_per_s"] / rows[0]["requests_per_s"]
         result["top_vs_lowest_concurrency"] = ratio

@@ -218,6 +218,7 @@ def engine_config(settings: Any) -> Any:
         max_queue=settings.max_queue,
         cuda_graphs=settings.cuda_graphs,
         cpu_kernel=settings.cpu_kernel,
+        compile=settings.compile,
         stream_interval=settings.stream_interval,
     )
 

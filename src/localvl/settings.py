@@ -88,6 +88,12 @@ class Settings(BaseSettings):
         description="with the model on the CPU: build (once, with the machine's C++ compiler) and use localvl's decode "
         "attention kernel, which reads the paged KV cache in place; off, or where it cannot be built: gathered SDPA",
     )
+    compile: bool = Field(
+        False,
+        description="compile the text decoder with torch.compile at start-up: fewer, fused kernels per step, for models "
+        "small enough that per-op overhead counts; the start takes longer (a 3B model on 2 CPU cores: ~2 min); where "
+        "compilation fails: the decoder as it is",
+    )
     max_queue: int = Field(256, ge=1, description="waiting requests beyond which new ones get 529 overloaded")
     max_request_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="largest request body accepted")
     stream_interval: float = Field(

@@ -70,6 +70,7 @@ MODES = {
     "blocks-of-16": dict(max_batch_tokens=128, block_size=16),  # the decode kernel: Triton on a GPU, C++ on a CPU
     "blocks-of-16-gathered": dict(max_batch_tokens=128, block_size=16, cpu_kernel=False),  # no compiler at hand
     "preempting": dict(max_batch_tokens=512, block_size=4, kv_cache_memory=32 * 2048),
+    "compiled": dict(max_batch_tokens=128, block_size=16, compile=True),  # torch.compile'd decoder layers
 }
 
 
@@ -81,6 +82,7 @@ def test_sixteen_concurrent_requests_equal_the_model_alone(loaded_model, family,
     tokens = 24 if mode == "preempting" else 10  # long answers outgrow the pool: preemption is certain
 
     async def body(engine):
+        compiles = dict(torch._dynamo.utils.counters["frames"])  # after the engine's warm-up
         # Hold the engine until every request is in, so all 16 share the batch (and the pool).
         gate = threading.Event()
         step = engine._step
@@ -89,7 +91,10 @@ def test_sixteen_concurrent_requests_equal_the_model_alone(loaded_model, family,
         while len(engine._active) < len(convs):
             await asyncio.sleep(0.001)
         gate.set()
-        return await asyncio.gather(*tasks), engine.stats()
+        results = await asyncio.gather(*tasks)
+        if mode == "compiled":  # the warm-up compiled every kind of step: no request waited on it
+            assert dict(torch._dynamo.utils.counters["frames"]) == compiles
+        return results, engine.stats()
 
     results, stats = run_engine(loaded, body, **MODES[mode])
     assert stats["failures"] == 0
@@ -99,6 +104,8 @@ def test_sixteen_concurrent_requests_equal_the_model_alone(loaded_model, family,
         assert stats["decode_kernel"] == 1
     if mode == "blocks-of-16-gathered" and not TEST_DEVICE.startswith("cuda"):
         assert stats["decode_kernel"] == 0
+    if mode == "compiled":
+        assert stats["compiled"] == 1
     assert stats["steps"] < 16 * tokens  # requests shared steps
     assert_matches_reference(loaded, convs, results, max_tokens=tokens)
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from localvl.engine.kv_cache import AttentionBatch, PagedKVCache, PrefillChunk, paged_attention
+from localvl.engine.kv_cache import AttentionBatch, PagedKVCache, PrefillChunk, paged_attention, stepping
 from tests.conftest import TEST_DEVICE
 
 HEADS, KV_HEADS, DIM, BLOCK = 8, 2, 16, 4
@@ -75,10 +75,21 @@ def test_rows_and_chunks_attend_to_their_own_history(dtype):
         start += new
 
     q = torch.cat(queries, dim=1).unsqueeze(0)
-    out, _ = paged_attention(Layer(), q, torch.cat(keys, 1).unsqueeze(0), torch.cat(values, 1).unsqueeze(0), None, scaling=DIM**-0.5, localvl_batch=batch)
+    new_keys, new_values = torch.cat(keys, 1).unsqueeze(0), torch.cat(values, 1).unsqueeze(0)
+    with stepping(batch):
+        out, _ = paged_attention(Layer(), q, new_keys, new_values, None, scaling=DIM**-0.5)
+        # The same attention as a compiled decoder's opaque op (it writes the same slots again).
+        op = torch.ops.localvl.paged_attention(q, new_keys, new_values, 0, DIM**-0.5)
     expected = torch.cat([reference(q_, k_, v_) for k_, v_, q_ in histories])
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out[0].float(), expected, atol=tolerance, rtol=tolerance)
+    torch.testing.assert_close(op, out)
+
+
+def test_the_custom_op_outside_a_step_says_so():
+    q = torch.randn(1, HEADS, 2, DIM)
+    with pytest.raises(RuntimeError, match="outside an engine step"):
+        torch.ops.localvl.paged_attention(q, q[:, :KV_HEADS], q[:, :KV_HEADS], 0, 1.0)
 
 
 def test_without_step_metadata_it_is_plain_sdpa():

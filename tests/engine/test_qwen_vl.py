@@ -153,3 +153,39 @@ def test_patch_embedding_as_a_matmul_equals_the_convolution(bias):
     overlapping = torch.nn.Conv3d(3, 8, kernel_size=(2, 4, 4), stride=(2, 2, 2))
     patches_as_matmul(overlapping)
     assert "forward" not in vars(overlapping)
+
+
+def scratch_cache(runner, block_size):
+    from localvl.engine.kv_cache import PagedKVCache
+
+    text = runner.text_config
+    return PagedKVCache(
+        num_layers=text.num_hidden_layers, num_blocks=2, block_size=block_size, kv_heads=text.num_key_value_heads,
+        head_dim=text.hidden_size // text.num_attention_heads, dtype=runner.dtype, device=runner.device,
+    )
+
+
+@pytest.mark.parametrize("block_size", [1, 16])
+def test_the_warm_up_steps_fit_the_scratch_block(loaded_model, block_size, caplog):
+    """Its steps run through the paged attention into the scratch block alone, whatever its size
+    (eagerly here: compilation itself is the compiled fidelity test's)."""
+    runner = QwenVLRunner(loaded_model("qwen2_5_vl").model)
+    runner.compiled = True
+    cache = scratch_cache(runner, block_size)
+    cache.zero_blocks(0, 2)
+    before = [k[: 2 * block_size].clone() for k in cache.keys]
+    runner.warm_up(cache)
+    assert runner.compiled and "uncompiled" not in caplog.text
+    assert all(torch.equal(k[: 2 * block_size], b) for k, b in zip(cache.keys, before))  # no allocatable block written
+
+
+def test_a_decoder_that_fails_to_compile_runs_as_it_is(loaded_model, caplog):
+    runner = QwenVLRunner(loaded_model("qwen2_5_vl").model, compile=True)
+
+    def broken(**kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    runner.decoder = broken
+    runner.warm_up(scratch_cache(runner, 4))
+    assert not runner.compiled and runner.decoder is runner.language_model
+    assert "running it uncompiled" in caplog.text

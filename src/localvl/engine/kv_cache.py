@@ -5,11 +5,18 @@ registers ``localvl_paged`` and runs each step as one packed sequence of every s
 the function writes the step's new keys and values into the pool at their slots, then attends each
 sequence's queries to that sequence's own cached keys, located through its block table. Sequences
 decoding one token are attended together in one padded call; prefill chunks one by one.
-Called without a step's metadata (e.g. ``model.generate`` on the same model), it is plain SDPA.
+Called outside a step (e.g. ``model.generate`` on the same model), it is plain SDPA.
+
+The step's layout is not an argument of the model's forward: it is set beside the call
+(``stepping``), because a compiled decoder (``torch.compile``) can carry no Python object through
+its graph. There the attention is the opaque custom op ``localvl::paged_attention``, which reads it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -165,6 +172,20 @@ def _attend_rows(q: torch.Tensor, key_blocks: torch.Tensor, value_blocks: torch.
     out.index_copy_(0, batch.row_targets, o.index_select(0, batch.row_sources))
 
 
+_step = threading.local()  # the engine thread's current step; tests may run several engines
+
+
+@contextlib.contextmanager
+def stepping(batch: AttentionBatch) -> Iterator[None]:
+    """Make ``batch`` the layout the paged attention follows for one forward on this thread."""
+    previous = getattr(_step, "batch", None)
+    _step.batch = batch
+    try:
+        yield
+    finally:
+        _step.batch = previous
+
+
 def paged_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -173,16 +194,36 @@ def paged_attention(
     attention_mask: torch.Tensor | None,
     scaling: float | None = None,
     dropout: float = 0.0,
-    localvl_batch: AttentionBatch | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """query ``[1, heads, tokens, dim]``, key/value ``[1, kv_heads, tokens, dim]`` → ``[1, tokens, heads, dim]``."""
-    if localvl_batch is None:
+    if torch.compiler.is_compiling():
+        scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
+        return torch.ops.localvl.paged_attention(query, key, value, module.layer_idx, scale), None
+    batch: AttentionBatch | None = getattr(_step, "batch", None)
+    if batch is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-    batch = localvl_batch
-    layer = module.layer_idx
+    return _paged(batch, module.layer_idx, query, key, value, scaling), None
+
+
+@torch.library.custom_op("localvl::paged_attention", mutates_args=())
+def _paged_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer: int, scale: float) -> torch.Tensor:
+    """The paged attention as one opaque op of a compiled graph. It writes the KV pool, which no
+    other op of the graph reads or writes, so nothing can be reordered across it."""
+    batch: AttentionBatch | None = getattr(_step, "batch", None)
+    if batch is None:
+        raise RuntimeError("localvl::paged_attention called outside an engine step")
+    return _paged(batch, layer, query, key, value, scale)
+
+
+@_paged_op.register_fake
+def _(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer: int, scale: float) -> torch.Tensor:
+    return query.new_empty(1, query.shape[2], query.shape[1], query.shape[3])
+
+
+def _paged(batch: AttentionBatch, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float | None) -> torch.Tensor:
     keys, values = batch.cache.keys[layer], batch.cache.values[layer]
     keys.index_copy_(0, batch.slot_mapping, key[0].transpose(0, 1).to(keys.dtype))
     values.index_copy_(0, batch.slot_mapping, value[0].transpose(0, 1).to(values.dtype))
@@ -197,7 +238,7 @@ def paged_attention(
         k = _gather(key_blocks, chunk.context_blocks).flatten(0, 1)[:context].transpose(0, 1).unsqueeze(0)  # [1, kv_heads, context, dim]
         v = _gather(value_blocks, chunk.context_blocks).flatten(0, 1)[:context].transpose(0, 1).unsqueeze(0)
         out[chunk.start : chunk.end] = _attend_chunk(q[:, chunk.start : chunk.end], k, v, chunk, scaling)
-    return out.unsqueeze(0), None
+    return out.unsqueeze(0)
 
 
 def _attend_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: PrefillChunk, scale: float | None) -> torch.Tensor:

@@ -68,6 +68,7 @@ class EngineConfig:
     max_queue: int = 256  # waiting requests beyond this get 529 overloaded_error
     cuda_graphs: bool = True  # replay decode steps as CUDA graphs (GPU only)
     cpu_kernel: bool = True  # decode attention by cpu_decode.py's compiled kernel (CPU only)
+    compile: bool = False  # the text decoder through torch.compile (``QwenVLRunner``), compiled at start
     check_integrity: bool = False  # audit the block tables whenever the engine goes idle (tests)
     stream_interval: float = 0.0  # seconds between a stream's text deltas (``bridge.Stream``)
 
@@ -83,7 +84,7 @@ class LocalEngine:
     def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None, outbox: Outbox | None = None) -> None:
         self.loaded = loaded
         self.config = config = config or EngineConfig()
-        self.model = QwenVLRunner(loaded.model)
+        self.model = QwenVLRunner(loaded.model, compile=config.compile)
         # The engine thread decodes with its own copy: one Rust tokenizer must not serve two threads.
         self._tokenizer = copy.deepcopy(loaded.tokenizer)
         self._skip_ids = special_token_ids(self._tokenizer) - loaded.eos_token_ids
@@ -108,6 +109,11 @@ class LocalEngine:
             from localvl.engine import cpu_decode
 
             self.runner.decode_kernel = cpu_decode.usable(self.model.dtype, *shape)
+        if config.compile:
+            started = time.perf_counter()
+            self.model.warm_up(self.kv_cache)
+            if self.model.compiled:
+                logger.info("compiled the text decoder in %.1f s", time.perf_counter() - started)
         if self.model.device.type == "cuda":
             from localvl.engine import triton_decode
 
@@ -185,6 +191,7 @@ class LocalEngine:
             "image_cache_hits": self.image_cache.hits,
             "graph_replays": self.runner.graphs.replays if self.runner.graphs else 0,
             "decode_kernel": int(self.runner.decode_kernel),
+            "compiled": int(self.model.compiled),
             "failures": self.failures,
             "integrity_failures": self.integrity_failures,
         }

@@ -9,18 +9,21 @@ Everything specific to a Qwen-VL family is in this module, keyed by model_type.
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
 
-from localvl.engine.kv_cache import ATTENTION_NAME, AttentionBatch, register_attention
+from localvl.engine.kv_cache import ATTENTION_NAME, AttentionBatch, PagedKVCache, PrefillChunk, register_attention, stepping
 from localvl.engine.varlen import VARLEN_NAME, one_tower_call, register_varlen_attention
 from localvl.models.patches import Patches
 
 SUPPORTED_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
 # Qwen3-VL adds vision features to the hidden states of its first decoder layers ("deepstack").
 DEEPSTACK_MODEL_TYPES = ("qwen3_vl", "qwen3_vl_moe")
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -68,7 +71,7 @@ def patches_as_matmul(conv: torch.nn.Module) -> None:
 
 
 class QwenVLRunner:
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any, *, compile: bool = False) -> None:
         model_type = model.config.model_type
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"model_type {model_type!r} is not a supported Qwen-VL family {SUPPORTED_MODEL_TYPES}")
@@ -84,6 +87,16 @@ class QwenVLRunner:
         patches_as_matmul(self.visual.patch_embed.proj)
         register_attention()
         register_varlen_attention()
+        # The text decoder, compiled or as it is. Compiled (torch.compile, shapes dynamic), the
+        # stock layers' small ops are fused into a few kernels and the paged attention stays an
+        # opaque op; ``warm_up`` compiles before the first request can wait on it.
+        self.decoder: Any = self.language_model
+        if compile:
+            # Every model in a process shares one code object (transformers' forward wrapper), whose
+            # graphs dynamo caps at 8: each model needs two or three, and several engines (tests) more.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            self.decoder = torch.compile(self.language_model, dynamic=True)
+        self.compiled = compile
 
     @contextlib.contextmanager
     def _attention_kernels(self) -> Iterator[None]:
@@ -152,16 +165,40 @@ class QwenVLRunner:
             kwargs["deepstack_visual_embeds"] = deepstack
         # A dict mask tells Qwen2/2.5-VL the masks are made; the paged attention needs none.
         masks = {"full_attention": None, "sliding_attention": None}
-        with self._attention_kernels(), self._paged():
-            out = self.language_model(
+        # Qwen3-VL adds image features at a boolean mask, a data-dependent shape that dynamo cannot
+        # trace inside the layer loop: steps that carry image features run uncompiled.
+        decoder = self.language_model if kwargs else self.decoder
+        with self._attention_kernels(), self._paged(), stepping(attention):
+            out = decoder(
                 inputs_embeds=embeds.unsqueeze(0),
                 position_ids=positions.unsqueeze(1),
                 attention_mask=None if self.deepstack else masks,
                 use_cache=False,
-                localvl_batch=attention,
                 **kwargs,
             )
         return out.last_hidden_state[0]
+
+    @torch.inference_mode()
+    def warm_up(self, cache: PagedKVCache) -> None:
+        """Compile the decoder now for both kinds of step it will see, not on a request's time: a
+        single token (sizes 0 and 1 are never dynamic) and several. Each runs as a short prefill
+        into the pool's scratch block, which only padding uses. On failure (no C++ compiler for
+        inductor, say) the decoder runs as it is.
+        """
+        if not self.compiled:
+            return
+        hidden = int(self.text_config.hidden_size)
+        size, scratch = cache.block_size, cache.scratch_block
+        try:
+            for tokens in (1, 2):
+                slots = scratch * size + torch.arange(tokens, device=self.device) % size
+                chunk = PrefillChunk(0, tokens, torch.full((-(-tokens // size),), scratch, device=self.device), tokens)
+                embeds = torch.zeros(tokens, hidden, dtype=self.dtype, device=self.device)
+                positions = torch.arange(tokens, device=self.device).repeat(3, 1)  # contiguous, as a step's
+                self.forward(embeds, positions, AttentionBatch(cache, slots, prefills=[chunk]))
+        except Exception as error:  # never fatal: the uncompiled decoder computes the same thing
+            logger.warning("decoder compilation failed, running it uncompiled (%s: %s)", type(error).__name__, error)
+            self.decoder, self.compiled = self.language_model, False
 
     def _vision_layout(self, grids: torch.Tensor, segments_on_device: bool) -> dict[str, Any]:
         """What the vision tower works out from the images' grids (patch positions, the packed
