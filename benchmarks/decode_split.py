@@ -3,10 +3,14 @@ time, which this shared machine makes noisy) for the whole step and for its part
 forward, the paged attention inside it (KV gathers and SDPA), the logits — plus page faults.
 
     python benchmarks/decode_split.py            # tiny model, 16 text requests of ~420 tokens
+    python benchmarks/decode_split.py --compile  # the same, the decoder compiled and uncompiled step by step in turn
+
+With ``--compile`` the parts inside the decoder are not timed: a wrapper there would break its graph.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import collections
 import dataclasses
@@ -31,6 +35,9 @@ BATCH = 16
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--compile", action="store_true", help="alternate the compiled and the uncompiled decoder every step")
+    args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         loaded = build("tiny", "cpu", "auto", Path(tmp))
     apply_cpu_threads("cpu", None)  # as `localvl serve` does
@@ -49,17 +56,26 @@ def main() -> None:
 
         setattr(owner, name, wrapper)
 
-    timed(kv_cache, "paged_attention", "attention")
-    timed(kv_cache, "_gather", "KV gathers")
-    timed(kv_cache.F, "scaled_dot_product_attention", "SDPA")
-    kv_cache.register_attention()  # the wrapped function, under the engine's name
-    engine = LocalEngine(loaded, EngineConfig())
+    if not args.compile:  # wrappers inside the decoder would break a compiled graph
+        timed(kv_cache, "paged_attention", "attention")
+        timed(kv_cache, "_gather", "KV gathers")
+        timed(kv_cache.F, "scaled_dot_product_attention", "SDPA")
+        kv_cache.register_attention()  # the wrapped function, under the engine's name
+
+    engine = LocalEngine(loaded, EngineConfig(compile=args.compile))
     timed(engine.model, "forward", "forward")
     timed(engine.model, "logits", "logits")
-    steps: list[tuple[float, dict[str, float]]] = []
+    # Both decoders compute the same thing, so one engine can take them step by step in turn: the
+    # machine's drift over seconds then lands on both alike.
+    decoders = {"compiled": engine.model.decoder, "uncompiled": engine.model.language_model}
+    if not engine.model.compiled:
+        del decoders["compiled"]
+    steps: dict[str, list[tuple[float, dict[str, float]]]] = {name: [] for name in decoders}
     run = engine.runner.run
 
     def clocked(batch: Any) -> Any:
+        name = list(decoders)[engine.steps % len(decoders)]
+        engine.model.decoder = decoders[name]
         faults = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
         before, started = dict(spent), time.thread_time()
         out = run(batch)
@@ -67,7 +83,7 @@ def main() -> None:
         if len(batch) == BATCH and all(s.count == 1 for s in batch):
             parts = {k: spent[k] - before.get(k, 0.0) for k in spent}
             parts["faults"] = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - faults
-            steps.append((total, parts))
+            steps[name].append((total, parts))
         return out
 
     engine.runner.run = clocked  # type: ignore[method-assign]
@@ -76,23 +92,26 @@ def main() -> None:
         await engine.start()
         text = "word " * 420
 
-        async def one(i: int) -> None:
-            conversation = Conversation([Turn("user", [Text(f"{i} {text}")])])
-            stream = await engine.submit(GenerationRequest(f"r{i}", conversation, SamplingParams(max_tokens=96, temperature=0)))
+        async def one(i: int, round: int) -> None:
+            conversation = Conversation([Turn("user", [Text(f"{round} {i} {text}")])])
+            request = GenerationRequest(f"r{round}-{i}", conversation, SamplingParams(max_tokens=96, temperature=0))
+            stream = await engine.submit(request)
             async for _ in stream:
                 pass
 
-        await asyncio.gather(*[one(i) for i in range(BATCH)])
+        for round in range(2 if args.compile else 1):
+            await asyncio.gather(*[one(i, round) for i in range(BATCH)])
         await engine.stop()
 
     asyncio.run(session())
-    steps = steps[5:]  # past the first waves' warm-up
-    median = statistics.median(total for total, _ in steps)
-    line = [f"decode steps at batch {BATCH}: {len(steps)}; engine-thread CPU per step, median: {median * 1e3:.2f} ms"]
-    for label in ("forward", "attention", "KV gathers", "SDPA", "logits"):
-        line.append(f"{label} {statistics.median(p.get(label, 0.0) for _, p in steps) * 1e3:.2f} ms")
-    line.append(f"page faults {statistics.median(p['faults'] for _, p in steps):.0f}")
-    print("; ".join(line))
+    for name, timings in steps.items():
+        timings = timings[5:]  # past the first waves' warm-up
+        median = statistics.median(total for total, _ in timings)
+        line = [f"{name}: decode steps at batch {BATCH}: {len(timings)}; engine-thread CPU per step, median: {median * 1e3:.2f} ms"]
+        for label in ("forward", "logits") if args.compile else ("forward", "attention", "KV gathers", "SDPA", "logits"):
+            line.append(f"{label} {statistics.median(p.get(label, 0.0) for _, p in timings) * 1e3:.2f} ms")
+        line.append(f"page faults {statistics.median(p['faults'] for _, p in timings):.0f}")
+        print("; ".join(line))
 
 
 if __name__ == "__main__":

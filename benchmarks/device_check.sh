@@ -4,6 +4,7 @@
 # a step with under 20 s left is skipped, so the output of the steps that ran always comes back.
 # Output under $OUT (or ./device-out). Usage on a bare device machine (see docs/PERFORMANCE.md):
 #   bash benchmarks/device_check.sh
+# ONLY="name ..." runs just those steps (e.g. a second call for the steps the first one skipped).
 set -u
 out=${OUT:-device-out}
 mkdir -p "$out"
@@ -12,16 +13,21 @@ deadline=$((SECONDS + ${TOTAL_S:-540}))
 step() {
   local name=$1 want=$2 left=$((deadline - SECONDS))
   shift 2
+  if [[ -n "${ONLY:-}" && " $ONLY " != *" $name "* ]]; then return; fi
   if (( left < 20 )); then echo "skipped $name: ${left}s left" | tee -a "$out/skipped.txt"; return; fi
   timeout "$(( want < left ? want : left ))" "$@"
 }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.txt"
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$out/gpu.txt"
-step tests "${TESTS_S:-170}" env LOCALVL_TEST_DEVICE=cuda python3 -m pytest -q -x -p no:cacheprovider tests/engine tests/models/test_patches.py 2>&1 | tail -15 | tee "$out/tests.txt"
+step tests "${TESTS_S:-170}" env LOCALVL_TEST_DEVICE=cuda python3 -m pytest -q -x -p no:cacheprovider tests/engine tests/models/test_patches.py \
+  -k "not compiled" 2>&1 | tail -15 | tee "$out/tests.txt"
 # In the server's process, where its steps can be timed: every issue #3 GPU target in one run.
 step load "${LOAD_S:-220}" python3 benchmarks/load.py --shape 3b --device cuda --concurrency 1,16,64 --requests 64 \
   --single-requests 8 --baseline-requests 2 --tokens 128 --in-process --json "$out/load.json" 2>&1 | grep -v -E "Loading|Writing" | tee "$out/load.txt"
-# The same with the text decoder compiled (torch.compile; its start-up compile is outside the timings):
+# The compiled decoder's fidelity (16 concurrent requests per family) with decode steps as CUDA graphs.
+step compiled-tests "${COMPILED_TESTS_S:-100}" env LOCALVL_TEST_DEVICE=cuda python3 -m pytest -q -x -p no:cacheprovider \
+  tests/engine/test_batching.py -k compiled 2>&1 | tail -15 | tee "$out/compiled-tests.txt"
+# The same load with the text decoder compiled (torch.compile; its start-up compile is outside the timings):
 # decode steps at batch 1 and 64 against the run above, the first time on a GPU.
 step compiled "${COMPILED_S:-150}" env LOCALVL_COMPILE=true python3 benchmarks/load.py --shape 3b --device cuda --concurrency 1,64 \
   --requests 64 --single-requests 4 --baseline-requests 1 --tokens 128 --in-process --json "$out/compiled.json" 2>&1 | grep -v -E "Loading|Writing" | tee "$out/compiled.txt"
