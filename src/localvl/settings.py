@@ -82,7 +82,9 @@ class Settings(BaseSettings):
         "but one) and HTTP, image decoding and streaming keep the rest, so neither slows the other (cpu_threads of "
         "every core: no split); off: the OS places both",
     )
-    cuda_graphs: bool = Field(True, description="replay decode steps as CUDA graphs on a GPU")
+    cuda_graphs: bool = Field(
+        True, description="replay decode steps, and vision-tower calls of an image layout seen before, as CUDA graphs on a GPU"
+    )
     cpu_kernel: bool = Field(
         True,
         description="with the model on the CPU: build (once, with the machine's C++ compiler) and use localvl's decode "

@@ -251,6 +251,25 @@ def test_padded_static_decode_steps_equal_the_model_alone(loaded_model, family):
     assert_matches_reference(loaded, convs, results)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_vision_calls_from_graphs_equal_the_model_alone(loaded_model, family):
+    """The vision-graph path (a layout seen before: fixed buffers, replayed) — run eagerly on a CPU."""
+    from localvl.engine.vision_graphs import VisionGraphs
+
+    loaded = loaded_model(family)
+    # One image each, all of one size (one layout), different content: no image-cache hits.
+    convs = [Conversation([Turn("user", [image(i, size=(90, 60)), Text(f"what is this {i}?")])]) for i in range(4)]
+
+    async def body(engine):
+        engine.runner.vision_graphs = VisionGraphs(engine.model)
+        results = [await collect(engine, c, f"r{i}") for i, c in enumerate(convs)]  # one call each
+        return results, engine.stats()
+
+    results, stats = run_engine(loaded, body)
+    assert stats["vision_graph_replays"] == 3 and stats["images_encoded"] == 4
+    assert_matches_reference(loaded, convs, results)
+
+
 def test_a_failing_step_fails_only_its_requests_and_the_engine_goes_on(loaded_model):
     from localvl.errors import InternalError
 

@@ -26,6 +26,7 @@ from localvl.engine.blocks import BlockManager
 from localvl.engine.constraints import Constraints, allowed_tokens
 from localvl.engine.bridge import Job, Outbox, Stream
 from localvl.engine.cuda_graphs import DecodeGraphs
+from localvl.engine.vision_graphs import VisionGraphs
 from localvl.engine.detokenizer import IncrementalDetokenizer, special_token_ids, token_bytes
 from localvl.engine.events import (
     FinishReason,
@@ -66,7 +67,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.85
     image_cache_memory: int = 512 << 20
     max_queue: int = 256  # waiting requests beyond this get 529 overloaded_error
-    cuda_graphs: bool = True  # replay decode steps as CUDA graphs (GPU only)
+    cuda_graphs: bool = True  # replay decode steps and repeated vision-tower layouts as CUDA graphs (GPU only)
     cpu_kernel: bool = True  # decode attention by cpu_decode.py's compiled kernel (CPU only)
     compile: bool = False  # the text decoder through torch.compile (``QwenVLRunner``), compiled at start
     check_integrity: bool = False  # audit the block tables whenever the engine goes idle (tests)
@@ -101,7 +102,8 @@ class LocalEngine:
         if config.cuda_graphs and self.model.device.type == "cuda":
             max_blocks = -(-loaded.context_length // config.block_size)
             graphs = DecodeGraphs(self.model, self.kv_cache, config.max_num_seqs, min(max_blocks, self.kv_cache.num_blocks))
-        self.runner = StepRunner(self.model, self.kv_cache, self.image_cache, graphs)
+        vision_graphs = VisionGraphs(self.model) if config.cuda_graphs and self.model.device.type == "cuda" else None
+        self.runner = StepRunner(self.model, self.kv_cache, self.image_cache, graphs, vision_graphs)
         text = self.model.text_config
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         shape = (config.block_size, text.num_attention_heads, text.num_key_value_heads, head_dim)
@@ -190,6 +192,7 @@ class LocalEngine:
             "images_encoded": self.runner.images_encoded,
             "image_cache_hits": self.image_cache.hits,
             "graph_replays": self.runner.graphs.replays if self.runner.graphs else 0,
+            "vision_graph_replays": self.runner.vision_graphs.replays if self.runner.vision_graphs else 0,
             "decode_kernel": int(self.runner.decode_kernel),
             "compiled": int(self.model.compiled),
             "failures": self.failures,

@@ -130,19 +130,32 @@ class QwenVLRunner:
     def encode_images(self, pixel_values: torch.Tensor, grids: torch.Tensor) -> list[ImageFeatures]:
         """Run the vision tower once over several images (patches concatenated in ``grids`` order)."""
         grids = grids.cpu()
-        with self._attention_kernels(), self._varlen_vision() as ours, one_tower_call():
-            out = self.visual(
-                pixel_values.to(self.device, self.visual.dtype),
-                grid_thw=grids.to(self.device),
-                return_dict=True,
-                **self._vision_layout(grids, segments_on_device=not ours),
-            )
+        pixels = pixel_values.to(self.device, self.visual.dtype)
+        pooled, deepstack = self.tower(pixels, grids.to(self.device), self.vision_layout(grids))
+        return self.image_features(pooled, deepstack, grids)
+
+    def tower(
+        self, pixels: torch.Tensor, grids: torch.Tensor, layout: dict[str, Any], groups: list[Any] | None = None
+    ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        """The vision tower on device-ready inputs: ``pixels`` and ``grids`` on the model's device
+        and ``layout`` from ``vision_layout``. Its features for the language model, and Qwen3-VL's
+        deepstack features. ``groups`` keeps ``varlen.py``'s grouping of the layout's segments
+        across calls (``vision_graphs.py``); by default it is kept for this call only.
+        """
+        with self._attention_kernels(), self._varlen_vision(), one_tower_call(groups):
+            out = self.visual(pixels, grid_thw=grids, return_dict=True, **layout)
+        return out.pooler_output, list(out.deepstack_features) if self.deepstack else None
+
+    def image_features(
+        self, pooled: torch.Tensor, deepstack: list[torch.Tensor] | None, grids: torch.Tensor
+    ) -> list[ImageFeatures]:
+        """A tower call's output split into each image's features, in the decoder's dtype."""
         sizes = [self.image_tokens(tuple(int(x) for x in grid)) for grid in grids]
         dtype = self.dtype
-        embeds = out.pooler_output.to(dtype).split(sizes)
-        if not self.deepstack:
+        embeds = pooled.to(dtype).split(sizes)
+        if deepstack is None:
             return [ImageFeatures(e) for e in embeds]
-        layers = [f.to(dtype).split(sizes) for f in out.deepstack_features]
+        layers = [f.to(dtype).split(sizes) for f in deepstack]
         return [ImageFeatures(e, [layer[i] for layer in layers]) for i, e in enumerate(embeds)]
 
     @torch.inference_mode()
@@ -200,7 +213,7 @@ class QwenVLRunner:
             logger.warning("decoder compilation failed, running it uncompiled (%s: %s)", type(error).__name__, error)
             self.decoder, self.compiled = self.language_model, False
 
-    def _vision_layout(self, grids: torch.Tensor, segments_on_device: bool) -> dict[str, Any]:
+    def vision_layout(self, grids: torch.Tensor) -> dict[str, Any]:
         """What the vision tower works out from the images' grids (patch positions, the packed
         segments of images and of Qwen2.5-VL's windows, Qwen3-VL's position-embedding taps), made
         here on the CPU by transformers' own helpers and handed in precomputed, as the tower allows.
@@ -213,6 +226,7 @@ class QwenVLRunner:
         from transformers import vision_utils
 
         visual, device = self.visual, self.device
+        segments_on_device = self._real_flash()
         layout: dict[str, Any] = {"position_ids": vision_utils.get_vision_position_ids(grids, visual.spatial_merge_size).to(device)}
         segments = {"cu_seqlens": vision_utils.get_vision_cu_seqlens(grids)}
         if self.model_type == "qwen2_5_vl":
@@ -232,18 +246,21 @@ class QwenVLRunner:
             layout[name] = bounds.to(device) if segments_on_device else bounds
         return layout
 
+    def _real_flash(self) -> bool:
+        implementation = self.visual.config._attn_implementation
+        return implementation is not None and "flash" in implementation and implementation != VARLEN_NAME
+
     @contextlib.contextmanager
-    def _varlen_vision(self) -> Iterator[bool]:
-        """Give the vision tower the batched variable-length attention, unless it has real
-        flash-attention; say which it has (True: ``varlen.py``'s)."""
+    def _varlen_vision(self) -> Iterator[None]:
+        """Give the vision tower the batched variable-length attention, unless it has real flash-attention."""
+        if self._real_flash():
+            yield
+            return
         config = self.visual.config
         previous = config._attn_implementation
-        if previous is not None and "flash" in previous:
-            yield False
-            return
         config._attn_implementation = VARLEN_NAME
         try:
-            yield True
+            yield
         finally:
             config._attn_implementation = previous
 

@@ -23,6 +23,7 @@ from localvl.engine.qwen_vl import ImageFeatures, PromptInputs, QwenVLRunner
 from localvl.engine.scheduler import Scheduled
 from localvl.engine.sequence import Sequence
 from localvl.engine.vision import ImageCache
+from localvl.engine.vision_graphs import VisionGraphs
 from localvl.models.patches import Patches
 
 
@@ -98,12 +99,18 @@ def prepare_prompt(
 
 class StepRunner:
     def __init__(
-        self, model: QwenVLRunner, cache: PagedKVCache, images: ImageCache, graphs: DecodeGraphs | None = None
+        self,
+        model: QwenVLRunner,
+        cache: PagedKVCache,
+        images: ImageCache,
+        graphs: DecodeGraphs | None = None,
+        vision_graphs: VisionGraphs | None = None,
     ) -> None:
         self.model = model
         self.cache = cache
         self.images = images
         self.graphs = graphs
+        self.vision_graphs = vision_graphs
         self.decode_kernel = False  # set by the engine once triton_decode's self-test passed
         self.max_vision_patches = 16 * 1024  # sixteen 448 px images per vision-tower call
         self.images_encoded = 0
@@ -158,7 +165,8 @@ class StepRunner:
             else:
                 pixel_values = torch.cat([missing[k][0] for k in keys])
                 grids = torch.cat([missing[k][1] for k in keys])
-            for key, features in zip(keys, self.model.encode_images(pixel_values, grids)):
+            encode = self.vision_graphs.encode if self.vision_graphs is not None else self.model.encode_images
+            for key, features in zip(keys, encode(pixel_values, grids)):
                 found[key] = features
                 self.images.put(key, features)
             self.images_encoded += len(keys)

@@ -62,15 +62,16 @@ _calls = threading.local()
 
 
 @contextlib.contextmanager
-def one_tower_call() -> Iterator[None]:
+def one_tower_call(kept: list[Any] | None = None) -> Iterator[None]:
     """Within it, each boundary tensor's grouping is worked out once and kept.
 
     A tower hands every layer of a kind (all, or Qwen2.5-VL's windowed and full ones) the same
     tensor: the grouping (a read of the boundaries, and on a GPU a copy of the indices to it) is
-    then done once per call, not once per layer. Kept by identity for one call only, and holding
-    the tensors, so no other tensor can come to look like one of them.
+    then done once per call, not once per layer. Kept by identity, and holding the tensors, so no
+    other tensor can come to look like one of them: for this call only, or in ``kept`` for as long
+    as its owner holds it (a CUDA graph's layout, whose capture must copy nothing to the device).
     """
-    _calls.seen = []
+    _calls.seen = [] if kept is None else kept
     try:
         yield
     finally:
