@@ -189,3 +189,26 @@ def test_a_decoder_that_fails_to_compile_runs_as_it_is(loaded_model, caplog):
     runner.warm_up(scratch_cache(runner, 4))
     assert not runner.compiled and runner.decoder is runner.language_model
     assert "running it uncompiled" in caplog.text
+
+
+def test_past_the_warm_up_an_uncovered_step_runs_eagerly_instead_of_compiling(loaded_model):
+    from localvl.engine.kv_cache import AttentionBatch, PrefillChunk
+
+    runner = QwenVLRunner(loaded_model("qwen2_5_vl").model, compile=True)
+    cache = scratch_cache(runner, 16)
+    runner.warm_up(cache)
+    assert runner.compiled
+    compiled = dict(torch._dynamo.utils.counters["frames"])
+    tokens = 3
+    embeds = torch.randn(tokens, runner.text_config.hidden_size, generator=torch.Generator().manual_seed(0))
+    positions = torch.arange(tokens).expand(3, tokens)  # stride 0: the warm-up's graphs do not take it
+
+    def step():
+        slots = cache.scratch_block * 16 + torch.arange(tokens)
+        chunk = PrefillChunk(0, tokens, torch.tensor([cache.scratch_block]), tokens)
+        return runner.forward(embeds, positions, AttentionBatch(cache, slots, prefills=[chunk]))
+
+    got = step()
+    assert dict(torch._dynamo.utils.counters["frames"]) == compiled
+    runner.decoder = runner.language_model
+    torch.testing.assert_close(got, step())

@@ -97,6 +97,7 @@ class QwenVLRunner:
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             self.decoder = torch.compile(self.language_model, dynamic=True)
         self.compiled = compile
+        self._warming = False
 
     @contextlib.contextmanager
     def _attention_kernels(self) -> Iterator[None]:
@@ -181,7 +182,10 @@ class QwenVLRunner:
         # Qwen3-VL adds image features at a boolean mask, a data-dependent shape that dynamo cannot
         # trace inside the layer loop: steps that carry image features run uncompiled.
         decoder = self.language_model if kwargs else self.decoder
-        with self._attention_kernels(), self._paged(), stepping(attention):
+        # Past the warm-up, a step the compiled graphs do not cover runs eagerly rather than make
+        # its requests wait for a compilation (seconds; minutes for a large model on a CPU).
+        stance = torch.compiler.set_stance("eager_on_recompile") if self.compiled and not self._warming else contextlib.nullcontext()
+        with self._attention_kernels(), self._paged(), stepping(attention), stance:
             out = decoder(
                 inputs_embeds=embeds.unsqueeze(0),
                 position_ids=positions.unsqueeze(1),
@@ -202,6 +206,7 @@ class QwenVLRunner:
             return
         hidden = int(self.text_config.hidden_size)
         size, scratch = cache.block_size, cache.scratch_block
+        self._warming = True
         try:
             for tokens in (1, 2):
                 slots = scratch * size + torch.arange(tokens, device=self.device) % size
@@ -212,6 +217,8 @@ class QwenVLRunner:
         except Exception as error:  # never fatal: the uncompiled decoder computes the same thing
             logger.warning("decoder compilation failed, running it uncompiled (%s: %s)", type(error).__name__, error)
             self.decoder, self.compiled = self.language_model, False
+        finally:
+            self._warming = False
 
     def vision_layout(self, grids: torch.Tensor) -> dict[str, Any]:
         """What the vision tower works out from the images' grids (patch positions, the packed
