@@ -113,3 +113,20 @@ def test_thinking_comes_first_and_once():
     assert run(parser, "a</think>b <think>c</think>") == [ThinkingPiece("a"), TextPiece("b <think>c</think>")]
     parser = OutputParser(tools=False, thinking=True)
     assert run(parser, "answer <think>no</think>") == [TextPiece("answer <think>no</think>")]
+
+
+@pytest.mark.parametrize("tools,thinking", [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize("ending", ["\t", "\n\n", "  "])
+def test_an_answer_keeps_its_trailing_whitespace_whatever_the_split(tools, thinking, ending):
+    """The text is the model's: the whitespace it ended with is not dropped (the stock decode keeps it)."""
+    for split in ([len("Hello.")], [len("Hello.") + len(ending)], None):
+        parser = OutputParser(tools=tools, thinking=thinking)
+        text = "Hello." + ending
+        pieces = parser.feed(text[: split[0]]) + parser.feed(text[split[0] :]) if split else parser.feed(text)
+        pieces += parser.finish()
+        assert "".join(p.text for p in pieces) == text and all(isinstance(p, TextPiece) for p in pieces)
+
+
+def test_whitespace_after_a_tool_call_is_not_text():
+    parser = OutputParser(tools=True, thinking=False)
+    assert run(parser, CALL + "\n\n") == [ToolCallPiece("get_weather", {"city": "Paris", "days": 3})]

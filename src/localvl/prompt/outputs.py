@@ -90,6 +90,7 @@ class OutputParser:
         self._held_space = ""  # whitespace after text, returned only if more text follows
         self._after_block = False  # strip the blank lines Qwen puts after a block
         self._answered = False  # thinking is over, or text or a tool call came first
+        self._texted = False  # some answer text has been returned
         self.tool_calls = 0
 
     @property
@@ -123,7 +124,7 @@ class OutputParser:
             self._text(TOOL_OPEN + buffer, pieces)
         else:
             self._text(buffer, pieces)
-        if self._held_space and self.tool_calls == 0 and any(isinstance(p, TextPiece) for p in pieces):
+        if self._held_space and self.tool_calls == 0 and self._texted:  # the answer ends as the model ended it
             pieces.append(TextPiece(self._held_space))
         self._held_space = ""
         self._state = "text"
@@ -189,7 +190,7 @@ class OutputParser:
             self._after_block = False
         stripped = text.rstrip()
         if stripped:
-            self._answered = True
+            self._answered = self._texted = True
             pieces.append(TextPiece(self._held_space + stripped))
             self._held_space = text[len(stripped) :]
         else:
