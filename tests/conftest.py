@@ -10,7 +10,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
 # The engine tests run on the CPU in CI; LOCALVL_TEST_DEVICE=cuda runs them on a GPU (fp32 still,
 # so equality with the reference model holds).
 TEST_DEVICE = os.environ.get("LOCALVL_TEST_DEVICE", "cpu")

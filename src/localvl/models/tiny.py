@@ -24,9 +24,10 @@ from localvl.models.processor import image_only
 
 logger = logging.getLogger(__name__)
 
-Family = Literal["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
+Family = Literal["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"]
 Vocab = Literal["tiny", "qwen"]
-FAMILIES: tuple[Family, ...] = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+FAMILIES: tuple[Family, ...] = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+QWEN3: tuple[Family, ...] = ("qwen3_vl", "qwen3_vl_moe")  # one vision tower, template and rope; the MoE has experts
 VOCABS: tuple[Vocab, ...] = ("tiny", "qwen")
 
 # Qwen's added tokens in Qwen's order; with the real vocabulary they land on ids 151643-151668,
@@ -236,7 +237,7 @@ def _text_config(vocab_size: int, family: Family, max_positions: int, ids: dict[
         "rms_norm_eps": 1e-6,
         "tie_word_embeddings": False,
     }
-    if family == "qwen3_vl":
+    if family in QWEN3:
         config["head_dim"] = head_dim
         config["rope_parameters"] = {
             "rope_type": "default",
@@ -246,6 +247,8 @@ def _text_config(vocab_size: int, family: Family, max_positions: int, ids: dict[
         }
     else:
         config["rope_parameters"] = {"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": [2, 3, 3]}
+    if family == "qwen3_vl_moe":  # every layer's MLP is 4 experts, 2 per token
+        config.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1, mlp_only_layers=[])
     return config
 
 
@@ -276,17 +279,18 @@ def _vision_config(family: Family) -> dict:
 
 
 def _config_class(family: Family):
-    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig, Qwen3VLConfig
+    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig, Qwen3VLConfig, Qwen3VLMoeConfig
 
-    return {"qwen2_vl": Qwen2VLConfig, "qwen2_5_vl": Qwen2_5_VLConfig, "qwen3_vl": Qwen3VLConfig}[family]
+    classes = {"qwen2_vl": Qwen2VLConfig, "qwen2_5_vl": Qwen2_5_VLConfig, "qwen3_vl": Qwen3VLConfig, "qwen3_vl_moe": Qwen3VLMoeConfig}
+    return classes[family]
 
 
 def _image_processor(family: Family, min_merged_patches: int, max_merged_patches: int):
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    patch = 16 if family == "qwen3_vl" else 14
+    patch = 16 if family in QWEN3 else 14
     merged = (patch * 2) ** 2
-    mean, std = ([0.5, 0.5, 0.5], [0.5, 0.5, 0.5]) if family == "qwen3_vl" else (None, None)
+    mean, std = ([0.5, 0.5, 0.5], [0.5, 0.5, 0.5]) if family in QWEN3 else (None, None)
     kwargs = {} if mean is None else {"image_mean": mean, "image_std": std}
     return Qwen2VLImageProcessorPil(
         size={"shortest_edge": min_merged_patches * merged, "longest_edge": max_merged_patches * merged},
@@ -300,12 +304,13 @@ def _image_processor(family: Family, min_merged_patches: int, max_merged_patches
 def _processor_class(family: Family):
     from transformers import Qwen2_5_VLProcessor, Qwen2VLProcessor, Qwen3VLProcessor
 
-    return {"qwen2_vl": Qwen2VLProcessor, "qwen2_5_vl": Qwen2_5_VLProcessor, "qwen3_vl": Qwen3VLProcessor}[family]
+    classes = {"qwen2_vl": Qwen2VLProcessor, "qwen2_5_vl": Qwen2_5_VLProcessor, "qwen3_vl": Qwen3VLProcessor, "qwen3_vl_moe": Qwen3VLProcessor}
+    return classes[family]
 
 
 def chat_template(family: Family) -> str:
     """The tiny folder's template, shaped like the family's published one (see templates/)."""
-    name = "qwen3_vl.jinja" if family == "qwen3_vl" else "qwen2_vl.jinja"
+    name = "qwen3_vl.jinja" if family in QWEN3 else "qwen2_vl.jinja"
     return resources.files("localvl.models").joinpath("templates", name).read_text(encoding="utf-8")
 
 
@@ -374,7 +379,7 @@ def build_tiny_model(
 
 def _write_video_processor_config(out: Path, family: Family, image_processor) -> None:
     """Published folders configure video too; write it by hand since building one needs torchvision."""
-    cls = "Qwen3VLVideoProcessor" if family == "qwen3_vl" else "Qwen2VLVideoProcessor"
+    cls = "Qwen3VLVideoProcessor" if family in QWEN3 else "Qwen2VLVideoProcessor"
     config = {
         "video_processor_type": cls,
         "patch_size": image_processor.patch_size,
