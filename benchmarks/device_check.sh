@@ -19,7 +19,7 @@ step() {
 }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.txt"
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$out/gpu.txt"
-step tests "${TESTS_S:-170}" env LOCALVL_TEST_DEVICE=cuda python3 -m pytest -q -x -p no:cacheprovider tests/engine tests/models/test_patches.py \
+step tests "${TESTS_S:-200}" env LOCALVL_TEST_DEVICE=cuda python3 -m pytest -q -x -p no:cacheprovider tests/engine tests/models/test_patches.py \
   -k "not compiled" 2>&1 | tail -15 | tee "$out/tests.txt"
 # In the server's process, where its steps can be timed: every issue #3 GPU target in one run.
 step load "${LOAD_S:-220}" python3 benchmarks/load.py --shape 3b --device cuda --concurrency 1,16,64 --requests 64 \
