@@ -72,3 +72,13 @@ def test_a_failed_capture_turns_the_graphs_off_not_the_call(loaded_model, monkey
         assert_same_features(graphs.encode(pixels, grids), runner.encode_images(pixels, grids))
     assert graphs.disabled and graphs.replays == 0
     assert "vision graphs disabled" in caplog.text
+
+
+def test_layouts_seen_once_are_not_remembered_without_bound(loaded_model, monkeypatch):
+    from localvl.engine import vision_graphs
+
+    monkeypatch.setattr(vision_graphs, "MAX_SEEN", 8)
+    graphs = VisionGraphs(QwenVLRunner(loaded_model("qwen2_5_vl").model))
+    for width in range(1, 30):
+        assert graphs._graph(torch.empty(4, 1), torch.tensor([[1, 2, 2 * width]])) is None
+    assert len(graphs._seen) <= 8 and not graphs._graphs

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 Layout = tuple[tuple[int, int, int], ...]  # the grids of a call's images, in order
+MAX_SEEN = 4096  # layouts remembered as seen once
 
 
 @dataclass
@@ -82,6 +83,8 @@ class VisionGraphs:
         if graph is not None:
             self._graphs.move_to_end(key)
             return graph
+        if len(self._seen) >= MAX_SEEN:  # a long-lived server meets endless one-off sizes
+            self._seen.clear()
         self._seen[key] += 1
         if self._seen[key] < 2:
             return None
