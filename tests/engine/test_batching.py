@@ -270,6 +270,28 @@ def test_vision_calls_from_graphs_equal_the_model_alone(loaded_model, family):
     assert_matches_reference(loaded, convs, results)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prefill_chunks_from_graphs_equal_the_model_alone(loaded_model, family):
+    """The prefill-graph path (one sequence's chunk alone in its step, padded to a bucket, after
+    its cached prefix) — run eagerly on a CPU. With 40-token steps, long prompts take several
+    chunks; the shared template prefix is cached after the first request."""
+    from localvl.engine.cuda_graphs import PrefillGraphs
+
+    loaded = loaded_model(family)
+    convs = mixed_conversations(6) + [Conversation([Turn("user", [Text(f"question {i} " * 12)])]) for i in range(3)]
+
+    async def body(engine):
+        engine.runner.prefill_graphs = PrefillGraphs(engine.model, engine.kv_cache, 40)
+        assert engine.runner.prefill_graphs.sizes == [32, 40]
+        results = [await collect(engine, c, f"r{i}") for i, c in enumerate(convs)]  # each alone
+        return results, engine.stats()
+
+    results, stats = run_engine(loaded, body, max_batch_tokens=40, block_size=4)
+    deepstack = family in ("qwen3_vl", "qwen3_vl_moe")  # its chunks with image features run eagerly
+    assert stats["prefill_graph_replays"] >= (4 if deepstack else len(convs))
+    assert_matches_reference(loaded, convs, results)
+
+
 def test_a_failing_step_fails_only_its_requests_and_the_engine_goes_on(loaded_model):
     from localvl.errors import InternalError
 

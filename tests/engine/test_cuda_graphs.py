@@ -46,3 +46,33 @@ def test_decode_steps_replay_captured_graphs(loaded_model):
     assert asyncio.run(main())["graph_replays"] > 0
     if graphs.kernel:
         assert set(graphs._graphs) == captured  # no request waited on a capture
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_repeated_prefills_and_vision_calls_replay_captured_graphs(loaded_model):
+    """A prompt's chunk and an image layout seen a second time are captured, then replayed; the
+    answers equal the model's own (test_batching's eager runs of the same paths check the rest)."""
+    import asyncio
+
+    from localvl.conversation import Conversation, GenerationRequest, SamplingParams, Text, Turn
+    from localvl.engine.local import EngineConfig, LocalEngine
+    from tests.engine.test_batching import assert_matches_reference, collect, image
+
+    loaded = loaded_model("qwen2_5_vl")
+    if loaded.model.device.type != "cuda":
+        pytest.skip("the test model is on the CPU (set LOCALVL_TEST_DEVICE=cuda)")
+    convs = [Conversation([Turn("user", [image(i, size=(90, 60)), Text(f"what is this {i}?")])]) for i in range(4)]
+
+    async def main():
+        engine = LocalEngine(loaded, EngineConfig(kv_cache_memory=64 << 20))
+        await engine.start()
+        try:
+            results = [await collect(engine, c, f"r{i}") for i, c in enumerate(convs)]  # each alone
+            return results, engine.stats(), engine
+        finally:
+            await engine.stop()
+
+    results, stats, engine = asyncio.run(main())
+    assert stats["prefill_graph_replays"] > 0 and stats["vision_graph_replays"] > 0
+    assert engine.runner.prefill_graphs._graphs and engine.runner.vision_graphs._graphs
+    assert_matches_reference(loaded, convs, results)

@@ -12,12 +12,13 @@ and their logits are dropped.
 
 from __future__ import annotations
 
+import collections
 import logging
 from typing import TYPE_CHECKING
 
 import torch
 
-from localvl.engine.kv_cache import AttentionBatch, PagedKVCache
+from localvl.engine.kv_cache import AttentionBatch, PagedKVCache, PrefillChunk
 
 if TYPE_CHECKING:
     from localvl.engine.qwen_vl import QwenVLRunner
@@ -165,3 +166,111 @@ class DecodeGraphs:
         graph.replay()
         self.replays += 1
         return logits[:rows]
+
+
+class PrefillGraphs:
+    """One sequence's prefill chunk, alone in its step, replayed as a CUDA graph.
+
+    A request's prompt on an otherwise idle engine (its time to first token when it has the server
+    to itself) is launch-bound on a GPU: a few hundred tokens through a 3B model's stock layers
+    launch ~2,000 kernels (docs/PERFORMANCE.md). Such a chunk is padded to a token bucket (32, 64,
+    ..., the step budget) and replayed from a graph for its (bucket, cached prefix) pair: the prefix
+    is usually the same system prompt's blocks, so a pair recurs. A pair is captured the second time
+    it is seen, at most ``max_graphs`` are kept (least recently used let go, one memory pool for
+    all), and contexts past ``max_context`` tokens run eagerly. Padding tokens sit after the real
+    ones, so causal attention keeps them out of every real token's view; they write to the scratch
+    block, and only the last real token's logits are read. Qwen3-VL's chunks with image features
+    (deepstack inputs) run eagerly. Off a GPU the padded path runs eagerly (tests).
+    """
+
+    def __init__(
+        self, model: QwenVLRunner, cache: PagedKVCache, max_tokens: int, *, max_graphs: int = 16, max_context: int = 8192
+    ) -> None:
+        self.model = model
+        self.cache = cache
+        self.sizes = buckets(max_tokens, start=min(32, max_tokens))
+        self.max_graphs = max_graphs
+        self.max_context = max_context
+        device = model.device
+        size, longest = cache.block_size, self.sizes[-1]
+        self.padding_slots = cache.scratch_block * size + torch.arange(longest, device=device) % size
+        self.embeds = torch.zeros(longest, int(model.text_config.hidden_size), dtype=model.dtype, device=device)
+        self.positions = torch.zeros(3, longest, dtype=torch.long, device=device)
+        self.slots = self.padding_slots.clone()
+        self.blocks = torch.full((-(-max_context // size),), cache.scratch_block, dtype=torch.long, device=device)
+        self.last = torch.zeros(1, dtype=torch.long, device=device)
+        self._seen: collections.Counter[tuple[int, int]] = collections.Counter()
+        self._graphs: collections.OrderedDict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = collections.OrderedDict()
+        self.capture = device.type == "cuda"  # off a GPU the padded path runs eagerly (tests)
+        self._pool = torch.cuda.graph_pool_handle() if self.capture else None
+        self.disabled = False
+        self.replays = 0
+
+    def _forward(self, size: int, prefix: int) -> torch.Tensor:
+        context = prefix + size
+        chunk = PrefillChunk(0, size, self.blocks[: -(-context // self.cache.block_size)], context)
+        attention = AttentionBatch(self.cache, self.slots[:size], prefills=[chunk])
+        hidden = self.model.forward(self.embeds[:size], self.positions[:, :size], attention)
+        return self.model.logits(hidden.index_select(0, self.last))
+
+    def _capture(self, size: int, prefix: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        device = self.model.device
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm up kernels and allocator outside the capture
+                self._forward(size, prefix)
+        torch.cuda.current_stream(device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            logits = self._forward(size, prefix)
+        logger.debug("captured a prefill graph for %d tokens after %d cached", size, prefix)
+        return graph, logits
+
+    @torch.inference_mode()
+    def run(
+        self, embeds: torch.Tensor, positions: torch.Tensor, slots: list[int], blocks: list[int], prefix: int
+    ) -> torch.Tensor | None:
+        """Logits ``[1, vocab]`` of the chunk's last token, or None if it runs eagerly this time.
+
+        ``embeds``/``positions``/``slots`` are the chunk's tokens, which follow ``prefix`` cached
+        ones; ``blocks`` hold all of them.
+        """
+        tokens = embeds.shape[0]
+        if self.disabled or tokens > self.sizes[-1]:
+            return None
+        size = next(s for s in self.sizes if s >= tokens)
+        if prefix + size > self.max_context:
+            return None
+        key = (size, prefix)
+        if self.capture and key not in self._graphs:
+            self._seen[key] += 1
+            if self._seen[key] < 2:  # first sight: eagerly, so one-off pairs never pay for a capture
+                return None
+        width = -(-(prefix + size) // self.cache.block_size)
+        table = torch.full((width,), self.cache.scratch_block, dtype=torch.long)
+        table[: len(blocks)] = torch.tensor(blocks, dtype=torch.long)
+        self.embeds[:tokens].copy_(embeds)
+        self.positions[:, :tokens].copy_(positions, non_blocking=True)
+        self.slots[:tokens].copy_(torch.tensor(slots, dtype=torch.long), non_blocking=True)
+        self.slots[tokens:size].copy_(self.padding_slots[tokens:size])
+        self.blocks[:width].copy_(table, non_blocking=True)
+        self.last.fill_(tokens - 1)
+        if not self.capture:
+            self.replays += 1
+            return self._forward(size, prefix)
+        if key not in self._graphs:
+            try:
+                self._graphs[key] = self._capture(size, prefix)
+            except Exception as error:  # never fatal: eager steps compute the same thing
+                logger.warning("prefill graphs disabled: capture failed (%s: %s)", type(error).__name__, error)
+                self.disabled = True
+                self._graphs.clear()
+                return None
+            if len(self._graphs) > self.max_graphs:
+                self._graphs.popitem(last=False)
+        self._graphs.move_to_end(key)
+        graph, logits = self._graphs[key]
+        graph.replay()
+        self.replays += 1
+        return logits

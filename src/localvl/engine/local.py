@@ -25,7 +25,7 @@ from localvl.conversation import Conversation, GenerationRequest
 from localvl.engine.blocks import BlockManager
 from localvl.engine.constraints import Constraints, allowed_tokens
 from localvl.engine.bridge import Job, Outbox, Stream
-from localvl.engine.cuda_graphs import DecodeGraphs
+from localvl.engine.cuda_graphs import DecodeGraphs, PrefillGraphs
 from localvl.engine.vision_graphs import VisionGraphs
 from localvl.engine.detokenizer import IncrementalDetokenizer, special_token_ids, token_bytes
 from localvl.engine.events import (
@@ -102,8 +102,11 @@ class LocalEngine:
         if config.cuda_graphs and self.model.device.type == "cuda":
             max_blocks = -(-loaded.context_length // config.block_size)
             graphs = DecodeGraphs(self.model, self.kv_cache, config.max_num_seqs, min(max_blocks, self.kv_cache.num_blocks))
-        vision_graphs = VisionGraphs(self.model) if config.cuda_graphs and self.model.device.type == "cuda" else None
-        self.runner = StepRunner(self.model, self.kv_cache, self.image_cache, graphs, vision_graphs)
+        vision_graphs = prefill_graphs = None
+        if config.cuda_graphs and self.model.device.type == "cuda":
+            vision_graphs = VisionGraphs(self.model)
+            prefill_graphs = PrefillGraphs(self.model, self.kv_cache, budget)
+        self.runner = StepRunner(self.model, self.kv_cache, self.image_cache, graphs, vision_graphs, prefill_graphs)
         text = self.model.text_config
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         shape = (config.block_size, text.num_attention_heads, text.num_key_value_heads, head_dim)
@@ -193,6 +196,7 @@ class LocalEngine:
             "image_cache_hits": self.image_cache.hits,
             "graph_replays": self.runner.graphs.replays if self.runner.graphs else 0,
             "vision_graph_replays": self.runner.vision_graphs.replays if self.runner.vision_graphs else 0,
+            "prefill_graph_replays": self.runner.prefill_graphs.replays if self.runner.prefill_graphs else 0,
             "decode_kernel": int(self.runner.decode_kernel),
             "compiled": int(self.model.compiled),
             "failures": self.failures,

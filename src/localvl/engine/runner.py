@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from localvl.engine.blocks import ImageSpan
-from localvl.engine.cuda_graphs import DecodeGraphs
+from localvl.engine.cuda_graphs import DecodeGraphs, PrefillGraphs
 from localvl.engine.kv_cache import AttentionBatch, PagedKVCache, PrefillChunk, additive_mask
 from localvl.engine.positions import mrope_positions
 from localvl.engine.qwen_vl import ImageFeatures, PromptInputs, QwenVLRunner
@@ -105,12 +105,14 @@ class StepRunner:
         images: ImageCache,
         graphs: DecodeGraphs | None = None,
         vision_graphs: VisionGraphs | None = None,
+        prefill_graphs: PrefillGraphs | None = None,
     ) -> None:
         self.model = model
         self.cache = cache
         self.images = images
         self.graphs = graphs
         self.vision_graphs = vision_graphs
+        self.prefill_graphs = prefill_graphs
         self.decode_kernel = False  # set by the engine once triton_decode's self-test passed
         self.max_vision_patches = 16 * 1024  # sixteen 448 px images per vision-tower call
         self.images_encoded = 0
@@ -296,6 +298,12 @@ class StepRunner:
             positions[:, at : at + chunk.shape[1]] = chunk
         if tail_at:
             positions[:, tail_at] = torch.tensor(tail_positions, dtype=torch.long)
+        if self.prefill_graphs is not None and len(order) == 1 and order[0].count > 1 and deepstack is None:
+            s = order[0]  # one sequence's prefill chunk alone in its step
+            blocks = s.sequence.table.blocks[: -(-(s.start + s.count) // self.block_size)]
+            logits = self.prefill_graphs.run(embeds, positions, slots, blocks, s.start)
+            if logits is not None:
+                return ([s], logits) if s.samples else ([], None)
         hidden = self.model.forward(embeds, positions.to(device), attention, visual_mask, deepstack)
         if not samplers:
             return [], None
