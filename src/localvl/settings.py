@@ -83,7 +83,9 @@ class Settings(BaseSettings):
         "every core: no split); off: the OS places both",
     )
     cuda_graphs: bool = Field(
-        True, description="replay decode steps, and vision-tower calls of an image layout seen before, as CUDA graphs on a GPU"
+        True,
+        description="replay decode steps, a prompt's chunk alone in its step and vision-tower calls (the last two once "
+        "their shape is seen a second time) as CUDA graphs on a GPU",
     )
     cpu_kernel: bool = Field(
         True,

@@ -67,7 +67,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.85
     image_cache_memory: int = 512 << 20
     max_queue: int = 256  # waiting requests beyond this get 529 overloaded_error
-    cuda_graphs: bool = True  # replay decode steps and repeated vision-tower layouts as CUDA graphs (GPU only)
+    cuda_graphs: bool = True  # replay decode steps, lone prefill chunks and vision-tower calls as CUDA graphs (GPU only)
     cpu_kernel: bool = True  # decode attention by cpu_decode.py's compiled kernel (CPU only)
     compile: bool = False  # the text decoder through torch.compile (``QwenVLRunner``), compiled at start
     check_integrity: bool = False  # audit the block tables whenever the engine goes idle (tests)
