@@ -49,6 +49,25 @@ def test_concurrent_requests_with_images_equal_the_model_alone(engine, loaded_mo
     assert engine.info.model_type == "qwen2_5_vl"
 
 
+def test_a_compiled_decoder_in_the_engine_process_answers_as_the_model_alone(model_dir, loaded_model):
+    """As `localvl serve --compile` runs it: compiled (and warmed up) in the engine's own process."""
+    engine = start(model_dir("qwen2_5_vl"), compile=True)
+    convs = mixed_conversations(4)
+
+    async def body():
+        await engine.start()
+        try:
+            results = await asyncio.gather(*[collect(engine, c, f"compiled{i}") for i, c in enumerate(convs)])
+            await asyncio.sleep(0.3)  # the counters come back with the engine's next report
+            return results, engine.stats()
+        finally:
+            await engine.stop()
+
+    results, stats = asyncio.run(body())
+    assert stats["compiled"] == 1
+    assert_matches_reference(loaded_model("qwen2_5_vl"), convs, results)
+
+
 def test_counts_and_records_come_back_from_the_engine_process(engine):
     records = []
     engine.observers.append(records.append)
