@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import collections
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 import torch
 
@@ -28,6 +28,24 @@ logger = logging.getLogger(__name__)
 # Above this many (rows x context slots) a replay would hold a large gathered copy of the cache in
 # the graph's memory pool; such steps run eagerly.
 MAX_GRAPH_SLOTS = 1 << 19
+
+
+T = TypeVar("T")
+
+
+def capture(forward: Callable[[], T], device: torch.device, pool: Any = None) -> tuple[torch.cuda.CUDAGraph, T]:
+    """Run ``forward`` twice on a side stream (kernels and allocator warmed up outside the capture),
+    then capture a third run; returns the graph and that run's outputs, which each replay rewrites."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            forward()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = forward()
+    return graph, out
 
 
 def buckets(limit: int, start: int = 1) -> list[int]:
@@ -112,17 +130,8 @@ class DecodeGraphs:
         return self.model.logits(hidden)
 
     def _capture(self, batch: int, width: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        stream = torch.cuda.Stream(self.model.device)
-        stream.wait_stream(torch.cuda.current_stream(self.model.device))
-        with torch.cuda.stream(stream):
-            for _ in range(2):  # warm up kernels and allocator outside the capture
-                self._forward(batch, width)
-        torch.cuda.current_stream(self.model.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            logits = self._forward(batch, width)
-        logger.debug("captured a decode graph for batch %d, %d blocks", batch, width)
-        return graph, logits
+        logger.debug("capturing a decode graph for batch %d, %d blocks", batch, width)
+        return capture(lambda: self._forward(batch, width), self.model.device, self._pool)
 
     @torch.inference_mode()
     def run(self, ids: list[int], positions: torch.Tensor, slots: list[int], blocks: list[list[int]], lengths: list[int]) -> torch.Tensor | None:
@@ -213,20 +222,6 @@ class PrefillGraphs:
         hidden = self.model.forward(self.embeds[:size], self.positions[:, :size], attention)
         return self.model.logits(hidden.index_select(0, self.last))
 
-    def _capture(self, size: int, prefix: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        device = self.model.device
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
-            for _ in range(2):  # warm up kernels and allocator outside the capture
-                self._forward(size, prefix)
-        torch.cuda.current_stream(device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            logits = self._forward(size, prefix)
-        logger.debug("captured a prefill graph for %d tokens after %d cached", size, prefix)
-        return graph, logits
-
     @torch.inference_mode()
     def run(
         self, embeds: torch.Tensor, positions: torch.Tensor, slots: list[int], blocks: list[int], prefix: int
@@ -261,7 +256,7 @@ class PrefillGraphs:
             return self._forward(size, prefix)
         if key not in self._graphs:
             try:
-                self._graphs[key] = self._capture(size, prefix)
+                self._graphs[key] = capture(lambda: self._forward(size, prefix), self.model.device, self._pool)
             except Exception as error:  # never fatal: eager steps compute the same thing
                 logger.warning("prefill graphs disabled: capture failed (%s: %s)", type(error).__name__, error)
                 self.disabled = True

@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from localvl.engine.cuda_graphs import capture
+
 if TYPE_CHECKING:
     from localvl.engine.qwen_vl import ImageFeatures, QwenVLRunner
 
@@ -112,14 +114,9 @@ class VisionGraphs:
         if not self.capture:
             return graph
         graph.pixels.copy_(pixel_values)
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
-            for _ in range(2):  # warm up kernels and allocator; the first also groups the segments
-                model.tower(graph.pixels, graph.device_grids, graph.layout, graph.groups)
-        torch.cuda.current_stream(device).wait_stream(stream)
-        graph.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph.graph):
-            graph.pooled, graph.deepstack = model.tower(graph.pixels, graph.device_grids, graph.layout, graph.groups)
+        # The first warm-up run also groups the segments, so the captured run copies nothing to the GPU.
+        graph.graph, (graph.pooled, graph.deepstack) = capture(
+            lambda: model.tower(graph.pixels, graph.device_grids, graph.layout, graph.groups), device
+        )
         logger.debug("captured a vision graph for %d patches", pixel_values.shape[0])
         return graph
