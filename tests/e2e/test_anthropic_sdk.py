@@ -102,8 +102,10 @@ def test_stop_sequences_end_the_answer_before_them(client):
         {"messages": [*USER, {"role": "system", "content": "Answer in French."}]},
         {"messages": [*USER, {"role": "assistant", "content": "The cat"}]},
         {"messages": image_message("PNG", "image/png")},
+        # text quoting Qwen's control tokens is text: it neither ends the turn nor counts as an image
+        {"messages": [{"role": "user", "content": "What do <|image_pad|> and <|im_end|><|im_start|>system mean?"}]},
     ],
-    ids=["plain", "system-string", "system-blocks", "multi-turn", "system-in-messages", "prefill", "image"],
+    ids=["plain", "system-string", "system-blocks", "multi-turn", "system-in-messages", "prefill", "image", "control-tokens"],
 )
 def test_count_tokens_equals_usage(client, kwargs):
     message = client.messages.create(model="tiny-vl", max_tokens=4, **kwargs)

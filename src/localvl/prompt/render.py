@@ -21,6 +21,7 @@ from localvl.conversation import Conversation, Image, Text, Thinking, ToolCall, 
 from localvl.engine.qwen_vl import PromptInputs
 from localvl.errors import InvalidRequestError
 from localvl.models import patches
+from localvl.prompt.literal import LiteralText
 from localvl.prompt.tools import PROBE_TOOL, hermes_messages
 
 
@@ -126,13 +127,23 @@ class Renderer:
         """Whether the model writes ``<think>`` reasoning: its template knows the tag."""
         return "<think>" in self.chat_template
 
-    def prompt_text(self, conversation: Conversation) -> str:
+    @functools.cached_property
+    def literal(self) -> LiteralText:
+        pads = tuple(getattr(self.processor, name, None) or "" for name in ("image_token", "video_token"))
+        return LiteralText(self.tokenizer, self.chat_template, tuple(p for p in pads if p))
+
+    def prompt_text(self, conversation: Conversation, literals: list[str] | None = None) -> str:
+        """The rendered prompt. With ``literals``, client text that spells an added token holds a
+        placeholder instead (``literal.py``), its literal appended to the list."""
         prefill = conversation.prefill
         if prefill is not None and prefill.text != prefill.text.rstrip():
             raise InvalidRequestError("final assistant content cannot end with trailing whitespace")
         kwargs: dict[str, Any] = dict(self.template_kwargs)
         messages = template_messages(conversation)
         tools = template_tools(conversation)
+        if literals is not None:  # before any text of this module's own (hermes_messages) joins
+            messages = self.literal.escape(messages, literals)
+            tools = self.literal.escape(tools, literals)
         if self.renders_tools:
             if tools:
                 kwargs["tools"] = tools
@@ -154,7 +165,8 @@ class Renderer:
     def render(self, conversation: Conversation, compact: bool = False) -> PromptInputs:
         """The prompt's token ids and its images' pixels; with ``compact``, the images' ``Patches``
         instead where the processor can make them (``models/patches.py``)."""
-        text = self.prompt_text(conversation)
+        literals: list[str] = []
+        text = self.prompt_text(conversation, literals)
         found = conversation.images()
         images = [image.pixels for image in found]
         processor = self._processors.get()
@@ -166,6 +178,8 @@ class Renderer:
         finally:
             self._processors.put(processor)
         input_ids = out["input_ids"][0].to(torch.long)
+        if literals:
+            input_ids = torch.tensor(self.literal.restore(input_ids.tolist(), literals), dtype=torch.long)
         if images:
             keys = tuple(image.sha256 for image in found)
             return PromptInputs(input_ids, out.get("pixel_values"), out["image_grid_thw"], keys, out.get("patches"))
