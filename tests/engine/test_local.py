@@ -4,10 +4,10 @@ import time
 
 import pytest
 
-from localvl.conversation import Conversation, GenerationRequest, Image, SamplingParams, Text, Turn
+from localvl.conversation import Conversation, GenerationRequest, SamplingParams, Text, Turn
 from localvl.engine.events import Finished, TextDelta
 from localvl.engine.local import EngineConfig, LocalEngine
-from localvl.errors import InvalidRequestError
+from localvl.errors import InternalError, InvalidRequestError
 from localvl.media.images import load_image
 from localvl.prompt.render import Renderer
 from tests.engine.reference import reference_text
@@ -130,6 +130,61 @@ def test_seeded_sampling_is_reproducible(loaded_model):
 
     a, b, c = run(with_engine(loaded, body))
     assert a == b and a != c
+
+
+def test_seeds_past_64_bits_are_folded_into_them_and_the_engine_goes_on(loaded_model):
+    loaded = loaded_model("qwen2_5_vl")
+    conv = conversation()
+
+    async def body(engine):
+        runs = []
+        for seed in (7, 2**64 + 7, -(2**70), 2**63 - 1):
+            _, events = await asyncio.wait_for(generate(engine, conv, temperature=1.0, seed=seed, max_tokens=24), 60)
+            assert isinstance(events[-1], Finished)
+            runs.append("".join(e.text for e in events if isinstance(e, TextDelta)))
+        return runs
+
+    seven, folded, _, _ = run(with_engine(loaded, body))
+    assert folded == seven  # 2**64 + 7 is 7 in 64 bits
+
+
+def test_a_request_whose_admission_fails_fails_alone(loaded_model, monkeypatch):
+    loaded = loaded_model("qwen2_5_vl")
+
+    async def body(engine):
+        admit = engine._admit
+
+        def failing(seq):
+            if seq.id == "bad":
+                raise ValueError("a bug in admission")
+            admit(seq)
+
+        monkeypatch.setattr(engine, "_admit", failing)
+        with pytest.raises(InternalError):  # within a minute: a dead engine thread hangs every request
+            await asyncio.wait_for(generate(engine, conversation(), "bad"), 60)
+        _, events = await asyncio.wait_for(generate(engine, conversation(), "good"), 60)
+        return events, engine.alive, engine.stats()["waiting"]
+
+    events, alive, waiting = run(with_engine(loaded, body))
+    assert isinstance(events[-1], Finished) and alive and waiting == 0
+
+
+def test_a_vanishing_temperature_samples_greedily_beside_other_requests(loaded_model):
+    loaded = loaded_model("qwen2_5_vl")
+    conv = conversation()
+
+    async def body(engine):
+        greedy = await generate(engine, conv, "greedy", temperature=0.0, max_tokens=12)
+        tiny, other = await asyncio.wait_for(asyncio.gather(
+            generate(engine, conv, "tiny", temperature=1e-40, max_tokens=12),
+            generate(engine, conversation("another question"), "other", temperature=1.0, seed=3, max_tokens=12),
+        ), 60)
+        return greedy[1], tiny[1], other[1]
+
+    greedy, tiny, other = run(with_engine(loaded, body))
+    text = lambda events: "".join(e.text for e in events if isinstance(e, TextDelta))  # noqa: E731
+    assert isinstance(tiny[-1], Finished) and isinstance(other[-1], Finished)
+    assert text(tiny) == text(greedy)
 
 
 def test_closing_a_stream_stops_its_generation(loaded_model):

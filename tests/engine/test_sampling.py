@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 import torch
 
-from localvl.engine.sampling import ResolvedSampling, sample_next
+from localvl.engine.sampling import ResolvedSampling, generator_seed, sample_batch, sample_next
 
 LOGITS = torch.tensor([0.3, 2.0, -1.0, 1.2, 0.9, 1.7, -0.4, 0.0])
 ARGMAX = 1
@@ -24,6 +24,19 @@ def test_temperature_zero_is_argmax():
 
 def test_negative_temperature_is_treated_as_greedy():
     assert sample_next(LOGITS, ResolvedSampling(temperature=-1.0)) == ARGMAX
+
+
+@pytest.mark.parametrize("temperature", [1e-40, 5e-324, 1e-6])
+def test_a_vanishing_temperature_is_greedy_not_a_nan(temperature):
+    params = ResolvedSampling(temperature=temperature)
+    assert set(draws(LOGITS * 100, params, n=5)) == {ARGMAX}
+    assert sample_batch(LOGITS.expand(2, -1), [params, ResolvedSampling(temperature=1.0)], torch.Generator().manual_seed(0))[0] == ARGMAX
+
+
+def test_seeds_fold_into_what_torch_takes():
+    assert generator_seed(7) == 7 and generator_seed(-1) == -1 and generator_seed(2**64 - 1) == 2**64 - 1
+    assert generator_seed(2**64 + 7) == 7 and 0 <= generator_seed(-(2**70)) < 2**64
+    torch.Generator().manual_seed(generator_seed(-(2**63) - 1))  # in range now
 
 
 def test_top_k_one_is_argmax_at_any_temperature():
@@ -123,7 +136,6 @@ def test_lower_temperature_sharpens_the_distribution():
 
 
 # sample_batch: many rows, each under its own parameters, in one set of tensor operations.
-from localvl.engine.sampling import sample_batch  # noqa: E402
 
 
 def batch_draws(rows_params, n=300, seed=0):

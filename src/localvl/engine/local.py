@@ -43,7 +43,7 @@ from localvl.engine.kv_cache import PagedKVCache
 from localvl.engine.protocol import ModelInfo
 from localvl.engine.qwen_vl import QwenVLRunner
 from localvl.engine.runner import StepRunner
-from localvl.engine.sampling import apply_penalties, sample_batch, sample_next
+from localvl.engine.sampling import apply_penalties, generator_seed, sample_batch, sample_next
 from localvl.engine.scheduler import Scheduled, Scheduler
 from localvl.engine.sequence import Sequence
 from localvl.engine.stops import StopMatcher
@@ -303,7 +303,13 @@ class LocalEngine:
                             self._outbox.flush()
                             return
                         continue
-                    self._admit(seq)
+                    try:
+                        self._admit(seq)
+                    except Exception as error:  # a bug guard: this request fails, the engine goes on
+                        logger.error("admitting a request failed: %s", type(error).__name__)
+                        logger.debug("admission failure", exc_info=True)
+                        seq.payload.emit(InternalError("the engine could not take this request"))
+                        self._finish(seq)
             except queue.Empty:
                 pass
             try:
@@ -333,7 +339,7 @@ class LocalEngine:
         job.detokenizer = IncrementalDetokenizer(self._tokenizer, self._skip_ids)
         job.stops = StopMatcher(job.stop_sequences)
         if job.seed is not None:
-            job.generator = torch.Generator(device=self.model.device).manual_seed(job.seed)
+            job.generator = torch.Generator(device=self.model.device).manual_seed(generator_seed(job.seed))
         self.scheduler.add(seq)
 
     def _drop_cancelled(self) -> None:
@@ -429,7 +435,7 @@ class LocalEngine:
                                              "admit no output this model can produce"))
                 self._finish(s.sequence)
                 continue
-            if job.generator is not None and job.sampling.temperature > 0 and job.sampling.top_k != 1:
+            if job.generator is not None and not job.sampling.greedy:
                 tokens[row] = sample_next(logits[row], job.sampling, job.generator)
             if job.forced:  # e.g. the end of thinking, once its budget is spent
                 tokens[row] = job.forced.pop(0)

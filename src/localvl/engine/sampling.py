@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+MIN_TEMPERATURE = 1e-5  # below this, sampling is greedy (logits of ~1e2 stay far from float32's 3.4e38)
+
 
 @dataclass(frozen=True)
 class ResolvedSampling:
@@ -19,14 +21,26 @@ class ResolvedSampling:
     frequency_penalty: float = 0.0  # OpenAI's: tokens already generated, per occurrence
 
     @property
+    def greedy(self) -> bool:
+        """Argmax: temperature 0, top_k 1, or a temperature so small that dividing float32 logits
+        by it overflows (1e-40 did) — greedy is sampling's limit as the temperature goes to 0."""
+        return self.temperature < MIN_TEMPERATURE or self.top_k == 1
+
+    @property
     def penalised(self) -> bool:
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+
+def generator_seed(seed: int) -> int:
+    """A request's seed as ``torch.Generator.manual_seed`` takes it: any integer, folded into 64 bits
+    (the ones it takes as they are; 2**64 had the engine thread die mid-admission)."""
+    return seed if -(2**63) <= seed < 2**64 else seed % 2**64
 
 
 def sample_next(logits: torch.Tensor, params: ResolvedSampling, generator: torch.Generator | None = None) -> int:
     """One token id from a 1-D logits vector (ids that must never be produced already at -inf)."""
     logits = logits.float()
-    if params.temperature <= 0 or params.top_k == 1:
+    if params.greedy:
         return int(torch.argmax(logits))
     logits = logits / params.temperature
     if 0 < params.top_k < logits.numel():
@@ -72,7 +86,7 @@ def sample_batch(
     """
     logits = logits.float()
     chosen = torch.argmax(logits, dim=-1)
-    rows = [i for i, p in enumerate(params) if p.temperature > 0 and p.top_k != 1]
+    rows = [i for i, p in enumerate(params) if not p.greedy]
     if not rows:
         return chosen.tolist()
     device = logits.device

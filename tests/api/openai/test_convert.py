@@ -1,3 +1,4 @@
+import pydantic
 import pytest
 
 from localvl.api.openai.convert import UNLIMITED, conversation_from, generation_requests
@@ -63,6 +64,14 @@ def test_one_request_per_choice_with_consecutive_seeds_and_stop_strings():
     assert [r.sampling.seed for r in requests] == [10, 11, 12]
     assert all(r.sampling.stop_sequences == ("END",) and r.sampling.max_tokens == 7 for r in requests)
     assert generation_requests("c", body())[0].sampling.max_tokens == UNLIMITED
+
+
+def test_n_null_is_one_choice_and_a_seed_must_fit_64_bits():
+    assert len(generation_requests("c", body(n=None))) == 1
+    assert generation_requests("c", body(seed=-(2**63)))[0].sampling.seed == -(2**63)
+    for seed in (2**63, -(2**63) - 1, 2**64):
+        with pytest.raises(pydantic.ValidationError, match="seed"):
+            body(seed=seed)
 
 
 def test_penalties_pass_through_and_unknown_fields_are_accepted():

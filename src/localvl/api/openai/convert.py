@@ -226,7 +226,7 @@ def generation_requests(
         t["function"]["name"] for t in body.tools or () if isinstance(t, dict) and (t.get("function") or {}).get("strict")
     )
     requests = []
-    for index in range(body.n):
+    for index in range(body.n or 1):
         sampling = SamplingParams(
             max_tokens=body.max_completion_tokens or body.max_tokens or UNLIMITED,
             temperature=body.temperature,
