@@ -58,6 +58,19 @@ def test_forced_tool_calls_validate_against_their_schemas(client, seed):
         assert [c.name for c in calls] == ["get_weather"]
 
 
+@pytest.mark.parametrize("max_tokens", [1, 3, 6, 12])
+def test_a_tool_call_cut_off_by_max_tokens_is_an_incomplete_tool_use_never_markup(client, max_tokens):
+    kwargs = dict(model="tiny-vl", max_tokens=max_tokens, messages=ASK, extra_body={"temperature": 0},
+                  tools=[WEATHER], tool_choice={"type": "tool", "name": "get_weather"})
+    message = client.messages.create(**kwargs)
+    with client.messages.stream(**kwargs) as stream:
+        streamed = stream.get_final_message()
+    for answer in (message, streamed):
+        assert answer.stop_reason == "max_tokens"
+        assert all(b.type == "tool_use" and b.name == "get_weather" for b in answer.content)
+    assert [b.input for b in streamed.content] == [b.input for b in message.content]
+
+
 def test_streamed_tool_input_equals_the_final_input(client):
     with client.messages.stream(model="tiny-vl", max_tokens=300, messages=ASK, extra_body={"temperature": 1.0},
                                 tools=[WEATHER, CLOCK], tool_choice={"type": "any"}) as stream:

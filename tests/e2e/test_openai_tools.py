@@ -44,6 +44,15 @@ def test_forced_tool_calls_validate_and_finish_with_tool_calls(oai, choice):
         jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
 
 
+@pytest.mark.parametrize("max_tokens", [2, 8])
+def test_a_tool_call_cut_off_by_max_tokens_leaves_no_markup_in_content(oai, max_tokens):
+    completion = oai.chat.completions.create(model="tiny-vl", messages=ASK, tools=[WEATHER], tool_choice="required",
+                                             max_tokens=max_tokens, temperature=0)
+    choice = completion.choices[0]
+    assert choice.finish_reason == "length" and not choice.message.content
+    assert all(call.function.name == "get_weather" for call in choice.message.tool_calls or [])
+
+
 def test_streamed_tool_call_arguments_concatenate_to_the_final_arguments(oai):
     stream = oai.chat.completions.create(model="tiny-vl", messages=ASK, tools=[WEATHER], tool_choice="required",
                                          temperature=1.0, seed=7, max_tokens=300, stream=True)

@@ -13,7 +13,7 @@ from localvl.prompt.outputs import (
 )
 
 
-def run(parser: OutputParser, text: str, pieces_of: list[int] | None = None) -> list:
+def run(parser: OutputParser, text: str, pieces_of: list[int] | None = None, truncated: bool = False) -> list:
     """Feed ``text`` in random-sized pieces; merge adjacent text/thinking pieces for comparison."""
     rng = random.Random(len(text))
     out = []
@@ -22,7 +22,7 @@ def run(parser: OutputParser, text: str, pieces_of: list[int] | None = None) -> 
         size = rng.randint(1, 7)
         out += parser.feed(text[at : at + size])
         at += size
-    out += parser.finish()
+    out += parser.finish(truncated)
     merged: list = []
     for piece in out:
         if merged and type(piece) is type(merged[-1]) and not isinstance(piece, ToolCallPiece):
@@ -79,9 +79,28 @@ def test_a_tool_call_that_does_not_parse_stays_text(body):
     assert run(OutputParser(tools=True, thinking=False), text) == [TextPiece(text)]
 
 
-def test_cut_off_inside_a_tool_call_returns_the_text():
-    text = 'ok <tool_call>{"name": "f", "argu'
-    assert run(OutputParser(tools=True, thinking=False), text) == [TextPiece(text)]
+@pytest.mark.parametrize(
+    "cut, expected",
+    [
+        ('{"name": "f", "argu', ToolCallPiece("f", {})),
+        ('\n{"name": "get_weather", "arguments": {"city": "Par', ToolCallPiece("get_weather", {"city": "Par"})),
+        ('{"name": "f", "arguments": {"days": [1, 2', ToolCallPiece("f", {"days": [1, 2]})),
+        ('{"name": "f", "arguments": {"a": {"b": "c\\"', ToolCallPiece("f", {"a": {"b": 'c"'}})),
+        ('{"name": "f", "arguments": {"a": 1, "ke', ToolCallPiece("f", {"a": 1})),
+        ('{"name": "f", "arguments": "{\\"a', ToolCallPiece("f", {})),
+    ],
+)
+def test_cut_off_inside_a_named_tool_call_returns_the_incomplete_call(cut, expected):
+    # as Anthropic's API returns a tool_use block cut off by max_tokens: never Qwen's markup as text
+    assert run(OutputParser(tools=True, thinking=False), "ok <tool_call>" + cut, truncated=True) == [TextPiece("ok"), expected]
+    # the model ended its turn inside the call: nothing of it runs
+    assert run(OutputParser(tools=True, thinking=False), "ok <tool_call>" + cut) == [TextPiece("ok")]
+
+
+@pytest.mark.parametrize("cut", ["", "\n", '\n{"', '{"name": ', '{"name": "get_wea'])
+def test_cut_off_before_a_tool_call_is_named_returns_no_markup(cut):
+    assert run(OutputParser(tools=True, thinking=False), "ok <tool_call>" + cut, truncated=True) == [TextPiece("ok")]
+    assert run(OutputParser(tools=True, thinking=False), "<tool_call>" + cut, truncated=True) == []
 
 
 def test_cut_off_inside_thinking_returns_the_thinking():

@@ -538,7 +538,7 @@ class LocalEngine:
             if job.stops.matched is not None:
                 reason = "stop_sequence"
         if job.parser is not None:
-            self._emit_pieces(job, job.parser.finish())
+            self._emit_pieces(job, job.parser.finish(truncated=reason in ("max_tokens", "context_window")))
             if reason == "eos" and job.parser.tool_calls:
                 reason = "tool_use"
         if job.pending_logprobs:

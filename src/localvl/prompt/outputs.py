@@ -4,14 +4,18 @@ Qwen models answer tool calls as ``<tool_call>{"name": …, "arguments": {…}}<
 style, every Qwen-VL template that knows tools asks for it) and reason inside ``<think>…</think>``;
 both tags are ordinary added tokens, so they arrive as text. ``OutputParser`` is fed the generated
 text piece by piece and returns what each piece completes. A tool call is returned whole, once its
-closing tag arrives and its JSON parses; anything that does not parse (a model that opened a tool
-call and wrote nonsense, or ran out of tokens inside one) is returned as the text it was, so
-nothing the model said is lost.
+closing tag arrives and its JSON parses; a closed call that does not parse (a model that opened a
+tool call and wrote nonsense) is returned as the text it was, so nothing the model said is lost.
+A call cut off by the token limit is returned as the incomplete call it is, as Anthropic's API
+returns one (the stop reason, ``max_tokens``, says it is incomplete): its name, and as much of its
+arguments as parses. A call left open when the model ended its turn, or cut off before its name
+was whole, is dropped: an unfinished call must not run as if whole, and markup is never text.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import string
 from dataclasses import dataclass
@@ -65,6 +69,48 @@ def parse_tool_call(body: str) -> ToolCallPiece | None:
     return ToolCallPiece(value["name"], arguments)
 
 
+_NAME = re.compile(r'^\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)+)"')
+
+
+def _closed(prefix: str) -> str:
+    """``prefix`` with its open string, arrays and objects closed."""
+    closers: list[str] = []
+    in_string = escaped = False
+    for char in prefix:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "{[":
+            closers.append("}" if char == "{" else "]")
+        elif char in "}]" and closers:
+            closers.pop()
+    return prefix + ('"' if in_string else "") + "".join(reversed(closers))
+
+
+def parse_cut_tool_call(body: str) -> ToolCallPiece | None:
+    """A tool call cut off inside ``body``: its name if written whole, and the longest prefix of its
+    arguments that parses once closed (trimmed back up to 64 characters; else no arguments)."""
+    named = _NAME.match(body)
+    if named is None:
+        return None
+    name = json.loads(f'"{named.group(1)}"')
+    for cut in range(len(body), max(named.end(), len(body) - 64) - 1, -1):
+        try:
+            value = json.loads(_closed(body[:cut].rstrip().rstrip(",:")))
+        except ValueError:
+            continue
+        if isinstance(value, dict):
+            arguments = value.get("arguments", value.get("parameters", {}))
+            return ToolCallPiece(name, arguments if isinstance(arguments, dict) else {})
+    return ToolCallPiece(name, {})
+
+
 def _partial_tag_at(text: str, tags: tuple[str, ...]) -> int:
     """Where a suffix of ``text`` that could still grow into one of ``tags`` starts (len if none)."""
     for start in range(max(0, len(text) - max(len(t) for t in tags) + 1), len(text)):
@@ -113,15 +159,20 @@ class OutputParser:
                 break
         return pieces
 
-    def finish(self) -> list[Piece]:
-        """The end of generation: whatever is still held back, as what it was."""
+    def finish(self, truncated: bool = False) -> list[Piece]:
+        """The end of generation: whatever is still held back, as what it was. ``truncated``: the
+        token limit ended it (so a tool call it cut off is returned, incomplete)."""
         pieces: list[Piece] = []
         buffer, self._buffer = self._buffer, ""
         if self._state == "think":
             if buffer:
                 pieces.append(ThinkingPiece(buffer))
-        elif self._state == "tool":  # cut off inside a tool call: it was text after all
-            self._text(TOOL_OPEN + buffer, pieces)
+        elif self._state == "tool":  # ended inside a tool call
+            call = parse_cut_tool_call(buffer) if truncated else None
+            self._held_space = ""  # it came before a tool call, as whitespace before a whole one
+            if call is not None:
+                self.tool_calls += 1
+                pieces.append(call)
         else:
             self._text(buffer, pieces)
         if self._held_space and self.tool_calls == 0 and self._texted:  # the answer ends as the model ended it
