@@ -406,3 +406,22 @@ def test_works_from_a_parsed_json_body():
 def test_count_tokens_request_converts_too():
     raw = json.dumps({"model": "m", "messages": [USER]}).encode()
     assert roles(conversation_from(parse_body(CountTokensRequest, raw))) == ["user"]
+
+
+def test_images_and_documents_belong_to_user_turns():
+    for block in (image_block("PNG", "image/png"), {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "x"}}):
+        message = refused([{"role": "user", "content": "hi"}, {"role": "assistant", "content": [block]}, {"role": "user", "content": "q"}])
+        assert message == f"messages.1.content.0: {block['type']} blocks may only appear in user messages"
+
+
+@pytest.mark.parametrize(
+    "tools, message",
+    [
+        ([{"name": "f", "input_schema": {"type": "string"}}], "tools.0.input_schema.type: Input should be 'object'"),
+        ([{"name": "f", "input_schema": {"type": "object"}}, {"name": "f", "input_schema": {"type": "object"}}],
+         "tools.1.name: tool names must be unique"),
+    ],
+)
+def test_tools_a_call_could_not_honour_are_refused(tools, message):
+    assert refused([{"role": "user", "content": "hi"}], tools=tools).startswith(message)
+    assert convert([{"role": "user", "content": "hi"}], tools=[{"name": "g", "input_schema": {"properties": {}}}]).tools[0].name == "g"

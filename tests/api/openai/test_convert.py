@@ -51,6 +51,10 @@ def test_roles_map_to_turns_and_consecutive_ones_merge():
          "content parts of type 'input_audio' are not supported yet"),
         ({"messages": [{"role": "system", "content": "only a system prompt"}]}, "at least one user message"),
         ({"messages": [{"role": "user", "content": ""}]}, "messages.0.content: user messages must have non-empty content"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]},
+         'tools.0.function.parameters: must be a JSON schema of type "object"'),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}, {"type": "function", "function": {"name": "f"}}]},
+         "tools.1.function.name: function names must be unique"),
     ],
 )
 def test_what_cannot_be_honoured_is_a_clear_400(fields, message):

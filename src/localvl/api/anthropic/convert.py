@@ -187,6 +187,9 @@ def _parts(role: str, content: str | list[Any], where: str, verify: Verifier | N
         at = f"{where}.content.{j}"
         if isinstance(block, s.TextBlockParam) and not block.text and role != "assistant":
             raise InvalidRequestError(f"{at}.text: text content blocks must be non-empty")
+        if role == "assistant" and isinstance(block, (s.ImageBlockParam, s.DocumentBlockParam)):
+            # a model's turn is text it wrote: the templates render no images there
+            raise InvalidRequestError(f"{at}: {block.type} blocks may only appear in user messages")
         readable = _readable(block, at)
         if readable is not None:
             parts.extend(readable)
@@ -266,7 +269,16 @@ def _conversation(body: s._ConversationFields, verify: Verifier | None) -> Conve
 
 def _tools(tools: Sequence[s.ToolParam]) -> list[Tool]:
     # Anthropic's server tools (web search, code execution, ...) have no schema and no local runner.
-    return [Tool(t.name, t.description, t.input_schema) for t in tools if t.input_schema is not None]
+    out: list[Tool] = []
+    for k, t in enumerate(tools):
+        if t.input_schema is None:
+            continue
+        if t.input_schema.get("type", "object") != "object":  # a call's input is always an object
+            raise InvalidRequestError(f"tools.{k}.input_schema.type: Input should be 'object'")
+        if any(t.name == seen.name for seen in out):
+            raise InvalidRequestError(f"tools.{k}.name: tool names must be unique ({t.name!r} appears twice)")
+        out.append(Tool(t.name, t.description, t.input_schema))
+    return out
 
 
 def _thinking(thinking: dict[str, Any] | None) -> tuple[bool | None, int | None]:

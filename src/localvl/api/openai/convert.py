@@ -171,8 +171,10 @@ def _tools(tools: list[Any] | None) -> list[Tool]:
         if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
             raise InvalidRequestError(f"{at}.function.name: a function tool needs a name")
         parameters = function.get("parameters") or {"type": "object", "properties": {}}
-        if not isinstance(parameters, dict):
-            raise InvalidRequestError(f"{at}.function.parameters: must be a JSON schema object")
+        if not isinstance(parameters, dict) or parameters.get("type", "object") != "object":
+            raise InvalidRequestError(f'{at}.function.parameters: must be a JSON schema of type "object"')
+        if any(function["name"] == seen.name for seen in out):
+            raise InvalidRequestError(f"{at}.function.name: function names must be unique ({function['name']!r} appears twice)")
         out.append(Tool(function["name"], function.get("description"), parameters))
     return out
 
