@@ -52,6 +52,34 @@ def test_an_encrypted_pdf_is_refused_as_such(tmp_path):
         pdf_parts(encrypted, "doc")
 
 
+def test_an_empty_pdf_is_not_blamed_for_the_document_before_it():
+    # PDFium's last error is process-wide: it used to call an empty PDF "encrypted" after an encrypted one
+    import io
+
+    import pypdfium2
+
+    empty = io.BytesIO()
+    pypdfium2.PdfDocument.new().save(empty)
+    encrypted = _encrypted_pdf()
+    for earlier in ([encrypted] if encrypted is not None else []) + [b"%PDF-1.4\ngarbage"]:
+        with pytest.raises(InvalidRequestError):
+            pdf_parts(earlier, "earlier")
+        with pytest.raises(InvalidRequestError) as caught:
+            pdf_parts(empty.getvalue(), "doc")
+        assert caught.value.message == "doc: the PDF could not be read: it is damaged or has no pages"
+
+
+def test_pdfs_converted_on_many_threads_at_once_all_come_out_whole():
+    from concurrent.futures import ThreadPoolExecutor
+
+    documents = [pdf_bytes([f"page {i}-{j}" for j in range(3)]) for i in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda data: pdf_parts(data, "doc"), documents * 3))
+    for i, parts in enumerate(results):
+        texts = "".join(p.text for p in parts if isinstance(p, Text))
+        assert all(f"page {i % 8}-{j}" in texts for j in range(3))
+
+
 def _encrypted_pdf() -> bytes | None:
     # A standard-security-handler PDF (RC4 40-bit, user password "secret"), built by hand.
     import hashlib

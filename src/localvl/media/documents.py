@@ -5,18 +5,27 @@ read, so both go in: ``Page N:``, the page rendered with pypdfium2 at up to 150 
 budget per page (the model's own limit, and ``page_pixels``), then the page's text. Each page image
 is keyed by the PDF's hash and the page number, so the same PDF sent again hits the image cache and
 the prefix cache.
+
+PDFium is not thread-safe (pypdfium2 says so) and its last error is process-wide, so one lock
+serialises every use of it: two PDFs converted at once on the server's worker threads could crash
+the process, and a failed load reported whatever error the previous document had left behind
+(an empty PDF was called "encrypted" after someone else's password-protected one). Messages
+therefore never quote PDFium.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import threading
 from dataclasses import dataclass
+from typing import Any
 
 from localvl.conversation import Image, Text
 from localvl.errors import InvalidRequestError
 
 DPI = 150
+_PDFIUM = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -38,12 +47,17 @@ def pdf_parts(data: bytes, where: str, options: PdfOptions | None = None) -> lis
         raise InvalidRequestError(f"{where}: the PDF is {len(data)} bytes; at most {options.max_bytes} are accepted")
     if not data.lstrip()[:5] == b"%PDF-":
         raise InvalidRequestError(f"{where}: the data is not a PDF")
+    with _PDFIUM:
+        return _pages(pdfium, data, where, options)
+
+
+def _pages(pdfium: Any, data: bytes, where: str, options: PdfOptions) -> list[Text | Image]:
     try:
         document = pdfium.PdfDocument(data)
-    except pdfium.PdfiumError as error:
-        if "password" in str(error).lower():
+    except pdfium.PdfiumError:
+        if b"/Encrypt" in data:
             raise InvalidRequestError(f"{where}: the PDF is encrypted; send it without a password") from None
-        raise InvalidRequestError(f"{where}: the PDF could not be read ({error})") from None
+        raise InvalidRequestError(f"{where}: the PDF could not be read: it is damaged or has no pages") from None
     digest = hashlib.sha256(data).hexdigest()
     try:
         pages = len(document)
@@ -63,8 +77,8 @@ def pdf_parts(data: bytes, where: str, options: PdfOptions | None = None) -> lis
                 textpage = page.get_textpage()
                 text = textpage.get_text_bounded().replace("\r\n", "\n").strip()
                 textpage.close()
-            except pdfium.PdfiumError as error:
-                raise InvalidRequestError(f"{where}: page {index + 1} of the PDF could not be rendered ({error})") from None
+            except pdfium.PdfiumError:
+                raise InvalidRequestError(f"{where}: page {index + 1} of the PDF could not be rendered") from None
             finally:
                 page.close()
             parts.append(Text(f"Page {index + 1}:\n"))
