@@ -69,7 +69,7 @@ def static_server(routes: dict[str, tuple[int, dict[str, str], bytes]]):
             pass
 
         def do_GET(self):
-            status, headers, body = routes.get(self.path, (404, {}, b""))
+            status, headers, body = routes.get(self.path.split("?")[0], (404, {}, b""))
             self.send_response(status)
             for key, value in headers.items():
                 self.send_header(key, value)

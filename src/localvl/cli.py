@@ -127,6 +127,10 @@ def serve(flags: dict[str, Any]) -> int:
         )
         return 2
     logging.basicConfig(level=settings.log_level.upper(), format=LOG_FORMAT)
+    # httpx names every URL it fetches at INFO: clients' image and document URLs (presigned ones
+    # carry credentials in their query strings) must not reach the log.
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
     from localvl.api import serving
     from localvl.api.app import create_app

@@ -26,14 +26,15 @@ def ask(source: dict) -> list[dict]:
     return [{"role": "user", "content": [{"type": "image", "source": source}, {"type": "text", "text": "Total?"}]}]
 
 
-def test_an_image_url_reads_as_the_same_image_inline(client, images):
-    by_url = ask({"type": "url", "url": images + "/invoice.png"})
+def test_an_image_url_reads_as_the_same_image_inline(client, images, server):
+    by_url = ask({"type": "url", "url": images + "/invoice.png?X-Amz-Signature=secret-in-the-query"})
     inline = ask({"type": "base64", "media_type": "image/png", "data": base64.b64encode(PNG).decode()})
     message = client.messages.create(model="tiny-vl", max_tokens=4, messages=by_url)
     used = message.usage
     counted = client.messages.count_tokens(model="tiny-vl", messages=inline).input_tokens
     assert used.input_tokens + used.cache_read_input_tokens + used.cache_creation_input_tokens == counted
     assert client.messages.count_tokens(model="tiny-vl", messages=by_url).input_tokens == counted
+    assert "invoice.png" not in server.log() and "secret-in-the-query" not in server.log()  # URLs are client content
 
 
 def test_a_redirect_to_a_private_address_is_refused(client, images):
