@@ -265,8 +265,44 @@ def test_file_uploads_have_their_own_limits(loaded_model, tmp_path):
         assert ok.status_code == 200 and ok.json()["size_bytes"] == 20_000  # above the 4 KB body limit of messages
         too_big = client.post("/v1/files", files={"file": ("b.bin", b"x" * 100_000, "application/octet-stream")})
         assert_error(too_big, 413, "request_too_large")
+        # the limit is the file's, not its form's: exactly 64 KiB goes in, one byte more does not
+        exact = client.post("/v1/files", files={"file": ("d.bin", b"x" * 65_536, "application/octet-stream")})
+        assert exact.status_code == 200 and exact.json()["size_bytes"] == 65_536
+        over = client.post("/v1/files", files={"file": ("e.bin", b"x" * 65_537, "application/octet-stream")})
+        assert assert_error(over, 413, "request_too_large") == "file is 65537 bytes; the limit is 65536 bytes"
         empty = client.post("/v1/files", files={"file": ("c.txt", b"", "text/plain")})
         assert "empty" in assert_error(empty, 400, "invalid_request_error")
         both = client.get("/v1/files", params={"ids": ok.json()["id"], "limit": 5})
         assert "mutually exclusive" in assert_error(both, 400, "invalid_request_error")
         assert client.get(f"/v1/files/{ok.json()['id']}/content").content == b"x" * 20_000
+
+
+def test_a_client_that_leaves_mid_body_is_a_499_not_a_server_error(caplog):
+    import asyncio
+
+    from starlette.requests import Request
+
+    from localvl.api.middleware import RequestContextMiddleware
+
+    async def app(scope, receive, send):
+        await Request(scope, receive).body()  # raises ClientDisconnect when the client goes
+
+    statuses = []
+
+    async def on_response(scope, status, seconds):
+        statuses.append(status)
+
+    messages = [{"type": "http.request", "body": b"x" * 1000, "more_body": True}, {"type": "http.disconnect"}]
+
+    async def receive():
+        return messages.pop(0)
+
+    async def send(message):
+        raise AssertionError("nobody is left to answer")
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/files", "headers": [(b"content-length", b"5000000")]}
+    middleware = RequestContextMiddleware(app, max_request_bytes=10_000_000, on_response=on_response)
+    with caplog.at_level("INFO"):
+        asyncio.run(middleware(scope, receive, send))
+    assert statuses == [499]
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]

@@ -15,7 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from localvl import __version__
 from localvl.api.anthropic.batch_worker import BatchWorker
 from localvl.api.anthropic.batches import router as batches_router
-from localvl.api.anthropic.files import router as files_router
+from localvl.api.anthropic.files import MULTIPART_ALLOWANCE, router as files_router
 from localvl.api.anthropic.routes import router as anthropic_router
 from localvl.api.anthropic.threads import ThreadStore
 from localvl.api.models import router as models_router
@@ -142,7 +142,7 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
         log_access(scope, route, status, seconds)
 
     app.add_middleware(RequestContextMiddleware, max_request_bytes=settings.max_request_bytes,
-                       upload_bytes={"/v1/files": settings.max_file_bytes, "/v1/messages/batches": settings.batch_max_bytes},
+                       upload_bytes={"/v1/files": settings.max_file_bytes + MULTIPART_ALLOWANCE, "/v1/messages/batches": settings.batch_max_bytes},
                        on_response=count_response, traffic=app.state.traffic)
 
     @app.get("/ready")

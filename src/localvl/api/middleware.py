@@ -18,6 +18,7 @@ import time
 from typing import Any, Awaitable, Callable
 
 from starlette.datastructures import MutableHeaders
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from localvl.api.errors import error_response
@@ -142,6 +143,8 @@ class RequestContextMiddleware:
 
         try:
             await self.app(scope, receive_limited, send_with_id)
+        except ClientDisconnect:  # the client left mid-body: nobody to answer, and not a server error
+            logger.info("client left while sending its request on %s %s (%s)", scope["method"], scope["path"], request_id)
         except Exception as error:
             # Handled here, not re-raised: the server's own traceback logging would print the
             # exception's message, which may quote request content. Only the type is logged.

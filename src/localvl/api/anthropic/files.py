@@ -8,10 +8,11 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import FileResponse, JSONResponse
 
 from localvl.api.auth import require_api_key
-from localvl.errors import InvalidRequestError
+from localvl.errors import InvalidRequestError, RequestTooLargeError
 from localvl.media.images import sniff_media_type
 from localvl.store.files import FileRecord, FileStore
 
+MULTIPART_ALLOWANCE = 1 << 20  # an upload's body is the file plus its form: boundaries, headers, fields
 router = APIRouter(dependencies=[Depends(require_api_key)])
 
 
@@ -52,6 +53,9 @@ async def upload(request: Request) -> JSONResponse:
     upload = form.get("file")
     if upload is None or isinstance(upload, str):
         raise InvalidRequestError("file: Field required")
+    limit = request.app.state.settings.max_file_bytes
+    if upload.size is not None and upload.size > limit:  # the body's limit allows for the form around it
+        raise RequestTooLargeError(f"file is {upload.size} bytes; the limit is {limit} bytes")
     filename = upload.filename or "upload"
     head = await upload.read(16)
     await upload.seek(0)
