@@ -26,6 +26,11 @@ class InvalidRequestError(LocalvlError):
     kind = "invalid_request_error"
 
 
+class ContextLengthError(InvalidRequestError):
+    """The prompt does not fit the model's context (Anthropic's ``prompt is too long`` 400, which
+    OpenAI's API calls ``context_length_exceeded``: clients branch on both)."""
+
+
 class AuthenticationError(LocalvlError):
     status = 401
     kind = "authentication_error"

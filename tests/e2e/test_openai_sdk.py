@@ -103,6 +103,8 @@ def test_errors_map_to_the_sdk_exception_classes(oai, server):
     with pytest.raises(openai.NotFoundError) as missing:
         oai.chat.completions.create(model="no-such-model", messages=USER)
     assert missing.value.body["code"] == "model_not_found" and "no-such-model" in missing.value.body["message"]
+    assert missing.value.request_id and missing.value.request_id.startswith("req_")  # the SDK reads x-request-id
+    assert oai.chat.completions.create(model="tiny-vl", messages=USER, max_tokens=2)._request_id.startswith("req_")
     with pytest.raises(openai.BadRequestError) as bad:
         oai.chat.completions.create(model="tiny-vl", messages=[])
     assert bad.value.body["type"] == "invalid_request_error" and bad.value.body["message"].startswith("messages")

@@ -7,7 +7,7 @@ import pytest
 from localvl.conversation import Conversation, GenerationRequest, SamplingParams, Text, Turn
 from localvl.engine.events import Finished, TextDelta
 from localvl.engine.local import EngineConfig, LocalEngine
-from localvl.errors import InternalError, InvalidRequestError
+from localvl.errors import ContextLengthError, InternalError, InvalidRequestError
 from localvl.media.images import load_image
 from localvl.prompt.render import Renderer
 from tests.engine.reference import reference_text
@@ -115,6 +115,7 @@ def test_a_prompt_longer_than_the_context_is_refused(loaded_model):
 
     n, error = run(with_engine(base, body))
     assert error.message == f"prompt is too long: {n} tokens > {n - 1} maximum"
+    assert isinstance(error, ContextLengthError)  # OpenAI's envelope calls it context_length_exceeded
 
 
 def test_seeded_sampling_is_reproducible(loaded_model):

@@ -121,6 +121,7 @@ class RequestContextMiddleware:
                     if name not in headers:
                         headers[name] = value
                 headers["request-id"] = request_id
+                headers["x-request-id"] = request_id  # the name OpenAI's SDK reads (``_request_id``)
             await send(message)
 
         limit = self.upload_bytes.get(scope["path"], self.max_request_bytes) if scope["method"] == "POST" else self.max_request_bytes

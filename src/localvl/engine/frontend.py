@@ -18,7 +18,7 @@ from localvl.conversation import Conversation, GenerationRequest, SamplingParams
 from localvl.engine.blocks import ImageSpan
 from localvl.engine.runner import PromptState, prepare_prompt
 from localvl.engine.sampling import ResolvedSampling
-from localvl.errors import InvalidRequestError
+from localvl.errors import ContextLengthError, InvalidRequestError
 from localvl.prompt.grammar import TagIds, request_grammar
 from localvl.prompt.outputs import THINK_OPEN, OutputParser
 from localvl.prompt.render import Renderer
@@ -77,7 +77,7 @@ class Frontend:
         length = int(rendered.input_ids.numel())
         limit = facts.context_length
         if length > limit:
-            raise InvalidRequestError(f"prompt is too long: {length} tokens > {limit} maximum")
+            raise ContextLengthError(f"prompt is too long: {length} tokens > {limit} maximum")
         ids, images, state = prepare_prompt(rendered, facts.image_token_id, facts.spatial_merge_size)
         room = limit - length
         sampling = request.sampling

@@ -82,3 +82,13 @@ def test_penalties_pass_through_and_unknown_fields_are_accepted():
     (request,) = generation_requests("c", body(presence_penalty=0.5, frequency_penalty=-1, user="u", store=True, metadata={"a": "b"}))
     assert (request.sampling.presence_penalty, request.sampling.frequency_penalty) == (0.5, -1.0)
     assert request.sampling.repetition_penalty is None  # the model folder's
+
+
+def test_a_prompt_too_long_is_context_length_exceeded_in_openais_words():
+    from localvl.api.openai.errors import error_json
+    from localvl.errors import ContextLengthError
+
+    body = error_json(ContextLengthError("prompt is too long: 10 tokens > 5 maximum"))
+    assert body == {"message": "prompt is too long: 10 tokens > 5 maximum", "type": "invalid_request_error",
+                    "param": "messages", "code": "context_length_exceeded"}
+    assert error_json(InvalidRequestError("x"))["code"] is None

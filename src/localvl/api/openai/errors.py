@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from localvl.errors import LocalvlError
+from localvl.errors import ContextLengthError, LocalvlError
 
 # localvl's error kinds (Anthropic's vocabulary) in the words OpenAI's API uses.
 TYPES = {
@@ -27,6 +27,8 @@ CODES = {
 
 
 def error_json(error: LocalvlError) -> dict[str, Any]:
+    if isinstance(error, ContextLengthError):
+        return {"message": error.message, "type": "invalid_request_error", "param": "messages", "code": "context_length_exceeded"}
     return {
         "message": error.message,
         "type": TYPES.get(error.kind, "server_error"),
