@@ -93,6 +93,7 @@ class Handler(BaseHTTPRequestHandler):
             "/cat.png": lambda: self._send(200, PNG, {"Content-Type": "image/png"}),
             "/big.png": lambda: self._send(200, PNG + b"\0" * 200_000, {"Content-Type": "image/png"}),
             "/page": lambda: self._send(200, b"<html></html>", {"Content-Type": "text/html"}),
+            "/untyped.png": lambda: self._send(200, PNG, {"Content-Type": "binary/octet-stream"}),
             "/missing": lambda: self._send(404),
             "/to-cat": lambda: self._send(302, headers={"Location": f"http://127.0.0.1:{port}/cat.png"}),
             "/to-private": lambda: self._send(302, headers={"Location": "http://10.0.0.1/cat.png"}),
@@ -141,6 +142,11 @@ def test_an_allowlisted_server_is_fetched_and_an_unlisted_one_refused(origin):
 def test_each_rule_holds_over_a_real_connection(origin, path, message):
     with pytest.raises(InvalidRequestError, match=message):
         get(origin + path)
+
+
+def test_an_object_stores_untyped_file_is_taken_for_its_bytes_to_decide(origin):
+    fetched = get(origin + "/untyped.png")
+    assert fetched.data == PNG and fetched.content_type is None
 
 
 def test_redirects_are_followed_when_each_hop_is_allowed(origin):

@@ -130,6 +130,11 @@ async def checked_address(url: str, policy: UrlPolicy) -> tuple[str, int, IPAddr
     return host, port, addresses[0]
 
 
+# What servers send for a file whose type nobody recorded (S3's and GCS's default for uploads
+# without one): like no Content-Type at all, the bytes decide (images are sniffed, PDFs checked).
+UNTYPED = frozenset({"application/octet-stream", "binary/octet-stream"})
+
+
 async def fetch(url: str, policy: UrlPolicy, max_bytes: int, accept: Iterable[str] = ("image/",)) -> Fetched:
     """The body at ``url`` (after at most ``MAX_REDIRECTS`` checked redirects), at most ``max_bytes``."""
     timeout = httpx.Timeout(policy.read_timeout, connect=policy.connect_timeout)
@@ -153,6 +158,8 @@ async def fetch(url: str, policy: UrlPolicy, max_bytes: int, accept: Iterable[st
                         if response.status_code != 200:
                             raise InvalidRequestError(f"the server answered HTTP {response.status_code}")
                         content_type = response.headers.get("content-type", "").split(";")[0].strip().lower() or None
+                        if content_type in UNTYPED:  # object stores' default: the bytes say what it is
+                            content_type = None
                         if content_type is not None and not any(content_type.startswith(a) for a in accept):
                             raise InvalidRequestError(f"the server sent {content_type}, not {' or '.join(accept)}")
                         declared = response.headers.get("content-length")
