@@ -124,6 +124,15 @@ def test_models_list_serves_both_sdks(oai, server):
     assert "tiny-vl" in [m.id for m in listed.data]
 
 
+def test_logit_bias_reaches_the_sampler(oai):
+    pushed = oai.chat.completions.create(model="tiny-vl", messages=USER, max_tokens=4, temperature=0, logprobs=True,
+                                         logit_bias={"300": 100})
+    tokens = [entry.token for entry in pushed.choices[0].logprobs.content]
+    assert len(tokens) == 4 and len(set(tokens)) == 1 and pushed.choices[0].finish_reason == "length"
+    with pytest.raises(openai.BadRequestError, match="logit_bias"):
+        oai.chat.completions.create(model="tiny-vl", messages=USER, max_tokens=2, logit_bias={"999999999": 1})
+
+
 def test_logprobs_have_openais_shape_streamed_or_not(oai):
     whole = oai.chat.completions.create(model="tiny-vl", messages=USER, max_tokens=8, temperature=0, logprobs=True, top_logprobs=2)
     content = whole.choices[0].logprobs.content

@@ -188,6 +188,35 @@ def test_a_vanishing_temperature_samples_greedily_beside_other_requests(loaded_m
     assert text(tiny) == text(greedy)
 
 
+def test_logit_bias_steers_greedy_decoding_and_respects_bans(loaded_model):
+    loaded = loaded_model("qwen2_5_vl")
+    tokenizer = loaded.processor.tokenizer
+    favourite = tokenizer.encode("hello", add_special_tokens=False)[0]
+    conv = conversation()
+
+    async def body(engine):
+        _, plain = await generate(engine, conv, "plain", max_tokens=5)
+        _, pushed = await generate(engine, conv, "pushed", max_tokens=5, logit_bias=((favourite, 100.0),))
+        first = tokenizer.encode("".join(e.text for e in plain if isinstance(e, TextDelta)), add_special_tokens=False)[0]
+        _, pulled = await generate(engine, conv, "pulled", max_tokens=1, logit_bias=((first, -100.0),))
+        return plain, pushed, pulled, first
+
+    plain, pushed, pulled, first = run(with_engine(loaded, body))
+    text = lambda events: "".join(e.text for e in events if isinstance(e, TextDelta))  # noqa: E731
+    assert text(pushed) == tokenizer.decode([favourite] * 5)
+    assert tokenizer.encode(text(pulled), add_special_tokens=False)[:1] != [first]
+
+
+def test_a_logit_bias_outside_the_vocabulary_is_a_400(loaded_model):
+    loaded = loaded_model("qwen2_5_vl")
+
+    async def body(engine):
+        with pytest.raises(InvalidRequestError, match="logit_bias: token ids must be below"):
+            await generate(engine, conversation(), logit_bias=((10**9, 5.0),))
+
+    run(with_engine(loaded, body))
+
+
 def test_closing_a_stream_stops_its_generation(loaded_model):
     loaded = dataclasses.replace(loaded_model("qwen2_5_vl"), eos_token_ids=frozenset())
 

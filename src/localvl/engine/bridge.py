@@ -74,6 +74,7 @@ class Job:
     parser: OutputParser | None = None  # splits thinking and tool calls out of the text
     matcher: Any = None  # llguidance.LLMatcher when the output is constrained by a grammar
     banned: tuple[int, ...] = ()  # tokens never sampled (the tool-call tag under tool_choice none)
+    bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit): OpenAI's logit_bias
     thinking_budget: int | None = None  # thinking tokens left before the end of thinking is forced
     thinking_tokens: int = 0
     forced: list[int] = field(default_factory=list)  # tokens emitted next whatever the logits say

@@ -54,6 +54,7 @@ class Admission:
     one_tool_call: bool  # parallel tool calls were not allowed: the turn ends after the first
     grammar: str | None = None  # llguidance grammar the output must follow
     banned: tuple[int, ...] = field(default=())  # tokens never sampled
+    bias: tuple[tuple[int, float], ...] = field(default=())  # (token id, added to its logit)
 
 
 class Frontend:
@@ -90,6 +91,9 @@ class Frontend:
             )
         except ValueError as error:
             raise InvalidRequestError(f"this model cannot constrain its output that way: {error}") from None
+        vocabulary = len(self._tokenizer)
+        if any(token >= vocabulary for token, _ in sampling.logit_bias):
+            raise InvalidRequestError(f"logit_bias: token ids must be below {vocabulary}, the model's vocabulary")
         banned = ()
         if conversation.tools and choice.mode == "none" and self.tags.tool_open is not None:
             banned = (self.tags.tool_open,)
@@ -110,6 +114,7 @@ class Frontend:
             one_tool_call=not choice.parallel,
             grammar=grammar,
             banned=banned,
+            bias=sampling.logit_bias,
         )
 
     def _parser(self, request: GenerationRequest, ids: list[int]) -> OutputParser | None:

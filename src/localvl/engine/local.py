@@ -274,6 +274,7 @@ class LocalEngine:
             one_tool_call=admission.one_tool_call,
             matcher=matcher,
             banned=admission.banned,
+            bias=admission.bias,
         )
 
     def _check_queue(self) -> None:
@@ -412,6 +413,9 @@ class LocalEngine:
             job = s.sequence.payload
             if job.sampling.penalised:
                 self._penalise(logits[row], s.sequence)
+            if job.bias:  # before the bans: a bias never lifts a banned token
+                ids, values = zip(*job.bias)
+                logits[row, list(ids)] += torch.tensor(values, dtype=logits.dtype, device=logits.device)
             if job.banned:
                 logits[row, list(job.banned)] = float("-inf")
         constrained = [row for row, s in enumerate(samplers) if s.sequence.payload.matcher is not None]

@@ -92,3 +92,10 @@ def test_a_prompt_too_long_is_context_length_exceeded_in_openais_words():
     assert body == {"message": "prompt is too long: 10 tokens > 5 maximum", "type": "invalid_request_error",
                     "param": "messages", "code": "context_length_exceeded"}
     assert error_json(InvalidRequestError("x"))["code"] is None
+
+
+def test_logit_bias_takes_token_ids_as_strings_and_biases_within_100():
+    assert generation_requests("c", body(logit_bias={"12": 5, "7": -100}))[0].sampling.logit_bias == ((12, 5.0), (7, -100.0))
+    for bias, message in (({"abc": 1}, "'abc' is not a token id"), ({"5": 101}, "logit_bias.5: 101")):
+        with pytest.raises(InvalidRequestError, match=message):
+            generation_requests("c", body(logit_bias=bias))

@@ -211,6 +211,20 @@ def _output_schema(response_format: dict[str, Any] | None) -> dict[str, Any] | N
     raise InvalidRequestError(f"response_format.type: {kind!r} is not one of text, json_object, json_schema")
 
 
+def _logit_bias(bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
+    """``{"token id": bias}`` as OpenAI takes it: ids as strings, biases in [-100, 100]."""
+    out: list[tuple[int, float]] = []
+    for key, value in (bias or {}).items():
+        if not key.isdigit():
+            raise InvalidRequestError(f"logit_bias: {key!r} is not a token id")
+        if not -100 <= value <= 100:
+            raise InvalidRequestError(f"logit_bias.{key}: {value} is not between -100 and 100")
+        out.append((int(key), float(value)))
+    if len(out) > 1024:
+        raise InvalidRequestError(f"logit_bias: {len(out)} tokens; at most 1024")
+    return tuple(out)
+
+
 def generation_requests(
     completion_id: str, body: ChatCompletionRequest, media: Media | None = None
 ) -> list[GenerationRequest]:
@@ -227,6 +241,7 @@ def generation_requests(
     strict = tuple(
         t["function"]["name"] for t in body.tools or () if isinstance(t, dict) and (t.get("function") or {}).get("strict")
     )
+    bias = _logit_bias(body.logit_bias)
     requests = []
     for index in range(body.n or 1):
         sampling = SamplingParams(
@@ -238,6 +253,7 @@ def generation_requests(
             presence_penalty=body.presence_penalty or 0.0,
             frequency_penalty=body.frequency_penalty or 0.0,
             logprobs=(body.top_logprobs or 0) if body.logprobs else None,
+            logit_bias=bias,
         )
         requests.append(GenerationRequest(
             f"{completion_id}-{index}", conversation, sampling, tool_choice=choice, output_schema=schema, strict_tools=strict

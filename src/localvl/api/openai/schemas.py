@@ -60,5 +60,6 @@ class ChatCompletionRequest(_Open):
     tool_choice: Any = None
     parallel_tool_calls: bool | None = None
     response_format: dict[str, Any] | None = None
+    logit_bias: dict[str, float] | None = None
     reasoning_effort: str | None = None
     user: str | None = None
