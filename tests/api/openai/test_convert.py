@@ -99,3 +99,11 @@ def test_logit_bias_takes_token_ids_as_strings_and_biases_within_100():
     for bias, message in (({"abc": 1}, "'abc' is not a token id"), ({"5": 101}, "logit_bias.5: 101")):
         with pytest.raises(InvalidRequestError, match=message):
             generation_requests("c", body(logit_bias=bias))
+
+
+def test_a_400_names_its_field_as_param():
+    from localvl.api.openai.errors import error_json
+
+    assert error_json(InvalidRequestError("temperature: Input should be less than or equal to 2"))["param"] == "temperature"
+    assert error_json(InvalidRequestError("messages.0.content: user messages must have non-empty content"))["param"] == "messages.0.content"
+    assert error_json(InvalidRequestError("the model's chat template rejected the conversation: x"))["param"] is None

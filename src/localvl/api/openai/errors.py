@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from localvl.errors import ContextLengthError, LocalvlError
@@ -26,13 +27,19 @@ CODES = {
 }
 
 
+# A 400's message names the field it is about first ("temperature: ...", "messages.0.content: ..."):
+# OpenAI's ``param``.
+_FIELD = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_]+)*): ")
+
+
 def error_json(error: LocalvlError) -> dict[str, Any]:
     if isinstance(error, ContextLengthError):
         return {"message": error.message, "type": "invalid_request_error", "param": "messages", "code": "context_length_exceeded"}
+    field = _FIELD.match(error.message) if error.kind == "invalid_request_error" else None
     return {
         "message": error.message,
         "type": TYPES.get(error.kind, "server_error"),
-        "param": None,
+        "param": field.group(1) if field else None,
         "code": CODES.get(error.kind),
     }
 
