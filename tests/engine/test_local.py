@@ -170,6 +170,25 @@ def test_a_request_whose_admission_fails_fails_alone(loaded_model, monkeypatch):
     assert isinstance(events[-1], Finished) and alive and waiting == 0
 
 
+def test_a_request_for_an_engine_thread_that_ended_is_refused_not_queued_forever(loaded_model):
+    import threading
+
+    from localvl.errors import ServiceUnavailableError
+
+    async def body(engine):
+        live = engine._thread
+        engine._thread = threading.Thread(target=lambda: None)  # as if the engine thread had died
+        engine._thread.start()
+        engine._thread.join()
+        try:
+            with pytest.raises(ServiceUnavailableError, match="not running"):
+                await asyncio.wait_for(generate(engine, conversation(), "late"), 60)
+        finally:
+            engine._thread = live
+
+    run(with_engine(loaded_model("qwen2_5_vl"), body))
+
+
 def test_a_vanishing_temperature_samples_greedily_beside_other_requests(loaded_model):
     loaded = loaded_model("qwen2_5_vl")
     conv = conversation()

@@ -247,6 +247,8 @@ class LocalEngine:
 
     def admit(self, admission: Admission, matcher: Any, outbox: Outbox, loop: asyncio.AbstractEventLoop | None = None) -> Job:
         """Queue a prepared request for the engine thread (from any one thread at a time)."""
+        if not self.alive:  # a request queued for a thread that has ended would wait forever
+            raise ServiceUnavailableError("the engine is not running")
         self._check_queue()  # again: others may have queued while this one rendered
         job = self._job(admission, matcher, outbox, loop)
         seq = Sequence(
