@@ -126,11 +126,7 @@ def serve(flags: dict[str, Any]) -> int:
             file=sys.stderr,
         )
         return 2
-    logging.basicConfig(level=settings.log_level.upper(), format=LOG_FORMAT)
-    # httpx names every URL it fetches at INFO: clients' image and document URLs (presigned ones
-    # carry credentials in their query strings) must not reach the log.
-    for name in ("httpx", "httpcore"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    configure_logging(settings.log_level)
 
     from localvl.api import serving
     from localvl.api.app import create_app
@@ -189,6 +185,18 @@ def serve(flags: dict[str, Any]) -> int:
     # rather than wait at interpreter teardown on a thread some library left running.
     logging.shutdown()
     os._exit(1 if getattr(engine, "died", False) else 0)
+
+
+def configure_logging(level: str) -> None:
+    """The log holds no client content at any level. ``debug`` is localvl's own debug output: other
+    libraries stay at INFO (aiosqlite's debug lines quote every SQL parameter: stored batch
+    requests, file names), and httpx and httpcore at WARNING (they name every URL fetched, client
+    image and document URLs among them, query strings and their credentials included)."""
+    level = level.upper()
+    logging.basicConfig(level="INFO" if level == "DEBUG" else level, format=LOG_FORMAT)
+    logging.getLogger("localvl").setLevel(level)
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def apply_cpu_threads(device_type: str, threads: int | None) -> None:

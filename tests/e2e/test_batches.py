@@ -187,3 +187,15 @@ def test_two_servers_on_one_postgresql_share_a_batch_without_duplicates(model_di
         for server in servers:
             server.stop()
         drop_postgres_database(name)
+
+
+def test_a_debug_log_holds_no_client_content(client, server):
+    # the server runs with --log-level debug: libraries' debug lines (aiosqlite quotes every SQL
+    # parameter) must stay out, so stored requests and file names never reach the log
+    marker = "zebra-marker-93731"
+    client.messages.create(model="tiny-vl", max_tokens=2, messages=[{"role": "user", "content": f"{marker} in a message"}])
+    client.beta.files.upload(file=(f"{marker}.txt", f"{marker} in a file".encode(), "text/plain"))
+    batch = client.messages.batches.create(requests=[{"custom_id": "m", "params": {
+        "model": "tiny-vl", "max_tokens": 2, "messages": [{"role": "user", "content": f"{marker} in a batch"}]}}])
+    wait_until_ended(client, batch.id)
+    assert marker not in server.log()

@@ -166,10 +166,10 @@ def _serve(
     # pipe's end stops it). Dying at the signal would fail the very requests the drain waits for.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    from localvl.cli import LOG_FORMAT, apply_cpu_threads
+    from localvl.cli import apply_cpu_threads, configure_logging
     from localvl.engine.local import LocalEngine
 
-    logging.basicConfig(level=log_level.upper(), format=LOG_FORMAT)
+    configure_logging(log_level)
     lock = threading.Lock()
 
     def send(message: Any) -> None:
