@@ -248,6 +248,9 @@ def test_a_non_streaming_client_that_gives_up_stops_its_generation(server):
     while server.log().count(" aborted") == aborted_before and time.monotonic() < deadline:
         time.sleep(0.1)
     assert server.log().count(" aborted") == aborted_before + 1
+    time.sleep(0.5)  # the handler's end: the client's leaving, not an error with a traceback
+    assert "Exception in ASGI application" not in server.log() and "CancelledError" not in server.log()
+    assert "the client left before its answer" in server.log()
 
 
 def test_a_full_queue_is_overloaded_with_retry_after(one_at_a_time_server):

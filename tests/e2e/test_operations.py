@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import re
 
 import anthropic
@@ -108,6 +109,46 @@ def test_sigterm_drains_a_running_stream_and_refuses_new_work(model_dir, tmp_pat
         assert final["delta"]["stop_reason"] in ("end_turn", "max_tokens")
         assert server.process.wait(timeout=60) == 0  # it exits once the last request ended
         assert "Application shutdown complete" in server.log()
+    finally:
+        server.stop()
+
+
+def test_requests_outliving_the_drain_end_with_503_in_their_envelope(model_dir, tmp_path):
+    import os
+    import signal
+    import threading
+
+    from tests.e2e.conftest import Server
+
+    server = Server(model_dir("qwen2_vl"), tmp_path / "cut.log", "--shutdown-timeout", "0.5")
+    headers = {"x-api-key": API_KEY}
+    story = {"type": "object", "properties": {"story": {"type": "string", "minLength": 3000}}, "required": ["story"]}
+    payload = {"model": "tiny-vl", "max_tokens": 3000, "messages": [{"role": "user", "content": "Tell a long story."}],
+               "output_config": {"format": {"type": "json_schema", "schema": story}}}
+    plain: list[httpx.Response] = []
+    waiting = threading.Thread(target=lambda: plain.append(
+        httpx.post(server.url + "/v1/messages", json=payload, headers=headers, timeout=120)))
+    try:
+        events: list[str] = []
+        data: list[str] = []
+        with httpx.stream("POST", server.url + "/v1/messages", json={**payload, "stream": True}, headers=headers,
+                          timeout=120) as response:
+            for line in response.iter_lines():
+                if line.startswith("event: "):
+                    events.append(line[7:])
+                    if events.count("content_block_delta") == 2:
+                        waiting.start()
+                    if events.count("content_block_delta") == 20:
+                        os.kill(server.process.pid, signal.SIGTERM)  # both requests outlive a 0.5 s drain
+                elif line.startswith("data: "):
+                    data.append(line[6:])
+        waiting.join(timeout=60)
+        assert events[-1] == "error" and "message_stop" not in events  # ended, not cut off mid-chunk
+        assert json.loads(data[-1])["error"]["type"] == "overloaded_error"
+        assert plain[0].status_code == 503 and plain[0].json()["error"]["type"] == "overloaded_error"
+        assert plain[0].headers["request-id"].startswith("req_")
+        assert server.process.wait(timeout=60) == 0
+        assert "Traceback" not in server.log()
     finally:
         server.stop()
 

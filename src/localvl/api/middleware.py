@@ -144,8 +144,8 @@ class RequestContextMiddleware:
 
         try:
             await self.app(scope, receive_limited, send_with_id)
-        except ClientDisconnect:  # the client left mid-body: nobody to answer, and not a server error
-            logger.info("client left while sending its request on %s %s (%s)", scope["method"], scope["path"], request_id)
+        except ClientDisconnect:  # the client left (mid-body, or before its answer): not a server error
+            logger.info("the client left before its answer on %s %s (%s)", scope["method"], scope["path"], request_id)
         except Exception as error:
             # Handled here, not re-raised: the server's own traceback logging would print the
             # exception's message, which may quote request content. Only the type is logged.

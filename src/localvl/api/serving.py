@@ -3,8 +3,11 @@
 The first signal starts the drain: ``/ready`` turns 503 (load balancers stop sending), new
 requests get 503 ``overloaded_error`` with ``retry-after`` (clients retry elsewhere or later),
 the batch worker claims nothing more, and running requests, streams included, get up to
-``--shutdown-timeout`` seconds to finish. Then uvicorn shuts down (the lifespan gives unfinished
-batch claims back and stops the engine). A second signal skips the wait.
+``--shutdown-timeout`` seconds to finish. Requests still running then end with 503
+``overloaded_error`` in their API's envelope (a stream with an ``error`` event): unfinished batch
+claims are given back and the engine is stopped before uvicorn's own shutdown, which would
+otherwise cancel their handlers mid-answer (a plain-text 500, a stream cut off mid-chunk). Then
+uvicorn shuts down. A second signal skips the wait.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ import uvicorn
 from localvl.api.app import drain
 
 logger = logging.getLogger(__name__)
+
+ANSWER_TIMEOUT = 5.0  # for handlers to send the 503s of requests the drain's timeout ended
 
 
 class DrainingServer(uvicorn.Server):
@@ -44,7 +49,10 @@ class DrainingServer(uvicorn.Server):
         app: Any = self.config.app
         logger.info("draining: new requests are refused; waiting up to %gs for running ones", self.shutdown_timeout)
         if not await drain(app, self.shutdown_timeout):
-            logger.warning("shutdown timeout passed with requests still running: they are cut off")
+            logger.warning("shutdown timeout passed with requests still running: they end with 503")
+            await app.state.batch_worker.stop()  # batch requests go back to their batches, not failed
+            await app.state.engine.stop()  # every request left ends with 503, which its handler sends
+            await drain(app, ANSWER_TIMEOUT)
         self.should_exit = True
 
 
