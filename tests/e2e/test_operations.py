@@ -64,8 +64,15 @@ def test_no_request_content_reaches_the_logs(server, client):
         with pytest.raises(anthropic.BadRequestError) as error:
             client.messages.create(model="tiny-vl", max_tokens=4, messages=bad)
         assert canary not in str(error.value.body)  # error messages never quote content either
+    with client.messages.stream(model="tiny-vl", max_tokens=300, messages=[{"role": "user", "content": f"left {canary}"}]) as stream:
+        next(iter(stream))  # the client leaves: the engine says so at debug level
+    import time
+
+    deadline = time.monotonic() + 30
+    while not re.search(r"DEBUG localvl\S*: \S+ aborted", server.log()) and time.monotonic() < deadline:
+        time.sleep(0.1)
     log = server.log()
-    assert "DEBUG" in log  # the server really logs at debug level
+    assert re.search(r"DEBUG localvl\S*: \S+ aborted", log)  # the server really logs at debug level
     assert canary not in log
     assert picture_b64[100:140] not in log
 
