@@ -173,3 +173,16 @@ def test_on_a_cpu_the_engine_and_the_server_run_on_cores_of_their_own_until_stop
     finally:
         asyncio.run(engine.stop())
     assert available() == before
+
+
+def test_the_counters_arrive_before_any_request(model_dir):
+    async def body():
+        engine = start(model_dir("qwen2_vl"))
+        await engine.start()
+        try:
+            return engine.stats()  # with the engine's readiness: /metrics has its gauges from the start
+        finally:
+            await engine.stop()
+
+    stats = asyncio.run(body())
+    assert stats["blocks_total"] > 0 and stats["running"] == 0 and stats["steps"] == 0

@@ -202,7 +202,7 @@ def _serve(
         # This thread reads the server's messages and makes images' pixels of their bytes: on the
         # server's cores, off the engine thread's, which it started above with the engine's.
         os.sched_setaffinity(0, server_cpus)
-    send(("ready", engine.info, engine.facts, server_cpus))
+    send(("ready", engine.info, engine.facts, server_cpus, engine.stats()))  # counters for /metrics from the start
     while True:
         try:
             message = _read(commands)
@@ -300,6 +300,7 @@ class ProcessEngine:
             raise EngineStartError(message[1])
         self._info: ModelInfo = message[1]
         self.facts = message[2]
+        self._stats = message[4]
         self._cpus_before: list[int] | None = None
         if message[3] is not None:  # the engine pinned itself to the other cores
             self._cpus_before = affinity.available()
