@@ -281,3 +281,12 @@ def test_unknown_image_source_type_is_not_echoed():
     secret = "do-not-echo-this-value"
     image = {"type": "image", "source": {"type": secret}}
     assert secret not in error_of(body(messages=user(image)))
+
+
+@pytest.mark.parametrize("kind", [{"a": 1}, ["text"], 3, None])
+def test_a_type_that_is_not_a_string_is_a_400_not_a_500(kind):
+    # found by fuzzing: a dict as a block's type made the tag lookup raise TypeError (unhashable)
+    for request in (body(messages=user({"type": kind, "text": "x"})),
+                    body(messages=user({"type": "image", "source": {"type": kind, "data": "x"}}))):
+        assert error_of(request)
+        assert error_of(request, model=CountTokensRequest)

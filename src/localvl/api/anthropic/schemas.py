@@ -41,8 +41,10 @@ class FileImageSource(_Open):
     file_id: str
 
 
-def _type_of(value: Any) -> Any:
-    return value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
+def _type_of(value: Any) -> str | None:
+    """A block's ``type`` when it is a string (a client may send anything there: a dict is no tag)."""
+    kind = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
+    return kind if isinstance(kind, str) else None
 
 
 def _image_source_tag(value: Any) -> str | None:
