@@ -72,7 +72,20 @@ def test_the_folders_template_is_used_not_ours(loaded_model):
 
 
 def test_an_image_the_processor_refuses_is_a_400(loaded_model):
+    from PIL import Image as PILImage
+
     renderer = Renderer(loaded_model("qwen2_5_vl").processor)
-    sliver = picture(size=(3000, 10))  # Qwen's resize refuses aspect ratios over 200:1
+    # not through load_image, which widens such a sliver: Qwen's resize refuses ratios over 200:1
+    sliver = Image(pixels=PILImage.new("RGB", (3000, 10)), media_type="image/png", sha256="sliver")
     with pytest.raises(InvalidRequestError, match="processor rejected an image"):
         renderer.render(Conversation([Turn("user", [sliver, Text("what is this?")])]))
+
+
+@pytest.mark.parametrize("size", [(3000, 10), (10, 3000), (8000, 1), (199, 1)])
+def test_an_elongated_image_is_widened_on_white_until_the_model_takes_it(loaded_model, size):
+    # Anthropic's API takes images more elongated than Qwen's processors do (200:1)
+    renderer = Renderer(loaded_model("qwen2_5_vl").processor)
+    sliver = picture(size=size)
+    width, height = sliver.size
+    assert max(width, height) <= 199 * min(width, height) and max(width, height) == max(size)
+    assert renderer.render(Conversation([Turn("user", [sliver, Text("what is this?")])])).image_grid_thw is not None

@@ -23,6 +23,7 @@ from typing import Any
 
 from localvl.conversation import Image, Text
 from localvl.errors import InvalidRequestError
+from localvl.media.images import within_aspect
 
 DPI = 150
 _PDFIUM = threading.Lock()
@@ -73,7 +74,7 @@ def _pages(pdfium: Any, data: bytes, where: str, options: PdfOptions) -> list[Te
                 scale = min(DPI / 72, math.sqrt(options.page_pixels / max(width * height, 1.0)))
                 while math.ceil(width * scale) * math.ceil(height * scale) > options.page_pixels:
                     scale *= 0.995  # the renderer rounds sizes up
-                picture = page.render(scale=scale).to_pil().convert("RGB")
+                picture = within_aspect(page.render(scale=scale).to_pil().convert("RGB"))
                 textpage = page.get_textpage()
                 text = textpage.get_text_bounded().replace("\r\n", "\n").strip()
                 textpage.close()

@@ -17,6 +17,9 @@ from localvl.errors import InvalidRequestError
 
 SUPPORTED_MEDIA_TYPES = ("image/jpeg", "image/png", "image/gif", "image/webp")
 MAX_SIDE = 8000
+# Qwen's processors refuse images more elongated than 200:1 (their resize cannot keep the ratio);
+# Anthropic's API takes them. Such an image is centred on a white margin to just within it.
+MAX_ASPECT = 199
 
 
 def sniff_media_type(data: bytes) -> str | None:
@@ -70,7 +73,7 @@ def load_image(data: bytes, media_type: str | None, where: str) -> Image:
                 picture.seek(0)  # an animation reads as its first frame
             picture.load()
             ImageOps.exif_transpose(picture, in_place=True)  # not a copy of every image without EXIF rotation
-            rgb = _to_rgb(picture)
+            rgb = within_aspect(_to_rgb(picture))
     except InvalidRequestError:
         raise
     except (PILImageModule.DecompressionBombError, PILImageModule.DecompressionBombWarning):
@@ -78,6 +81,17 @@ def load_image(data: bytes, media_type: str | None, where: str) -> Image:
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
         raise InvalidRequestError(f"{where}: could not decode the {actual} image ({type(error).__name__})") from None
     return Image(pixels=rgb, media_type=actual, sha256=hashlib.sha256(data).hexdigest(), nbytes=len(data))
+
+
+def within_aspect(picture: PILImageModule.Image) -> PILImageModule.Image:
+    """``picture`` (RGB) centred on white, its short side grown until the ratio is at most ``MAX_ASPECT``."""
+    width, height = picture.size
+    if max(width, height) <= MAX_ASPECT * min(width, height):
+        return picture
+    size = (max(width, -(-height // MAX_ASPECT)), max(height, -(-width // MAX_ASPECT)))
+    canvas = PILImageModule.new("RGB", size, (255, 255, 255))
+    canvas.paste(picture, ((size[0] - width) // 2, (size[1] - height) // 2))
+    return canvas
 
 
 def _to_rgb(picture: PILImageModule.Image) -> PILImageModule.Image:
