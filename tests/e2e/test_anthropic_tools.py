@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import BaseModel, Field
 
 import anthropic
 import jsonschema
@@ -184,6 +184,33 @@ def test_the_sdk_tool_runner_calls_python_tools_with_valid_arguments(client):
     messages = list(runner)
     assert len(messages) == 2 and seen  # two model turns, the tool ran between them with what the model asked
     assert all(unit in ("celsius", "fahrenheit") and isinstance(city, str) for city, unit in seen)
+
+
+class Place(BaseModel):
+    city: Annotated[str, Field(max_length=8)]
+    unit: Literal["celsius", "fahrenheit"]
+
+
+def test_the_sdk_tool_runner_takes_a_pydantic_parameter(client):
+    # beta_tool writes a pydantic parameter as a $ref into the schema's own $defs
+    from anthropic import beta_tool
+
+    seen: list[Place] = []
+
+    @beta_tool
+    def get_weather(place: Place) -> str:
+        """Current weather at a place.
+
+        Args:
+            place: where
+        """
+        seen.append(place if isinstance(place, Place) else Place.model_validate(place))
+        return "sunny"
+
+    assert "$defs" in json.dumps(get_weather.to_dict())
+    runner = client.beta.messages.tool_runner(model="tiny-vl", max_tokens=200, messages=ASK, tools=[get_weather],
+                                              tool_choice={"type": "any", "disable_parallel_tool_use": True}, max_iterations=2)
+    assert len(list(runner)) == 2 and seen and all(p.unit in ("celsius", "fahrenheit") for p in seen)
 
 
 def test_the_sdk_parse_helper_returns_a_typed_object(client):

@@ -219,3 +219,63 @@ def test_tool_choice_none_never_opens_a_tool_call(loaded_model, monkeypatch):
     assert tag in sampled["auto"]  # the model opens a call whenever it may
     assert tag not in sampled["none"] and "<tool_call>" not in texts["none"]
     assert texts["auto"] == ""  # a call cut off before its name is never returned as markup
+
+
+# pydantic's shape (what the SDK's beta_tool and LangChain emit): the tool's refs point into its own $defs
+ROUTE = Tool("plan_route", None, {
+    "type": "object",
+    "properties": {"start": {"$ref": "#/$defs/Place"}, "stops": {"type": "array", "items": {"$ref": "#/$defs/Place"}, "maxItems": 2}},
+    "required": ["start", "stops"],
+    "additionalProperties": False,
+    "$defs": {"Place": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 6}}, "required": ["city"],
+                        "additionalProperties": False}},
+})
+# a recursive schema: "#" is the tool's own root, not the grammar's
+TREE = Tool("make_tree", None, {
+    "type": "object",
+    "properties": {"label": {"type": "string", "maxLength": 4}, "children": {"type": "array", "items": {"$ref": "#"}, "maxItems": 1}},
+    "required": ["label", "children"],
+    "additionalProperties": False,
+})
+
+
+def test_forced_calls_to_tools_with_local_refs_validate_against_them(loaded_model):
+    import jsonschema
+
+    loaded = loaded_model("qwen2_5_vl")
+
+    async def body(engine):
+        requests = [GenerationRequest(f"{tool.name}{seed}", question(tools=(tool, CLOCK)), sampled(seed, 300),
+                                      tool_choice=ToolChoice("tool", tool.name, parallel=False))
+                    for tool in (ROUTE, TREE) for seed in range(3)]
+        requests.append(GenerationRequest("both", question(tools=(ROUTE, TREE)), sampled(9, 300),
+                                          tool_choice=ToolChoice("any", parallel=False)))
+        return await asyncio.gather(*(events_of(engine, r) for r in requests)), requests
+
+    results, requests = run_engine(loaded, body)
+    schemas = {ROUTE.name: ROUTE.input_schema, TREE.name: TREE.input_schema}
+    for request, events in zip(requests, results):
+        *calls, finished = events
+        assert finished.reason == "tool_use" and len(calls) == 1, (request.id, events)
+        jsonschema.validate(calls[0].input, schemas[calls[0].name])
+
+
+def test_a_forced_call_to_a_tool_whose_schema_cannot_compile_is_a_json_object_unless_strict(loaded_model):
+    loaded = loaded_model("qwen2_5_vl")
+    tags = Tool("set_tags", None, {"type": "object", "properties": {"tags": {"type": "array", "uniqueItems": True}},
+                                   "not": {"required": ["x"]}})
+
+    async def body(engine):
+        forced = await events_of(engine, GenerationRequest(
+            "forced", question(tools=(tags,)), sampled(1, 200), tool_choice=ToolChoice("tool", "set_tags", parallel=False)))
+        with pytest.raises(InvalidRequestError) as refused:
+            await engine.submit(GenerationRequest("strict", question(tools=(tags,)), sampled(1, 200),
+                                                  tool_choice=ToolChoice("auto"), strict_tools=("set_tags",)))
+        return forced, refused.value.message
+
+    forced, message = run_engine(loaded, body)
+    *calls, finished = forced
+    # any JSON object: a random model may still be writing it at max_tokens (then the call comes back cut off)
+    assert finished.reason in ("tool_use", "max_tokens") and [c.name for c in calls] == ["set_tags"]
+    assert isinstance(calls[0].input, dict)
+    assert "Unimplemented keys" in message and len(message) < 400  # the reason, not the whole grammar

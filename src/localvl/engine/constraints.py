@@ -43,8 +43,9 @@ class Constraints:
         import llguidance
 
         matcher = llguidance.LLMatcher(self._ll_tokenizer(), llguidance.LLMatcher.grammar_from_lark(grammar), log_level=0)
-        if matcher.is_error():
-            raise InvalidRequestError(f"the schema cannot be used to constrain the output: {matcher.get_error()}")
+        if matcher.is_error():  # its first line: the rest quotes the whole grammar, every schema in it
+            reason = matcher.get_error().split("\n", 1)[0][:300]
+            raise InvalidRequestError(f"the schema cannot be used to constrain the output: {reason}")
         return matcher
 
 

@@ -43,8 +43,35 @@ def _json(schema: dict[str, Any]) -> str:
     return "%json " + json.dumps({**schema, "x-guidance": JSON_STYLE}, ensure_ascii=False)
 
 
-def _call_schema(tool: Tool, strict: bool) -> dict[str, Any]:
-    arguments = tool.input_schema if strict else {"type": "object"}
+def _compiles(schema: dict[str, Any]) -> bool:
+    import llguidance
+
+    return not llguidance.LLMatcher.validate_grammar("start: " + _json(schema))
+
+
+def _rebased(value: Any, root: str) -> Any:
+    """``value`` with every local ``$ref`` ("#...") pointing under ``root`` (a JSON pointer) instead."""
+    if isinstance(value, dict):
+        return {k: (f"#{root}{v[1:]}" if k == "$ref" and isinstance(v, str) and v.startswith("#") else _rebased(v, root))
+                for k, v in value.items()}
+    if isinstance(value, list):
+        return [_rebased(item, root) for item in value]
+    return value
+
+
+def _call_schema(tool: Tool, held: bool, strict: bool, defs: dict[str, Any]) -> dict[str, Any]:
+    """A call's schema; ``held``: its arguments are held to the tool's schema. A tool's local
+    ``$ref``s (pydantic's ``$defs``, a recursive ``#``) point into its own schema, which therefore
+    moves into the grammar's ``$defs`` (``defs``), its refs rebased there. A forced call to a
+    non-strict tool whose schema llguidance cannot compile (``uniqueItems``, ``not``, ...) is held
+    to a JSON object only, as Anthropic's API holds non-strict schemas to nothing."""
+    arguments: dict[str, Any] = tool.input_schema if held else {"type": "object"}
+    if held and '"$ref"' in json.dumps(arguments):
+        key = f"localvl_tool_{len(defs)}"
+        defs[key] = _rebased(arguments, f"/$defs/{key}")
+        arguments = {"$ref": f"#/$defs/{key}"}
+    if held and not strict and not _compiles({**arguments, "$defs": defs} if defs else arguments):
+        arguments = {"type": "object"}
     return {
         "type": "object",
         "properties": {"name": {"const": tool.name}, "arguments": arguments},
@@ -84,8 +111,11 @@ def request_grammar(
             raise ValueError("the model's vocabulary has no <tool_call> tokens")
         offered = [t for t in callable_tools if choice.mode != "tool" or t.name == choice.name]
         # A forced call is the point of the request: its arguments are held to the schema too.
-        schemas = [_call_schema(t, forced or t.name in strict) for t in offered]
+        defs: dict[str, Any] = {}
+        schemas = [_call_schema(t, forced or t.name in strict, t.name in strict, defs) for t in offered]
         call = schemas[0] if len(schemas) == 1 else {"anyOf": schemas}
+        if defs:
+            call = {**call, "$defs": defs}
         lines.append(f'block: <[{tags.tool_open}]> "\\n" call "\\n" <[{tags.tool_close}]>')
         lines.append(f"call: {_json(call)}")
         calls = 'block ("\\n" block)*' if choice.parallel else "block"
