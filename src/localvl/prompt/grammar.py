@@ -16,6 +16,7 @@ them out never counts as one. JSON is written compactly-spaced as Qwen writes it
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -44,9 +45,15 @@ def _json(schema: dict[str, Any]) -> str:
 
 
 def _compiles(schema: dict[str, Any]) -> bool:
+    return _grammar_compiles("start: " + _json(schema))
+
+
+@functools.lru_cache(maxsize=512)
+def _grammar_compiles(grammar: str) -> bool:
+    # Clients send the same tools with every request (Claude Code its whole set): one check each.
     import llguidance
 
-    return not llguidance.LLMatcher.validate_grammar("start: " + _json(schema))
+    return not llguidance.LLMatcher.validate_grammar(grammar)
 
 
 def _rebased(value: Any, root: str) -> Any:

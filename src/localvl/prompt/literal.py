@@ -61,8 +61,6 @@ class LiteralText:
 
     def _escape_text(self, text: str, literals: list[str]) -> str:
         assert self._pattern is not None
-        if self._pattern.search(text) is None:
-            return text
 
         def placeholder(match: re.Match[str]) -> str:
             literals.append(match.group(0))
