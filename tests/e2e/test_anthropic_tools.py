@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 import anthropic
 import jsonschema
@@ -187,6 +187,8 @@ def test_the_sdk_tool_runner_calls_python_tools_with_valid_arguments(client):
 
 
 class Place(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a bounded call: a random model could add keys until max_tokens
+
     city: Annotated[str, Field(max_length=8)]
     unit: Literal["celsius", "fahrenheit"]
 
@@ -210,7 +212,8 @@ def test_the_sdk_tool_runner_takes_a_pydantic_parameter(client):
     assert "$defs" in json.dumps(get_weather.to_dict())
     runner = client.beta.messages.tool_runner(model="tiny-vl", max_tokens=200, messages=ASK, tools=[get_weather],
                                               tool_choice={"type": "any", "disable_parallel_tool_use": True}, max_iterations=2)
-    assert len(list(runner)) == 2 and seen and all(p.unit in ("celsius", "fahrenheit") for p in seen)
+    messages = list(runner)
+    assert len(messages) == 2 and seen and all(p.unit in ("celsius", "fahrenheit") for p in seen)
 
 
 def test_the_sdk_parse_helper_returns_a_typed_object(client):
