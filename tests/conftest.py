@@ -10,7 +10,8 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
+HYBRID = ("qwen3_5", "qwen3_5_moe")  # linear-attention layers beside full attention: no prefix cache, no step graphs
 # The engine tests run on the CPU in CI; LOCALVL_TEST_DEVICE=cuda runs them on a GPU (fp32 still,
 # so equality with the reference model holds).
 TEST_DEVICE = os.environ.get("LOCALVL_TEST_DEVICE", "cpu")

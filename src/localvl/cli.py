@@ -65,7 +65,9 @@ def _tiny_parser(sub: Any) -> None:
     p = sub.add_parser("tiny-model", help="build a tiny random Qwen-VL model folder, offline")
     p.add_argument("dir", type=Path)
     # As models/tiny.py's FAMILIES, spelled out: importing it would import torch for every command.
-    p.add_argument("--family", choices=["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"], default="qwen2_5_vl")
+    p.add_argument(
+        "--family", choices=["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe"], default="qwen2_5_vl"
+    )
     p.add_argument("--vocab", choices=["tiny", "qwen"], default="tiny", help="qwen: the real 151k Qwen vocabulary")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-position-embeddings", type=int, default=32768)

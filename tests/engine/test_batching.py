@@ -15,7 +15,7 @@ from localvl.engine.sequence import BACKGROUND
 from localvl.errors import OverloadedError
 from localvl.media.images import load_image
 from localvl.prompt.render import Renderer
-from tests.conftest import FAMILIES, TEST_DEVICE
+from tests.conftest import FAMILIES, HYBRID, TEST_DEVICE
 from tests.engine.reference import reference_text
 from tests.helpers import image_bytes
 
@@ -24,12 +24,17 @@ def image(seed: int, size=(90, 60)):
     return load_image(image_bytes("PNG", size=size, color=(seed * 37 % 256, 90, 200)), "image/png", f"img{seed}")
 
 
+def ask(turns: list[Turn]) -> Conversation:
+    """The reference compares raw text: no thinking (Qwen3.5 thinks unless told not to)."""
+    return Conversation(turns, thinking=False)
+
+
 def mixed_conversations(n: int) -> list[Conversation]:
     """Different prompt lengths and 0-3 images of different sizes each."""
     convs = []
     for i in range(n):
         pictures = [image(10 * i + k, size=(60 + 13 * k, 40 + 9 * i)) for k in range(i % 4)]
-        convs.append(Conversation([Turn("user", [*pictures, Text(f"question {i} " * (1 + i % 5))])]))
+        convs.append(ask([Turn("user", [*pictures, Text(f"question {i} " * (1 + i % 5))])]))
     return convs
 
 
@@ -104,8 +109,8 @@ def test_sixteen_concurrent_requests_equal_the_model_alone(loaded_model, family,
         assert stats["decode_kernel"] == 1
     if mode == "blocks-of-16-gathered" and not TEST_DEVICE.startswith("cuda"):
         assert stats["decode_kernel"] == 0
-    if mode == "compiled":
-        assert stats["compiled"] == 1
+    if mode == "compiled":  # a hybrid decoder runs uncompiled (qwen_vl.py), and must still be right
+        assert stats["compiled"] == (family not in HYBRID)
     assert stats["steps"] < 16 * tokens  # requests shared steps
     assert_matches_reference(loaded, convs, results, max_tokens=tokens)
 
@@ -124,10 +129,15 @@ def test_a_repeated_prompt_hits_the_prefix_cache_and_answers_the_same(loaded_mod
     (text1, fin1), (text2, fin2), encoded_once, encoded_after = run_engine(loaded, body, block_size=4)
     assert text1 == text2
     total = fin1.usage.input_tokens + fin1.usage.cache_creation_input_tokens
-    assert fin1.usage.cache_read_input_tokens == 0 and fin1.usage.cache_creation_input_tokens > 0
-    assert fin2.usage.cache_read_input_tokens == (total - 1) // 4 * 4  # all but the block holding the last token
-    assert fin2.usage.input_tokens + fin2.usage.cache_read_input_tokens + fin2.usage.cache_creation_input_tokens == total
-    assert encoded_once == encoded_after == 3  # the second time, no image went through the vision tower
+    if family in HYBRID:  # no prefix cache (linear_attention.py): nothing reported as cached, all recomputed
+        assert fin1.usage.cache_creation_input_tokens == fin2.usage.cache_creation_input_tokens == 0
+        assert fin2.usage.cache_read_input_tokens == 0 and fin2.usage.input_tokens == total
+    else:
+        assert fin1.usage.cache_read_input_tokens == 0 and fin1.usage.cache_creation_input_tokens > 0
+        assert fin2.usage.cache_read_input_tokens == (total - 1) // 4 * 4  # all but the block holding the last token
+        assert fin2.usage.input_tokens + fin2.usage.cache_read_input_tokens + fin2.usage.cache_creation_input_tokens == total
+    # the second time, no image went through the vision tower (prefix cache, or else the image cache)
+    assert encoded_once == encoded_after == 3
     assert_matches_reference(loaded, [conv], [(text2, fin2)])
 
 
@@ -137,14 +147,19 @@ def test_a_second_turn_about_the_same_image_reuses_it_and_the_first_turn(loaded_
     question = Turn("user", [image(1), Text("what is in this picture?")])
 
     async def body(engine):
-        first_text, first = await collect(engine, Conversation([question]), "t1")
+        first_text, first = await collect(engine, ask([question]), "t1")
         # The client sends the image again (a fresh decode of the same bytes), as chat clients do.
         again = Turn("user", [image(1), Text("what is in this picture?")])
-        follow_up = Conversation([again, Turn("assistant", [Text(first_text or "nothing")]), Turn("user", [Text("and the colours?")])])
+        follow_up = ask([again, Turn("assistant", [Text(first_text or "nothing")]), Turn("user", [Text("and the colours?")])])
         second_text, second = await collect(engine, follow_up, "t2")
         return follow_up, first, (second_text, second), engine.stats()
 
     follow_up, first, (text, second), stats = run_engine(loaded, body, block_size=4)
+    if family in HYBRID:  # no prefix cache: the first turn is recomputed, its image from the image cache
+        assert stats["images_encoded"] == 1 and stats["image_cache_hits"] == 1
+        assert second.usage.cache_read_input_tokens == 0
+        assert_matches_reference(loaded, [follow_up], [(text, second)])
+        return
     # the image lies in the reused prefix: it needed neither the vision tower nor the image cache
     assert stats["images_encoded"] == 1 and stats["image_cache_hits"] == 0
     first_prompt = first.usage.input_tokens + first.usage.cache_creation_input_tokens
@@ -156,7 +171,7 @@ def test_a_second_turn_about_the_same_image_reuses_it_and_the_first_turn(loaded_
 @pytest.mark.parametrize("family", FAMILIES)
 def test_images_are_encoded_as_the_prefill_reaches_them(loaded_model, family):
     loaded = loaded_model(family)
-    conv = Conversation([Turn("user", [image(1), Text("first " * 60), image(2), Text("second " * 60), image(3), Text("end")])])
+    conv = ask([Turn("user", [image(1), Text("first " * 60), image(2), Text("second " * 60), image(3), Text("end")])])
 
     async def body(engine):
         calls = []
@@ -178,8 +193,8 @@ def test_images_are_encoded_as_the_prefill_reaches_them(loaded_model, family):
 
 def test_an_image_met_before_in_another_prompt_comes_from_the_image_cache(loaded_model):
     loaded = loaded_model("qwen2_5_vl")
-    first = Conversation([Turn("user", [image(4), Text("describe it")])])
-    other = Conversation([Turn("user", [Text("a different opening " * 8), image(4), Text("and now?")])])
+    first = ask([Turn("user", [image(4), Text("describe it")])])
+    other = ask([Turn("user", [Text("a different opening " * 8), image(4), Text("and now?")])])
 
     async def body(engine):
         await collect(engine, first, "a")
@@ -233,7 +248,7 @@ def test_a_full_queue_answers_overloaded_with_retry_after(loaded_model):
     assert isinstance(finished, Finished)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f not in HYBRID])  # hybrids run no step graphs
 def test_padded_static_decode_steps_equal_the_model_alone(loaded_model, family):
     """The CUDA-graph path (static buffers, padded batch and width) — run eagerly on a CPU."""
     from localvl.engine.cuda_graphs import DecodeGraphs
@@ -258,7 +273,7 @@ def test_vision_calls_from_graphs_equal_the_model_alone(loaded_model, family):
 
     loaded = loaded_model(family)
     # One image each, all of one size (one layout), different content: no image-cache hits.
-    convs = [Conversation([Turn("user", [image(i, size=(90, 60)), Text(f"what is this {i}?")])]) for i in range(4)]
+    convs = [ask([Turn("user", [image(i, size=(90, 60)), Text(f"what is this {i}?")])]) for i in range(4)]
 
     async def body(engine):
         engine.runner.vision_graphs = VisionGraphs(engine.model)
@@ -270,7 +285,7 @@ def test_vision_calls_from_graphs_equal_the_model_alone(loaded_model, family):
     assert_matches_reference(loaded, convs, results)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f not in HYBRID])  # hybrids run no step graphs
 def test_prefill_chunks_from_graphs_equal_the_model_alone(loaded_model, family):
     """The prefill-graph path (one sequence's chunk alone in its step, padded to a bucket, after
     its cached prefix) — run eagerly on a CPU. With 40-token steps, long prompts take several
@@ -278,7 +293,7 @@ def test_prefill_chunks_from_graphs_equal_the_model_alone(loaded_model, family):
     from localvl.engine.cuda_graphs import PrefillGraphs
 
     loaded = loaded_model(family)
-    convs = mixed_conversations(6) + [Conversation([Turn("user", [Text(f"question {i} " * 12)])]) for i in range(3)]
+    convs = mixed_conversations(6) + [ask([Turn("user", [Text(f"question {i} " * 12)])]) for i in range(3)]
 
     async def body(engine):
         engine.runner.prefill_graphs = PrefillGraphs(engine.model, engine.kv_cache, 40)

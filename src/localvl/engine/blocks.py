@@ -69,10 +69,13 @@ class BlockTable:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int) -> None:
+    def __init__(self, num_blocks: int, block_size: int, *, prefix_cache: bool = True) -> None:
+        """``prefix_cache=False``: no block is ever shared (a hybrid decoder's sequences carry
+        state that their blocks alone cannot restore)."""
         if num_blocks < 1 or block_size < 1:
             raise ValueError("the KV cache needs at least one block of at least one token")
         self.num_blocks = num_blocks
+        self.prefix_cache = prefix_cache
         self.block_size = block_size
         self._blocks = [_Block() for _ in range(num_blocks)]
         # Free blocks, least recently freed first (dict order; O(1) removal when a hit revives one).
@@ -112,6 +115,8 @@ class BlockManager:
         The block holding the last token is never taken from the cache: its logits are needed, so
         it is always computed.
         """
+        if not self.prefix_cache:
+            return []
         usable = (len(tokens) - 1) // self.block_size
         found: list[int] = []
         for digest in block_hashes(tokens, images, self.block_size, usable):
@@ -157,6 +162,9 @@ class BlockManager:
         """
         full = min(computed // self.block_size, len(table.blocks))
         if full <= table.hashed:
+            return 0
+        if not self.prefix_cache:
+            table.hashed = full
             return 0
         created = 0
         hashes = block_hashes(tokens, images, self.block_size, full, table.hashed, table.tail)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,7 +43,10 @@ class PagedKVCache:
         head_dim: int,
         dtype: torch.dtype,
         device: torch.device | str,
+        attention_layers: Collection[int] | None = None,
     ) -> None:
+        """``attention_layers``: the layers that attend (a hybrid decoder's others keep no keys or
+        values, ``linear_attention.py``); all of them by default."""
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.scratch_block = num_blocks
@@ -51,8 +54,9 @@ class PagedKVCache:
         # Attention reads whole blocks and masks the slots past a sequence's end, and a masked NaN in
         # uninitialised memory would still poison the weighted sum: blocks are zeroed, but only when
         # first used (``zero_blocks``), so an idle server does not hold a pool's worth of RAM.
-        self.keys = [torch.empty(slots, kv_heads, head_dim, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.values = [torch.empty(slots, kv_heads, head_dim, dtype=dtype, device=device) for _ in range(num_layers)]
+        attending = set(range(num_layers) if attention_layers is None else attention_layers)
+        self.keys = [torch.empty(slots if i in attending else 0, kv_heads, head_dim, dtype=dtype, device=device) for i in range(num_layers)]
+        self.values = [torch.empty(slots if i in attending else 0, kv_heads, head_dim, dtype=dtype, device=device) for i in range(num_layers)]
         self.zero_blocks(num_blocks, num_blocks + 1)  # the scratch block
         self.zeroed = 0  # blocks [0, zeroed) have been zeroed (or written) at least once
 
@@ -113,6 +117,7 @@ class AttentionBatch:
     row_sources: torch.Tensor | None = None  # [real queries] indices into rows * queries
     row_targets: torch.Tensor | None = None  # [real queries] packed token indices
     prefills: list[PrefillChunk] = field(default_factory=list)
+    linear: Any = None  # a hybrid decoder's ``linear_attention.LinearStep``
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float | None) -> torch.Tensor:
@@ -184,6 +189,11 @@ def stepping(batch: AttentionBatch) -> Iterator[None]:
         yield
     finally:
         _step.batch = previous
+
+
+def current_batch() -> AttentionBatch | None:
+    """The step running on this thread, if any."""
+    return getattr(_step, "batch", None)
 
 
 def paged_attention(

@@ -40,6 +40,7 @@ from localvl.engine.events import (
 )
 from localvl.engine.frontend import Admission, Frontend, ModelFacts
 from localvl.engine.kv_cache import PagedKVCache
+from localvl.engine.linear_attention import LinearStates
 from localvl.engine.protocol import ModelInfo
 from localvl.engine.qwen_vl import QwenVLRunner
 from localvl.engine.runner import StepRunner
@@ -93,20 +94,29 @@ class LocalEngine:
         vocab_size = int(self.model.text_config.vocab_size)
         self.constraints = Constraints(loaded.tokenizer, vocab_size, loaded.eos_token_ids)
         self._think_close_ids = self._tokenizer.encode("\n</think>\n\n", add_special_tokens=False)
+        self.linear_states = None
+        if self.model.hybrid:  # one state slot per sequence the batch can hold
+            self.linear_states = LinearStates(self.model.linear, config.max_num_seqs, self.model.dtype, self.model.device)
+            logger.info("linear-attention state: %d slots (%.2f GiB)", config.max_num_seqs, self.linear_states.nbytes / GiB)
         self.kv_cache = self._make_kv_cache()
-        self.blocks = BlockManager(self.kv_cache.num_blocks, config.block_size)
+        # A hybrid decoder's state cannot be restored from shared blocks: no prefix cache (linear_attention.py).
+        self.blocks = BlockManager(self.kv_cache.num_blocks, config.block_size, prefix_cache=not self.model.hybrid)
         budget = config.max_batch_tokens or default_batch_tokens(self.model.device)
         self.scheduler = Scheduler(self.blocks, max_batch_tokens=budget, max_num_seqs=config.max_num_seqs)
         self.image_cache = ImageCache(config.image_cache_memory)
         graphs = None
-        if config.cuda_graphs and self.model.device.type == "cuda":
+        # Decode and prefill graphs do not cover linear-attention steps yet; the vision tower's do.
+        step_graphs = config.cuda_graphs and not self.model.hybrid
+        if step_graphs and self.model.device.type == "cuda":
             max_blocks = -(-loaded.context_length // config.block_size)
             graphs = DecodeGraphs(self.model, self.kv_cache, config.max_num_seqs, min(max_blocks, self.kv_cache.num_blocks))
         vision_graphs = prefill_graphs = None
         if config.cuda_graphs and self.model.device.type == "cuda":
             vision_graphs = VisionGraphs(self.model)
-            prefill_graphs = PrefillGraphs(self.model, self.kv_cache, budget)
-        self.runner = StepRunner(self.model, self.kv_cache, self.image_cache, graphs, vision_graphs, prefill_graphs)
+            prefill_graphs = PrefillGraphs(self.model, self.kv_cache, budget) if step_graphs else None
+        self.runner = StepRunner(
+            self.model, self.kv_cache, self.image_cache, graphs, vision_graphs, prefill_graphs, self.linear_states
+        )
         text = self.model.text_config
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         shape = (config.block_size, text.num_attention_heads, text.num_key_value_heads, head_dim)
@@ -151,8 +161,9 @@ class LocalEngine:
     def _make_kv_cache(self) -> PagedKVCache:
         text = self.model.text_config
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        attention_layers = self.model.attention_layers
         shape = dict(
-            num_layers=text.num_hidden_layers, block_size=self.config.block_size,
+            num_layers=len(attention_layers), block_size=self.config.block_size,
             kv_heads=text.num_key_value_heads, head_dim=head_dim, dtype=self.model.dtype,
         )
         per_block = PagedKVCache.bytes_per_block(**shape)  # type: ignore[arg-type]
@@ -168,7 +179,8 @@ class LocalEngine:
         useful = self.config.max_num_seqs * -(-self.loaded.context_length // self.config.block_size)
         num_blocks = max(1, min(budget // per_block, useful))
         logger.info("KV cache: %d blocks of %d tokens (%.2f GiB)", num_blocks, self.config.block_size, num_blocks * per_block / GiB)
-        return PagedKVCache(num_blocks=num_blocks, device=device, **shape)  # type: ignore[arg-type]
+        shape["num_layers"] = text.num_hidden_layers
+        return PagedKVCache(num_blocks=num_blocks, device=device, attention_layers=attention_layers, **shape)  # type: ignore[arg-type]
 
     @functools.cached_property
     def frontend(self) -> Frontend:

@@ -15,13 +15,16 @@ from typing import Any, Iterator
 
 import torch
 
-from localvl.engine.kv_cache import ATTENTION_NAME, AttentionBatch, PagedKVCache, PrefillChunk, register_attention, stepping
+from localvl.engine import linear_attention
+from localvl.engine.kv_cache import ATTENTION_NAME, AttentionBatch, PagedKVCache, PrefillChunk, current_batch, register_attention, stepping
 from localvl.engine.varlen import VARLEN_NAME, one_tower_call, register_varlen_attention
 from localvl.models.patches import Patches
 
-SUPPORTED_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+SUPPORTED_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
 # Qwen3-VL adds vision features to the hidden states of its first decoder layers ("deepstack").
 DEEPSTACK_MODEL_TYPES = ("qwen3_vl", "qwen3_vl_moe")
+# Vision towers with learned position embeddings, resampled to each image's grid.
+INTERPOLATED_MODEL_TYPES = ("qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +87,9 @@ class QwenVLRunner:
         self.image_token_id = int(model.config.image_token_id)
         self.spatial_merge_size = int(model.config.vision_config.spatial_merge_size)
         self.deepstack = model_type in DEEPSTACK_MODEL_TYPES
+        # A hybrid decoder's linear-attention layers, which the engine steps from per-sequence state.
+        self.linear = linear_attention.linear_layers(model)
+        linear_attention.install(self.linear, _current_linear)
         patches_as_matmul(self.visual.patch_embed.proj)
         register_attention()
         register_varlen_attention()
@@ -91,6 +97,9 @@ class QwenVLRunner:
         # stock layers' small ops are fused into a few kernels and the paged attention stays an
         # opaque op; ``warm_up`` compiles before the first request can wait on it.
         self.decoder: Any = self.language_model
+        if compile and self.linear:
+            logger.warning("--compile does not cover hybrid decoders (%s) yet: the decoder runs uncompiled", model_type)
+            compile = False
         if compile:
             # Every model in a process shares one code object (transformers' forward wrapper), whose
             # graphs dynamo caps at 8: each model needs two or three, and several engines (tests) more.
@@ -114,6 +123,16 @@ class QwenVLRunner:
 
         with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
             yield
+
+    @property
+    def hybrid(self) -> bool:
+        """Whether the decoder has linear-attention layers (``linear_attention.py``)."""
+        return bool(self.linear)
+
+    @property
+    def attention_layers(self) -> list[int]:
+        """The decoder layers that keep keys and values in the paged cache."""
+        return [i for i in range(int(self.text_config.num_hidden_layers)) if i not in self.linear]
 
     @property
     def device(self) -> torch.device:
@@ -178,7 +197,7 @@ class QwenVLRunner:
             kwargs["visual_pos_masks"] = visual_mask.unsqueeze(0)
             kwargs["deepstack_visual_embeds"] = deepstack
         # A dict mask tells Qwen2/2.5-VL the masks are made; the paged attention needs none.
-        masks = {"full_attention": None, "sliding_attention": None}
+        masks = {"full_attention": None, "sliding_attention": None, "linear_attention": None}
         # Qwen3-VL adds image features at a boolean mask, a data-dependent shape that dynamo cannot
         # trace inside the layer loop: steps that carry image features run uncompiled.
         decoder = self.language_model if kwargs else self.decoder
@@ -241,7 +260,7 @@ class QwenVLRunner:
                 grids, spatial_merge_size=visual.spatial_merge_size, window_size=visual.window_size, patch_size=visual.patch_size
             )
             layout["window_index"] = index.to(device)
-        if self.deepstack:  # Qwen3-VL: its learned position embeddings, resampled to each grid
+        if self.model_type in INTERPOLATED_MODEL_TYPES:  # its learned position embeddings, resampled to each grid
             indices, weights = vision_utils.get_vision_interpolation_indices_and_weights(
                 grids, num_grid_per_side=visual.num_grid_per_side, mode=visual.interpolation_mode,
                 align_corners=visual.interpolation_align_corners, spatial_merge_size=visual.config.spatial_merge_size,
@@ -288,3 +307,8 @@ class QwenVLRunner:
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
+
+
+def _current_linear() -> Any:
+    batch = current_batch()
+    return batch.linear if batch is not None else None

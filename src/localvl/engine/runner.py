@@ -18,6 +18,7 @@ import torch
 from localvl.engine.blocks import ImageSpan
 from localvl.engine.cuda_graphs import DecodeGraphs, PrefillGraphs
 from localvl.engine.kv_cache import AttentionBatch, PagedKVCache, PrefillChunk, additive_mask
+from localvl.engine.linear_attention import LinearStates, make_step
 from localvl.engine.positions import mrope_positions
 from localvl.engine.qwen_vl import ImageFeatures, PromptInputs, QwenVLRunner
 from localvl.engine.scheduler import Scheduled
@@ -106,8 +107,10 @@ class StepRunner:
         graphs: DecodeGraphs | None = None,
         vision_graphs: VisionGraphs | None = None,
         prefill_graphs: PrefillGraphs | None = None,
+        linear_states: LinearStates | None = None,
     ) -> None:
         self.model = model
+        self.linear_states = linear_states  # a hybrid decoder's per-sequence state
         self.cache = cache
         self.images = images
         self.graphs = graphs
@@ -248,6 +251,7 @@ class StepRunner:
         chunks: list[PrefillChunk] = []
         row_blocks: list[list[int]] = []
         row_spans: list[tuple[int, int, int]] = []  # (packed start, tokens, context) of each short chunk
+        linear_chunks: list[tuple[int, int, Sequence, bool]] = []
         for s in order:
             seq, state = s.sequence, s.sequence.payload.prompt
             start, end = s.start, s.start + s.count
@@ -277,11 +281,17 @@ class StepRunner:
                 chunks.append(PrefillChunk(packed, packed + s.count, context_blocks, end))
             if s.samples:
                 samplers.append((s, packed + s.count - 1))
+            if self.linear_states is not None:
+                if start > 0 and not self.linear_states.holds(seq):
+                    raise RuntimeError(f"{seq.id} resumes at token {start} with no linear-attention state")
+                linear_chunks.append((packed, s.count, seq, start == 0))
 
         slot_mapping = torch.tensor(slots, dtype=torch.long).to(device, non_blocking=True)
         attention = AttentionBatch(self.cache, slot_mapping, prefills=chunks)
         if row_blocks:
             self._add_rows(attention, row_blocks, row_spans)
+        if self.linear_states is not None:
+            attention.linear = make_step(self.linear_states, linear_chunks, device)
 
         embeds = self.model.embed_tokens(torch.tensor(ids, dtype=torch.long))
         visual_mask = None

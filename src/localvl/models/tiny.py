@@ -24,10 +24,11 @@ from localvl.models.processor import image_only
 
 logger = logging.getLogger(__name__)
 
-Family = Literal["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"]
+Family = Literal["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe"]
 Vocab = Literal["tiny", "qwen"]
-FAMILIES: tuple[Family, ...] = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
-QWEN3: tuple[Family, ...] = ("qwen3_vl", "qwen3_vl_moe")  # one vision tower, template and rope; the MoE has experts
+FAMILIES: tuple[Family, ...] = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
+QWEN3: tuple[Family, ...] = ("qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")  # 16 px patches, learned vision positions, interleaved M-RoPE
+QWEN3_5: tuple[Family, ...] = ("qwen3_5", "qwen3_5_moe")  # hybrid decoders: Gated DeltaNet layers beside full attention
 VOCABS: tuple[Vocab, ...] = ("tiny", "qwen")
 
 # Qwen's added tokens in Qwen's order; with the real vocabulary they land on ids 151643-151668,
@@ -249,6 +250,15 @@ def _text_config(vocab_size: int, family: Family, max_positions: int, ids: dict[
         config["rope_parameters"] = {"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": [2, 3, 3]}
     if family == "qwen3_vl_moe":  # every layer's MLP is 4 experts, 2 per token
         config.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1, mlp_only_layers=[])
+    if family in QWEN3_5:  # linear, full, linear, full: both kinds of layer, twice
+        config.update(
+            num_hidden_layers=4, layer_types=["linear_attention", "full_attention"] * 2, linear_conv_kernel_dim=4,
+            linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
+        )
+        config["rope_parameters"]["partial_rotary_factor"] = 0.5
+        config["rope_parameters"]["mrope_section"] = [2, 1, 1]  # 4 rotary frequencies: time keeps the rest
+    if family == "qwen3_5_moe":  # every layer's MLP is 4 experts, 2 per token, beside a shared expert
+        config.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32)
     return config
 
 
@@ -274,14 +284,17 @@ def _vision_config(family: Family) -> dict:
         "out_hidden_size": 64,
         "patch_size": 16,
         "num_position_embeddings": 64,
-        "deepstack_visual_indexes": [0],
+        **({} if family in QWEN3_5 else {"deepstack_visual_indexes": [0]}),
     }
 
 
 def _config_class(family: Family):
-    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig, Qwen3VLConfig, Qwen3VLMoeConfig
+    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig, Qwen3_5Config, Qwen3_5MoeConfig, Qwen3VLConfig, Qwen3VLMoeConfig
 
-    classes = {"qwen2_vl": Qwen2VLConfig, "qwen2_5_vl": Qwen2_5_VLConfig, "qwen3_vl": Qwen3VLConfig, "qwen3_vl_moe": Qwen3VLMoeConfig}
+    classes = {
+        "qwen2_vl": Qwen2VLConfig, "qwen2_5_vl": Qwen2_5_VLConfig, "qwen3_vl": Qwen3VLConfig, "qwen3_vl_moe": Qwen3VLMoeConfig,
+        "qwen3_5": Qwen3_5Config, "qwen3_5_moe": Qwen3_5MoeConfig,
+    }
     return classes[family]
 
 
@@ -304,13 +317,13 @@ def _image_processor(family: Family, min_merged_patches: int, max_merged_patches
 def _processor_class(family: Family):
     from transformers import Qwen2_5_VLProcessor, Qwen2VLProcessor, Qwen3VLProcessor
 
-    classes = {"qwen2_vl": Qwen2VLProcessor, "qwen2_5_vl": Qwen2_5_VLProcessor, "qwen3_vl": Qwen3VLProcessor, "qwen3_vl_moe": Qwen3VLProcessor}
-    return classes[family]
+    classes = {"qwen2_vl": Qwen2VLProcessor, "qwen2_5_vl": Qwen2_5_VLProcessor}
+    return classes.get(family, Qwen3VLProcessor)
 
 
 def chat_template(family: Family) -> str:
     """The tiny folder's template, shaped like the family's published one (see templates/)."""
-    name = "qwen3_vl.jinja" if family in QWEN3 else "qwen2_vl.jinja"
+    name = "qwen3_5.jinja" if family in QWEN3_5 else "qwen3_vl.jinja" if family in QWEN3 else "qwen2_vl.jinja"
     return resources.files("localvl.models").joinpath("templates", name).read_text(encoding="utf-8")
 
 
