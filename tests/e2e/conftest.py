@@ -126,3 +126,11 @@ def thinking_server(model_dir, tmp_path_factory):
                "--thinking-key", "e2e-thinking-key-0123456789")
     yield s
     s.stop()
+
+
+@pytest.fixture(scope="session")
+def hybrid_server(model_dir, tmp_path_factory):
+    """qwen3_5, tiny vocabulary: a hybrid decoder (Gated DeltaNet beside full attention), XML tool calls."""
+    s = Server(model_dir("qwen3_5"), tmp_path_factory.mktemp("logs") / "server-hybrid.log")
+    yield s
+    s.stop()

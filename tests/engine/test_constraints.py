@@ -53,17 +53,20 @@ def sampled(seed: int, max_tokens: int = 400) -> SamplingParams:
     return SamplingParams(max_tokens=max_tokens, temperature=1.0, top_p=1.0, top_k=0, seed=seed)
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])  # Hermes fallback template / the folder's own
+# Hermes fallback template / the folder's own / Qwen3.5's XML calls
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "qwen3_5"])
 def test_forced_tool_calls_validate_against_their_schemas_across_seeds(loaded_model, family):
     loaded = loaded_model(family)
     schemas = {WEATHER.name: WEATHER.input_schema, CLOCK.name: CLOCK.input_schema}
+    # Qwen3.5 thinks unless told not to, and random weights seldom stop thinking
+    asked = question(thinking=False if family == "qwen3_5" else None)
 
     async def body(engine):
         requests = [
-            GenerationRequest(f"any{seed}", question(), sampled(seed), tool_choice=ToolChoice("any", parallel=seed % 2 == 0))
+            GenerationRequest(f"any{seed}", asked, sampled(seed), tool_choice=ToolChoice("any", parallel=seed % 2 == 0))
             for seed in range(8)
         ] + [
-            GenerationRequest(f"tool{seed}", question(), sampled(seed), tool_choice=ToolChoice("tool", "get_weather"))
+            GenerationRequest(f"tool{seed}", asked, sampled(seed), tool_choice=ToolChoice("tool", "get_weather"))
             for seed in range(4)
         ]
         return await asyncio.gather(*(events_of(engine, r) for r in requests)), requests
@@ -239,16 +242,17 @@ TREE = Tool("make_tree", None, {
 })
 
 
-def test_forced_calls_to_tools_with_local_refs_validate_against_them(loaded_model):
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_5"])
+def test_forced_calls_to_tools_with_local_refs_validate_against_them(loaded_model, family):
     import jsonschema
 
-    loaded = loaded_model("qwen2_5_vl")
+    loaded = loaded_model(family)
 
     async def body(engine):
-        requests = [GenerationRequest(f"{tool.name}{seed}", question(tools=(tool, CLOCK)), sampled(seed, 300),
+        requests = [GenerationRequest(f"{tool.name}{seed}", question(tools=(tool, CLOCK), thinking=False), sampled(seed, 300),
                                       tool_choice=ToolChoice("tool", tool.name, parallel=False))
                     for tool in (ROUTE, TREE) for seed in range(3)]
-        requests.append(GenerationRequest("both", question(tools=(ROUTE, TREE)), sampled(9, 300),
+        requests.append(GenerationRequest("both", question(tools=(ROUTE, TREE), thinking=False), sampled(9, 300),
                                           tool_choice=ToolChoice("any", parallel=False)))
         return await asyncio.gather(*(events_of(engine, r) for r in requests)), requests
 

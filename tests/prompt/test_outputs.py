@@ -149,3 +149,61 @@ def test_an_answer_keeps_its_trailing_whitespace_whatever_the_split(tools, think
 def test_whitespace_after_a_tool_call_is_not_text():
     parser = OutputParser(tools=True, thinking=False)
     assert run(parser, CALL + "\n\n") == [ToolCallPiece("get_weather", {"city": "Paris", "days": 3})]
+
+
+# Qwen3.5's form: XML inside the same tags, a string as written and other values as JSON.
+SCHEMAS = {
+    "get_weather": {
+        "type": "object",
+        "properties": {
+            "city": {"type": "string"},
+            "days": {"type": "integer"},
+            "zip": {"type": "string"},
+            "units": {"type": ["string", "null"]},
+            "options": {"type": "object"},
+            "tags": {"type": "array", "items": {"type": "string"}},
+        },
+    }
+}
+XML_CALL = (
+    "<tool_call>\n<function=get_weather>\n<parameter=city>\nSaint-Denis\nde la Réunion\n</parameter>\n"
+    "<parameter=days>\n3\n</parameter>\n<parameter=zip>\n02139\n</parameter>\n<parameter=units>\nnull\n</parameter>\n"
+    '<parameter=options>\n{"hourly": true}\n</parameter>\n<parameter=tags>\n["a", "b"]\n</parameter>\n'
+    "</function>\n</tool_call>"
+)
+XML_INPUT = {
+    "city": "Saint-Denis\nde la Réunion", "days": 3, "zip": "02139", "units": None,
+    "options": {"hourly": True}, "tags": ["a", "b"],
+}
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_xml_tool_calls_are_read_by_their_schema_whatever_the_split(seed):
+    text = "Let me check.\n\n" + XML_CALL + "\n" + XML_CALL.replace("<parameter=days>\n3", "<parameter=days>\n5")
+    parser = OutputParser(tools=True, thinking=False, schemas=SCHEMAS)
+    assert run(parser, text) == [
+        TextPiece("Let me check."),
+        ToolCallPiece("get_weather", XML_INPUT),
+        ToolCallPiece("get_weather", {**XML_INPUT, "days": 5}),
+    ]
+
+
+def test_xml_values_that_do_not_fit_their_schema_stay_text():
+    body = (
+        "<function=get_weather>\n<parameter=days>\nthree\n</parameter>\n<parameter=options>\n[1]\n</parameter>\n"
+        "<parameter=unnamed>\n42\n</parameter>\n</function>"
+    )
+    assert parse_tool_call(body, SCHEMAS) == ToolCallPiece("get_weather", {"days": "three", "options": "[1]", "unnamed": "42"})
+
+
+def test_an_xml_call_whose_function_is_not_closed_stays_text():
+    text = "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n</tool_call>"
+    assert run(OutputParser(tools=True, thinking=False, schemas=SCHEMAS), text) == [TextPiece(text)]
+
+
+def test_an_xml_call_cut_off_keeps_its_closed_parameters():
+    text = "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n<parameter=days>\n3"
+    parser = OutputParser(tools=True, thinking=False, schemas=SCHEMAS)
+    assert run(parser, text, truncated=True) == [ToolCallPiece("get_weather", {"city": "Paris"})]
+    cut_in_name = OutputParser(tools=True, thinking=False, schemas=SCHEMAS)
+    assert run(cut_in_name, "<tool_call>\n<function=get_wea", truncated=True) == []

@@ -87,7 +87,8 @@ class Frontend:
         in_thinking = parser is not None and parser.in_thinking
         try:
             grammar = request_grammar(
-                conversation.tools, choice, request.strict_tools, request.output_schema, self.tags, in_thinking
+                conversation.tools, choice, request.strict_tools, request.output_schema, self.tags, in_thinking,
+                xml=self.renderer.xml_tool_calls,
             )
         except ValueError as error:
             raise InvalidRequestError(f"this model cannot constrain its output that way: {error}") from None
@@ -124,7 +125,8 @@ class Frontend:
             return None
         # Thinking templates open <think> in the generation prompt: the output starts inside it.
         opened = thinking and self._tokenizer.decode(ids[-3:]).rstrip().endswith(THINK_OPEN)
-        return OutputParser(tools=tools, thinking=thinking, in_thinking=opened)
+        schemas = {tool.name: tool.input_schema for tool in request.conversation.tools} if tools else None
+        return OutputParser(tools=tools, thinking=thinking, in_thinking=opened, schemas=schemas)
 
     def _resolve(self, sampling: SamplingParams) -> ResolvedSampling:
         defaults = self.facts.sampling_defaults

@@ -4,7 +4,8 @@ What a request can constrain:
 
 - a forced tool call (``tool_choice`` any or a named tool): the answer is one or more
   ``<tool_call>{"name": …, "arguments": …}</tool_call>`` blocks whose arguments are valid against the
-  tool's ``input_schema``, and nothing else;
+  tool's ``input_schema``, and nothing else (for Qwen3.5, ``<tool_call><function=…>`` blocks whose
+  ``<parameter=…>`` values are, in the schema's order: a string as written, other values as JSON);
 - strict tools under ``auto``: free text, then any tool calls, each valid against its schema;
 - a JSON-schema answer (``output_config.format``): the text is a JSON value valid against it.
 
@@ -87,6 +88,102 @@ def _call_schema(tool: Tool, held: bool, strict: bool, defs: dict[str, Any]) -> 
     }
 
 
+def _lark_string(text: str) -> str:
+    return json.dumps(text, ensure_ascii=False)
+
+
+# A string parameter's value and the line that closes it, matched lazily: up to the first such line.
+XML_CLOSE = "\\n<\\/parameter>"
+XML_TEXT = f"xml_text[lazy]: /(.|\\n)*{XML_CLOSE}/"
+XML_ANY_PARAMETER = 'xml_any: "<parameter=" /[^>\\n]+/ ">\\n" xml_text "\\n"'
+# What a string's schema may say that its XML value can be held to (the rest only describes it).
+_STRING_KEYS = {"type", "description", "title", "default", "examples", "minLength", "maxLength", "pattern",
+                "nullable", "$comment", "deprecated", "readOnly", "writeOnly"}
+
+
+def _string_regex(schema: dict[str, Any]) -> str | None:
+    """A lazy regex for a string value held to its schema, closing line included; None where the
+    schema says more than this can hold (a ``format``, a pattern and a length together)."""
+    if set(schema) - _STRING_KEYS:
+        return None
+    low, high = schema.get("minLength"), schema.get("maxLength")
+    pattern = schema.get("pattern")
+    if pattern is not None and (low is not None or high is not None or not isinstance(pattern, str)):
+        return None
+    if isinstance(pattern, str):
+        body = pattern.replace("/", "\\/")
+        body = body[1:] if body.startswith("^") else "(.|\\n)*" + body
+        body = body[:-1] if body.endswith("$") and not body.endswith("\\$") else body + "(.|\\n)*"
+        return f"({body}){XML_CLOSE}"
+    if low is None and high is None:
+        return f"(.|\\n)*{XML_CLOSE}"
+    return f"(.|\\n){{{int(low or 0)},{'' if high is None else int(high)}}}{XML_CLOSE}"
+
+
+def _is_string(schema: dict[str, Any]) -> bool:
+    kind = schema.get("type")
+    if kind == "string" or (isinstance(kind, list) and "string" in kind):
+        return True
+    return any(isinstance(o, dict) and o.get("type") == "string" for o in (schema.get("anyOf") or schema.get("oneOf") or []))
+
+
+def _xml_parameter(rule: str, key: str, schema: Any, root: dict[str, Any], strict: bool, lines: list[str]) -> None:
+    """``rule``: one ``<parameter=key>`` whose value its schema holds: a string as written (an enum
+    of strings as one of them), anything else as JSON. Refs resolve against the tool's schema
+    (``root``). Where that cannot hold the value, a strict tool is refused and another's value is
+    any text."""
+    head = _lark_string(f"<parameter={key}>\n")
+    if not isinstance(schema, dict) or not schema:
+        lines.append(f'{rule}: {head} xml_text "\\n"')
+        return
+    enum = schema.get("enum")
+    if isinstance(enum, list) and enum and all(isinstance(v, str) for v in enum):
+        choices = " | ".join(_lark_string(v) for v in enum)
+        lines.append(f'{rule}: {head} ({choices}) "\\n</parameter>\\n"')
+        return
+    if isinstance(schema.get("const"), str):
+        lines.append(f'{rule}: {head} {_lark_string(schema["const"])} "\\n</parameter>\\n"')
+        return
+    if _is_string(schema):
+        regex = _string_regex(schema)
+        if regex is None:
+            if strict:
+                raise ValueError(f"parameter {key!r}: its string schema cannot be held in this model's tool-call form")
+            lines.append(f'{rule}: {head} xml_text "\\n"')
+            return
+        lines.append(f"{rule}_text[lazy]: /{regex}/")
+        lines.append(f'{rule}: {head} {rule}_text "\\n"')
+        return
+    value = {**_rebased(schema, "/$defs/tool"), "$defs": {"tool": _rebased(root, "/$defs/tool")}} if '"$ref"' in json.dumps(schema) else schema
+    if not _compiles(value):
+        if strict:
+            raise ValueError(f"parameter {key!r}: llguidance cannot compile its schema")
+        lines.append(f'{rule}: {head} xml_text "\\n"')
+        return
+    lines.append(f'{rule}: {head} {_json(value)} "\\n</parameter>\\n"')
+
+
+def _xml_call(index: int, tool: Tool, held: bool, strict: bool, lines: list[str]) -> str:
+    """Rules for one tool's XML call (Qwen3.5's form); returns the call's rule name. Held, its
+    parameters follow its schema's properties in their order, the required ones present; else
+    any parameters with any values."""
+    schema = tool.input_schema
+    properties = schema.get("properties") if held else None
+    rule = f"xml_call_{index}"
+    head = _lark_string(f"<function={tool.name}>\n")
+    if not isinstance(properties, dict) or not properties:
+        lines.append(f'{rule}: {head} xml_any* "</function>"')
+        return rule
+    required = set(schema.get("required") or [])
+    parts: list[str] = []
+    for number, (key, sub) in enumerate(properties.items()):
+        name = f"{rule}_{number}"
+        _xml_parameter(name, key, sub, schema, strict, lines)
+        parts.append(name if key in required else f"{name}?")
+    lines.append(f'{rule}: {head} {" ".join(parts)} "</function>"')
+    return rule
+
+
 def _thinking_prefix(tags: TagIds) -> str:
     if tags.think_close is None:
         raise ValueError("the model's vocabulary has no </think> token")
@@ -100,12 +197,14 @@ def request_grammar(
     schema: dict[str, Any] | None,
     tags: TagIds,
     in_thinking: bool,
+    xml: bool = False,
 ) -> str | None:
     """The grammar of this request's answer, or None if nothing about it is constrained.
 
     A forced tool call admits only tool calls; a JSON schema admits the JSON answer (or, when
     tools may be called, tool calls instead); strict tools under ``auto`` admit free text and then
-    tool calls valid against their schemas.
+    tool calls valid against their schemas. ``xml``: the model writes tool calls in Qwen3.5's XML
+    form (``<function=…>`` with ``<parameter=…>`` values) rather than as JSON.
     """
     callable_tools = tools if choice.mode != "none" else []
     forced = choice.mode in ("any", "tool")
@@ -118,13 +217,17 @@ def request_grammar(
             raise ValueError("the model's vocabulary has no <tool_call> tokens")
         offered = [t for t in callable_tools if choice.mode != "tool" or t.name == choice.name]
         # A forced call is the point of the request: its arguments are held to the schema too.
-        defs: dict[str, Any] = {}
-        schemas = [_call_schema(t, forced or t.name in strict, t.name in strict, defs) for t in offered]
-        call = schemas[0] if len(schemas) == 1 else {"anyOf": schemas}
-        if defs:
-            call = {**call, "$defs": defs}
+        if xml:
+            rules = [_xml_call(i, t, forced or t.name in strict, t.name in strict, lines) for i, t in enumerate(offered)]
+            lines += [f"call: {' | '.join(rules)}", XML_ANY_PARAMETER, XML_TEXT]
+        else:
+            defs: dict[str, Any] = {}
+            schemas = [_call_schema(t, forced or t.name in strict, t.name in strict, defs) for t in offered]
+            call = schemas[0] if len(schemas) == 1 else {"anyOf": schemas}
+            if defs:
+                call = {**call, "$defs": defs}
+            lines.append(f"call: {_json(call)}")
         lines.append(f'block: <[{tags.tool_open}]> "\\n" call "\\n" <[{tags.tool_close}]>')
-        lines.append(f"call: {_json(call)}")
         calls = 'block ("\\n" block)*' if choice.parallel else "block"
     head = "thought " if in_thinking else ""
     if forced:

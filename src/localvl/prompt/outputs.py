@@ -1,7 +1,10 @@
 """What a Qwen-VL model's output holds: text, thinking, and tool calls, split as it streams.
 
-Qwen models answer tool calls as ``<tool_call>{"name": …, "arguments": {…}}</tool_call>`` (Hermes
-style, every Qwen-VL template that knows tools asks for it) and reason inside ``<think>…</think>``;
+Qwen2/2.5/3-VL models answer tool calls as ``<tool_call>{"name": …, "arguments": {…}}</tool_call>``
+(Hermes style, every such template that knows tools asks for it); Qwen3.5 writes XML inside the
+same tags: ``<function=NAME>``, then ``<parameter=KEY>`` value ``</parameter>`` per argument, a
+string as it is and any other value as JSON (read back by the tool's schema). Both reason inside
+``<think>…</think>``;
 both tags are ordinary added tokens, so they arrive as text. ``OutputParser`` is fed the generated
 text piece by piece and returns what each piece completes. A tool call is returned whole, once its
 closing tag arrives and its JSON parses; a closed call that does not parse (a model that opened a
@@ -50,8 +53,76 @@ class ToolCallPiece:
 Piece = Union[TextPiece, ThinkingPiece, ToolCallPiece]
 
 
-def parse_tool_call(body: str) -> ToolCallPiece | None:
-    """``{"name": "...", "arguments": {...}}`` (arguments may also come as a JSON string)."""
+Schemas = dict[str, dict[str, Any]]  # each offered tool's input schema, by name
+
+_FUNCTION = re.compile(r"^\s*<function=([^>\n]+)>")
+_PARAMETER = re.compile(r"<parameter=([^>\n]+)>(.*?)</parameter>", re.DOTALL)
+
+
+def _schema_types(schema: Any) -> set[str]:
+    """The JSON types a (sub)schema allows, as far as its ``type``/``anyOf``/``oneOf``/``enum`` say."""
+    if not isinstance(schema, dict):
+        return set()
+    kind = schema.get("type")
+    types = {kind} if isinstance(kind, str) else {k for k in kind if isinstance(k, str)} if isinstance(kind, list) else set()
+    for key in ("anyOf", "oneOf"):
+        for option in schema.get(key) or []:
+            types |= _schema_types(option)
+    if not types and isinstance(schema.get("enum"), list):
+        types = {"string" if isinstance(v, str) else "other" for v in schema["enum"]}
+    return types
+
+
+def _json_types(value: Any) -> set[str]:
+    if isinstance(value, bool):
+        return {"boolean"}
+    if isinstance(value, int):
+        return {"integer", "number"}
+    names = {float: "number", str: "string", dict: "object", list: "array", type(None): "null"}
+    return {names.get(type(value), "other")}
+
+
+def _xml_value(raw: str, schema: Any) -> Any:
+    """A parameter's text as the value its schema describes. A string stays as written (one
+    newline each side is the format's, not the value's), as does a parameter the schema does not
+    name; other types are read as JSON, and kept as the text where that does not give one."""
+    text = raw[1:] if raw.startswith("\n") else raw
+    text = text[:-1] if text.endswith("\n") else text
+    types = _schema_types(schema)
+    if schema is None or types == {"string"}:
+        return text
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text
+    if types and not (_json_types(value) & types):
+        return text
+    return value
+
+
+def parse_xml_tool_call(body: str, schemas: Schemas | None = None, cut: bool = False) -> ToolCallPiece | None:
+    """``<function=NAME>`` and its ``<parameter=KEY>`` values (Qwen3.5). ``cut``: the call was cut
+    off: a parameter not closed yet is left out."""
+    named = _FUNCTION.match(body)
+    if named is None:
+        return None
+    name = named.group(1).strip()
+    rest = body[named.end() :]
+    if not cut and not rest.rstrip().endswith("</function>"):
+        return None
+    properties = ((schemas or {}).get(name) or {}).get("properties") or {}
+    arguments: dict[str, Any] = {}
+    for key, raw in _PARAMETER.findall(rest):
+        key = key.strip()
+        arguments[key] = _xml_value(raw, properties.get(key) if isinstance(properties, dict) else None)
+    return ToolCallPiece(name, arguments) if name else None
+
+
+def parse_tool_call(body: str, schemas: Schemas | None = None) -> ToolCallPiece | None:
+    """``{"name": "...", "arguments": {...}}`` (arguments may also come as a JSON string), or
+    Qwen3.5's ``<function=...>`` form."""
+    if body.lstrip().startswith("<function="):
+        return parse_xml_tool_call(body, schemas)
     try:
         value = json.loads(body)
     except ValueError:
@@ -93,9 +164,12 @@ def _closed(prefix: str) -> str:
     return prefix + ('"' if in_string else "") + "".join(reversed(closers))
 
 
-def parse_cut_tool_call(body: str) -> ToolCallPiece | None:
+def parse_cut_tool_call(body: str, schemas: Schemas | None = None) -> ToolCallPiece | None:
     """A tool call cut off inside ``body``: its name if written whole, and the longest prefix of its
-    arguments that parses once closed (trimmed back up to 64 characters; else no arguments)."""
+    arguments that parses once closed (trimmed back up to 64 characters; else no arguments); in
+    the XML form, its closed parameters."""
+    if body.lstrip().startswith("<function="):
+        return parse_xml_tool_call(body, schemas, cut=True)
     named = _NAME.match(body)
     if named is None:
         return None
@@ -123,13 +197,14 @@ def _partial_tag_at(text: str, tags: tuple[str, ...]) -> int:
 class OutputParser:
     """Incremental splitter of generated text into text, thinking and tool calls.
 
-    ``tools``: parse tool calls (the request offered tools). ``thinking``: the model may think
-    (``in_thinking``: the prompt already opened ``<think>``, as thinking templates' generation
-    prompts do, so the output starts inside it).
+    ``tools``: parse tool calls (the request offered tools; ``schemas``: their input schemas).
+    ``thinking``: the model may think (``in_thinking``: the prompt already opened ``<think>``, as
+    thinking templates' generation prompts do, so the output starts inside it).
     """
 
-    def __init__(self, *, tools: bool, thinking: bool, in_thinking: bool = False) -> None:
+    def __init__(self, *, tools: bool, thinking: bool, in_thinking: bool = False, schemas: Schemas | None = None) -> None:
         self.tools = tools
+        self.schemas = schemas  # for XML calls' values: which are strings, which JSON
         self.thinking = thinking
         self._state = "think" if (thinking and in_thinking) else "text"
         self._buffer = ""  # text not yet returned: a possible partial tag, or a tool call's body
@@ -168,7 +243,7 @@ class OutputParser:
             if buffer:
                 pieces.append(ThinkingPiece(buffer))
         elif self._state == "tool":  # ended inside a tool call
-            call = parse_cut_tool_call(buffer) if truncated else None
+            call = parse_cut_tool_call(buffer, self.schemas) if truncated else None
             self._held_space = ""  # it came before a tool call, as whitespace before a whole one
             if call is not None:
                 self.tool_calls += 1
@@ -204,7 +279,7 @@ class OutputParser:
             body = buffer[:end]
             self._buffer = buffer[end + len(TOOL_CLOSE) :]
             self._state = "text"
-            call = parse_tool_call(body)
+            call = parse_tool_call(body, self.schemas)
             if call is None:
                 self._text(TOOL_OPEN + body + TOOL_CLOSE, pieces)
             else:

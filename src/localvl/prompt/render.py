@@ -123,6 +123,12 @@ class Renderer:
         return PROBE_TOOL in text
 
     @functools.cached_property
+    def xml_tool_calls(self) -> bool:
+        """Whether the model writes tool calls in Qwen3.5's XML form (``<function=…>``), as its
+        template teaches, rather than as JSON."""
+        return "<function=" in self.chat_template
+
+    @functools.cached_property
     def thinks(self) -> bool:
         """Whether the model writes ``<think>`` reasoning: its template knows the tag."""
         return "<think>" in self.chat_template

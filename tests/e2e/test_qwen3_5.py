@@ -1,0 +1,79 @@
+"""A Qwen3.5 model (hybrid decoder, XML tool calls) through the official SDKs against a running server."""
+
+from __future__ import annotations
+
+import json
+
+import anthropic
+import jsonschema
+import openai
+import pytest
+
+from tests.e2e.conftest import API_KEY
+from tests.e2e.test_anthropic_tools import ASK, CLOCK, SCHEMAS, WEATHER
+from tests.helpers import image_b64, prompt_tokens
+
+NO_THINKING = {"type": "disabled"}  # Qwen3.5 thinks unless told not to; random weights seldom stop
+
+
+@pytest.fixture
+def hybrid_client(hybrid_server):
+    return anthropic.Anthropic(base_url=hybrid_server.url, api_key=API_KEY, max_retries=0, timeout=120)
+
+
+def test_a_streamed_answer_about_an_image_counts_as_count_tokens_says(hybrid_client):
+    messages = [{"role": "user", "content": [
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": image_b64()}},
+        {"type": "text", "text": "What is in this image?"},
+    ]}]
+    with hybrid_client.messages.stream(model="tiny-vl", max_tokens=12, messages=messages) as stream:
+        kinds = [event.type for event in stream]
+        message = stream.get_final_message()
+    assert kinds[0] == "message_start" and kinds[-1] == "message_stop"
+    assert message.usage.output_tokens == 12 or message.stop_reason == "end_turn"
+    counted = hybrid_client.messages.count_tokens(model="tiny-vl", messages=messages).input_tokens
+    assert counted == prompt_tokens(message.usage)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_forced_xml_tool_calls_come_back_as_tool_use_valid_for_their_schema(hybrid_client, seed):
+    message = hybrid_client.messages.create(
+        model="tiny-vl", max_tokens=300, messages=ASK, tools=[WEATHER, CLOCK], thinking=NO_THINKING,
+        tool_choice={"type": "any"}, extra_body={"temperature": 1.0, "seed": seed},
+    )
+    assert message.stop_reason == "tool_use"
+    calls = [b for b in message.content if b.type == "tool_use"]
+    assert calls and len(calls) == len(message.content)
+    for call in calls:
+        jsonschema.validate(call.input, SCHEMAS[call.name])
+
+
+def test_a_tool_loop_sends_the_call_back_and_goes_on(hybrid_client):
+    first = hybrid_client.messages.create(
+        model="tiny-vl", max_tokens=300, messages=ASK, tools=[WEATHER], thinking=NO_THINKING,
+        tool_choice={"type": "tool", "name": "get_weather", "disable_parallel_tool_use": True},
+    )
+    [call] = [b for b in first.content if b.type == "tool_use"]
+    history = ASK + [
+        {"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in first.content]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call.id, "content": "18 degrees, sunny"}]},
+    ]
+    second = hybrid_client.messages.create(model="tiny-vl", max_tokens=8, messages=history, tools=[WEATHER], thinking=NO_THINKING)
+    assert second.stop_reason in ("end_turn", "max_tokens", "tool_use")
+    # the history's call is in the prompt as Qwen3.5 writes calls: more tokens than the first prompt
+    assert prompt_tokens(second.usage) > prompt_tokens(first.usage)
+    assert hybrid_client.messages.count_tokens(model="tiny-vl", messages=history, tools=[WEATHER],
+                                               thinking=NO_THINKING).input_tokens == prompt_tokens(second.usage)
+
+
+def test_openai_forced_tool_calls_have_json_arguments_valid_for_their_schema(hybrid_server):
+    client = openai.OpenAI(base_url=hybrid_server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
+    tool = {"type": "function", "function": {"name": WEATHER["name"], "parameters": WEATHER["input_schema"]}}
+    completion = client.chat.completions.create(
+        model="tiny-vl", max_tokens=300, messages=ASK, tools=[tool], tool_choice="required",
+        extra_body={"reasoning_effort": "none"},  # thinking off
+    )
+    choice = completion.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.tool_calls
+    for call in choice.message.tool_calls:
+        jsonschema.validate(json.loads(call.function.arguments), WEATHER["input_schema"])

@@ -1,0 +1,76 @@
+"""Qwen3.5's XML tool calls under a grammar: what a forced call may and may not be."""
+
+import llguidance
+import llguidance.hf
+import pytest
+
+from localvl.conversation import Tool, ToolChoice
+from localvl.models.tiny import build_tokenizer
+from localvl.prompt.grammar import TagIds, request_grammar
+from localvl.prompt.outputs import parse_tool_call
+
+WEATHER = Tool("get_weather", "w", {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "maxLength": 12},
+        "days": {"type": "integer", "minimum": 1, "maximum": 7},
+        "unit": {"enum": ["celsius", "fahrenheit"]},
+        "note": {"type": ["string", "null"]},
+        "code": {"type": "string", "pattern": "^[A-Z]{2}$"},
+    },
+    "required": ["city", "days"],
+})
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer("tiny")
+
+
+def accepts(tokenizer, grammar: str, body: str) -> bool:
+    """Whether the whole ``<tool_call>`` block, token by token, is what the grammar admits."""
+    ll = llguidance.hf.from_tokenizer(tokenizer, n_vocab=len(tokenizer), eos_token=[tokenizer.eos_token_id or 0])
+    matcher = llguidance.LLMatcher(ll, llguidance.LLMatcher.grammar_from_lark(grammar), log_level=0)
+    assert not matcher.is_error(), matcher.get_error()
+    tags = TagIds.of(tokenizer)
+    ids = [tags.tool_open, *tokenizer.encode(body, add_special_tokens=False), tags.tool_close]
+    return all(matcher.consume_token(t) for t in ids) and matcher.is_accepting()
+
+
+def call(*parameters: tuple[str, str], name: str = "get_weather") -> str:
+    return f"\n<function={name}>\n" + "".join(f"<parameter={k}>\n{v}\n</parameter>\n" for k, v in parameters) + "</function>\n"
+
+
+def test_a_forced_xml_call_is_held_to_its_schema(tokenizer):
+    grammar = request_grammar([WEATHER], ToolChoice("any", parallel=False), (), None, TagIds.of(tokenizer), False, xml=True)
+    whole = call(("city", "St-Denis\nX"), ("days", "3"), ("unit", "celsius"), ("note", "null"), ("code", "FR"))
+    assert accepts(tokenizer, grammar, whole)
+    assert parse_tool_call(whole.strip(), {WEATHER.name: WEATHER.input_schema}).input == {
+        "city": "St-Denis\nX", "days": 3, "unit": "celsius", "note": None, "code": "FR"}
+    assert accepts(tokenizer, grammar, call(("city", "Paris"), ("days", "7")))  # optional ones left out
+    for wrong in (
+        call(("city", "a much longer name"), ("days", "3")),  # maxLength
+        call(("city", "Paris"), ("days", "9")),  # maximum
+        call(("city", "Paris"), ("days", "three")),  # not an integer
+        call(("city", "Paris")),  # a required parameter missing
+        call(("city", "Paris"), ("days", "3"), ("unit", "kelvin")),  # not in the enum
+        call(("city", "Paris"), ("days", "3"), ("code", "FRA")),  # the pattern
+        call(("days", "3"), ("city", "Paris")),  # out of the schema's order
+        call(("city", "Paris"), ("days", "3"), name="get_time"),  # no such tool
+    ):
+        assert not accepts(tokenizer, grammar, wrong), wrong
+
+
+def test_a_tool_not_held_takes_any_parameters(tokenizer):
+    other = Tool("note", None, {"type": "object", "properties": {"text": {"type": "string", "format": "email"}}})
+    grammar = request_grammar([other, WEATHER], ToolChoice("auto"), ("get_weather",), None, TagIds.of(tokenizer), False, xml=True)
+    assert accepts(tokenizer, grammar, call(("anything", "at all\n{}"), ("n", "1"), name="note"))
+    assert not accepts(tokenizer, grammar, call(("city", "Paris"), ("days", "9")))  # the strict one is held
+
+
+def test_a_strict_string_the_xml_form_cannot_hold_is_refused(tokenizer):
+    email = Tool("mail", None, {"type": "object", "properties": {"to": {"type": "string", "format": "email"}}})
+    with pytest.raises(ValueError, match="'to'"):
+        request_grammar([email], ToolChoice("auto"), ("mail",), None, TagIds.of(tokenizer), False, xml=True)
+    # not strict, a forced call's value is any text
+    assert request_grammar([email], ToolChoice("any"), (), None, TagIds.of(tokenizer), False, xml=True)
