@@ -230,6 +230,7 @@ def engine_config(settings: Any) -> Any:
         kv_cache_memory=settings.kv_cache_memory,
         gpu_memory_utilization=settings.gpu_memory_utilization,
         image_cache_memory=settings.image_cache_memory,
+        state_cache_memory=settings.state_cache_memory,
         max_queue=settings.max_queue,
         cuda_graphs=settings.cuda_graphs,
         cpu_kernel=settings.cpu_kernel,

@@ -68,6 +68,11 @@ class Settings(BaseSettings):
     )
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="share of free GPU memory for the KV cache")
     image_cache_memory: int = Field(512 << 20, ge=0, description="bytes of vision-tower outputs kept for reuse")
+    state_cache_memory: int = Field(
+        1 << 30, ge=0,
+        description="hybrid models (Qwen3.5): bytes of linear-attention state snapshots kept so a later turn resumes "
+        "its shared prefix; 0: every prompt is computed whole",
+    )
     cpu_threads: int | None = Field(
         None, ge=1, description="torch threads when the model runs on the CPU; default: all cores but one"
     )

@@ -77,3 +77,18 @@ def test_openai_forced_tool_calls_have_json_arguments_valid_for_their_schema(hyb
     assert choice.finish_reason == "tool_calls" and choice.message.tool_calls
     for call in choice.message.tool_calls:
         jsonschema.validate(json.loads(call.function.arguments), WEATHER["input_schema"])
+
+
+def test_the_next_turn_resumes_where_the_first_kept_its_state(hybrid_client):
+    ask = [{"role": "user", "content": [
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": image_b64(color=(9, 99, 199))}},
+        {"type": "text", "text": "Describe this picture in one line."},
+    ]}]
+    first = hybrid_client.messages.create(model="tiny-vl", max_tokens=8, messages=ask, thinking=NO_THINKING)
+    said = "".join(b.text for b in first.content if b.type == "text") or "a picture"
+    follow_up = ask + [{"role": "assistant", "content": said}, {"role": "user", "content": "And its colours?"}]
+    second = hybrid_client.messages.create(model="tiny-vl", max_tokens=8, messages=follow_up, thinking=NO_THINKING)
+    # the first turn's prompt, all but its last few tokens, is resumed rather than computed again
+    assert first.usage.cache_read_input_tokens == 0 and first.usage.cache_creation_input_tokens > 0
+    assert second.usage.cache_read_input_tokens == first.usage.cache_creation_input_tokens
+    assert prompt_tokens(first.usage) - first.usage.cache_creation_input_tokens < 8 + 16

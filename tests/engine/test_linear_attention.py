@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from localvl.engine.linear_attention import LinearStates, linear_layers, make_step
+from localvl.engine.linear_attention import LinearChunk, LinearStates, Snapshot, linear_layers, make_step
 from localvl.engine.sequence import Sequence, Status
 
 
@@ -21,22 +21,56 @@ def test_only_a_hybrid_decoder_has_linear_layers(loaded_model, layers):
     assert linear_layers(loaded_model("qwen3_vl").model) == {}
 
 
-def test_slots_are_taken_started_over_and_given_back(layers):
-    states = LinearStates(layers, slots=2, dtype=torch.float32, device=torch.device("cpu"))
-    a, b, c = running("a"), running("b"), running("c")
-    step = make_step(states, [(0, 1, a, False), (1, 5, b, True)], torch.device("cpu"))
-    assert step.singles.tolist() == [0] and step.chunks == [(1, 6, step.single_slots.tolist()[0] ^ 1)]
-    slot_a = states.slot(a, fresh=False)
+def chunk(packed, count, seq, start, resume=None, keep_at=None):
+    return LinearChunk(packed, count, seq, start, resume, keep_at)
+
+
+def fill(states, slot, value):
     for tensor in (*states.conv.values(), *states.recurrent.values()):
-        tensor[slot_a].fill_(1.0)
-    assert states.slot(a, fresh=False) == slot_a and all(t[slot_a].eq(1).all() for t in states.conv.values())
-    states.slot(a, fresh=True)  # a first chunk (a new sequence, or one preempted) starts from nothing
-    assert all(t[slot_a].eq(0).all() for t in (*states.conv.values(), *states.recurrent.values()))
+        tensor[slot].fill_(value)
+
+
+def holds_value(states, slot, value):
+    return all(t[slot].eq(value).all() for t in (*states.conv.values(), *states.recurrent.values()))
+
+
+def test_slots_are_taken_started_over_resumed_and_given_back(layers):
+    states = LinearStates(layers, slots=2, dtype=torch.float32, device=torch.device("cpu"), snapshot_memory=1 << 20)
+    a, b, c = running("a"), running("b"), running("c")
+    step = make_step(states, [chunk(0, 5, a, 0), chunk(5, 3, b, 0, keep_at=3)], torch.device("cpu"))
+    slot_a, slot_b = states.slot(a, 5), states.slot(b, 3)
+    assert step.singles is None and step.chunks == [(0, 5, slot_a, None), (5, 8, slot_b, 8)]
+    assert step.keeps == [(b, 3, slot_b)]
+    fill(states, slot_a, 1.0)
+    step = make_step(states, [chunk(0, 1, a, 5)], torch.device("cpu"))  # a decodes on from its own state
+    assert step.singles.tolist() == [0] and step.single_slots.tolist() == [slot_a] and holds_value(states, slot_a, 1.0)
+    # preempted and back at its start: it starts over; back at a snapshot: it resumes from it
+    assert states.slot(a, 0) == slot_a and holds_value(states, slot_a, 0.0)
+    kept = Snapshot({i: torch.full_like(t[0], 2.0) for i, t in states.conv.items()},
+                    {i: torch.full_like(t[0], 2.0) for i, t in states.recurrent.items()})
+    assert states.keep(b"k" * 16, kept) and not states.keep(b"k" * 16, kept) and b"k" * 16 in states.resumable
+    states.slot(a, 32, resume=b"k" * 16)
+    assert holds_value(states, slot_a, 2.0) and states.restored == 1
+    with pytest.raises(RuntimeError, match="no linear-attention state"):
+        states.slot(a, 48)  # mid-sequence with neither its state nor a snapshot
     with pytest.raises(RuntimeError, match="state slots"):
-        make_step(states, [(0, 1, c, True)], torch.device("cpu"))  # both slots held by running sequences
+        make_step(states, [chunk(0, 1, c, 0)], torch.device("cpu"))  # both slots held by running sequences
     a.status = Status.FINISHED  # finished, cancelled or preempted: its slot goes back at the next step
-    make_step(states, [(0, 1, c, True)], torch.device("cpu"))
-    assert states.holds(c) and not states.holds(a) and states.slot(c, fresh=False) == slot_a
+    make_step(states, [chunk(0, 1, c, 0)], torch.device("cpu"))
+    assert states.holds(c) and not states.holds(a) and states.slot(c, 1) == slot_a
+
+
+def test_snapshots_are_kept_within_their_memory_least_recently_used_first(layers):
+    states = LinearStates(layers, slots=1, dtype=torch.float32, device=torch.device("cpu"))
+    one = Snapshot({i: t[0].clone() for i, t in states.conv.items()}, {i: t[0].clone() for i, t in states.recurrent.items()})
+    states.snapshot_memory = 2 * one.nbytes
+    assert states.keep(b"a", one) and states.keep(b"b", one)
+    states.restore(0, b"a")  # used: b is now the least recent
+    assert states.keep(b"c", one)
+    assert list(states.snapshots) == [b"a", b"c"] and states.resumable == {b"a", b"c"}
+    assert states.snapshot_bytes == 2 * one.nbytes
+    states.snapshot_memory = one.nbytes - 1
+    assert not states.keep(b"d", one)  # one that can never fit is not kept
 
 
 def test_a_hybrid_engine_keeps_keys_only_for_its_attention_layers(loaded_model):
@@ -47,11 +81,11 @@ def test_a_hybrid_engine_keeps_keys_only_for_its_attention_layers(loaded_model):
     engine = LocalEngine(loaded_model("qwen3_5"), EngineConfig(kv_cache_memory=1 << 20, max_num_seqs=3))
     cache = engine.kv_cache
     assert [k.shape[0] > 0 for k in cache.keys] == [False, True, False, True]
-    assert engine.linear_states.slots == 3 and not engine.blocks.prefix_cache
+    assert engine.linear_states.slots == 3 and engine.blocks.resumable is engine.linear_states.resumable
     # the budget is spent on the two layers that attend, not spread over all four
     per_block = PagedKVCache.bytes_per_block(num_layers=2, block_size=16, kv_heads=2, head_dim=16, dtype=torch.float32)
     assert cache.num_blocks == (1 << 20) // per_block
     held = sum(t.numel() * t.element_size() for t in (*cache.keys, *cache.values))
     assert held == (cache.num_blocks + 1) * per_block  # the scratch block too
     plain = LocalEngine(loaded_model("qwen3_vl"), EngineConfig(kv_cache_memory=1 << 20))
-    assert plain.linear_states is None and plain.blocks.prefix_cache
+    assert plain.linear_states is None and plain.blocks.resumable is None

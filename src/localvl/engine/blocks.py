@@ -69,13 +69,14 @@ class BlockTable:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, *, prefix_cache: bool = True) -> None:
-        """``prefix_cache=False``: no block is ever shared (a hybrid decoder's sequences carry
-        state that their blocks alone cannot restore)."""
+    def __init__(self, num_blocks: int, block_size: int, *, resumable: set[bytes] | None = None) -> None:
+        """``resumable``: a hybrid decoder's, whose sequences also carry state that blocks alone
+        cannot restore: a cached prefix is reused only up to a block whose hash is in it (a state
+        snapshot was kept there, ``linear_attention.py``). The set is its owner's to change."""
         if num_blocks < 1 or block_size < 1:
             raise ValueError("the KV cache needs at least one block of at least one token")
         self.num_blocks = num_blocks
-        self.prefix_cache = prefix_cache
+        self.resumable = resumable
         self.block_size = block_size
         self._blocks = [_Block() for _ in range(num_blocks)]
         # Free blocks, least recently freed first (dict order; O(1) removal when a hit revives one).
@@ -115,15 +116,19 @@ class BlockManager:
         The block holding the last token is never taken from the cache: its logits are needed, so
         it is always computed.
         """
-        if not self.prefix_cache:
-            return []
         usable = (len(tokens) - 1) // self.block_size
         found: list[int] = []
+        digests: list[bytes] = []
         for digest in block_hashes(tokens, images, self.block_size, usable):
             block_id = self._by_hash.get(digest)
             if block_id is None:
                 break
             found.append(block_id)
+            digests.append(digest)
+        if self.resumable is not None:
+            while digests and digests[-1] not in self.resumable:
+                digests.pop()
+                found.pop()
         return found
 
     def can_allocate(self, tokens: Sequence[int], images: Sequence[ImageSpan], reserve: int = 0) -> bool:
@@ -162,9 +167,6 @@ class BlockManager:
         """
         full = min(computed // self.block_size, len(table.blocks))
         if full <= table.hashed:
-            return 0
-        if not self.prefix_cache:
-            table.hashed = full
             return 0
         created = 0
         hashes = block_hashes(tokens, images, self.block_size, full, table.hashed, table.tail)

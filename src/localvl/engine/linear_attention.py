@@ -10,23 +10,54 @@ Sequences decoding one token are stepped together. The arithmetic is transformer
 (or the kernels transformers swaps in for them where installed), so results equal the stock
 model's. Outside a step (``model.generate`` in tests and benchmarks) the layer is itself.
 
-A state holds a sequence's whole past, so it cannot be shared from a prefix the way KV blocks
-are: hybrid models run without the prefix cache, and a preempted sequence recomputes its state.
+A state holds a sequence's whole past, so a cached prefix of KV blocks is of no use without the
+state at its end. The engine keeps snapshots: once per prompt, at the last block boundary at least
+``SNAPSHOT_MARGIN`` tokens before its end (the generation prompt, which a later turn renders
+differently, lies after it), the state is copied out mid-step, and kept under that block's hash
+(LRU, bounded in bytes). A later request whose prompt starts the same way — the next turn of the
+chat, the same prompt again — resumes from it: the block manager reuses a cached prefix only up
+to a block with a snapshot (``BlockManager.resumable``). A preempted sequence resumes the same way
+or recomputes.
 """
 
 from __future__ import annotations
 
 import functools
 import sys
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from localvl.engine.blocks import block_hashes
 from localvl.engine.sequence import Sequence, Status
 
 LINEAR_LAYER = "linear_attention"
+SNAPSHOT_MARGIN = 8  # tokens: a generation prompt ("<|im_start|>assistant\n<think>\n\n</think>\n\n") and more
+
+
+def snapshot_point(prompt_length: int, block_size: int) -> int:
+    """Where a prompt's state is kept for later requests to resume from (a block boundary); 0: nowhere."""
+    return max(0, (prompt_length - SNAPSHOT_MARGIN) // block_size * block_size)
+
+
+def snapshot_key(seq: Sequence, point: int, block_size: int) -> bytes:
+    """The hash of the block that ends at ``point``, as the block manager registers it."""
+    return block_hashes(seq.prompt, seq.images, block_size, point // block_size)[-1]
+
+
+@dataclass
+class Snapshot:
+    """One sequence's state in every linear layer at one point."""
+
+    conv: dict[int, torch.Tensor] = field(default_factory=dict)
+    recurrent: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.conv.values(), *self.recurrent.values()))
 
 
 def linear_layers(model: Any) -> dict[int, torch.nn.Module]:
@@ -44,7 +75,9 @@ class LinearStates:
     it back when it stops running (finished, cancelled or preempted: ``sweep``).
     """
 
-    def __init__(self, layers: dict[int, torch.nn.Module], slots: int, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self, layers: dict[int, torch.nn.Module], slots: int, dtype: torch.dtype, device: torch.device, snapshot_memory: int = 0
+    ) -> None:
         self.conv: dict[int, torch.Tensor] = {}
         self.recurrent: dict[int, torch.Tensor] = {}
         for index, layer in layers.items():
@@ -56,6 +89,12 @@ class LinearStates:
         self._free = list(range(slots - 1, -1, -1))
         self._owner: dict[int, Sequence] = {}  # slot -> sequence
         self._slot: dict[int, int] = {}  # id(sequence) -> slot
+        self._covers: dict[int, int] = {}  # slot -> how many of its sequence's tokens its state covers
+        self.snapshot_memory = snapshot_memory
+        self.snapshots: OrderedDict[bytes, Snapshot] = OrderedDict()  # least recently used first
+        self.resumable: set[bytes] = set()  # their keys: the block manager's view (no torch there)
+        self.snapshot_bytes = 0
+        self.restored = 0
 
     @staticmethod
     def bytes_per_slot(layers: dict[int, torch.nn.Module], dtype: torch.dtype) -> int:
@@ -78,8 +117,9 @@ class LinearStates:
                 del self._slot[id(seq)]
                 self._free.append(slot)
 
-    def slot(self, seq: Sequence, fresh: bool) -> int:
-        """``seq``'s slot, taken now if it has none; ``fresh``: its state starts over (first chunk)."""
+    def slot(self, seq: Sequence, start: int, resume: bytes | None = None) -> int:
+        """``seq``'s slot, its state made that of its first ``start`` tokens: as it is if it is
+        that already, else started over (``start`` 0) or resumed from the snapshot ``resume``."""
         slot = self._slot.get(id(seq))
         if slot is None:
             if not self._free:
@@ -87,42 +127,111 @@ class LinearStates:
             slot = self._free.pop()
             self._slot[id(seq)] = slot
             self._owner[slot] = seq
-        if fresh:
-            for tensor in (*self.conv.values(), *self.recurrent.values()):
-                tensor[slot].zero_()
+            self._covers[slot] = -1
+        if self._covers[slot] != start:  # new, or preempted and back from an earlier point
+            if start == 0:
+                for tensor in (*self.conv.values(), *self.recurrent.values()):
+                    tensor[slot].zero_()
+            elif resume is not None:
+                self.restore(slot, resume)
+            else:
+                raise RuntimeError(f"{seq.id} resumes at token {start} with no linear-attention state")
         return slot
+
+    def advance(self, slot: int, covers: int) -> None:
+        """The slot's state will cover this many tokens once the step has run."""
+        self._covers[slot] = covers
 
     def holds(self, seq: Sequence) -> bool:
         return id(seq) in self._slot
 
+    def restore(self, slot: int, key: bytes) -> None:
+        """Start ``slot`` from the snapshot kept under ``key``."""
+        snapshot = self.snapshots.get(key)
+        if snapshot is None:  # the block manager only resumes where one is kept
+            raise RuntimeError("a prefix hit with no linear-attention snapshot to resume from")
+        self.snapshots.move_to_end(key)
+        for layer, tensor in self.conv.items():
+            tensor[slot] = snapshot.conv[layer]
+        for layer, tensor in self.recurrent.items():
+            tensor[slot] = snapshot.recurrent[layer]
+        self.restored += 1
+
+    def keep(self, key: bytes, snapshot: Snapshot) -> bool:
+        """Keep ``snapshot`` under ``key`` unless one is kept there already; False if it was, or if
+        it does not fit at all. The least recently used go to make room."""
+        if key in self.snapshots:
+            self.snapshots.move_to_end(key)
+            return False
+        size = snapshot.nbytes
+        if size > self.snapshot_memory:
+            return False
+        while self.snapshot_bytes + size > self.snapshot_memory:
+            old, evicted = self.snapshots.popitem(last=False)
+            self.resumable.discard(old)
+            self.snapshot_bytes -= evicted.nbytes
+        self.snapshots[key] = snapshot
+        self.resumable.add(key)
+        self.snapshot_bytes += size
+        return True
+
+
+@dataclass(frozen=True)
+class LinearChunk:
+    """One sequence's chunk of a step, as the linear layers need it."""
+
+    packed: int  # its first token's index in the packed step
+    count: int
+    sequence: Sequence
+    start: int  # its first token's index in the sequence
+    resume: bytes | None = None  # a prefix hit's last block hash: the snapshot to resume from, if its state is not there
+    keep_at: int | None = None  # a token index in (start, start + count]: keep the state there
+
 
 @dataclass
 class LinearStep:
-    """Where each chunk of a packed step sits, and whose state it continues."""
+    """Where each chunk of a packed step sits, whose state it continues, and which states to keep."""
 
     states: LinearStates
     singles: torch.Tensor | None  # [rows] packed indices of one-token chunks (decodes)
     single_slots: torch.Tensor | None  # [rows] their slots
-    chunks: list[tuple[int, int, int]]  # (packed start, end, slot) of longer chunks
+    chunks: list[tuple[int, int, int, int | None]]  # (packed start, end, slot, packed point to keep the state at)
+    keeps: list[tuple[Sequence, int, int]] = field(default_factory=list)  # (sequence, token index, slot)
+    captured: dict[int, Snapshot] = field(default_factory=dict)  # by slot, filled layer by layer
 
 
-def make_step(states: LinearStates, chunks: list[tuple[int, int, Sequence, bool]], device: torch.device) -> LinearStep:
-    """A step's layout from its chunks ``(packed start, token count, sequence, fresh)``."""
+def make_step(states: LinearStates, chunks: list[LinearChunk], device: torch.device) -> LinearStep:
+    """A step's layout from its chunks: slots taken, started over or resumed from a snapshot."""
     states.sweep()
     singles: list[int] = []
     single_slots: list[int] = []
-    longer: list[tuple[int, int, int]] = []
-    for start, count, seq, fresh in chunks:
-        slot = states.slot(seq, fresh)
-        if count == 1:
-            singles.append(start)
+    longer: list[tuple[int, int, int, int | None]] = []
+    keeps: list[tuple[Sequence, int, int]] = []
+    for chunk in chunks:
+        seq = chunk.sequence
+        slot = states.slot(seq, chunk.start, chunk.resume)
+        states.advance(slot, chunk.start + chunk.count)
+        if chunk.count == 1 and chunk.keep_at is None:
+            singles.append(chunk.packed)
             single_slots.append(slot)
-        else:
-            longer.append((start, start + count, slot))
+            continue
+        cut = None
+        if chunk.keep_at is not None:
+            cut = chunk.packed + chunk.keep_at - chunk.start
+            keeps.append((seq, chunk.keep_at, slot))
+        longer.append((chunk.packed, chunk.packed + chunk.count, slot, cut))
     as_tensor = functools.partial(torch.tensor, dtype=torch.long, device=device)
     return LinearStep(
-        states, as_tensor(singles) if singles else None, as_tensor(single_slots) if singles else None, longer
+        states, as_tensor(singles) if singles else None, as_tensor(single_slots) if singles else None, longer, keeps
     )
+
+
+def keep_snapshots(step: LinearStep, block_size: int) -> None:
+    """After the step: keep the states it captured, each under its block's hash. A sequence that
+    kept a new one reports the tokens it made resumable as cache writes (``cache_creation``)."""
+    for seq, point, slot in step.keeps:
+        if step.states.keep(snapshot_key(seq, point, block_size), step.captured[slot]):
+            seq.cache_created_tokens += max(0, point - seq.cache_read_tokens - seq.cache_created_tokens)
 
 
 def install(layers: dict[int, torch.nn.Module], current: Any) -> None:
@@ -187,18 +296,25 @@ def mix(layer: Any, hidden_states: torch.Tensor, step: LinearStep) -> torch.Tens
         recurrent.index_copy_(0, slots, state.to(recurrent.dtype))
         core.index_copy_(0, at, out[:, 0].to(core.dtype))
     width = layer.conv_kernel_size - 1
-    for start, end, slot in step.chunks:
-        length = end - start
-        # The previous window before the chunk's own tokens, as the stock cache's update returns it.
-        window = torch.cat([conv[slot], qkv[start:end].transpose(0, 1).to(conv.dtype)], dim=-1).unsqueeze(0)
-        conv[slot] = window[0, :, -width:]
-        mixed = fns.causal_conv1d_fn(window, weight, layer.conv1d.bias, activation=layer.activation)[:, :, -length:]
-        q, k, v = heads(mixed.transpose(1, 2))
-        out, state = fns.torch_chunk_gated_delta_rule(
-            q, k, v, g=g[start:end].unsqueeze(0), beta=beta[start:end].unsqueeze(0),
-            initial_state=recurrent[slot : slot + 1], output_final_state=True, use_qk_l2norm_in_kernel=True,
-        )
-        recurrent[slot] = state[0].to(recurrent.dtype)
-        core[start:end] = out[0].to(core.dtype)
+    for first, last, slot, cut in step.chunks:
+        # A chunk with a state to keep runs as two, the state copied out between them.
+        for start, end in ((first, cut), (cut, last)) if cut is not None else ((first, last),):
+            if start < end:
+                length = end - start
+                # The previous window before the chunk's own tokens, as the stock cache's update returns it.
+                window = torch.cat([conv[slot], qkv[start:end].transpose(0, 1).to(conv.dtype)], dim=-1).unsqueeze(0)
+                conv[slot] = window[0, :, -width:]
+                mixed = fns.causal_conv1d_fn(window, weight, layer.conv1d.bias, activation=layer.activation)[:, :, -length:]
+                q, k, v = heads(mixed.transpose(1, 2))
+                out, state = fns.torch_chunk_gated_delta_rule(
+                    q, k, v, g=g[start:end].unsqueeze(0), beta=beta[start:end].unsqueeze(0),
+                    initial_state=recurrent[slot : slot + 1], output_final_state=True, use_qk_l2norm_in_kernel=True,
+                )
+                recurrent[slot] = state[0].to(recurrent.dtype)
+                core[start:end] = out[0].to(core.dtype)
+            if end == cut and start < end:
+                captured = step.captured.setdefault(slot, Snapshot())
+                captured.conv[layer.layer_idx] = conv[slot].clone()
+                captured.recurrent[layer.layer_idx] = recurrent[slot].clone()
     normed = layer.norm(core.reshape(-1, layer.head_v_dim), z.reshape(-1, layer.head_v_dim))
     return layer.out_proj(normed.reshape(1, tokens, -1))

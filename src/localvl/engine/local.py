@@ -67,6 +67,7 @@ class EngineConfig:
     kv_cache_memory: int | None = None  # bytes; None: 2 GiB on a CPU, a share of free memory on a GPU
     gpu_memory_utilization: float = 0.85
     image_cache_memory: int = 512 << 20
+    state_cache_memory: int = 1 << 30  # hybrid decoders: snapshots of linear-attention state to resume prefixes from
     max_queue: int = 256  # waiting requests beyond this get 529 overloaded_error
     cuda_graphs: bool = True  # replay decode steps, lone prefill chunks and vision-tower calls as CUDA graphs (GPU only)
     cpu_kernel: bool = True  # decode attention by cpu_decode.py's compiled kernel (CPU only)
@@ -95,12 +96,15 @@ class LocalEngine:
         self.constraints = Constraints(loaded.tokenizer, vocab_size, loaded.eos_token_ids)
         self._think_close_ids = self._tokenizer.encode("\n</think>\n\n", add_special_tokens=False)
         self.linear_states = None
-        if self.model.hybrid:  # one state slot per sequence the batch can hold
-            self.linear_states = LinearStates(self.model.linear, config.max_num_seqs, self.model.dtype, self.model.device)
+        if self.model.hybrid:  # one state slot per sequence the batch can hold, and snapshots to resume from
+            self.linear_states = LinearStates(
+                self.model.linear, config.max_num_seqs, self.model.dtype, self.model.device, config.state_cache_memory
+            )
             logger.info("linear-attention state: %d slots (%.2f GiB)", config.max_num_seqs, self.linear_states.nbytes / GiB)
         self.kv_cache = self._make_kv_cache()
-        # A hybrid decoder's state cannot be restored from shared blocks: no prefix cache (linear_attention.py).
-        self.blocks = BlockManager(self.kv_cache.num_blocks, config.block_size, prefix_cache=not self.model.hybrid)
+        # A hybrid decoder resumes a cached prefix only where a state snapshot was kept (linear_attention.py).
+        resumable = self.linear_states.resumable if self.linear_states is not None else None
+        self.blocks = BlockManager(self.kv_cache.num_blocks, config.block_size, resumable=resumable)
         budget = config.max_batch_tokens or default_batch_tokens(self.model.device)
         self.scheduler = Scheduler(self.blocks, max_batch_tokens=budget, max_num_seqs=config.max_num_seqs)
         self.image_cache = ImageCache(config.image_cache_memory)
@@ -206,6 +210,7 @@ class LocalEngine:
             "preemptions": self.scheduler.preemptions,
             "images_encoded": self.runner.images_encoded,
             "image_cache_hits": self.image_cache.hits,
+            "states_restored": self.linear_states.restored if self.linear_states is not None else 0,
             "graph_replays": self.runner.graphs.replays if self.runner.graphs else 0,
             "vision_graph_replays": self.runner.vision_graphs.replays if self.runner.vision_graphs else 0,
             "prefill_graph_replays": self.runner.prefill_graphs.replays if self.runner.prefill_graphs else 0,
@@ -411,9 +416,9 @@ class LocalEngine:
             seq = s.sequence
             seq.num_computed += s.count
             if seq.num_computed // size > seq.table.hashed:  # a block filled up: publish it
-                seq.cache_created_tokens += self.blocks.register(
-                    seq.table, seq.tokens, seq.images, seq.num_computed, len(seq.prompt)
-                )
+                created = self.blocks.register(seq.table, seq.tokens, seq.images, seq.num_computed, len(seq.prompt))
+                if self.linear_states is None:  # a hybrid's prefix is cached where its state is (runner.py)
+                    seq.cache_created_tokens += created
         if logits is not None:
             self._sample(samplers, logits)
 

@@ -18,7 +18,7 @@ import torch
 from localvl.engine.blocks import ImageSpan
 from localvl.engine.cuda_graphs import DecodeGraphs, PrefillGraphs
 from localvl.engine.kv_cache import AttentionBatch, PagedKVCache, PrefillChunk, additive_mask
-from localvl.engine.linear_attention import LinearStates, make_step
+from localvl.engine.linear_attention import LinearChunk, LinearStates, keep_snapshots, make_step, snapshot_point
 from localvl.engine.positions import mrope_positions
 from localvl.engine.qwen_vl import ImageFeatures, PromptInputs, QwenVLRunner
 from localvl.engine.scheduler import Scheduled
@@ -251,7 +251,7 @@ class StepRunner:
         chunks: list[PrefillChunk] = []
         row_blocks: list[list[int]] = []
         row_spans: list[tuple[int, int, int]] = []  # (packed start, tokens, context) of each short chunk
-        linear_chunks: list[tuple[int, int, Sequence, bool]] = []
+        linear_chunks: list[LinearChunk] = []
         for s in order:
             seq, state = s.sequence, s.sequence.payload.prompt
             start, end = s.start, s.start + s.count
@@ -282,9 +282,10 @@ class StepRunner:
             if s.samples:
                 samplers.append((s, packed + s.count - 1))
             if self.linear_states is not None:
-                if start > 0 and not self.linear_states.holds(seq):
-                    raise RuntimeError(f"{seq.id} resumes at token {start} with no linear-attention state")
-                linear_chunks.append((packed, s.count, seq, start == 0))
+                point = snapshot_point(prompt_length, self.block_size) if self.linear_states.snapshot_memory else 0
+                keep_at = point if start < point <= end else None
+                # A prefix hit resumes from the snapshot under its last block's hash (the table's tail).
+                linear_chunks.append(LinearChunk(packed, s.count, seq, start, seq.table.tail or None, keep_at))
 
         slot_mapping = torch.tensor(slots, dtype=torch.long).to(device, non_blocking=True)
         attention = AttentionBatch(self.cache, slot_mapping, prefills=chunks)
@@ -315,6 +316,8 @@ class StepRunner:
             if logits is not None:
                 return ([s], logits) if s.samples else ([], None)
         hidden = self.model.forward(embeds, positions.to(device), attention, visual_mask, deepstack)
+        if attention.linear is not None and attention.linear.keeps:
+            keep_snapshots(attention.linear, self.block_size)
         if not samplers:
             return [], None
         rows = torch.tensor([row for _, row in samplers], device=device)

@@ -43,6 +43,7 @@ class _EngineCollector(Collector):
             "preemptions": ("localvl_preemptions", "sequences preempted for lack of KV blocks"),
             "images_encoded": ("localvl_images_encoded", "images run through the vision tower"),
             "image_cache_hits": ("localvl_image_cache_hits", "images whose vision-tower output was reused"),
+            "states_restored": ("localvl_states_restored", "hybrid decoders: prefix hits resumed from a kept linear-attention state"),
             "failures": ("localvl_engine_failures", "engine steps that failed"),
         }
         for key, (name, doc) in counters.items():
