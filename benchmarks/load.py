@@ -90,10 +90,10 @@ class Request:
         return Conversation([Turn("user", [load_image(self.png, "image/png", "bench"), Text(self.text)])])
 
 
-def engine_model(shape: str, device: str, dtype: str) -> LoadedModel:
+def engine_model(shape: str, device: str, dtype: str, family: str = "qwen2_5_vl") -> LoadedModel:
     """The benchmark's model, with no end-of-turn token: every request makes exactly --tokens tokens."""
     with tempfile.TemporaryDirectory() as tmp:
-        loaded = build(shape, device, dtype, Path(tmp))
+        loaded = build(shape, device, dtype, Path(tmp), family=family)
     return dataclasses.replace(loaded, eos_token_ids=frozenset())
 
 
@@ -332,6 +332,7 @@ def vision_rate(engine: Any, model: QwenVLRunner, side: int, count: int) -> dict
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=["tiny", "3b"], default="tiny")
+    parser.add_argument("--family", default="qwen2_5_vl", help="the tiny shape's family (e.g. qwen3_5: a hybrid decoder)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--concurrency", default="1,16", help="comma-separated levels; each runs --requests requests")
@@ -358,7 +359,7 @@ def main() -> None:
     levels = [int(x) for x in args.concurrency.split(",")]
 
     all_cores = affinity.available()
-    loaded = engine_model(args.shape, args.device, args.dtype)
+    loaded = engine_model(args.shape, args.device, args.dtype, args.family)
     settings = Settings(stream_interval=args.stream_interval) if args.stream_interval is not None else Settings()
     config = dataclasses.replace(engine_config(settings), max_num_seqs=args.max_num_seqs, max_queue=100_000)
     # As `localvl serve` makes it (but for those two settings): by default in a process of its own,
@@ -368,7 +369,7 @@ def main() -> None:
         apply_cpu_threads(loaded.model.device.type, args.cpu_threads)
         engine = LocalEngine(loaded, config)
     else:
-        load = functools.partial(engine_model, args.shape, args.device, args.dtype)
+        load = functools.partial(engine_model, args.shape, args.device, args.dtype, args.family)
         engine = ProcessEngine(load, lambda: loaded.processor, config, cpu_threads=args.cpu_threads,
                                cpu_affinity=not args.no_cpu_affinity, log_level=args.log_level)
         apply_cpu_threads(loaded.model.device.type, args.cpu_threads)
@@ -376,9 +377,9 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     requests = workload(args.requests, args.image)
     prompt_tokens = engine.renderer.count(requests[0].conversation())
-    result: dict[str, Any] = {"shape": args.shape, "device": name, "dtype": str(loaded.model.dtype).removeprefix("torch."),
+    result: dict[str, Any] = {"shape": args.shape, "family": args.family, "device": name, "dtype": str(loaded.model.dtype).removeprefix("torch."),
                               "prompt_tokens": prompt_tokens, "output_tokens": args.tokens, "image": args.image}
-    print(f"{args.shape} on {name} ({result['dtype']}); each request: one {args.image}px image + text = "
+    print(f"{args.shape} {args.family} on {name} ({result['dtype']}); each request: one {args.image}px image + text = "
           f"{prompt_tokens} prompt tokens, {args.tokens} output tokens", flush=True)
 
     # Half the baseline's requests before the engine's levels, half after: this machine's speed

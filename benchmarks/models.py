@@ -20,12 +20,15 @@ SHAPE_3B = {
 }
 
 
-def build(shape: str, device: str, dtype: str, workdir: Path, *, vocab: str = "tiny") -> LoadedModel:
-    """The tiny Qwen2.5-VL folder's processor, with its own weights (tiny) or 3B-shaped random ones.
+def build(shape: str, device: str, dtype: str, workdir: Path, *, vocab: str = "tiny", family: str = "qwen2_5_vl") -> LoadedModel:
+    """The tiny Qwen2.5-VL folder's processor, with its own weights (tiny) or 3B-shaped random ones;
+    ``family``: another tiny family instead (tiny shape only; Qwen3.5's hybrid decoder, say).
 
     The processor's pixel budget admits a 448x448 image whole (1,024 patches, 256 image tokens).
     """
-    folder = build_tiny_model(workdir / "tiny", "qwen2_5_vl", vocab, max_merged_patches=256)
+    if shape != "tiny" and family != "qwen2_5_vl":
+        raise ValueError("the 3B shape is Qwen2.5-VL's")
+    folder = build_tiny_model(workdir / "tiny", family, vocab, max_merged_patches=256)
     loaded = load_model(str(folder), device=device, dtype=dtype)
     if shape == "tiny":
         return loaded

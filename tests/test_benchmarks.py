@@ -42,6 +42,14 @@ def test_the_load_benchmark_times_steps_with_the_engine_in_process(tmp_path):
     assert "server_ttft_p50_ms" in result["engine"][0] and result["decode_ms_per_step"] and "TTFT p50" in out
 
 
+def test_the_load_benchmark_runs_a_hybrid_model_and_times_its_second_turn(tmp_path):
+    out = run("benchmarks/load.py", "--family", "qwen3_5", "--tokens", "8", "--requests", "2", "--concurrency", "2",
+              "--baseline-requests", "1", "--vision-images", "1", "--in-process", "--json", str(tmp_path / "load.json"))
+    result = json.loads((tmp_path / "load.json").read_text())
+    assert result["family"] == "qwen3_5" and "tiny qwen3_5 on" in out
+    assert result["engine"][0]["requests_per_s"] > 0 and result["second_turn"]["server_ratio"] > 0
+
+
 def test_the_step_profile_and_the_decode_split_run():
     assert "decode step median" in run("benchmarks/profile_step.py", "--batch", "2", "--tokens", "12")
     assert "engine-thread CPU per step" in run("benchmarks/decode_split.py")

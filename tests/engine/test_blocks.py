@@ -83,3 +83,21 @@ def test_check_catches_books_that_disagree():
     twice = type(table)(blocks=table.blocks + table.blocks[:1])
     with pytest.raises(AssertionError):
         bm.check([twice])
+
+
+def test_a_hybrid_prefix_is_reused_only_up_to_a_block_with_a_kept_state():
+    resumable: set[bytes] = set()
+    bm = BlockManager(num_blocks=20, block_size=4, resumable=resumable)
+    prompt = list(range(17))  # four full blocks, then the last token's
+    table = bm.allocate(prompt, ())
+    bm.register(table, prompt, (), computed=17, prompt_length=17)
+    assert bm.cached_prefix(prompt, ()) == []  # registered, but no state kept anywhere
+    hashes = block_hashes(prompt, (), 4, 4)
+    resumable.add(hashes[1])  # a state kept where block 1 ends (token 8)
+    assert bm.cached_prefix(prompt, ()) == table.blocks[:2]
+    resumable.add(hashes[3])
+    assert bm.cached_prefix(prompt, ()) == table.blocks[:4]
+    resumable.discard(hashes[3])  # let go (LRU): back to the earlier one
+    again = bm.allocate(prompt, ())
+    assert again.hashed == 2 and again.tail == hashes[1]  # the snapshot to resume from
+    bm.check([table, again])
