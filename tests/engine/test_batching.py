@@ -247,7 +247,7 @@ def test_a_full_queue_answers_overloaded_with_retry_after(loaded_model):
     assert isinstance(finished, Finished)
 
 
-@pytest.mark.parametrize("family", [f for f in FAMILIES if f not in HYBRID])  # hybrids run no step graphs
+@pytest.mark.parametrize("family", FAMILIES)
 def test_padded_static_decode_steps_equal_the_model_alone(loaded_model, family):
     """The CUDA-graph path (static buffers, padded batch and width) — run eagerly on a CPU."""
     from localvl.engine.cuda_graphs import DecodeGraphs
@@ -256,12 +256,48 @@ def test_padded_static_decode_steps_equal_the_model_alone(loaded_model, family):
     convs = mixed_conversations(5)
 
     async def body(engine):
-        engine.runner.graphs = DecodeGraphs(engine.model, engine.kv_cache, max_batch=8, max_blocks=64)
+        engine.runner.graphs = DecodeGraphs(engine.model, engine.kv_cache, max_batch=8, max_blocks=64, linear=engine.linear_states)
         results = await asyncio.gather(*(collect(engine, c, f"r{i}") for i, c in enumerate(convs)))
         return results, engine.stats()
 
     results, stats = run_engine(loaded, body, block_size=4)
     assert stats["graph_replays"] > 0
+    assert_matches_reference(loaded, convs, results)
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_5"])
+def test_decode_graphs_captured_while_requests_run_leave_their_state_alone(loaded_model, family, monkeypatch):
+    """The capture path on a CPU: a stand-in for CUDA's capture runs the step's forward three
+    times (two warm-ups and the captured run) and a replay runs it again. A hybrid's runs advance
+    the states they read, so a capture must run on padding alone and the replay on the step."""
+    from localvl.engine import cuda_graphs
+    from localvl.engine.cuda_graphs import DecodeGraphs
+
+    class Replay:
+        def __init__(self, forward, out):
+            self.forward, self.out = forward, out
+
+        def replay(self):
+            self.out.copy_(self.forward())
+
+    def capture(forward, device, pool=None):
+        for _ in range(3):
+            out = forward()
+        return Replay(forward, out), out
+
+    monkeypatch.setattr(cuda_graphs, "capture", capture)
+    loaded = loaded_model(family)
+    convs = mixed_conversations(5)
+
+    async def body(engine):
+        graphs = DecodeGraphs(engine.model, engine.kv_cache, max_batch=8, max_blocks=64, linear=engine.linear_states)
+        graphs.capture = True  # captured on first use, in the middle of the requests' decoding
+        engine.runner.graphs = graphs
+        results = await asyncio.gather(*(collect(engine, c, f"r{i}") for i, c in enumerate(convs)))
+        return results, engine.stats(), len(graphs._graphs)
+
+    results, stats, captured = run_engine(loaded, body, block_size=4)
+    assert captured > 0 and stats["graph_replays"] > 0
     assert_matches_reference(loaded, convs, results)
 
 
@@ -284,7 +320,7 @@ def test_vision_calls_from_graphs_equal_the_model_alone(loaded_model, family):
     assert_matches_reference(loaded, convs, results)
 
 
-@pytest.mark.parametrize("family", [f for f in FAMILIES if f not in HYBRID])  # hybrids run no step graphs
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f not in HYBRID])  # padding would reach a hybrid's state
 def test_prefill_chunks_from_graphs_equal_the_model_alone(loaded_model, family):
     """The prefill-graph path (one sequence's chunk alone in its step, padded to a bucket, after
     its cached prefix) — run eagerly on a CPU. With 40-token steps, long prompts take several

@@ -12,7 +12,8 @@ def test_buckets_double_up_to_the_limit():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_decode_steps_replay_captured_graphs(loaded_model):
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_5"])  # qwen3_5: state slots in the graph too
+def test_decode_steps_replay_captured_graphs(loaded_model, family):
     """On a GPU the engine replays decode steps; equality with generate is test_batching's job."""
     import asyncio
     import dataclasses
@@ -20,7 +21,7 @@ def test_decode_steps_replay_captured_graphs(loaded_model):
     from localvl.conversation import Conversation, GenerationRequest, SamplingParams, Text, Turn
     from localvl.engine.local import EngineConfig, LocalEngine
 
-    loaded = dataclasses.replace(loaded_model("qwen2_5_vl"), eos_token_ids=frozenset())  # decode all 8
+    loaded = dataclasses.replace(loaded_model(family), eos_token_ids=frozenset())  # decode all 8
     if loaded.model.device.type != "cuda":
         pytest.skip("the test model is on the CPU (set LOCALVL_TEST_DEVICE=cuda)")
 
@@ -34,7 +35,7 @@ def test_decode_steps_replay_captured_graphs(loaded_model):
         await engine.start()
         try:
             async def one(i, words):
-                conv = Conversation([Turn("user", [Text("hello there " * words)])])
+                conv = Conversation([Turn("user", [Text("hello there " * words)])], thinking=False)
                 request = GenerationRequest(f"g{i}", conv, SamplingParams(max_tokens=8, temperature=0))
                 return [event async for event in await engine.submit(request)]
 

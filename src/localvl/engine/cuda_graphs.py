@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable, TypeVar
 import torch
 
 from localvl.engine.kv_cache import AttentionBatch, PagedKVCache, PrefillChunk
+from localvl.engine.linear_attention import LinearStates, LinearStep
 
 if TYPE_CHECKING:
     from localvl.engine.qwen_vl import QwenVLRunner
@@ -60,9 +61,16 @@ def buckets(limit: int, start: int = 1) -> list[int]:
 
 
 class DecodeGraphs:
-    def __init__(self, model: QwenVLRunner, cache: PagedKVCache, max_batch: int, max_blocks: int) -> None:
+    """``linear``: a hybrid decoder's state slots. Each row's slot is a static buffer too; padding
+    rows update the scratch slot. As a replay advances the states it reads, a hybrid's graph is
+    captured with every row padding and only then replayed on the step's rows."""
+
+    def __init__(
+        self, model: QwenVLRunner, cache: PagedKVCache, max_batch: int, max_blocks: int, linear: LinearStates | None = None
+    ) -> None:
         self.model = model
         self.cache = cache
+        self.linear = linear
         self.batch_sizes = buckets(max_batch)
         self.widths = buckets(max_blocks, start=min(4, max_blocks))
         device = model.device
@@ -77,6 +85,8 @@ class DecodeGraphs:
         self.lengths = torch.ones(self.max_batch, dtype=torch.int32, device=device)
         self.slots.fill_(cache.scratch_block * size)  # until a step fills them, rows are padding
         self.blocks.fill_(cache.scratch_block)
+        self.rows = torch.arange(self.max_batch, device=device)
+        self.state_slots = torch.full((self.max_batch,), linear.scratch if linear else 0, dtype=torch.long, device=device)
         self.kernel = False  # set with the runner's: decode attention reads the pool in place
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         # Off a GPU the padded static-buffer step runs eagerly: the same code path, testable on a CPU.
@@ -125,6 +135,8 @@ class DecodeGraphs:
             row_lengths=self.lengths[:batch],
             kernel=self.kernel,
         )
+        if self.linear is not None:
+            attention.linear = LinearStep(self.linear, self.rows[:batch], self.state_slots[:batch], [])
         embeds = self.model.embed_tokens(self.ids[:batch])
         hidden = self.model.forward(embeds, self.positions[:, :batch], attention)
         return self.model.logits(hidden)
@@ -134,8 +146,12 @@ class DecodeGraphs:
         return capture(lambda: self._forward(batch, width), self.model.device, self._pool)
 
     @torch.inference_mode()
-    def run(self, ids: list[int], positions: torch.Tensor, slots: list[int], blocks: list[list[int]], lengths: list[int]) -> torch.Tensor | None:
-        """Logits ``[rows, vocab]`` of one decode step, or None if it cannot run as a graph."""
+    def run(
+        self, ids: list[int], positions: torch.Tensor, slots: list[int], blocks: list[list[int]], lengths: list[int],
+        state_slots: list[int] | None = None,
+    ) -> torch.Tensor | None:
+        """Logits ``[rows, vocab]`` of one decode step, or None if it cannot run as a graph (then
+        nothing of it ran). ``state_slots``: a hybrid decoder's rows' state slots."""
         rows = len(ids)
         widest = max(len(b) for b in blocks)
         batch = next(b for b in self.batch_sizes if b >= rows)
@@ -160,17 +176,28 @@ class DecodeGraphs:
             host_mask = torch.arange(width * size).unsqueeze(0) < spans.unsqueeze(1)
             self.mask[:batch, 0, 0, : width * size].copy_(host_mask, non_blocking=True)
         self.lengths[:batch].copy_(spans.to(torch.int32), non_blocking=True)
+        host_states = None
+        if self.linear is not None:
+            assert state_slots is not None
+            host_states = torch.tensor(state_slots + [self.linear.scratch] * pad, dtype=torch.long)
+            self.state_slots[:batch].copy_(host_states, non_blocking=True)
         key = (batch, width)
         if not self.capture:
             self.replays += 1
             return self._forward(batch, width)[:rows]
         if key not in self._graphs:
+            if host_states is not None:  # captured on padding alone: its runs must not advance real states
+                self.slots[:batch].fill_(scratch * size)
+                self.state_slots[:batch].fill_(self.linear.scratch)  # type: ignore[union-attr]
             try:
                 self._graphs[key] = self._capture(batch, width)
             except Exception as error:  # never fatal: eager steps compute the same thing
                 logger.warning("CUDA graphs disabled: capture failed (%s: %s)", type(error).__name__, error)
                 self.disabled = True
                 return None
+            if host_states is not None:
+                self.slots[:batch].copy_(host_slots, non_blocking=True)
+                self.state_slots[:batch].copy_(host_states, non_blocking=True)
         graph, logits = self._graphs[key]
         graph.replay()
         self.replays += 1

@@ -72,7 +72,8 @@ class LinearStates:
     """Each running sequence's convolution window and recurrent state, in every linear layer.
 
     One slot per sequence the batch can hold; a sequence takes a slot at its first step and gives
-    it back when it stops running (finished, cancelled or preempted: ``sweep``).
+    it back when it stops running (finished, cancelled or preempted: ``sweep``). One more slot,
+    ``scratch``, takes the updates of padding rows (decode steps replayed as CUDA graphs).
     """
 
     def __init__(
@@ -81,11 +82,12 @@ class LinearStates:
         self.conv: dict[int, torch.Tensor] = {}
         self.recurrent: dict[int, torch.Tensor] = {}
         for index, layer in layers.items():
-            self.conv[index] = torch.zeros(slots, layer.conv_dim, layer.conv_kernel_size - 1, dtype=dtype, device=device)
+            self.conv[index] = torch.zeros(slots + 1, layer.conv_dim, layer.conv_kernel_size - 1, dtype=dtype, device=device)
             # float32, as the stock delta rule keeps it: it accumulates over the whole sequence
-            shape = (slots, layer.num_v_heads, layer.head_k_dim, layer.head_v_dim)
+            shape = (slots + 1, layer.num_v_heads, layer.head_k_dim, layer.head_v_dim)
             self.recurrent[index] = torch.zeros(shape, dtype=torch.float32, device=device)
         self.slots = slots
+        self.scratch = slots
         self._free = list(range(slots - 1, -1, -1))
         self._owner: dict[int, Sequence] = {}  # slot -> sequence
         self._slot: dict[int, int] = {}  # id(sequence) -> slot
@@ -141,6 +143,15 @@ class LinearStates:
     def advance(self, slot: int, covers: int) -> None:
         """The slot's state will cover this many tokens once the step has run."""
         self._covers[slot] = covers
+
+    def decoding(self, rows: list[tuple[Sequence, int]]) -> list[int]:
+        """The slots of a decode step's rows ``(sequence, its token's index)``, each state made
+        that of the tokens before it, and marked as covering that token too."""
+        self.sweep()
+        slots = [self.slot(seq, start, seq.table.tail or None) for seq, start in rows]
+        for slot, (_, start) in zip(slots, rows):
+            self.advance(slot, start + 1)
+        return slots
 
     def holds(self, seq: Sequence) -> bool:
         return id(seq) in self._slot

@@ -109,15 +109,16 @@ class LocalEngine:
         self.scheduler = Scheduler(self.blocks, max_batch_tokens=budget, max_num_seqs=config.max_num_seqs)
         self.image_cache = ImageCache(config.image_cache_memory)
         graphs = None
-        # Decode and prefill graphs do not cover linear-attention steps yet; the vision tower's do.
-        step_graphs = config.cuda_graphs and not self.model.hybrid
-        if step_graphs and self.model.device.type == "cuda":
+        if config.cuda_graphs and self.model.device.type == "cuda":
             max_blocks = -(-loaded.context_length // config.block_size)
-            graphs = DecodeGraphs(self.model, self.kv_cache, config.max_num_seqs, min(max_blocks, self.kv_cache.num_blocks))
+            graphs = DecodeGraphs(
+                self.model, self.kv_cache, config.max_num_seqs, min(max_blocks, self.kv_cache.num_blocks), self.linear_states
+            )
         vision_graphs = prefill_graphs = None
         if config.cuda_graphs and self.model.device.type == "cuda":
             vision_graphs = VisionGraphs(self.model)
-            prefill_graphs = PrefillGraphs(self.model, self.kv_cache, budget) if step_graphs else None
+            # A padded prefill would run its padding through a hybrid's linear layers, into its state.
+            prefill_graphs = None if self.model.hybrid else PrefillGraphs(self.model, self.kv_cache, budget)
         self.runner = StepRunner(
             self.model, self.kv_cache, self.image_cache, graphs, vision_graphs, prefill_graphs, self.linear_states
         )

@@ -134,7 +134,16 @@ class StepRunner:
         positions = torch.tensor([s.start + s.sequence.payload.prompt.delta for s in batch]).expand(3, -1)
         slots = [b[-1] * size + s.start % size for s, b in zip(batch, blocks)]
         lengths = [s.start + 1 for s in batch]
-        return graphs.run(ids, positions, slots, blocks, lengths)
+        states = self.linear_states
+        if states is None:
+            return graphs.run(ids, positions, slots, blocks, lengths)
+        rows = [(s.sequence, s.start) for s in batch]
+        state_slots = states.decoding(rows)
+        logits = graphs.run(ids, positions, slots, blocks, lengths, state_slots)
+        if logits is None:  # the step runs eagerly after all: its states are where they were
+            for slot, (_, start) in zip(state_slots, rows):
+                states.advance(slot, start)
+        return logits
 
     def _encode_reached_images(self, batch: list[Scheduled]) -> None:
         """Features of the images this step's chunks reach that no earlier chunk did: from the image
