@@ -71,7 +71,7 @@ class Settings(BaseSettings):
     state_cache_memory: int = Field(
         1 << 30, ge=0,
         description="hybrid models (Qwen3.5): bytes of linear-attention state snapshots kept so a later turn resumes "
-        "its shared prefix; 0: every prompt is computed whole",
+        "its shared prefix (on a GPU, taken from the KV cache's share); 0: every prompt is computed whole",
     )
     cpu_threads: int | None = Field(
         None, ge=1, description="torch threads when the model runs on the CPU; default: all cores but one"

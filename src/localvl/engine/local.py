@@ -178,6 +178,8 @@ class LocalEngine:
             if device.type == "cuda":
                 free, _ = torch.cuda.mem_get_info(device)
                 budget = int(free * self.config.gpu_memory_utilization)
+                if self.linear_states is not None:  # a hybrid's state snapshots live beside the pool
+                    budget = max(per_block, budget - self.linear_states.snapshot_memory)
             else:
                 budget = 2 * GiB
         # More blocks than every running sequence at full context could use would be wasted.
