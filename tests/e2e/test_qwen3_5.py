@@ -92,3 +92,11 @@ def test_the_next_turn_resumes_where_the_first_kept_its_state(hybrid_client):
     assert first.usage.cache_read_input_tokens == 0 and first.usage.cache_creation_input_tokens > 0
     assert second.usage.cache_read_input_tokens == first.usage.cache_creation_input_tokens
     assert prompt_tokens(first.usage) - first.usage.cache_creation_input_tokens < 8 + 16
+
+
+def test_a_forced_call_with_thinking_left_out_is_answered_without_thinking(hybrid_client):
+    """Anthropic refuses thinking beside a forced call; Qwen3.5's template thinks unless told not to."""
+    ask = dict(model="tiny-vl", messages=ASK, tools=[WEATHER, CLOCK], tool_choice={"type": "any"})
+    message = hybrid_client.messages.create(max_tokens=300, extra_body={"temperature": 1.0, "seed": 5}, **ask)
+    assert message.stop_reason == "tool_use" and all(b.type == "tool_use" for b in message.content)
+    assert hybrid_client.messages.count_tokens(**ask).input_tokens == prompt_tokens(message.usage)

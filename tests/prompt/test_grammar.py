@@ -74,3 +74,38 @@ def test_a_strict_string_the_xml_form_cannot_hold_is_refused(tokenizer):
         request_grammar([email], ToolChoice("auto"), ("mail",), None, TagIds.of(tokenizer), False, xml=True)
     # not strict, a forced call's value is any text
     assert request_grammar([email], ToolChoice("any"), (), None, TagIds.of(tokenizer), False, xml=True)
+
+
+def forced(tokenizer, tool, strict=False):
+    return request_grammar([tool], ToolChoice("any"), (tool.name,) if strict else (), None, TagIds.of(tokenizer), False, xml=True)
+
+
+@pytest.mark.parametrize("schema, reason", [
+    ({"type": "string", "enum": ["a", "</parameter>"]}, "enum"),
+    ({"type": "string", "pattern": "^(?=a)a+$"}, "string schema"),  # a lookahead llguidance cannot take
+    ({"type": "string", "minLength": 5, "maxLength": 3}, "string schema"),
+])
+def test_a_value_the_xml_form_cannot_hold_refuses_a_strict_tool_and_frees_another(tokenizer, schema, reason):
+    tool = Tool("f", None, {"type": "object", "properties": {"v": schema}, "required": ["v"]})
+    with pytest.raises(ValueError, match=reason):
+        forced(tokenizer, tool, strict=True)
+    assert accepts(tokenizer, forced(tokenizer, tool), call(("v", "anything"), name="f"))
+
+
+def test_a_parameter_name_the_xml_form_cannot_write_refuses_a_strict_tool(tokenizer):
+    tool = Tool("f", None, {"type": "object", "properties": {"a>b": {"type": "integer"}}})
+    with pytest.raises(ValueError, match="parameter name"):
+        forced(tokenizer, tool, strict=True)
+    assert accepts(tokenizer, forced(tokenizer, tool), call(("x", "1"), name="f"))
+
+
+def test_an_optional_string_is_held_as_text_and_null_reads_as_null(tokenizer):
+    tool = Tool("f", None, {"type": "object", "properties": {
+        "note": {"anyOf": [{"type": "string"}, {"type": "null"}], "default": None},
+        "n": {"enum": [1, 2]},
+    }, "required": ["note", "n"]})
+    grammar = forced(tokenizer, tool, strict=True)
+    assert accepts(tokenizer, grammar, call(("note", "null"), ("n", "2"), name="f"))
+    assert not accepts(tokenizer, grammar, call(("note", "x"), ("n", "3"), name="f"))
+    parsed = parse_tool_call(call(("note", "null"), ("n", "2"), name="f").strip(), {"f": tool.input_schema})
+    assert parsed.input == {"note": None, "n": 2}

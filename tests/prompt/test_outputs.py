@@ -207,3 +207,27 @@ def test_an_xml_call_cut_off_keeps_its_closed_parameters():
     assert run(parser, text, truncated=True) == [ToolCallPiece("get_weather", {"city": "Paris"})]
     cut_in_name = OutputParser(tools=True, thinking=False, schemas=SCHEMAS)
     assert run(cut_in_name, "<tool_call>\n<function=get_wea", truncated=True) == []
+
+
+def test_numbers_past_a_floats_range_come_back_finite():
+    schemas = {"at": {"type": "object", "properties": {"lat": {"type": "number"}}}}
+    xml = parse_tool_call("<function=at>\n<parameter=lat>\n-1e999\n</parameter>\n</function>", schemas)
+    hermes = parse_tool_call('{"name": "at", "arguments": {"lat": 1e999, "lon": NaN, "h": -Infinity}}')
+    assert xml.input == {"lat": -1.7976931348623157e308}
+    assert hermes.input == {"lat": 1.7976931348623157e308, "lon": None, "h": -1.7976931348623157e308}
+    json.dumps(hermes.input, allow_nan=False)  # what the API writes: strict JSON
+
+
+def test_xml_values_of_untyped_enums_take_their_values_types():
+    schemas = {"pick": {"type": "object", "properties": {
+        "n": {"enum": [1, 2, 3]}, "b": {"enum": [True, False]}, "m": {"enum": ["a", 1, None]}, "c": {"const": 7}}}}
+    body = ("<function=pick>\n<parameter=n>\n2\n</parameter>\n<parameter=b>\ntrue\n</parameter>\n"
+            "<parameter=m>\nnull\n</parameter>\n<parameter=c>\n7\n</parameter>\n</function>")
+    assert parse_tool_call(body, schemas).input == {"n": 2, "b": True, "m": None, "c": 7}
+
+
+def test_xml_parameters_keep_their_names_and_end_at_their_closing_line():
+    schemas = {"f": {"type": "object", "properties": {" x": {"type": "integer"}, "s": {"type": "string"}}}}
+    body = ("<function=f>\n<parameter= x>\n4\n</parameter>\n<parameter=s>\nsee </parameter> here\n</parameter>\n"
+            "<parameter=t>bare</parameter>\n</function>")
+    assert parse_tool_call(body, schemas).input == {" x": 4, "s": "see </parameter> here", "t": "bare"}

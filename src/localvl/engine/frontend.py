@@ -8,6 +8,7 @@ makes is plain data (tensors, ids, strings): it crosses a process boundary as it
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -73,6 +74,10 @@ class Frontend:
 
     async def prepare(self, request: GenerationRequest, compact: bool = False) -> Admission:
         """``compact``: images as ``Patches`` (bytes), for an engine in another process to make pixels of."""
+        if request.tool_choice.mode in ("any", "tool") and request.conversation.thinking is None:
+            # A forced call is the whole answer (Anthropic's API refuses thinking beside one): a
+            # template that thinks unless told not to (Qwen3.5) is told not to.
+            request = dataclasses.replace(request, conversation=dataclasses.replace(request.conversation, thinking=False))
         rendered = await anyio.to_thread.run_sync(self.renderer.render, request.conversation, compact)
         facts = self.facts
         length = int(rendered.input_ids.numel())

@@ -120,11 +120,26 @@ def _string_regex(schema: dict[str, Any]) -> str | None:
     return f"(.|\\n){{{int(low or 0)},{'' if high is None else int(high)}}}{XML_CLOSE}"
 
 
-def _is_string(schema: dict[str, Any]) -> bool:
+def _string_option(schema: dict[str, Any]) -> dict[str, Any] | None:
+    """The string a schema allows, as a schema of its own: itself (``"string"``, or among its
+    types), or its ``anyOf``/``oneOf`` string option; None if it allows no string."""
     kind = schema.get("type")
     if kind == "string" or (isinstance(kind, list) and "string" in kind):
-        return True
-    return any(isinstance(o, dict) and o.get("type") == "string" for o in (schema.get("anyOf") or schema.get("oneOf") or []))
+        return schema
+    options = schema.get("anyOf") or schema.get("oneOf") or []
+    return next((o for o in options if isinstance(o, dict) and o.get("type") == "string"), None)
+
+
+def _writable(text: str) -> bool:
+    """Whether a value can be written in the XML form and read back as itself."""
+    return "</parameter>" not in text
+
+
+def _lazy_rule(rule: str, regex: str) -> str | None:
+    """A lazy terminal for ``regex``, or None where llguidance cannot take it (lookarounds, anchors
+    inside a pattern, a minLength above the maxLength)."""
+    line = f"{rule}[lazy]: /{regex}/"
+    return line if _grammar_compiles(f"start: {rule}\n{line}\n") else None
 
 
 def _xml_parameter(rule: str, key: str, schema: Any, root: dict[str, Any], strict: bool, lines: list[str]) -> None:
@@ -133,44 +148,57 @@ def _xml_parameter(rule: str, key: str, schema: Any, root: dict[str, Any], stric
     (``root``). Where that cannot hold the value, a strict tool is refused and another's value is
     any text."""
     head = _lark_string(f"<parameter={key}>\n")
+    loose = f'{rule}: {head} xml_text "\\n"'
+
+    def unheld(reason: str) -> None:
+        if strict:
+            raise ValueError(f"parameter {key!r}: {reason}")
+        lines.append(loose)
+
     if not isinstance(schema, dict) or not schema:
-        lines.append(f'{rule}: {head} xml_text "\\n"')
+        lines.append(loose)
         return
     enum = schema.get("enum")
     if isinstance(enum, list) and enum and all(isinstance(v, str) for v in enum):
+        if not all(_writable(v) for v in enum):
+            return unheld("an enum value holds '</parameter>', which this model's tool-call form cannot write")
         choices = " | ".join(_lark_string(v) for v in enum)
         lines.append(f'{rule}: {head} ({choices}) "\\n</parameter>\\n"')
         return
     if isinstance(schema.get("const"), str):
+        if not _writable(schema["const"]):
+            return unheld("its const holds '</parameter>', which this model's tool-call form cannot write")
         lines.append(f'{rule}: {head} {_lark_string(schema["const"])} "\\n</parameter>\\n"')
         return
-    if _is_string(schema):
-        regex = _string_regex(schema)
-        if regex is None:
-            if strict:
-                raise ValueError(f"parameter {key!r}: its string schema cannot be held in this model's tool-call form")
-            lines.append(f'{rule}: {head} xml_text "\\n"')
-            return
-        lines.append(f"{rule}_text[lazy]: /{regex}/")
-        lines.append(f'{rule}: {head} {rule}_text "\\n"')
+    string = _string_option(schema)
+    if string is not None:
+        # Any text is a valid value where the string is unconstrained, whatever else is allowed
+        # beside it (Optional[str]: null; the reader takes "null" as null when it is).
+        regex = _string_regex(string)
+        text = _lazy_rule(f"{rule}_text", regex) if regex is not None else None
+        if text is None:
+            return unheld("its string schema cannot be held in this model's tool-call form")
+        lines += [text, f'{rule}: {head} {rule}_text "\\n"']
         return
     value = {**_rebased(schema, "/$defs/tool"), "$defs": {"tool": _rebased(root, "/$defs/tool")}} if '"$ref"' in json.dumps(schema) else schema
     if not _compiles(value):
-        if strict:
-            raise ValueError(f"parameter {key!r}: llguidance cannot compile its schema")
-        lines.append(f'{rule}: {head} xml_text "\\n"')
-        return
+        return unheld("llguidance cannot compile its schema")
     lines.append(f'{rule}: {head} {_json(value)} "\\n</parameter>\\n"')
 
 
 def _xml_call(index: int, tool: Tool, held: bool, strict: bool, lines: list[str]) -> str:
     """Rules for one tool's XML call (Qwen3.5's form); returns the call's rule name. Held, its
     parameters follow its schema's properties in their order, the required ones present; else
-    any parameters with any values."""
+    any parameters with any values. A parameter name this form cannot write (a ``>`` or a line
+    break in it) leaves a strict tool refused and another unheld."""
     schema = tool.input_schema
     properties = schema.get("properties") if held else None
     rule = f"xml_call_{index}"
     head = _lark_string(f"<function={tool.name}>\n")
+    if isinstance(properties, dict) and any(">" in key or "\n" in key for key in properties):
+        if strict:
+            raise ValueError(f"tool {tool.name!r}: a parameter name with '>' or a line break cannot be written in this model's tool-call form")
+        properties = None
     if not isinstance(properties, dict) or not properties:
         lines.append(f'{rule}: {head} xml_any* "</function>"')
         return rule

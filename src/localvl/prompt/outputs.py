@@ -18,9 +18,11 @@ was whole, is dropped: an unfinished call must not run as if whole, and markup i
 from __future__ import annotations
 
 import json
+import math
 import re
 import secrets
 import string
+import sys
 from dataclasses import dataclass
 from typing import Any, Union
 
@@ -56,7 +58,25 @@ Piece = Union[TextPiece, ThinkingPiece, ToolCallPiece]
 Schemas = dict[str, dict[str, Any]]  # each offered tool's input schema, by name
 
 _FUNCTION = re.compile(r"^\s*<function=([^>\n]+)>")
-_PARAMETER = re.compile(r"<parameter=([^>\n]+)>(.*?)</parameter>", re.DOTALL)
+_PARAMETER_OPEN = re.compile(r"<parameter=([^>\n]+)>")
+_CLOSE, _LINE_CLOSE = "</parameter>", "\n</parameter>"
+
+
+def _finite(text: str) -> float:
+    """A JSON number beyond a float's range (``1e999``) as the largest float of its sign: JSON has
+    no infinity, and the client must get JSON."""
+    value = float(text)
+    return value if math.isfinite(value) else math.copysign(sys.float_info.max, value)
+
+
+def _constant(name: str) -> float | None:
+    return None if name == "NaN" else math.copysign(sys.float_info.max, -1.0 if name.startswith("-") else 1.0)
+
+
+def loads(text: str) -> Any:
+    """``json.loads`` for what a model wrote: numbers past a float's range, and the non-JSON
+    ``Infinity``/``NaN``, become finite numbers (or null), so what reaches the client is JSON."""
+    return json.loads(text, parse_float=_finite, parse_constant=_constant)
 
 
 def _schema_types(schema: Any) -> set[str]:
@@ -68,8 +88,10 @@ def _schema_types(schema: Any) -> set[str]:
     for key in ("anyOf", "oneOf"):
         for option in schema.get(key) or []:
             types |= _schema_types(option)
-    if not types and isinstance(schema.get("enum"), list):
-        types = {"string" if isinstance(v, str) else "other" for v in schema["enum"]}
+    for key in ("enum", "const"):
+        values = schema.get("enum") if key == "enum" else [schema["const"]] if "const" in schema else None
+        if not types and isinstance(values, list):
+            types = set().union(*(_json_types(v) for v in values)) if values else set()
     return types
 
 
@@ -92,7 +114,7 @@ def _xml_value(raw: str, schema: Any) -> Any:
     if schema is None or types == {"string"}:
         return text
     try:
-        value = json.loads(text)
+        value = loads(text)
     except ValueError:
         return text
     if types and not (_json_types(value) & types):
@@ -111,10 +133,23 @@ def parse_xml_tool_call(body: str, schemas: Schemas | None = None, cut: bool = F
     if not cut and not rest.rstrip().endswith("</function>"):
         return None
     properties = ((schemas or {}).get(name) or {}).get("properties") or {}
+    if not isinstance(properties, dict):
+        properties = {}
     arguments: dict[str, Any] = {}
-    for key, raw in _PARAMETER.findall(rest):
-        key = key.strip()
-        arguments[key] = _xml_value(raw, properties.get(key) if isinstance(properties, dict) else None)
+    at = 0
+    while (opened := _PARAMETER_OPEN.search(rest, at)) is not None:
+        start, key = opened.end(), opened.group(1)
+        key = key if key in properties else key.strip()
+        # A value ends at the first closing line ("\n</parameter>", as the format writes it) unless
+        # another parameter opens first; then at a bare "</parameter>".
+        end, close = rest.find(_LINE_CLOSE, start), _LINE_CLOSE
+        following = rest.find("<parameter=", start)
+        if end < 0 or 0 <= following < end:
+            end, close = rest.find(_CLOSE, start), _CLOSE
+        if end < 0:  # not closed: a call cut off inside this value
+            break
+        arguments[key] = _xml_value(rest[start:end], properties.get(key))
+        at = end + len(close)
     return ToolCallPiece(name, arguments) if name else None
 
 
@@ -124,7 +159,7 @@ def parse_tool_call(body: str, schemas: Schemas | None = None) -> ToolCallPiece 
     if body.lstrip().startswith("<function="):
         return parse_xml_tool_call(body, schemas)
     try:
-        value = json.loads(body)
+        value = loads(body)
     except ValueError:
         return None
     if not isinstance(value, dict) or not isinstance(value.get("name"), str) or not value["name"]:
@@ -132,7 +167,7 @@ def parse_tool_call(body: str, schemas: Schemas | None = None) -> ToolCallPiece 
     arguments = value.get("arguments", value.get("parameters", {}))
     if isinstance(arguments, str):
         try:
-            arguments = json.loads(arguments)
+            arguments = loads(arguments)
         except ValueError:
             return None
     if not isinstance(arguments, dict):
@@ -176,7 +211,7 @@ def parse_cut_tool_call(body: str, schemas: Schemas | None = None) -> ToolCallPi
     name = json.loads(f'"{named.group(1)}"')
     for cut in range(len(body), max(named.end(), len(body) - 64) - 1, -1):
         try:
-            value = json.loads(_closed(body[:cut].rstrip().rstrip(",:")))
+            value = loads(_closed(body[:cut].rstrip().rstrip(",:")))
         except ValueError:
             continue
         if isinstance(value, dict):

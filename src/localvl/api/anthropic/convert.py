@@ -264,7 +264,11 @@ def _conversation(body: s._ConversationFields, verify: Verifier | None) -> Conve
         raise InvalidRequestError("messages: at least one user message is required")
     if dialogue[0].role != "user":
         raise InvalidRequestError('messages: the first message must use the "user" role')
-    return Conversation(turns=turns, tools=_tools(body.tools or []), thinking=_thinking(body.thinking)[0])
+    thinking = _thinking(body.thinking)[0]
+    forced = isinstance(body.tool_choice, dict) and body.tool_choice.get("type") in ("any", "tool")
+    if thinking is None and forced:  # a forced call is the whole answer: a template thinking by default is told not to
+        thinking = False
+    return Conversation(turns=turns, tools=_tools(body.tools or []), thinking=thinking)
 
 
 def _tools(tools: Sequence[s.ToolParam]) -> list[Tool]:
