@@ -109,3 +109,28 @@ def test_an_optional_string_is_held_as_text_and_null_reads_as_null(tokenizer):
     assert not accepts(tokenizer, grammar, call(("note", "x"), ("n", "3"), name="f"))
     parsed = parse_tool_call(call(("note", "null"), ("n", "2"), name="f").strip(), {"f": tool.input_schema})
     assert parsed.input == {"note": None, "n": 2}
+
+
+@pytest.mark.parametrize("pattern, good, bad", [
+    ("cat|dog", ["hotdog", "catx"], ["bird"]),  # a search, whatever the alternation
+    ("^https?:\\/\\/", ["https://x"], ["ftp://x"]),  # a slash escaped already
+    ("^(a|b)$", ["a", "b"], ["ab"]),
+])
+def test_string_patterns_are_searched_as_json_schema_says(tokenizer, pattern, good, bad):
+    tool = Tool("f", None, {"type": "object", "properties": {"s": {"type": "string", "pattern": pattern}}, "required": ["s"]})
+    grammar = forced(tokenizer, tool, strict=True)
+    assert all(accepts(tokenizer, grammar, call(("s", v), name="f")) for v in good)
+    assert not any(accepts(tokenizer, grammar, call(("s", v), name="f")) for v in bad)
+
+
+def test_refs_required_names_and_no_parameters_are_held(tokenizer):
+    enum = Tool("f", None, {"type": "object", "properties": {"v": {"$ref": "#/$defs/V"}}, "required": ["v"],
+                            "$defs": {"V": {"enum": ["1.0", "2.0"], "type": "string"}}})
+    assert accepts(tokenizer, forced(tokenizer, enum, strict=True), call(("v", "1.0"), name="f"))
+    assert parse_tool_call(call(("v", "1.0"), name="f").strip(), {"f": enum.input_schema}).input == {"v": "1.0"}
+    unnamed = Tool("f", None, {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a", "b"]})
+    assert accepts(tokenizer, forced(tokenizer, unnamed, strict=True), call(("a", "1"), ("b", "x"), name="f"))
+    assert not accepts(tokenizer, forced(tokenizer, unnamed, strict=True), call(("a", "1"), name="f"))
+    empty = Tool("f", None, {"type": "object", "properties": {}, "additionalProperties": False})
+    assert accepts(tokenizer, forced(tokenizer, empty, strict=True), call(name="f"))
+    assert not accepts(tokenizer, forced(tokenizer, empty, strict=True), call(("x", "1"), name="f"))

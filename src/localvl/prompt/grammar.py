@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
 from localvl.conversation import Tool, ToolChoice
+from localvl.prompt.outputs import resolve_ref
 
 JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
@@ -111,13 +113,39 @@ def _string_regex(schema: dict[str, Any]) -> str | None:
     if pattern is not None and (low is not None or high is not None or not isinstance(pattern, str)):
         return None
     if isinstance(pattern, str):
-        body = pattern.replace("/", "\\/")
-        body = body[1:] if body.startswith("^") else "(.|\\n)*" + body
-        body = body[:-1] if body.endswith("$") and not body.endswith("\\$") else body + "(.|\\n)*"
-        return f"({body}){XML_CLOSE}"
+        # JSON Schema's patterns search; the value must match whole: unanchored ends take any text.
+        body = re.sub(r"(?<!\\)/", r"\\/", pattern)
+        start = body.startswith("^")
+        end = body.endswith("$") and not body.endswith("\\$")
+        if (start or end) and _alternates(body):
+            return None  # "^a$|^b$": anchors inside; llguidance takes none
+        body = body[1 if start else 0 : len(body) - 1 if end else len(body)]
+        anything = "(.|\\n)*"
+        return ("" if start else anything) + f"({body})" + ("" if end else anything) + XML_CLOSE
     if low is None and high is None:
         return f"(.|\\n)*{XML_CLOSE}"
     return f"(.|\\n){{{int(low or 0)},{'' if high is None else int(high)}}}{XML_CLOSE}"
+
+
+def _alternates(pattern: str) -> bool:
+    """Whether a regex has a ``|`` outside every group and character class."""
+    depth, escaped, in_class = 0, False, False
+    for char in pattern:
+        if escaped:
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif in_class:
+            in_class = char != "]"
+        elif char == "[":
+            in_class = True
+        elif char == "(":
+            depth += 1
+        elif char == ")":
+            depth -= 1
+        elif char == "|" and depth == 0:
+            return True
+    return False
 
 
 def _string_option(schema: dict[str, Any]) -> dict[str, Any] | None:
@@ -149,6 +177,7 @@ def _xml_parameter(rule: str, key: str, schema: Any, root: dict[str, Any], stric
     any text."""
     head = _lark_string(f"<parameter={key}>\n")
     loose = f'{rule}: {head} xml_text "\\n"'
+    schema = resolve_ref(schema, root)  # pydantic's enums and models are refs to $defs
 
     def unheld(reason: str) -> None:
         if strict:
@@ -199,10 +228,15 @@ def _xml_call(index: int, tool: Tool, held: bool, strict: bool, lines: list[str]
         if strict:
             raise ValueError(f"tool {tool.name!r}: a parameter name with '>' or a line break cannot be written in this model's tool-call form")
         properties = None
+    if isinstance(properties, dict) and not properties and schema.get("additionalProperties") is False:
+        lines.append(f'{rule}: {head} "</function>"')  # no parameters at all
+        return rule
     if not isinstance(properties, dict) or not properties:
         lines.append(f'{rule}: {head} xml_any* "</function>"')
         return rule
-    required = set(schema.get("required") or [])
+    required = [k for k in schema.get("required") or [] if isinstance(k, str)]
+    # A required name the properties leave out takes any value after them.
+    properties = {**properties, **{k: {} for k in required if k not in properties}}
     parts: list[str] = []
     for number, (key, sub) in enumerate(properties.items()):
         name = f"{rule}_{number}"

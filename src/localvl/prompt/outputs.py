@@ -79,6 +79,23 @@ def loads(text: str) -> Any:
     return json.loads(text, parse_float=_finite, parse_constant=_constant)
 
 
+def resolve_ref(schema: Any, root: Any) -> Any:
+    """``schema`` with a local ``$ref`` ("#/$defs/..." pointing into ``root``, the tool's schema)
+    followed, as pydantic writes enums and nested models; anything else as it is."""
+    for _ in range(16):  # refs to refs, but never a loop
+        ref = schema.get("$ref") if isinstance(schema, dict) else None
+        if not isinstance(ref, str) or not ref.startswith("#"):
+            return schema
+        target: Any = root
+        for part in filter(None, ref[1:].split("/")):
+            part = part.replace("~1", "/").replace("~0", "~")
+            target = target.get(part) if isinstance(target, dict) else None
+        if not isinstance(target, dict):
+            return schema
+        schema = {**target, **{k: v for k, v in schema.items() if k != "$ref"}}
+    return schema
+
+
 def _schema_types(schema: Any) -> set[str]:
     """The JSON types a (sub)schema allows, as far as its ``type``/``anyOf``/``oneOf``/``enum`` say."""
     if not isinstance(schema, dict):
@@ -132,7 +149,8 @@ def parse_xml_tool_call(body: str, schemas: Schemas | None = None, cut: bool = F
     rest = body[named.end() :]
     if not cut and not rest.rstrip().endswith("</function>"):
         return None
-    properties = ((schemas or {}).get(name) or {}).get("properties") or {}
+    root = (schemas or {}).get(name) or {}
+    properties = root.get("properties") or {}
     if not isinstance(properties, dict):
         properties = {}
     arguments: dict[str, Any] = {}
@@ -148,7 +166,7 @@ def parse_xml_tool_call(body: str, schemas: Schemas | None = None, cut: bool = F
             end, close = rest.find(_CLOSE, start), _CLOSE
         if end < 0:  # not closed: a call cut off inside this value
             break
-        arguments[key] = _xml_value(rest[start:end], properties.get(key))
+        arguments[key] = _xml_value(rest[start:end], resolve_ref(properties.get(key), root))
         at = end + len(close)
     return ToolCallPiece(name, arguments) if name else None
 
