@@ -24,6 +24,9 @@ def test_a_text_only_model_is_refused_with_a_clear_message(tmp_path):
                 num_attention_heads=2, num_key_value_heads=1).save_pretrained(tmp_path)
     with pytest.raises(ModelLoadError, match="is a text model \\('qwen2'\\); localvl serves Qwen-VL"):
         load_model(str(tmp_path))
+    (tmp_path / "config.json").write_text('{"model_type": "qwen3_5_text"}')  # Qwen3.5's decoder alone
+    with pytest.raises(ModelLoadError, match="is a text model \\('qwen3_5_text'\\)"):
+        load_model(str(tmp_path))
 
 
 def test_a_missing_folder_or_unreachable_hub_id_says_what_to_do(tmp_path):

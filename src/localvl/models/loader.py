@@ -23,7 +23,7 @@ class ModelLoadError(RuntimeError):
 ATTENTION_CHOICES = ("auto", "sdpa", "flash_attention_2", "eager")
 QUANTIZE_CHOICES = ("4bit", "8bit")
 # Qwen text-only families: a common mistake is to point localvl at the text model of a VL release.
-TEXT_MODEL_TYPES = ("qwen", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "qwen3_next")
+TEXT_MODEL_TYPES = ("qwen", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "qwen3_next", "qwen3_5_text", "qwen3_5_moe_text")
 # What transformers needs to load a checkpoint quantized with each method (transformers 5.x).
 QUANTIZATION_PACKAGES: dict[str, tuple[str, ...]] = {
     "awq": ("gptqmodel", "accelerate"),
