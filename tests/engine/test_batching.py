@@ -167,6 +167,26 @@ def test_a_second_turn_about_the_same_image_reuses_it_and_the_first_turn(loaded_
     assert_matches_reference(loaded, [follow_up], [(text, second)])
 
 
+@pytest.mark.parametrize("family", HYBRID)
+def test_a_new_conversation_resumes_a_hybrids_state_after_the_same_system_prompt(loaded_model, family):
+    loaded = loaded_model(family)
+    system = Turn("system", [Text("You grade photographed homework. Be brief and kind. " * 4)])
+    first = ask([system, Turn("user", [image(2), Text("grade this")])])
+    other = ask([system, Turn("user", [Text("a different pupil, a different question entirely")])])
+
+    async def body(engine):
+        await collect(engine, first, "a")
+        return await collect(engine, other, "b"), engine.stats()
+
+    (text, finished), stats = run_engine(loaded, body, block_size=4)
+    # the system turn is what the two prompts share: its state was kept, and the second resumed there
+    ids = Renderer(loaded.processor).render(other).input_ids.tolist()
+    opens = loaded.tokenizer.convert_tokens_to_ids("<|im_start|>")
+    assert finished.usage.cache_read_input_tokens == ids.index(opens, 1) // 4 * 4 > 40
+    assert stats["states_restored"] == 1
+    assert_matches_reference(loaded, [other], [(text, finished)])
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_images_are_encoded_as_the_prefill_reaches_them(loaded_model, family):
     loaded = loaded_model(family)

@@ -21,7 +21,7 @@ def test_only_a_hybrid_decoder_has_linear_layers(loaded_model, layers):
     assert linear_layers(loaded_model("qwen3_vl").model) == {}
 
 
-def chunk(packed, count, seq, start, resume=None, keep_at=None):
+def chunk(packed, count, seq, start, resume=None, keep_at=()):
     return LinearChunk(packed, count, seq, start, resume, keep_at)
 
 
@@ -37,10 +37,10 @@ def holds_value(states, slot, value):
 def test_slots_are_taken_started_over_resumed_and_given_back(layers):
     states = LinearStates(layers, slots=2, dtype=torch.float32, device=torch.device("cpu"), snapshot_memory=1 << 20)
     a, b, c = running("a"), running("b"), running("c")
-    step = make_step(states, [chunk(0, 5, a, 0), chunk(5, 3, b, 0, keep_at=3)], torch.device("cpu"))
+    step = make_step(states, [chunk(0, 5, a, 0), chunk(5, 3, b, 0, keep_at=(1, 3))], torch.device("cpu"))
     slot_a, slot_b = states.slot(a, 5), states.slot(b, 3)
-    assert step.singles is None and step.chunks == [(0, 5, slot_a, None), (5, 8, slot_b, 8)]
-    assert step.keeps == [(b, 3, slot_b)]
+    assert step.singles is None and step.chunks == [(0, 5, slot_a, ()), (5, 8, slot_b, (6, 8))]
+    assert step.keeps == [(b, 1, slot_b, 6), (b, 3, slot_b, 8)]
     fill(states, slot_a, 1.0)
     step = make_step(states, [chunk(0, 1, a, 5)], torch.device("cpu"))  # a decodes on from its own state
     assert step.singles.tolist() == [0] and step.single_slots.tolist() == [slot_a] and holds_value(states, slot_a, 1.0)
@@ -89,3 +89,13 @@ def test_a_hybrid_engine_keeps_keys_only_for_its_attention_layers(loaded_model):
     assert held == (cache.num_blocks + 1) * per_block  # the scratch block too
     plain = LocalEngine(loaded_model("qwen3_vl"), EngineConfig(kv_cache_memory=1 << 20))
     assert plain.linear_states is None and plain.blocks.resumable is None
+
+
+def test_states_are_kept_near_a_prompts_end_and_where_its_system_turn_ends():
+    from localvl.engine.linear_attention import snapshot_points
+
+    system = (7, 8)  # "<|im_start|>system"
+    prompt = [7, 8, *range(20, 40), 7, *range(50, 70)]  # a 22-token system turn, then the rest: 43 tokens
+    assert snapshot_points(prompt, 4, system) == (20, 32)  # before the turn at 22; 43 - 8 = 35, down to 32
+    assert snapshot_points(prompt[2:], 4, system) == (32,)  # no system turn: near the end only
+    assert snapshot_points(prompt[:10], 16, system) == ()  # too short for either

@@ -11,13 +11,15 @@ Sequences decoding one token are stepped together. The arithmetic is transformer
 model's. Outside a step (``model.generate`` in tests and benchmarks) the layer is itself.
 
 A state holds a sequence's whole past, so a cached prefix of KV blocks is of no use without the
-state at its end. The engine keeps snapshots: once per prompt, at the last block boundary at least
-``SNAPSHOT_MARGIN`` tokens before its end (the generation prompt, which a later turn renders
-differently, lies after it), the state is copied out mid-step, and kept under that block's hash
-(LRU, bounded in bytes). A later request whose prompt starts the same way — the next turn of the
-chat, the same prompt again — resumes from it: the block manager reuses a cached prefix only up
-to a block with a snapshot (``BlockManager.resumable``). A preempted sequence resumes the same way
-or recomputes.
+state at its end. The engine keeps snapshots at two points of a prompt, block boundaries both:
+the last one before its second turn begins (the system prompt and tools, which every new
+conversation of an agent or app repeats), and the last one at least ``SNAPSHOT_MARGIN`` tokens
+before its end (the generation prompt, which a later turn renders differently, lies after it).
+There the state is copied out mid-step and kept under that block's hash (LRU, bounded in bytes).
+A later request whose prompt starts the same way — a new conversation with the same system
+prompt, the next turn of the chat, the same prompt again — resumes from the furthest: the block
+manager reuses a cached prefix only up to a block with a snapshot (``BlockManager.resumable``). A
+preempted sequence resumes the same way or recomputes.
 """
 
 from __future__ import annotations
@@ -38,9 +40,17 @@ LINEAR_LAYER = "linear_attention"
 SNAPSHOT_MARGIN = 8  # tokens: a generation prompt ("<|im_start|>assistant\n<think>\n\n</think>\n\n") and more
 
 
-def snapshot_point(prompt_length: int, block_size: int) -> int:
-    """Where a prompt's state is kept for later requests to resume from (a block boundary); 0: nowhere."""
-    return max(0, (prompt_length - SNAPSHOT_MARGIN) // block_size * block_size)
+def snapshot_points(prompt: list[int], block_size: int, system: tuple[int, ...] = ()) -> tuple[int, ...]:
+    """Where a prompt's state is kept for later requests to resume from (block boundaries, in
+    order): near its end, and, if it opens with a system turn (``system``: the tokens that open
+    one, ``<|im_start|>system``), before the turn after it."""
+    points = {(len(prompt) - SNAPSHOT_MARGIN) // block_size * block_size}
+    if system and prompt[: len(system)] == list(system):
+        try:
+            points.add(prompt.index(system[0], len(system)) // block_size * block_size)
+        except ValueError:
+            pass
+    return tuple(sorted(p for p in points if p > 0))
 
 
 def snapshot_key(seq: Sequence, point: int, block_size: int) -> bytes:
@@ -196,7 +206,7 @@ class LinearChunk:
     sequence: Sequence
     start: int  # its first token's index in the sequence
     resume: bytes | None = None  # a prefix hit's last block hash: the snapshot to resume from, if its state is not there
-    keep_at: int | None = None  # a token index in (start, start + count]: keep the state there
+    keep_at: tuple[int, ...] = ()  # token indices in (start, start + count], in order: keep the state there
 
 
 @dataclass
@@ -206,9 +216,9 @@ class LinearStep:
     states: LinearStates
     singles: torch.Tensor | None  # [rows] packed indices of one-token chunks (decodes)
     single_slots: torch.Tensor | None  # [rows] their slots
-    chunks: list[tuple[int, int, int, int | None]]  # (packed start, end, slot, packed point to keep the state at)
-    keeps: list[tuple[Sequence, int, int]] = field(default_factory=list)  # (sequence, token index, slot)
-    captured: dict[int, Snapshot] = field(default_factory=dict)  # by slot, filled layer by layer
+    chunks: list[tuple[int, int, int, tuple[int, ...]]]  # (packed start, end, slot, packed points to keep the state at)
+    keeps: list[tuple[Sequence, int, int, int]] = field(default_factory=list)  # (sequence, token index, slot, packed point)
+    captured: dict[tuple[int, int], Snapshot] = field(default_factory=dict)  # by (slot, packed point), layer by layer
 
 
 def make_step(states: LinearStates, chunks: list[LinearChunk], device: torch.device) -> LinearStep:
@@ -216,21 +226,19 @@ def make_step(states: LinearStates, chunks: list[LinearChunk], device: torch.dev
     states.sweep()
     singles: list[int] = []
     single_slots: list[int] = []
-    longer: list[tuple[int, int, int, int | None]] = []
-    keeps: list[tuple[Sequence, int, int]] = []
+    longer: list[tuple[int, int, int, tuple[int, ...]]] = []
+    keeps: list[tuple[Sequence, int, int, int]] = []
     for chunk in chunks:
         seq = chunk.sequence
         slot = states.slot(seq, chunk.start, chunk.resume)
         states.advance(slot, chunk.start + chunk.count)
-        if chunk.count == 1 and chunk.keep_at is None:
+        if chunk.count == 1 and not chunk.keep_at:
             singles.append(chunk.packed)
             single_slots.append(slot)
             continue
-        cut = None
-        if chunk.keep_at is not None:
-            cut = chunk.packed + chunk.keep_at - chunk.start
-            keeps.append((seq, chunk.keep_at, slot))
-        longer.append((chunk.packed, chunk.packed + chunk.count, slot, cut))
+        cuts = tuple(chunk.packed + point - chunk.start for point in chunk.keep_at)
+        keeps += [(seq, point, slot, cut) for point, cut in zip(chunk.keep_at, cuts)]
+        longer.append((chunk.packed, chunk.packed + chunk.count, slot, cuts))
     as_tensor = functools.partial(torch.tensor, dtype=torch.long, device=device)
     return LinearStep(
         states, as_tensor(singles) if singles else None, as_tensor(single_slots) if singles else None, longer, keeps
@@ -240,8 +248,8 @@ def make_step(states: LinearStates, chunks: list[LinearChunk], device: torch.dev
 def keep_snapshots(step: LinearStep, block_size: int) -> None:
     """After the step: keep the states it captured, each under its block's hash. A sequence that
     kept a new one reports the tokens it made resumable as cache writes (``cache_creation``)."""
-    for seq, point, slot in step.keeps:
-        if step.states.keep(snapshot_key(seq, point, block_size), step.captured[slot]):
+    for seq, point, slot, cut in step.keeps:
+        if step.states.keep(snapshot_key(seq, point, block_size), step.captured[slot, cut]):
             seq.cache_created_tokens += max(0, point - seq.cache_read_tokens - seq.cache_created_tokens)
 
 
@@ -307,9 +315,10 @@ def mix(layer: Any, hidden_states: torch.Tensor, step: LinearStep) -> torch.Tens
         recurrent.index_copy_(0, slots, state.to(recurrent.dtype))
         core.index_copy_(0, at, out[:, 0].to(core.dtype))
     width = layer.conv_kernel_size - 1
-    for first, last, slot, cut in step.chunks:
-        # A chunk with a state to keep runs as two, the state copied out between them.
-        for start, end in ((first, cut), (cut, last)) if cut is not None else ((first, last),):
+    for first, last, slot, cuts in step.chunks:
+        # A chunk with states to keep runs in pieces, each state copied out where its piece ends.
+        bounds = (first, *cuts, last)
+        for start, end in zip(bounds, bounds[1:]):
             if start < end:
                 length = end - start
                 # The previous window before the chunk's own tokens, as the stock cache's update returns it.
@@ -323,8 +332,8 @@ def mix(layer: Any, hidden_states: torch.Tensor, step: LinearStep) -> torch.Tens
                 )
                 recurrent[slot] = state[0].to(recurrent.dtype)
                 core[start:end] = out[0].to(core.dtype)
-            if end == cut and start < end:
-                captured = step.captured.setdefault(slot, Snapshot())
+            if end in cuts and start < end:
+                captured = step.captured.setdefault((slot, end), Snapshot())
                 captured.conv[layer.layer_idx] = conv[slot].clone()
                 captured.recurrent[layer.layer_idx] = recurrent[slot].clone()
     normed = layer.norm(core.reshape(-1, layer.head_v_dim), z.reshape(-1, layer.head_v_dim))

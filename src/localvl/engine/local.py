@@ -122,6 +122,7 @@ class LocalEngine:
         self.runner = StepRunner(
             self.model, self.kv_cache, self.image_cache, graphs, vision_graphs, prefill_graphs, self.linear_states
         )
+        self.runner.system_turn = tuple(self._tokenizer.encode("<|im_start|>system", add_special_tokens=False))
         text = self.model.text_config
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         shape = (config.block_size, text.num_attention_heads, text.num_key_value_heads, head_dim)

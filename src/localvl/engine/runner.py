@@ -18,7 +18,7 @@ import torch
 from localvl.engine.blocks import ImageSpan
 from localvl.engine.cuda_graphs import DecodeGraphs, PrefillGraphs
 from localvl.engine.kv_cache import AttentionBatch, PagedKVCache, PrefillChunk, additive_mask
-from localvl.engine.linear_attention import LinearChunk, LinearStates, keep_snapshots, make_step, snapshot_point
+from localvl.engine.linear_attention import LinearChunk, LinearStates, keep_snapshots, make_step, snapshot_points
 from localvl.engine.positions import mrope_positions
 from localvl.engine.qwen_vl import ImageFeatures, PromptInputs, QwenVLRunner
 from localvl.engine.scheduler import Scheduled
@@ -42,6 +42,7 @@ class PromptState:
     # Patches, which become pixels as the engine process receives them.
     pixels: list[tuple[torch.Tensor | Patches, torch.Tensor] | None] = field(default_factory=list)
     features: list[ImageFeatures | None] = field(default_factory=list)  # each image's, once a chunk reached it
+    snapshots: tuple[int, ...] | None = None  # a hybrid's: where its state is kept (``snapshot_points``), once known
 
     def __getstate__(self) -> dict[str, object]:
         # As NumPy arrays, which pickle protocol 5 passes out of band (no copy into the pickle):
@@ -111,6 +112,7 @@ class StepRunner:
     ) -> None:
         self.model = model
         self.linear_states = linear_states  # a hybrid decoder's per-sequence state
+        self.system_turn: tuple[int, ...] = ()  # the tokens that open a system turn: where a hybrid's state is kept
         self.cache = cache
         self.images = images
         self.graphs = graphs
@@ -291,8 +293,11 @@ class StepRunner:
             if s.samples:
                 samplers.append((s, packed + s.count - 1))
             if self.linear_states is not None:
-                point = snapshot_point(prompt_length, self.block_size) if self.linear_states.snapshot_memory else 0
-                keep_at = point if start < point <= end else None
+                keep_at: tuple[int, ...] = ()
+                if start < prompt_length and self.linear_states.snapshot_memory:
+                    if state.snapshots is None:
+                        state.snapshots = snapshot_points(seq.prompt, self.block_size, self.system_turn)
+                    keep_at = tuple(p for p in state.snapshots if start < p <= end)
                 # A prefix hit resumes from the snapshot under its last block's hash (the table's tail).
                 linear_chunks.append(LinearChunk(packed, s.count, seq, start, seq.table.tail or None, keep_at))
 
