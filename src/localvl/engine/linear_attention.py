@@ -314,27 +314,63 @@ def mix(layer: Any, hidden_states: torch.Tensor, step: LinearStep) -> torch.Tens
         )
         recurrent.index_copy_(0, slots, state.to(recurrent.dtype))
         core.index_copy_(0, at, out[:, 0].to(core.dtype))
-    width = layer.conv_kernel_size - 1
-    for first, last, slot, cuts in step.chunks:
-        # A chunk with states to keep runs in pieces, each state copied out where its piece ends.
-        bounds = (first, *cuts, last)
-        for start, end in zip(bounds, bounds[1:]):
-            if start < end:
-                length = end - start
-                # The previous window before the chunk's own tokens, as the stock cache's update returns it.
-                window = torch.cat([conv[slot], qkv[start:end].transpose(0, 1).to(conv.dtype)], dim=-1).unsqueeze(0)
-                conv[slot] = window[0, :, -width:]
-                mixed = fns.causal_conv1d_fn(window, weight, layer.conv1d.bias, activation=layer.activation)[:, :, -length:]
-                q, k, v = heads(mixed.transpose(1, 2))
-                out, state = fns.torch_chunk_gated_delta_rule(
-                    q, k, v, g=g[start:end].unsqueeze(0), beta=beta[start:end].unsqueeze(0),
-                    initial_state=recurrent[slot : slot + 1], output_final_state=True, use_qk_l2norm_in_kernel=True,
-                )
-                recurrent[slot] = state[0].to(recurrent.dtype)
-                core[start:end] = out[0].to(core.dtype)
-            if end in cuts and start < end:
-                captured = step.captured.setdefault((slot, end), Snapshot())
-                captured.conv[layer.layer_idx] = conv[slot].clone()
-                captured.recurrent[layer.layer_idx] = recurrent[slot].clone()
+    if step.chunks:
+        _chunks(fns, layer, step, qkv, g, beta, core, heads)
     normed = layer.norm(core.reshape(-1, layer.head_v_dim), z.reshape(-1, layer.head_v_dim))
     return layer.out_proj(normed.reshape(1, tokens, -1))
+
+
+def _chunks(fns: Any, layer: Any, step: LinearStep, qkv: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+            core: torch.Tensor, heads: Any) -> None:
+    """The step's longer chunks: each one's convolution over its window (its state's last tokens,
+    then its own), then the delta rule for all of them in a few batched calls. A chunk with states
+    to keep runs the rule in pieces, a round per piece, each state copied out where its piece ends.
+    Chunks of a round are batched by length (within 2x of each other), padded at their end with
+    what the rule pads its own chunks with (zeros: no decay, no update), so nothing changes."""
+    conv, recurrent = step.states.conv[layer.layer_idx], step.states.recurrent[layer.layer_idx]
+    weight = layer.conv1d.weight.squeeze(1)
+    width = layer.conv_kernel_size - 1
+    mixed: list[torch.Tensor] = []  # each chunk's convolved q, k, v: [length, conv_dim]
+    windows: dict[tuple[int, int], torch.Tensor] = {}  # (slot, packed point) -> the conv state there
+    pieces: list[list[tuple[int, int]]] = []
+    for first, last, slot, cuts in step.chunks:
+        window = torch.cat([conv[slot], qkv[first:last].transpose(0, 1).to(conv.dtype)], dim=-1)
+        for cut in cuts:
+            windows[slot, cut] = window[:, cut - first : cut - first + width].clone()
+        conv[slot] = window[:, -width:]
+        length = last - first
+        out = fns.causal_conv1d_fn(window.unsqueeze(0), weight, layer.conv1d.bias, activation=layer.activation)
+        mixed.append(out[0, :, -length:].transpose(0, 1))
+        bounds = (first, *cuts, last)
+        pieces.append([(a, b) for a, b in zip(bounds, bounds[1:]) if a < b])
+    for round_ in range(max(len(p) for p in pieces)):
+        groups: dict[int, list[int]] = {}
+        for i, chunk_pieces in enumerate(pieces):
+            if round_ < len(chunk_pieces):
+                a, b = chunk_pieces[round_]
+                groups.setdefault((b - a - 1).bit_length(), []).append(i)
+        for members in groups.values():
+            spans = [pieces[i][round_] for i in members]
+            longest = max(b - a for a, b in spans)
+            rows = torch.zeros(len(members), longest, mixed[0].shape[1], dtype=mixed[0].dtype, device=qkv.device)
+            decay = torch.zeros(len(members), longest, g.shape[1], dtype=g.dtype, device=qkv.device)
+            rate = torch.zeros(len(members), longest, beta.shape[1], dtype=beta.dtype, device=qkv.device)
+            for row, (i, (a, b)) in enumerate(zip(members, spans)):
+                first = step.chunks[i][0]
+                rows[row, : b - a] = mixed[i][a - first : b - first]
+                decay[row, : b - a] = g[a:b]
+                rate[row, : b - a] = beta[a:b]
+            slots = torch.tensor([step.chunks[i][2] for i in members], dtype=torch.long, device=qkv.device)
+            q, k, v = heads(rows)
+            out, state = fns.torch_chunk_gated_delta_rule(
+                q, k, v, g=decay, beta=rate, initial_state=recurrent.index_select(0, slots), output_final_state=True,
+                use_qk_l2norm_in_kernel=True,
+            )
+            recurrent.index_copy_(0, slots, state.to(recurrent.dtype))
+            for row, (i, (a, b)) in enumerate(zip(members, spans)):
+                core[a:b] = out[row, : b - a].to(core.dtype)
+                slot, cuts = step.chunks[i][2], step.chunks[i][3]
+                if b in cuts:
+                    captured = step.captured.setdefault((slot, b), Snapshot())
+                    captured.conv[layer.layer_idx] = windows[slot, b]
+                    captured.recurrent[layer.layer_idx] = state[row].to(recurrent.dtype).clone()
