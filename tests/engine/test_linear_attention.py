@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from localvl.engine.linear_attention import LinearChunk, LinearStates, Snapshot, linear_layers, make_step
+from localvl.engine.linear_attention import LinearChunk, LinearStates, Snapshot, linear_layers, make_step, mix
 from localvl.engine.sequence import Sequence, Status
 
 
@@ -99,3 +99,33 @@ def test_states_are_kept_near_a_prompts_end_and_where_its_system_turn_ends():
     assert snapshot_points(prompt, 4, system) == (20, 32)  # before the turn at 22; 43 - 8 = 35, down to 32
     assert snapshot_points(prompt[2:], 4, system) == (32,)  # no system turn: near the end only
     assert snapshot_points(prompt[:10], 16, system) == ()  # too short for either
+
+
+def test_a_packed_step_of_chunks_and_decodes_equals_the_stock_layer_per_sequence(layers):
+    """Prompts of different lengths packed in one step (one with a state kept mid-chunk), then a
+    decode step: every token's output equals the stock layer run over that sequence alone."""
+    torch.manual_seed(0)
+    layer = layers[0]
+    hidden = layer.in_proj_qkv.in_features
+    lengths = [70, 9, 130]  # length classes 64-128, 8-16, 128-256; the rule's 64-token chunks split
+    seqs = [running(f"s{i}") for i in range(3)]
+    prompts = [torch.randn(n, hidden) for n in lengths]
+    nexts = [torch.randn(1, hidden) for _ in lengths]
+    states = LinearStates(layers, slots=4, dtype=torch.float32, device=torch.device("cpu"), snapshot_memory=1 << 20)
+    with torch.inference_mode():
+        starts = [0, 70, 79]
+        chunks = [chunk(at, n, seq, 0, keep_at=(48,) if i == 2 else ()) for i, (at, n, seq) in enumerate(zip(starts, lengths, seqs))]
+        step = make_step(states, chunks, torch.device("cpu"))
+        out = mix(layer, torch.cat(prompts).unsqueeze(0), step)[0]
+        decoded = mix(layer, torch.cat(nexts).unsqueeze(0), make_step(states, [chunk(i, 1, s, n) for i, (s, n) in enumerate(zip(seqs, lengths))], torch.device("cpu")))[0]
+        for i, at in enumerate(starts):
+            whole = torch.cat([prompts[i], nexts[i]]).unsqueeze(0)
+            stock = layer(whole)[0]  # outside a step: the stock layer, from a zero state
+            torch.testing.assert_close(out[at : at + lengths[i]], stock[: lengths[i]], atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(decoded[i], stock[-1], atol=1e-5, rtol=1e-4)
+        # the state kept 48 tokens into the third prompt is that prompt's first 48 tokens' state
+        alone = LinearStates(layers, slots=1, dtype=torch.float32, device=torch.device("cpu"))
+        mix(layer, prompts[2][:48].unsqueeze(0), make_step(alone, [chunk(0, 48, running("x"), 0)], torch.device("cpu")))
+        kept = step.captured[states.slot(seqs[2], 131), 79 + 48]
+        torch.testing.assert_close(kept.recurrent[0], alone.recurrent[0][0], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(kept.conv[0], alone.conv[0][0])
