@@ -286,9 +286,11 @@ def _tools(tools: Sequence[s.ToolParam]) -> list[Tool]:
 
 
 def _thinking(thinking: dict[str, Any] | None) -> tuple[bool | None, int | None]:
-    """(ask the template to think?, budget) from ``thinking``; adaptive leaves it to the model."""
+    """(ask the template to think?, budget) from ``thinking``; adaptive leaves it to the model.
+    Left out, as in Anthropic's API, there is no thinking: a template that thinks unless told not
+    to (Qwen3.5) is told not to; a model that thinks regardless still does."""
     if thinking is None:
-        return None, None
+        return False, None
     kind = thinking.get("type")
     if kind == "enabled":
         budget = thinking.get("budget_tokens")
