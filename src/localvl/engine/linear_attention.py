@@ -108,15 +108,6 @@ class LinearStates:
         self.snapshot_bytes = 0
         self.restored = 0
 
-    @staticmethod
-    def bytes_per_slot(layers: dict[int, torch.nn.Module], dtype: torch.dtype) -> int:
-        size = torch.empty((), dtype=dtype).element_size()
-        total = 0
-        for layer in layers.values():
-            total += layer.conv_dim * (layer.conv_kernel_size - 1) * size
-            total += layer.num_v_heads * layer.head_k_dim * layer.head_v_dim * 4
-        return total
-
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.conv.values(), *self.recurrent.values()))

@@ -105,10 +105,9 @@ def _schema_types(schema: Any) -> set[str]:
     for key in ("anyOf", "oneOf"):
         for option in schema.get(key) or []:
             types |= _schema_types(option)
-    for key in ("enum", "const"):
-        values = schema.get("enum") if key == "enum" else [schema["const"]] if "const" in schema else None
-        if not types and isinstance(values, list):
-            types = set().union(*(_json_types(v) for v in values)) if values else set()
+    values = [schema["const"]] if "const" in schema else schema.get("enum")
+    if not types and isinstance(values, list):  # untyped: the types of the values it lists
+        types = set().union(*map(_json_types, values))
     return types
 
 
