@@ -106,26 +106,27 @@ def test_a_packed_step_of_chunks_and_decodes_equals_the_stock_layer_per_sequence
     decode step: every token's output equals the stock layer run over that sequence alone."""
     torch.manual_seed(0)
     layer = layers[0]
+    device = layer.in_proj_qkv.weight.device
     hidden = layer.in_proj_qkv.in_features
     lengths = [70, 9, 130]  # length classes 64-128, 8-16, 128-256; the rule's 64-token chunks split
     seqs = [running(f"s{i}") for i in range(3)]
-    prompts = [torch.randn(n, hidden) for n in lengths]
-    nexts = [torch.randn(1, hidden) for _ in lengths]
-    states = LinearStates(layers, slots=4, dtype=torch.float32, device=torch.device("cpu"), snapshot_memory=1 << 20)
+    prompts = [torch.randn(n, hidden).to(device) for n in lengths]
+    nexts = [torch.randn(1, hidden).to(device) for _ in lengths]
+    states = LinearStates(layers, slots=4, dtype=torch.float32, device=device, snapshot_memory=1 << 20)
     with torch.inference_mode():
         starts = [0, 70, 79]
         chunks = [chunk(at, n, seq, 0, keep_at=(48,) if i == 2 else ()) for i, (at, n, seq) in enumerate(zip(starts, lengths, seqs))]
-        step = make_step(states, chunks, torch.device("cpu"))
+        step = make_step(states, chunks, device)
         out = mix(layer, torch.cat(prompts).unsqueeze(0), step)[0]
-        decoded = mix(layer, torch.cat(nexts).unsqueeze(0), make_step(states, [chunk(i, 1, s, n) for i, (s, n) in enumerate(zip(seqs, lengths))], torch.device("cpu")))[0]
+        decoded = mix(layer, torch.cat(nexts).unsqueeze(0), make_step(states, [chunk(i, 1, s, n) for i, (s, n) in enumerate(zip(seqs, lengths))], device))[0]
         for i, at in enumerate(starts):
             whole = torch.cat([prompts[i], nexts[i]]).unsqueeze(0)
             stock = layer(whole)[0]  # outside a step: the stock layer, from a zero state
             torch.testing.assert_close(out[at : at + lengths[i]], stock[: lengths[i]], atol=1e-5, rtol=1e-4)
             torch.testing.assert_close(decoded[i], stock[-1], atol=1e-5, rtol=1e-4)
         # the state kept 48 tokens into the third prompt is that prompt's first 48 tokens' state
-        alone = LinearStates(layers, slots=1, dtype=torch.float32, device=torch.device("cpu"))
-        mix(layer, prompts[2][:48].unsqueeze(0), make_step(alone, [chunk(0, 48, running("x"), 0)], torch.device("cpu")))
+        alone = LinearStates(layers, slots=1, dtype=torch.float32, device=device)
+        mix(layer, prompts[2][:48].unsqueeze(0), make_step(alone, [chunk(0, 48, running("x"), 0)], device))
         kept = step.captured[states.slot(seqs[2], 131), 79 + 48]
-        torch.testing.assert_close(kept.recurrent[0], alone.recurrent[0][0], atol=1e-5, rtol=1e-4)
-        torch.testing.assert_close(kept.conv[0], alone.conv[0][0])
+        torch.testing.assert_close(kept.recurrent[0].cpu(), alone.recurrent[0][0].cpu(), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(kept.conv[0].cpu(), alone.conv[0][0].cpu())

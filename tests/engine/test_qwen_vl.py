@@ -17,7 +17,7 @@ def _inputs(loaded, images):
         content += [{"type": "image"}, {"type": "text", "text": "and this one?"}]
     messages = [{"role": "user", "content": content or "hello there"}]
     text = loaded.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return loaded.processor(text=[text], images=images or None, return_tensors="pt")
+    return loaded.processor(text=[text], images=images or None, return_tensors="pt").to(loaded.model.device)
 
 
 IMAGE_SETS = {
@@ -200,12 +200,13 @@ def test_past_the_warm_up_an_uncovered_step_runs_eagerly_instead_of_compiling(lo
     assert runner.compiled
     compiled = dict(torch._dynamo.utils.counters["frames"])
     tokens = 3
-    embeds = torch.randn(tokens, runner.text_config.hidden_size, generator=torch.Generator().manual_seed(0))
-    positions = torch.arange(tokens).expand(3, tokens)  # stride 0: the warm-up's graphs do not take it
+    device = runner.device
+    embeds = torch.randn(tokens, runner.text_config.hidden_size, generator=torch.Generator().manual_seed(0)).to(device)
+    positions = torch.arange(tokens, device=device).expand(3, tokens)  # stride 0: the warm-up's graphs do not take it
 
     def step():
-        slots = cache.scratch_block * 16 + torch.arange(tokens)
-        chunk = PrefillChunk(0, tokens, torch.tensor([cache.scratch_block]), tokens)
+        slots = cache.scratch_block * 16 + torch.arange(tokens, device=device)
+        chunk = PrefillChunk(0, tokens, torch.tensor([cache.scratch_block], device=device), tokens)
         return runner.forward(embeds, positions, AttentionBatch(cache, slots, prefills=[chunk]))
 
     got = step()

@@ -5,11 +5,24 @@ import pickle
 
 import torch
 
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
 from localvl.conversation import Conversation, Text, Turn
 from localvl.engine.runner import prepare_prompt
 from localvl.media.images import load_image
+from localvl.models.patches import fast_patches
 from localvl.prompt.render import Renderer
 from tests.helpers import image_bytes
+
+
+def pil_processor(loaded):
+    """The processor on transformers' PIL image backend with the fast path, the one localvl loads
+    without torchvision (with it, transformers picks its torchvision backend)."""
+    processor = copy.deepcopy(loaded.processor)
+    if type(processor.image_processor).__name__ != "Qwen2VLImageProcessorPil":
+        processor.image_processor = Qwen2VLImageProcessorPil.from_dict(processor.image_processor.to_dict())
+        assert fast_patches(processor.image_processor)
+    return processor
 
 
 def test_compact_render_reaches_the_engine_as_the_same_pixels_in_fewer_bytes(loaded_model):
@@ -18,7 +31,7 @@ def test_compact_render_reaches_the_engine_as_the_same_pixels_in_fewer_bytes(loa
     image_id, merge = config.image_token_id, config.vision_config.spatial_merge_size
     pictures = [load_image(image_bytes("PNG", size=size), "image/png", "test") for size in ((90, 60), (120, 200))]
     conversation = Conversation([Turn("user", [pictures[0], Text("and"), pictures[1], Text("compare")])])
-    renderer = Renderer(loaded.processor)
+    renderer = Renderer(pil_processor(loaded))
     full, compact = renderer.render(conversation), renderer.render(conversation, compact=True)
     assert compact.pixel_values is None and compact.patches is not None
     assert torch.equal(torch.cat([p.pixels() for p in compact.patches]), full.pixel_values)
@@ -38,8 +51,7 @@ def test_a_processor_without_the_fast_path_renders_pixels_even_when_asked_for_pa
     """(The torchvision image processors, say: their own arithmetic, nothing to stop before.)"""
     loaded = loaded_model("qwen2_5_vl")
     processor = copy.deepcopy(loaded.processor)
-    fast = processor.image_processor
-    processor.image_processor = type(fast).__mro__[2].from_dict(fast.to_dict())  # the stock class
+    processor.image_processor = Qwen2VLImageProcessorPil.from_dict(processor.image_processor.to_dict())  # the stock class
     config = loaded.model.config
     picture = load_image(image_bytes("PNG", size=(90, 60)), "image/png", "test")
     rendered = Renderer(processor).render(Conversation([Turn("user", [picture, Text("what is it")])]), compact=True)
