@@ -155,7 +155,9 @@ class Renderer:
                 kwargs["tools"] = tools
         elif tools or any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
             messages = hermes_messages(messages, tools)
-        if conversation.thinking is not None:
+        if conversation.thinking is not None and "enable_thinking" in self.chat_template:
+            # (only where the template reads it: transformers warns, on every request, of a
+            # variable the template leaves unread)
             kwargs["enable_thinking"] = conversation.thinking
         if prefill is not None:
             kwargs.update(add_generation_prompt=False, continue_final_message=True)
