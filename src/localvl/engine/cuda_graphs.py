@@ -210,13 +210,16 @@ class PrefillGraphs:
     A request's prompt on an otherwise idle engine (its time to first token when it has the server
     to itself) is launch-bound on a GPU: a few hundred tokens through a 3B model's stock layers
     launch ~2,000 kernels (docs/PERFORMANCE.md). Such a chunk is padded to a token bucket (32, 64,
-    ..., the step budget) and replayed from a graph for its (bucket, cached prefix) pair: the prefix
-    is usually the same system prompt's blocks, so a pair recurs. A pair is captured the second time
-    it is seen, at most ``max_graphs`` are kept (least recently used let go, one memory pool for
-    all), and contexts past ``max_context`` tokens run eagerly. Padding tokens sit after the real
-    ones, so causal attention keeps them out of every real token's view; they write to the scratch
-    block, and only the last real token's logits are read. Qwen3-VL's chunks with image features
-    (deepstack inputs) run eagerly. Off a GPU the padded path runs eagerly (tests).
+    ..., the step budget) and replayed from a graph for its (token bucket, context width bucket)
+    pair: attention reads a width of blocks (1, 2, 4, ... up to ``max_context``) under a mask made
+    on the device from the cached prefix's length, so one graph serves every prefix that fits its
+    width — a conversation's next turn too, whose prefix no earlier request had (on an H100 a
+    graph per exact prefix left a second turn's prefill eager, 2026-11-27). A pair is captured the
+    second time it is seen, at most ``max_graphs`` are kept (least recently used let go, one memory
+    pool for all), and contexts past ``max_context`` tokens run eagerly. Padding tokens sit after
+    the real ones, so causal attention keeps them out of every real token's view; they write to
+    the scratch block, and only the last real token's logits are read. Qwen3-VL's chunks with
+    image features (deepstack inputs) run eagerly. Off a GPU the padded path runs eagerly (tests).
     """
 
     def __init__(
@@ -229,22 +232,23 @@ class PrefillGraphs:
         self.max_context = max_context
         device = model.device
         size, longest = cache.block_size, self.sizes[-1]
+        self.widths = buckets(-(-max_context // size))  # in blocks
         self.padding_slots = cache.scratch_block * size + torch.arange(longest, device=device) % size
         self.embeds = torch.zeros(longest, int(model.text_config.hidden_size), dtype=model.dtype, device=device)
         self.positions = torch.zeros(3, longest, dtype=torch.long, device=device)
         self.slots = self.padding_slots.clone()
-        self.blocks = torch.full((-(-max_context // size),), cache.scratch_block, dtype=torch.long, device=device)
+        self.blocks = torch.full((self.widths[-1],), cache.scratch_block, dtype=torch.long, device=device)
+        self.prefix = torch.zeros(1, dtype=torch.long, device=device)
         self.last = torch.zeros(1, dtype=torch.long, device=device)
-        self._seen: collections.Counter[tuple[int, int]] = collections.Counter()
+        self._seen: collections.Counter[tuple[int, int]] = collections.Counter()  # (tokens, width) buckets
         self._graphs: collections.OrderedDict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = collections.OrderedDict()
         self.capture = device.type == "cuda"  # off a GPU the padded path runs eagerly (tests)
         self._pool = torch.cuda.graph_pool_handle() if self.capture else None
         self.disabled = False
         self.replays = 0
 
-    def _forward(self, size: int, prefix: int) -> torch.Tensor:
-        context = prefix + size
-        chunk = PrefillChunk(0, size, self.blocks[: -(-context // self.cache.block_size)], context)
+    def _forward(self, size: int, width: int) -> torch.Tensor:
+        chunk = PrefillChunk(0, size, self.blocks[:width], width * self.cache.block_size, prefix=self.prefix)
         attention = AttentionBatch(self.cache, self.slots[:size], prefills=[chunk])
         hidden = self.model.forward(self.embeds[:size], self.positions[:, :size], attention)
         return self.model.logits(hidden.index_select(0, self.last))
@@ -259,17 +263,16 @@ class PrefillGraphs:
         ones; ``blocks`` hold all of them.
         """
         tokens = embeds.shape[0]
-        if self.disabled or tokens > self.sizes[-1]:
+        if self.disabled or tokens > self.sizes[-1] or prefix + tokens > self.max_context:
             return None
         size = next(s for s in self.sizes if s >= tokens)
-        if prefix + size > self.max_context:
-            return None
-        key = (size, prefix)
+        needed = -(-(prefix + tokens) // self.cache.block_size)
+        width = next(w for w in self.widths if w >= needed)
+        key = (size, width)
         if self.capture and key not in self._graphs:
             self._seen[key] += 1
             if self._seen[key] < 2:  # first sight: eagerly, so one-off pairs never pay for a capture
                 return None
-        width = -(-(prefix + size) // self.cache.block_size)
         table = torch.full((width,), self.cache.scratch_block, dtype=torch.long)
         table[: len(blocks)] = torch.tensor(blocks, dtype=torch.long)
         self.embeds[:tokens].copy_(embeds)
@@ -277,13 +280,14 @@ class PrefillGraphs:
         self.slots[:tokens].copy_(torch.tensor(slots, dtype=torch.long), non_blocking=True)
         self.slots[tokens:size].copy_(self.padding_slots[tokens:size])
         self.blocks[:width].copy_(table, non_blocking=True)
+        self.prefix.fill_(prefix)
         self.last.fill_(tokens - 1)
         if not self.capture:
             self.replays += 1
-            return self._forward(size, prefix)
+            return self._forward(size, width)
         if key not in self._graphs:
             try:
-                self._graphs[key] = capture(lambda: self._forward(size, prefix), self.model.device, self._pool)
+                self._graphs[key] = capture(lambda: self._forward(size, width), self.model.device, self._pool)
             except Exception as error:  # never fatal: eager steps compute the same thing
                 logger.warning("prefill graphs disabled: capture failed (%s: %s)", type(error).__name__, error)
                 self.disabled = True

@@ -94,6 +94,9 @@ class PrefillChunk:
     context_blocks: torch.Tensor  # [blocks] the blocks of every token the chunk's queries see, in order
     context: int  # how many tokens that is
     mask: torch.Tensor | None = None  # made by the first layer that needs it, reused by the others
+    # The cached prefix as a device tensor (prefill graphs: ``context`` is then a bucket's width and
+    # the mask is made from this, so one graph serves every prefix that fits the width).
+    prefix: torch.Tensor | None = None
 
 
 @dataclass
@@ -256,6 +259,11 @@ def _attend_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: Pref
     the context's keys and values ``[1, kv_heads, context, dim]`` → ``[length, heads, dim]``.
     """
     heads, length, dim = q.shape
+    if chunk.prefix is not None:
+        if chunk.mask is None:
+            rows = torch.arange(length, device=q.device).unsqueeze(1) + chunk.prefix
+            chunk.mask = additive_mask(torch.arange(chunk.context, device=q.device).unsqueeze(0) <= rows, q.dtype)
+        return _sdpa(q.unsqueeze(0), k, v, chunk.mask, scale)[0].transpose(0, 1)
     prefix = chunk.context - length  # tokens cached before this chunk
     if prefix == 0:
         return _sdpa(q.unsqueeze(0), k, v, None, scale)[0].transpose(0, 1)
