@@ -219,14 +219,21 @@ class StepClock:
         self.decode: dict[int, list[float]] = {}
         self.submitted: dict[str, float] = {}
         self.first_token: dict[str, float] = {}
+        # Where a level's time went: each request's submit (rendering, the queue check) until it
+        # is handed to the engine thread, and the engine's steps by kind (seconds, synchronised).
+        self.prepare: list[float] = []
+        self.step_time = {"prefill": 0.0, "decode": 0.0}
+        self.step_count = {"prefill": 0, "decode": 0}
         run = engine.runner.run
         device = engine.model.device
         submit = engine.submit
         append = engine._append
 
         async def clocked_submit(request: Any) -> Any:
-            self.submitted[request.id] = time.perf_counter()
-            return await submit(request)
+            self.submitted[request.id] = start = time.perf_counter()
+            stream = await submit(request)
+            self.prepare.append(time.perf_counter() - start)
+            return stream
 
         def clocked_append(seq: Any, token: int) -> None:
             self.first_token.setdefault(seq.id, time.perf_counter())
@@ -239,8 +246,12 @@ class StepClock:
             start = time.perf_counter()
             out = run(batch)
             sync(device)
-            if all(s.count == 1 for s in batch):
-                self.decode.setdefault(len(batch), []).append(time.perf_counter() - start)
+            seconds = time.perf_counter() - start
+            kind = "decode" if all(s.count == 1 for s in batch) else "prefill"
+            if kind == "decode":
+                self.decode.setdefault(len(batch), []).append(seconds)
+            self.step_time[kind] += seconds
+            self.step_count[kind] += 1
             return out
 
         engine.runner.run = timed  # type: ignore[method-assign]
@@ -249,8 +260,27 @@ class StepClock:
     def absent(cls) -> StepClock:
         """A clock that saw nothing: an engine in another process cannot be timed from here."""
         clock = cls.__new__(cls)
-        clock.decode, clock.submitted, clock.first_token = {}, {}, {}
+        clock.decode, clock.submitted, clock.first_token, clock.prepare = {}, {}, {}, []
         return clock
+
+    def breakdown(self, seconds: float) -> dict[str, float]:
+        """The level's time (``seconds`` of wall time) by where it went, since the last call."""
+        if not self.prepare:
+            return {}
+        prepare = sorted(self.prepare)
+        out = {
+            "prepare_p50_ms": statistics.median(prepare) * 1000,
+            "prepare_max_ms": prepare[-1] * 1000,
+            "prefill_steps": self.step_count["prefill"],
+            "prefill_step_s": self.step_time["prefill"],
+            "decode_steps": self.step_count["decode"],
+            "decode_step_s": self.step_time["decode"],
+            "outside_steps_s": seconds - self.step_time["prefill"] - self.step_time["decode"],
+        }
+        self.prepare.clear()
+        self.step_time = {"prefill": 0.0, "decode": 0.0}
+        self.step_count = {"prefill": 0, "decode": 0}
+        return out
 
     def ttft(self) -> dict[str, float]:
         """Server-side TTFT p50/p99 (ms) of the requests since the last call."""
@@ -401,6 +431,7 @@ def main() -> None:
     with pool, InProcessServer(engine) as url:
         pool.submit(client.run_load, url, [json.dumps(r.body(4)).encode() for r in workload(2, args.image, seed=5_000)], 2).result()
         clock.ttft()
+        clock.breakdown(0.0)
         rows = []
         for index, level in enumerate(levels):
             # Each level gets images of its own: with the same ones, a level would find the earlier
@@ -422,6 +453,12 @@ def main() -> None:
                   f"{row['server_cpu_ms_per_request']:.1f} ms, load generator {row['client_cpu_ms_per_request']:.1f} ms; "
                   f"the engine ran {row['mean_running']:.1f} sequences on average, "
                   f"{row['steps_per_request']:.1f} steps per request", flush=True)
+            row.update(clock.breakdown(row["seconds"]))
+            if "prepare_p50_ms" in row:
+                print(f"    where its {row['seconds']:.2f} s went: submit to engine (rendering) p50 {row['prepare_p50_ms']:.1f} ms, "
+                      f"max {row['prepare_max_ms']:.1f} ms; {row['prefill_steps']} steps with prefill {row['prefill_step_s']:.2f} s, "
+                      f"{row['decode_steps']} decode steps {row['decode_step_s']:.2f} s, outside steps {row['outside_steps_s']:.2f} s",
+                      flush=True)
         result["engine"] = rows
         base = pooled(before, baseline(loaded, engine, second, args.tokens) if second else None)
         result["baseline"] = base
