@@ -10,19 +10,8 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 from localvl.conversation import Conversation, Text, Turn
 from localvl.engine.runner import prepare_prompt
 from localvl.media.images import load_image
-from localvl.models.patches import fast_patches
 from localvl.prompt.render import Renderer
 from tests.helpers import image_bytes
-
-
-def pil_processor(loaded):
-    """The processor on transformers' PIL image backend with the fast path, the one localvl loads
-    without torchvision (with it, transformers picks its torchvision backend)."""
-    processor = copy.deepcopy(loaded.processor)
-    if type(processor.image_processor).__name__ != "Qwen2VLImageProcessorPil":
-        processor.image_processor = Qwen2VLImageProcessorPil.from_dict(processor.image_processor.to_dict())
-        assert fast_patches(processor.image_processor)
-    return processor
 
 
 def test_compact_render_reaches_the_engine_as_the_same_pixels_in_fewer_bytes(loaded_model):
@@ -31,7 +20,7 @@ def test_compact_render_reaches_the_engine_as_the_same_pixels_in_fewer_bytes(loa
     image_id, merge = config.image_token_id, config.vision_config.spatial_merge_size
     pictures = [load_image(image_bytes("PNG", size=size), "image/png", "test") for size in ((90, 60), (120, 200))]
     conversation = Conversation([Turn("user", [pictures[0], Text("and"), pictures[1], Text("compare")])])
-    renderer = Renderer(pil_processor(loaded))
+    renderer = Renderer(loaded.processor)
     full, compact = renderer.render(conversation), renderer.render(conversation, compact=True)
     assert compact.pixel_values is None and compact.patches is not None
     assert torch.equal(torch.cat([p.pixels() for p in compact.patches]), full.pixel_values)

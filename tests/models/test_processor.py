@@ -28,8 +28,7 @@ def test_image_only_fallback_matches_the_stock_processor(model_dir, family, monk
     b = reference(text=[text], images=[picture], return_tensors="pt")
     assert torch.equal(a["input_ids"], b["input_ids"])
     assert torch.equal(a["image_grid_thw"], b["image_grid_thw"])
-    # where torchvision is installed the reference resizes with it: pixels agree to ~0.015
-    assert torch.allclose(a["pixel_values"], b["pixel_values"], atol=0.02)
+    assert torch.equal(a["pixel_values"], b["pixel_values"])  # the PIL backend both ways, torchvision or not
 
 
 def test_other_import_errors_are_not_swallowed(model_dir, monkeypatch):
@@ -48,3 +47,25 @@ def test_image_only_keeps_the_stock_name():
     assert cls.__name__ == "Qwen2_5_VLProcessor" and issubclass(cls, Qwen2_5_VLProcessor)
     assert "video_processor" not in cls.get_attributes()
     assert processor_module.image_only is image_only
+
+
+def test_a_torchvision_image_processor_is_swapped_for_the_pil_one_with_the_fast_path(model_dir, monkeypatch):
+    """Where torchvision is installed transformers picks its torchvision image backend (class
+    ``Qwen2VLImageProcessor``); localvl loads the PIL one it tests everywhere. (A stand-in class of
+    that name: this machine has no torchvision.)"""
+    from localvl.models.patches import _FastPatches
+
+    folder = str(model_dir("qwen2_5_vl"))
+    stock = AutoProcessor.from_pretrained
+
+    def with_torchvision_backend(*args, **kwargs):
+        processor = stock(*args, **kwargs)
+        processor.image_processor = type("Qwen2VLImageProcessor", (), {})()
+        return processor
+
+    monkeypatch.setattr(AutoProcessor, "from_pretrained", with_torchvision_backend)
+    loaded = load_processor(folder)
+    assert type(loaded.image_processor).__name__ == "Qwen2VLImageProcessorPil"
+    assert isinstance(loaded.image_processor, _FastPatches)
+    monkeypatch.undo()
+    assert loaded.image_processor.to_dict() == load_processor(folder).image_processor.to_dict()

@@ -3,6 +3,12 @@
 Every stock Qwen-VL processor class insists on a video processor, and video processors need
 torchvision, which CPU-only installs often lack. localvl only feeds images, so when torchvision is
 missing it loads the same processor class without its video part.
+
+Images go through transformers' PIL image backend either way, with the fast arithmetic of
+``patches.py``: where torchvision is installed transformers would pick its torchvision backend,
+whose pixels differ (by ~0.015) and which has no compact form for the engine process's pipe. One
+backend everywhere is the one the tests run (CI has no torchvision), and an image is the same bits
+on every machine.
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from localvl.models.patches import fast_patches
+from localvl.models.patches import STOCK_CLASSES, fast_patches
 
 
 def image_only(processor_class: type) -> type:
@@ -44,7 +50,7 @@ def load_processor(name_or_path: str, **kwargs: Any) -> Any:
     from transformers import AutoConfig, AutoProcessor
 
     try:
-        return _faster(AutoProcessor.from_pretrained(name_or_path, **kwargs))
+        return _faster(_pil_images(AutoProcessor.from_pretrained(name_or_path, **kwargs), name_or_path, **kwargs))
     except ImportError as error:
         if "torchvision" not in str(error).lower():
             raise
@@ -58,6 +64,16 @@ def load_processor(name_or_path: str, **kwargs: Any) -> Any:
     if processor_class is None:
         raise ImportError(f"cannot load the processor of {name_or_path} without torchvision (class {class_name!r})")
     return _faster(image_only(processor_class).from_pretrained(name_or_path, **kwargs))
+
+
+def _pil_images(processor: Any, name_or_path: str, **kwargs: Any) -> Any:
+    """The processor with the PIL sibling of a torchvision image processor transformers picked."""
+    from transformers import AutoImageProcessor
+
+    image_processor = getattr(processor, "image_processor", None)
+    if image_processor is not None and f"{type(image_processor).__name__}Pil" in STOCK_CLASSES:
+        processor.image_processor = AutoImageProcessor.from_pretrained(name_or_path, backend="pil", **kwargs)
+    return processor
 
 
 def _faster(processor: Any) -> Any:
