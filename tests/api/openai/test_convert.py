@@ -55,6 +55,15 @@ def test_roles_map_to_turns_and_consecutive_ones_merge():
          'tools.0.function.parameters: must be a JSON schema of type "object"'),
         ({"tools": [{"type": "function", "function": {"name": "f"}}, {"type": "function", "function": {"name": "f"}}]},
          "tools.1.function.name: function names must be unique"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": {"type": "function", "function": {"name": ["f"]}}},
+         "tool_choice.function.name: tool \\['f'\\] is not in tools"),
+        ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"a":' + "[" * 5000 + "]" * 5000 + "}"}}]}]},
+         "messages.1.tool_calls.0.function.arguments: not valid JSON"),
+        ({"functions": [{"name": "f", "parameters": {"type": "object"}}], "function_call": "auto"}, "functions: legacy functions"),
+        ({"function_call": "none"}, "function_call: legacy functions"),
+        ({"modalities": ["text", "audio"]}, r'modalities: only \["text"\]'),
+        ({"audio": {"voice": "alloy", "format": "wav"}}, "audio: audio output is not supported"),
     ],
 )
 def test_what_cannot_be_honoured_is_a_clear_400(fields, message):
@@ -78,6 +87,21 @@ def test_n_null_is_one_choice_and_a_seed_must_fit_64_bits():
             body(seed=seed)
 
 
+def test_a_data_urls_media_type_is_read_as_clients_write_it():
+    from tests.helpers import image_bytes
+
+    import base64
+
+    jpeg = base64.b64encode(image_bytes("JPEG")).decode()
+    for header in ("image/jpg", "IMAGE/JPEG", "image/jpeg"):
+        content = [{"type": "image_url", "image_url": {"url": f"data:{header};base64,{jpeg}"}}, {"type": "text", "text": "hi"}]
+        (request,) = generation_requests("c", body(messages=[{"role": "user", "content": content}]))
+        assert isinstance(request.conversation.turns[0].parts[0], Image)
+    with pytest.raises(InvalidRequestError, match="image/png"):
+        content = [{"type": "image_url", "image_url": {"url": f"data:image/png;base64,{jpeg}"}}]
+        generation_requests("c", body(messages=[{"role": "user", "content": content}]))
+
+
 def test_penalties_pass_through_and_unknown_fields_are_accepted():
     (request,) = generation_requests("c", body(presence_penalty=0.5, frequency_penalty=-1, user="u", store=True, metadata={"a": "b"}))
     assert (request.sampling.presence_penalty, request.sampling.frequency_penalty) == (0.5, -1.0)
@@ -96,7 +120,8 @@ def test_a_prompt_too_long_is_context_length_exceeded_in_openais_words():
 
 def test_logit_bias_takes_token_ids_as_strings_and_biases_within_100():
     assert generation_requests("c", body(logit_bias={"12": 5, "7": -100}))[0].sampling.logit_bias == ((12, 5.0), (7, -100.0))
-    for bias, message in (({"abc": 1}, "'abc' is not a token id"), ({"5": 101}, "logit_bias.5: 101")):
+    for bias, message in (({"abc": 1}, "'abc' is not a token id"), ({"5": 101}, "logit_bias.5: 101"),
+                          ({"²": 1}, "'²' is not a token id"), ({"9" * 5000: 1}, "is not a token id")):
         with pytest.raises(InvalidRequestError, match=message):
             generation_requests("c", body(logit_bias=bias))
 

@@ -38,7 +38,11 @@ def _image(url: str, where: str) -> Image:
         header, comma, data = url.partition(",")
         if not comma or not header.endswith(";base64"):
             raise InvalidRequestError(f"{where}: only base64 data URLs are supported (data:image/png;base64,...)")
-        media_type = header[len("data:") : -len(";base64")] or None
+        # Media types are case-insensitive, and image/jpg, not a registered type, is everywhere in
+        # clients' code; a data URL's type only has to agree with the bytes.
+        media_type = header[len("data:") : -len(";base64")].strip().lower() or None
+        if media_type == "image/jpg":
+            media_type = "image/jpeg"
         return load_image(decode_base64(data, where), media_type, where)
     if url.startswith(("http://", "https://")):
         data = MEDIA.get().fetched.get(url)
@@ -119,15 +123,30 @@ def _tool_calls(message: Message, where: str) -> list[Part]:
         arguments = function.get("arguments") or "{}"
         try:
             value = json.loads(arguments) if isinstance(arguments, str) else arguments
-        except ValueError:
-            raise InvalidRequestError(f"{at}.function.arguments: not valid JSON") from None
+        except (ValueError, RecursionError):
+            raise InvalidRequestError(f"{at}.function.arguments: not valid JSON (or nested too deeply)") from None
         if not isinstance(value, dict):
             raise InvalidRequestError(f"{at}.function.arguments: must be a JSON object")
         calls.append(ToolCall(str(call.get("id") or f"call_{k}"), function["name"], value))
     return calls
 
 
+def _refuse_what_cannot_be_honoured(body: ChatCompletionRequest) -> None:
+    """Fields the schema leaves open whose silent neglect would mislead: a caller relying on them
+    would get plain text and never learn why."""
+    extra = body.model_extra or {}
+    for name in ("functions", "function_call"):
+        if extra.get(name) is not None:
+            raise InvalidRequestError(f"{name}: legacy functions are not supported; use tools and tool_choice")
+    modalities = extra.get("modalities")
+    if modalities is not None and (not isinstance(modalities, list) or any(m != "text" for m in modalities)):
+        raise InvalidRequestError('modalities: only ["text"] output is supported')
+    if extra.get("audio") is not None:
+        raise InvalidRequestError("audio: audio output is not supported")
+
+
 def conversation_from(body: ChatCompletionRequest) -> Conversation:
+    _refuse_what_cannot_be_honoured(body)
     turns: list[Turn] = []
     for i, message in enumerate(body.messages):
         where = f"messages.{i}"
@@ -189,7 +208,7 @@ def _tool_choice(choice: Any, tools: list[Tool], parallel: bool | None) -> ToolC
         return ToolChoice("any" if choice == "required" else choice, parallel=allow_parallel)
     if isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("function"), dict):
         name = choice["function"].get("name")
-        if name not in {t.name for t in tools}:
+        if not isinstance(name, str) or name not in {t.name for t in tools}:
             raise InvalidRequestError(f"tool_choice.function.name: tool {name!r} is not in tools")
         return ToolChoice("tool", name, allow_parallel)
     raise InvalidRequestError("tool_choice: expected 'none', 'auto', 'required' or {type: 'function', function: {name}}")
@@ -215,8 +234,8 @@ def _logit_bias(bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
     """``{"token id": bias}`` as OpenAI takes it: ids as strings, biases in [-100, 100]."""
     out: list[tuple[int, float]] = []
     for key, value in (bias or {}).items():
-        if not key.isdigit():
-            raise InvalidRequestError(f"logit_bias: {key!r} is not a token id")
+        if not (key.isascii() and key.isdigit() and len(key) <= 12):  # ("²".isdigit(); int() of 4,300 digits raises)
+            raise InvalidRequestError(f"logit_bias: {key[:20]!r} is not a token id")
         if not -100 <= value <= 100:
             raise InvalidRequestError(f"logit_bias.{key}: {value} is not between -100 and 100")
         out.append((int(key), float(value)))
