@@ -149,6 +149,18 @@ def test_a_schema_llguidance_cannot_use_is_a_client_error(loaded_model):
     run_engine(loaded, body)
 
 
+def test_a_schema_nested_thousands_deep_is_a_client_error(loaded_model):
+    schema: dict = {"type": "string"}
+    for _ in range(3000):
+        schema = {"type": "object", "properties": {"a": schema}, "required": ["a"]}
+
+    async def body(engine):
+        with pytest.raises(InvalidRequestError, match="nested too deeply"):
+            await engine.submit(GenerationRequest("deep", question(tools=()), sampled(0), output_schema=schema))
+
+    run_engine(loaded_model("qwen2_5_vl"), body)
+
+
 def test_without_parallel_calls_the_turn_ends_at_the_first_call(loaded_model, monkeypatch):
     """A model that writes two calls where one at most was allowed: the turn ends after the first."""
     from localvl.engine.local import LocalEngine

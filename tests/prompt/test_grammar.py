@@ -134,3 +134,35 @@ def test_refs_required_names_and_no_parameters_are_held(tokenizer):
     empty = Tool("f", None, {"type": "object", "properties": {}, "additionalProperties": False})
     assert accepts(tokenizer, forced(tokenizer, empty, strict=True), call(name="f"))
     assert not accepts(tokenizer, forced(tokenizer, empty, strict=True), call(("x", "1"), name="f"))
+
+
+LOOPS = [
+    {"$ref": "#"},
+    {"$ref": "#/$defs/a", "$defs": {"a": {"$ref": "#/$defs/a", "description": "only a name for itself"}}},
+    {"type": "object", "properties": {"x": {"$ref": "#/$defs/a"}}, "$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}}},
+]
+
+
+@pytest.mark.parametrize("schema", LOOPS)
+def test_a_schema_that_is_only_a_name_for_itself_is_refused(tokenizer, schema):
+    """llguidance compiles such a schema to a grammar that admits nothing: the answer came back empty."""
+    with pytest.raises(ValueError, match="refers only to itself"):
+        request_grammar([], ToolChoice("auto"), (), schema, TagIds.of(tokenizer), False)
+
+
+def test_a_strict_tool_whose_parameter_is_only_a_name_for_itself_is_refused(tokenizer):
+    tool = Tool("loop", None, {"type": "object", "properties": {"v": {"$ref": "#/$defs/a"}}, "required": ["v"],
+                               "$defs": {"a": {"$ref": "#/$defs/a"}}})
+    with pytest.raises(ValueError, match="refers only to itself"):
+        request_grammar([tool], ToolChoice("auto"), ("loop",), None, TagIds.of(tokenizer), False)
+    # a forced call to it, not strict, is held to a JSON object, as a schema llguidance cannot take is
+    assert '"arguments": {"type": "object"}' in request_grammar([tool], ToolChoice("any"), (), None, TagIds.of(tokenizer), False)
+
+
+@pytest.mark.parametrize("schema", [
+    {"type": "object", "properties": {"child": {"$ref": "#"}}},  # a tree: a node may have no child
+    {"type": "object", "properties": {"n": {"$ref": "#/$defs/N"}}, "$defs": {"N": {"anyOf": [{"type": "null"}, {"$ref": "#/$defs/N"}]}}},
+    {"$ref": "#/$defs/a", "$defs": {"a": {"type": "string"}}},
+])
+def test_a_schema_whose_refs_lead_somewhere_is_taken(tokenizer, schema):
+    assert request_grammar([], ToolChoice("auto"), (), schema, TagIds.of(tokenizer), False)

@@ -53,6 +53,20 @@ def test_a_template_that_rejects_the_conversation_gives_a_400(loaded_model):
         Renderer(processor).render(Conversation([Turn("user", [Text("hi")])]))
 
 
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])  # a JSON tool call's arguments; Qwen3-VL's own template
+def test_a_tool_call_nested_too_deeply_to_render_is_a_400(loaded_model, family):
+    value: dict = {}
+    for _ in range(2000):
+        value = {"a": value}
+    conversation = Conversation([
+        Turn("user", [Text("hi")]),
+        Turn("assistant", [ToolCall("c1", "f", value)]),
+        Turn("user", [ToolResult("c1", (Text("r"),))]),
+    ], tools=[Tool("f", None, {"type": "object"})])
+    with pytest.raises(InvalidRequestError, match="nested too deeply"):
+        Renderer(loaded_model(family).processor).render(conversation)
+
+
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
 def test_an_image_counts_its_merged_patches_plus_two_markers(loaded_model, family):
     loaded = loaded_model(family)

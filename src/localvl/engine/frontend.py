@@ -97,6 +97,8 @@ class Frontend:
             )
         except ValueError as error:
             raise InvalidRequestError(f"this model cannot constrain its output that way: {error}") from None
+        except RecursionError:
+            raise InvalidRequestError("this model cannot constrain its output that way: a schema nested too deeply") from None
         vocabulary = len(self._tokenizer)
         if any(token >= vocabulary for token, _ in sampling.logit_bias):
             raise InvalidRequestError(f"logit_bias: token ids must be below {vocabulary}, the model's vocabulary")

@@ -48,7 +48,37 @@ def _json(schema: dict[str, Any]) -> str:
 
 
 def _compiles(schema: dict[str, Any]) -> bool:
-    return _grammar_compiles("start: " + _json(schema))
+    return not _alias_loop(schema) and _grammar_compiles("start: " + _json(schema))
+
+
+# Keywords that constrain nothing: a schema of these and a ``$ref`` is only another name for its target.
+_ANNOTATIONS = {"$ref", "title", "description", "$comment", "default", "examples", "$defs", "definitions", "$schema", "$id"}
+
+
+def _alias_loop(schema: Any) -> bool:
+    """Whether a local ``$ref`` leads, through schemas that are only refs, back to itself (``{"$ref":
+    "#"}`` at the root, a ``$defs`` entry naming itself): no JSON value matches such a schema, and
+    llguidance compiles it to a grammar that admits nothing, so the output would be empty."""
+    nodes, seen = [schema], 0
+    while nodes and seen < 100_000:
+        node = nodes.pop()
+        seen += 1
+        if isinstance(node, list):
+            nodes.extend(node)
+        elif isinstance(node, dict):
+            nodes.extend(node.values())
+            visited: set[str] = set()
+            while isinstance(node, dict) and isinstance(node.get("$ref"), str) and set(node) <= _ANNOTATIONS:
+                ref = node["$ref"]
+                if not ref.startswith("#"):
+                    break
+                if ref in visited:
+                    return True
+                visited.add(ref)
+                node = schema
+                for part in filter(None, ref[1:].split("/")):
+                    node = node.get(part.replace("~1", "/").replace("~0", "~")) if isinstance(node, dict) else None
+    return False
 
 
 @functools.lru_cache(maxsize=512)
@@ -270,6 +300,11 @@ def request_grammar(
     """
     callable_tools = tools if choice.mode != "none" else []
     forced = choice.mode in ("any", "tool")
+    if schema is not None and _alias_loop(schema):
+        raise ValueError("the schema's $ref refers only to itself: no JSON value matches it")
+    for tool in callable_tools:
+        if tool.name in strict and _alias_loop(tool.input_schema):
+            raise ValueError(f"tool {tool.name!r}: a $ref in its input_schema refers only to itself: no JSON value matches it")
     strict_auto = choice.mode == "auto" and any(t.name in strict for t in callable_tools)
     if not (forced or schema is not None or strict_auto):
         return None

@@ -141,6 +141,12 @@ class Renderer:
     def prompt_text(self, conversation: Conversation, literals: list[str] | None = None) -> str:
         """The rendered prompt. With ``literals``, client text that spells an added token holds a
         placeholder instead (``literal.py``), its literal appended to the list."""
+        try:
+            return self._prompt_text(conversation, literals)
+        except RecursionError:  # a tool call's input nested thousands deep: the walks over it recurse
+            raise InvalidRequestError("the conversation holds a value nested too deeply to render") from None
+
+    def _prompt_text(self, conversation: Conversation, literals: list[str] | None) -> str:
         prefill = conversation.prefill
         if prefill is not None and prefill.text != prefill.text.rstrip():
             raise InvalidRequestError("final assistant content cannot end with trailing whitespace")
