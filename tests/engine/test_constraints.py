@@ -295,3 +295,63 @@ def test_a_forced_call_to_a_tool_whose_schema_cannot_compile_is_a_json_object_un
     assert finished.reason in ("tool_use", "max_tokens") and [c.name for c in calls] == ["set_tags"]
     assert isinstance(calls[0].input, dict)
     assert "Unimplemented keys" in message and len(message) < 400  # the reason, not the whole grammar
+
+
+def test_stops_logprobs_and_reasoning_count_read_the_answer_not_thinking_or_markup(loaded_model, monkeypatch):
+    """A thinking model (Qwen3.5: the prompt opens <think>) whose reasoning and tool-call markup hold
+    the stop sequences: the turn goes on to its call; the logprobs are the answer text's tokens; the
+    reasoning tokens are counted."""
+    loaded = loaded_model("qwen3_5")
+    tokenizer = loaded.tokenizer
+    written = tokenizer.encode(
+        "I should check the weather in Paris.\n</think>\n\nChecking.\n<tool_call>\n<function=get_weather>\n"
+        "<parameter=city>\nParis\n</parameter>\n<parameter=days>\n2\n</parameter>\n</function>\n</tool_call>",
+        add_special_tokens=False,
+    )
+    make_job = LocalEngine._job
+
+    def model_writes(self, *args):
+        job = make_job(self, *args)
+        job.forced = list(written)
+        return job
+
+    monkeypatch.setattr(LocalEngine, "_job", model_writes)
+    sampling = SamplingParams(max_tokens=len(written), temperature=0, logprobs=0, stop_sequences=("weather", "Paris", "function"))
+
+    async def body(engine):
+        return await events_of(engine, GenerationRequest("s", question(tools=(WEATHER,)), sampling))
+
+    events = run_engine(loaded, body)
+    thinking = "".join(e.text for e in events if isinstance(e, ThinkingDelta))
+    deltas = [e for e in events if isinstance(e, TextDelta)]
+    calls = [e for e in events if isinstance(e, ToolCallEvent)]
+    finished = events[-1]
+    assert "weather in Paris" in thinking and "".join(d.text for d in deltas).strip() == "Checking."
+    assert [(c.name, c.input) for c in calls] == [("get_weather", {"city": "Paris", "days": 2})]
+    assert finished.reason != "stop_sequence" and finished.stop_sequence is None
+    logprobs = [entry.token for d in deltas for entry in d.logprobs]
+    assert "".join(logprobs).strip() == "Checking."
+    close = tokenizer.convert_tokens_to_ids("</think>")
+    assert finished.usage.reasoning_tokens == written.index(close) + 1
+
+
+def test_a_stop_in_the_answer_still_ends_it_after_thinking(loaded_model, monkeypatch):
+    loaded = loaded_model("qwen3_5")
+    written = loaded.tokenizer.encode("Think about it.\n</think>\n\nThe answer is 42. Then more.", add_special_tokens=False)
+    make_job = LocalEngine._job
+
+    def model_writes(self, *args):
+        job = make_job(self, *args)
+        job.forced = list(written)
+        return job
+
+    monkeypatch.setattr(LocalEngine, "_job", model_writes)
+
+    async def body(engine):
+        request = GenerationRequest("s", question(tools=()), SamplingParams(max_tokens=len(written), temperature=0, stop_sequences=("42", "about")))
+        return await events_of(engine, request)
+
+    events = run_engine(loaded, body)
+    assert "".join(e.text for e in events if isinstance(e, ThinkingDelta)).startswith("Think about it.")
+    assert "".join(e.text for e in events if isinstance(e, TextDelta)) == "The answer is "
+    assert events[-1].reason == "stop_sequence" and events[-1].stop_sequence == "42"

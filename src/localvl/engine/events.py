@@ -17,6 +17,7 @@ class Usage:
     output_tokens: int
     cache_read_input_tokens: int = 0
     cache_creation_input_tokens: int = 0
+    reasoning_tokens: int = 0  # of output_tokens, those spent thinking (OpenAI's completion_tokens_details)
 
 
 @dataclass(frozen=True)

@@ -51,7 +51,7 @@ from localvl.engine.stops import StopMatcher
 from localvl.engine.vision import ImageCache
 from localvl.errors import InternalError, InvalidRequestError, OverloadedError, ServiceUnavailableError
 from localvl.models.loader import LoadedModel
-from localvl.prompt.outputs import Piece, TextPiece, ThinkingPiece, tool_call_id
+from localvl.prompt.outputs import THINK_OPEN, TOOL_OPEN, Piece, TextPiece, ThinkingPiece, tool_call_id
 from localvl.prompt.render import Renderer
 
 logger = logging.getLogger(__name__)
@@ -95,6 +95,8 @@ class LocalEngine:
         vocab_size = int(self.model.text_config.vocab_size)
         self.constraints = Constraints(loaded.tokenizer, vocab_size, loaded.eos_token_ids)
         self._think_close_ids = self._tokenizer.encode("\n</think>\n\n", add_special_tokens=False)
+        # Tokens that open reasoning or a tool call: markup, not the answer's content.
+        self._opening_ids = {ids[0] for ids in (self._tokenizer.encode(t, add_special_tokens=False) for t in (TOOL_OPEN, THINK_OPEN)) if len(ids) == 1}
         self.linear_states = None
         if self.model.hybrid:  # one state slot per sequence the batch can hold, and snapshots to resume from
             self.linear_states = LinearStates(
@@ -488,6 +490,9 @@ class LocalEngine:
     def _record_logprob(self, job: Job, logprobs: torch.Tensor, token: int) -> None:
         if token in self.loaded.eos_token_ids:
             return  # the end of the turn has no text: OpenAI lists no entry for it
+        parser = job.parser
+        if parser is not None and (parser.in_thinking or parser.in_tool_call or token in self._opening_ids):
+            return  # reasoning and tool-call markup: OpenAI's logprobs are the message content's
         top: list[tuple[str, float, tuple[int, ...]]] = []
         if job.logprobs:
             values, ids = torch.topk(logprobs, min(job.logprobs, logprobs.numel()))
@@ -498,16 +503,33 @@ class LocalEngine:
         job.pending_logprobs.append(TokenLogprob(text, float(logprobs[token]), raw, tuple(top)))
 
     def _emit_text(self, job: Job, text: str) -> None:
+        """Generated text, through the output parser (thinking, tool calls) when there is one. Stop
+        sequences are matched on the answer's text only: a stop such as "\n" met in hidden
+        reasoning or inside a tool call's markup must not end the turn before its answer."""
+        assert job.stops is not None
         if job.parser is None:
-            job.emit(self._delta(job, text))
+            shown = job.stops.feed(text)
+            if shown:
+                job.emit(self._delta(job, shown))
         else:
             self._emit_pieces(job, job.parser.feed(text))
 
     def _emit_pieces(self, job: Job, pieces: list[Piece]) -> None:
+        assert job.stops is not None
         for piece in pieces:
+            if job.stops.matched is not None:
+                return  # the turn ended at the stop: nothing after it is shown
             if isinstance(piece, TextPiece):
-                job.emit(self._delta(job, piece.text))
-            elif isinstance(piece, ThinkingPiece):
+                shown = job.stops.feed(piece.text)
+                if shown:
+                    job.emit(self._delta(job, shown))
+                continue
+            held = job.stops.flush()  # text held as a stop's possible start ends here: it goes first
+            if held:
+                job.emit(self._delta(job, held))
+            if job.stops.matched is not None:
+                return
+            if isinstance(piece, ThinkingPiece):
                 job.emit(ThinkingDelta(piece.text))
             else:
                 job.emit(ToolCallEvent(tool_call_id(), piece.name, piece.input))
@@ -542,11 +564,10 @@ class LocalEngine:
             reason = "eos"
         else:
             seq.outputs.append(token)
-            text = job.stops.feed(job.detokenizer.add(token))
-            if text:
-                self._emit_text(job, text)
+            thinking = job.parser is not None and job.parser.in_thinking
+            self._emit_text(job, job.detokenizer.add(token))
+            job.thinking_tokens += thinking  # the token that closes the thinking too
             if job.thinking_budget is not None and job.parser is not None and job.parser.in_thinking:
-                job.thinking_tokens += 1
                 if job.thinking_tokens >= job.thinking_budget and not job.forced:
                     job.forced = list(self._think_close_ids)
                     job.thinking_budget = None  # forced once
@@ -559,15 +580,16 @@ class LocalEngine:
         if reason is None:
             return
         if job.stops.matched is None:
-            tail = job.stops.feed(job.detokenizer.flush()) + job.stops.flush()
+            self._emit_text(job, job.detokenizer.flush())
+            if job.parser is not None:
+                self._emit_pieces(job, job.parser.finish(truncated=reason in ("max_tokens", "context_window")))
+            tail = job.stops.flush()  # text held while it could have begun a stop
             if tail:
-                self._emit_text(job, tail)
+                job.emit(self._delta(job, tail))
             if job.stops.matched is not None:
                 reason = "stop_sequence"
-        if job.parser is not None:
-            self._emit_pieces(job, job.parser.finish(truncated=reason in ("max_tokens", "context_window")))
-            if reason == "eos" and job.parser.tool_calls:
-                reason = "tool_use"
+        if reason == "eos" and job.parser is not None and job.parser.tool_calls:
+            reason = "tool_use"
         if job.pending_logprobs:
             job.emit(self._delta(job, ""))
         read, created = seq.cache_read_tokens, seq.cache_created_tokens
@@ -576,6 +598,7 @@ class LocalEngine:
             output_tokens=len(seq.outputs),
             cache_read_input_tokens=read,
             cache_creation_input_tokens=created,
+            reasoning_tokens=job.thinking_tokens,
         )
         job.emit(Finished(reason, usage, job.stops.matched))
         self._finish(seq)

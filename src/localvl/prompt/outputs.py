@@ -270,6 +270,10 @@ class OutputParser:
     def in_thinking(self) -> bool:
         return self._state == "think"
 
+    @property
+    def in_tool_call(self) -> bool:
+        return self._state == "tool"
+
     def _open_tags(self) -> tuple[str, ...]:
         tags: list[str] = []
         if self.tools:

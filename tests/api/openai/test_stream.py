@@ -36,3 +36,11 @@ def test_the_usage_chunk_and_done_go_out_in_one_write():
 def test_a_failure_mid_stream_is_an_error_chunk_then_done():
     got = writes([TextDelta("a"), OverloadedError("busy")])
     assert got[-1][0]["error"]["message"] == "busy" and got[-1][1] == "[DONE]"
+
+
+def test_the_usage_counts_the_tokens_spent_thinking():
+    from localvl.api.openai.stream import usage_json
+
+    done = [Finished("eos", Usage(7, 10, reasoning_tokens=6)), Finished("eos", Usage(7, 4, reasoning_tokens=3))]
+    assert usage_json(done)["completion_tokens_details"] == {"reasoning_tokens": 9}
+    assert usage_json(done)["completion_tokens"] == 14

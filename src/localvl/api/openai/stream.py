@@ -62,7 +62,7 @@ def usage_json(finished: list[Finished]) -> dict[str, Any]:
         "total_tokens": prompt + completion,
         # choices of one request run side by side: the smallest hit is what every choice had
         "prompt_tokens_details": {"cached_tokens": min(f.usage.cache_read_input_tokens for f in finished)},
-        "completion_tokens_details": {"reasoning_tokens": 0},
+        "completion_tokens_details": {"reasoning_tokens": sum(f.usage.reasoning_tokens for f in finished)},
     }
 
 
