@@ -207,6 +207,23 @@ def test_a_vanishing_temperature_samples_greedily_beside_other_requests(loaded_m
     assert text(tiny) == text(greedy)
 
 
+def test_a_top_k_past_any_vocabulary_keeps_every_token_and_fails_no_neighbour(loaded_model):
+    """(2**63 overflowed the batch's int64 tensor: the step failed, and every request in it.)"""
+    loaded = loaded_model("qwen2_5_vl")
+
+    async def body(engine):
+        return await asyncio.wait_for(asyncio.gather(
+            generate(engine, conversation(), "huge", temperature=1.0, top_k=2**63, seed=5, max_tokens=8),
+            generate(engine, conversation(), "all", temperature=1.0, top_k=0, seed=5, max_tokens=8),
+            generate(engine, conversation("another question"), "other", max_tokens=8),
+        ), 60)
+
+    (_, huge), (_, everything), (_, other) = run(with_engine(loaded, body))
+    text = lambda events: "".join(e.text for e in events if isinstance(e, TextDelta))  # noqa: E731
+    assert all(isinstance(events[-1], Finished) for events in (huge, everything, other))
+    assert text(huge) == text(everything)  # no cut at all, as top_k 0 means
+
+
 def test_logit_bias_steers_greedy_decoding_and_respects_bans(loaded_model):
     loaded = loaded_model("qwen2_5_vl")
     tokenizer = loaded.processor.tokenizer

@@ -140,7 +140,9 @@ class Frontend:
         return ResolvedSampling(
             temperature=defaults.temperature if sampling.temperature is None else sampling.temperature,
             top_p=defaults.top_p if sampling.top_p is None else sampling.top_p,
-            top_k=defaults.top_k if sampling.top_k is None else sampling.top_k,
+            # A top_k past the vocabulary keeps every token, as 0 does: clamped, so that no value a
+            # client sends (2**63, say) overflows the batch's int64 tensor and fails its neighbours.
+            top_k=min(defaults.top_k if sampling.top_k is None else sampling.top_k, len(self._tokenizer)),
             repetition_penalty=(
                 defaults.repetition_penalty if sampling.repetition_penalty is None else sampling.repetition_penalty
             ),
