@@ -55,3 +55,11 @@ def test_a_file_id_reads_as_the_same_image_or_document_inline(client):
     with pytest.raises(anthropic.BadRequestError, match="file not found"):
         client.beta.messages.create(model="tiny-vl", max_tokens=4, messages=[
             {"role": "user", "content": [{"type": "image", "source": {"type": "file", "file_id": "file_011nope"}}]}])
+
+
+def test_an_expiry_past_any_date_or_not_a_number_is_a_400_and_keeps_nothing(client):
+    before = {f.id for f in client.beta.files.list(limit=1000)}
+    for expires in (10**17, "nan", "inf", 0, "soon"):
+        with pytest.raises(anthropic.BadRequestError, match="expires_in_seconds"):
+            client.beta.files.upload(file=("x.png", PNG, "image/png"), expires_in_seconds=expires)
+    assert {f.id for f in client.beta.files.list(limit=1000)} == before

@@ -13,6 +13,7 @@ from localvl.media.images import sniff_media_type
 from localvl.store.files import FileRecord, FileStore
 
 MULTIPART_ALLOWANCE = 1 << 20  # an upload's body is the file plus its form: boundaries, headers, fields
+MAX_EXPIRES_IN = 100 * 365 * 24 * 3600
 router = APIRouter(dependencies=[Depends(require_api_key)])
 
 
@@ -67,8 +68,8 @@ async def upload(request: Request) -> JSONResponse:
             expires_in = float(expires)
         except ValueError:
             raise InvalidRequestError("expires_in_seconds: must be a number") from None
-        if expires_in <= 0:
-            raise InvalidRequestError("expires_in_seconds: must be greater than 0")
+        if not 0 < expires_in <= MAX_EXPIRES_IN:  # (nan fails this too; past ~8,000 years a date overflows)
+            raise InvalidRequestError(f"expires_in_seconds: must be greater than 0 and at most {MAX_EXPIRES_IN} (100 years)")
     record = await (await _files(request)).create(request.state.owner, filename, mime, upload.file, expires_in)
     if record.size_bytes == 0:
         await (await _files(request)).delete(request.state.owner, record.id)
