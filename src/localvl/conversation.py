@@ -6,6 +6,7 @@ plus ``SamplingParams`` from its request body; prompt rendering and the engine c
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Union
 
@@ -81,6 +82,12 @@ class Tool:
     name: str
     description: str | None
     input_schema: dict[str, Any]
+
+
+# What both APIs take as a tool's name (Anthropic's pattern; OpenAI's is the same to 64). A name
+# outside it could not be written back in every model's call syntax (Qwen3.5's <function=NAME>).
+TOOL_NAME = re.compile(r"[a-zA-Z0-9_-]{1,128}")
+TOOL_NAME_PATTERN = "^[a-zA-Z0-9_-]{1,128}$"
 
 
 @dataclass(frozen=True)

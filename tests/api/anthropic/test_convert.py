@@ -420,6 +420,9 @@ def test_images_and_documents_belong_to_user_turns():
         ([{"name": "f", "input_schema": {"type": "string"}}], "tools.0.input_schema.type: Input should be 'object'"),
         ([{"name": "f", "input_schema": {"type": "object"}}, {"name": "f", "input_schema": {"type": "object"}}],
          "tools.1.name: tool names must be unique"),
+        ([{"name": "a>b", "input_schema": {"type": "object"}}], "tools.0.name: String should match pattern"),
+        ([{"name": "a\nb", "input_schema": {"type": "object"}}], "tools.0.name: String should match pattern"),
+        ([{"name": "x" * 129, "input_schema": {"type": "object"}}], "tools.0.name: String should match pattern"),
     ],
 )
 def test_tools_a_call_could_not_honour_are_refused(tools, message):

@@ -60,6 +60,7 @@ def test_roles_map_to_turns_and_consecutive_ones_merge():
         ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": [
             {"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"a":' + "[" * 5000 + "]" * 5000 + "}"}}]}]},
          "messages.1.tool_calls.0.function.arguments: not valid JSON"),
+        ({"tools": [{"type": "function", "function": {"name": "get weather"}}]}, "tools.0.function.name: string does not match pattern"),
         ({"functions": [{"name": "f", "parameters": {"type": "object"}}], "function_call": "auto"}, "functions: legacy functions"),
         ({"function_call": "none"}, "function_call: legacy functions"),
         ({"modalities": ["text", "audio"]}, r'modalities: only \["text"\]'),

@@ -10,6 +10,8 @@ from localvl.conversation import (
     GenerationRequest,
     Image,
     Part,
+    TOOL_NAME,
+    TOOL_NAME_PATTERN,
     SamplingParams,
     Text,
     Thinking,
@@ -279,6 +281,8 @@ def _tools(tools: Sequence[s.ToolParam]) -> list[Tool]:
             continue
         if t.input_schema.get("type", "object") != "object":  # a call's input is always an object
             raise InvalidRequestError(f"tools.{k}.input_schema.type: Input should be 'object'")
+        if not TOOL_NAME.fullmatch(t.name):
+            raise InvalidRequestError(f"tools.{k}.name: String should match pattern '{TOOL_NAME_PATTERN}'")
         if any(t.name == seen.name for seen in out):
             raise InvalidRequestError(f"tools.{k}.name: tool names must be unique ({t.name!r} appears twice)")
         out.append(Tool(t.name, t.description, t.input_schema))

@@ -15,6 +15,8 @@ from localvl.conversation import (
     GenerationRequest,
     Image,
     Part,
+    TOOL_NAME,
+    TOOL_NAME_PATTERN,
     SamplingParams,
     Text,
     Tool,
@@ -192,6 +194,8 @@ def _tools(tools: list[Any] | None) -> list[Tool]:
         parameters = function.get("parameters") or {"type": "object", "properties": {}}
         if not isinstance(parameters, dict) or parameters.get("type", "object") != "object":
             raise InvalidRequestError(f'{at}.function.parameters: must be a JSON schema of type "object"')
+        if not TOOL_NAME.fullmatch(function["name"]):
+            raise InvalidRequestError(f"{at}.function.name: string does not match pattern '{TOOL_NAME_PATTERN}'")
         if any(function["name"] == seen.name for seen in out):
             raise InvalidRequestError(f"{at}.function.name: function names must be unique ({function['name']!r} appears twice)")
         out.append(Tool(function["name"], function.get("description"), parameters))
