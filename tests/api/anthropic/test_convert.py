@@ -408,6 +408,21 @@ def test_count_tokens_request_converts_too():
     assert roles(conversation_from(parse_body(CountTokensRequest, raw))) == ["user"]
 
 
+@pytest.mark.parametrize("fields, message", [
+    ({"tool_choice": {"type": "zzz"}}, "tool_choice"),
+    ({"tool_choice": {"type": "tool", "name": "not_a_tool"}, "tools": [{"name": "f", "input_schema": {"type": "object"}}]}, "tool_choice.name"),
+    ({"tool_choice": {"type": "any"}}, "tool_choice"),
+    ({"tool_choice": {"type": "any"}, "tools": [{"name": "f", "input_schema": {"type": "object"}}],
+      "thinking": {"type": "enabled", "budget_tokens": 1024}}, "Thinking may not be enabled when tool_choice forces tool use"),
+])
+def test_count_tokens_refuses_what_messages_refuses(fields, message):
+    raw = json.dumps({"model": "m", "messages": [USER], **fields}).encode()
+    with pytest.raises(InvalidRequestError, match=message):
+        conversation_from(parse_body(CountTokensRequest, raw))
+    with pytest.raises(InvalidRequestError, match=message):
+        generation_request("msg_3", parse_body(MessagesRequest, json.dumps({"model": "m", "max_tokens": 2048, "messages": [USER], **fields}).encode()))
+
+
 def test_images_and_documents_belong_to_user_turns():
     for block in (image_block("PNG", "image/png"), {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "x"}}):
         message = refused([{"role": "user", "content": "hi"}, {"role": "assistant", "content": [block]}, {"role": "user", "content": "q"}])

@@ -266,11 +266,14 @@ def _conversation(body: s._ConversationFields, verify: Verifier | None) -> Conve
         raise InvalidRequestError("messages: at least one user message is required")
     if dialogue[0].role != "user":
         raise InvalidRequestError('messages: the first message must use the "user" role')
+    tools = _tools(body.tools or [])
+    forced = _tool_choice(body.tool_choice, tools).mode in ("any", "tool")  # (checked here for count_tokens too)
     thinking = _thinking(body.thinking)[0]
-    forced = isinstance(body.tool_choice, dict) and body.tool_choice.get("type") in ("any", "tool")
+    if thinking and forced:
+        raise InvalidRequestError("Thinking may not be enabled when tool_choice forces tool use.")
     if thinking is None and forced:  # a forced call is the whole answer: a template thinking by default is told not to
         thinking = False
-    return Conversation(turns=turns, tools=_tools(body.tools or []), thinking=thinking)
+    return Conversation(turns=turns, tools=tools, thinking=thinking)
 
 
 def _tools(tools: Sequence[s.ToolParam]) -> list[Tool]:
@@ -339,11 +342,9 @@ def generation_request(
     )
     conversation = conversation_from(body, verify, media)
     choice = _tool_choice(body.tool_choice, conversation.tools)
-    thinking, budget = _thinking(body.thinking)
+    budget = _thinking(body.thinking)[1]
     if budget is not None and budget >= body.max_tokens:
         raise InvalidRequestError("`max_tokens` must be greater than `thinking.budget_tokens`")
-    if thinking and choice.mode in ("any", "tool"):
-        raise InvalidRequestError("Thinking may not be enabled when tool_choice forces tool use.")
     output = (body.output_config or {}).get("format")
     if output is None:  # the structured-outputs beta's name for it
         output = (body.model_extra or {}).get("output_format")
