@@ -333,9 +333,6 @@ def _tool_choice(choice: dict[str, Any] | None, tools: list[Tool]) -> ToolChoice
 def generation_request(
     request_id: str, body: s.MessagesRequest, verify: Verifier | None = None, media: Media | None = None
 ) -> GenerationRequest:
-    for k, stop in enumerate(body.stop_sequences or ()):
-        if not stop.strip():  # as Anthropic's API: a blank stop would end every answer at its first space
-            raise InvalidRequestError(f"stop_sequences.{k}: each stop sequence must contain non-whitespace")
     sampling = SamplingParams(
         max_tokens=body.max_tokens,
         temperature=body.temperature,
