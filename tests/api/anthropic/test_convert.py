@@ -443,3 +443,13 @@ def test_images_and_documents_belong_to_user_turns():
 def test_tools_a_call_could_not_honour_are_refused(tools, message):
     assert refused([{"role": "user", "content": "hi"}], tools=tools).startswith(message)
     assert convert([{"role": "user", "content": "hi"}], tools=[{"name": "g", "input_schema": {"properties": {}}}]).tools[0].name == "g"
+
+
+@pytest.mark.parametrize("thinking, message", [
+    ({"type": "enabled"}, "thinking.enabled.budget_tokens: Field required"),
+    ({"type": "enabled", "budget_tokens": 1024.0}, "thinking.enabled.budget_tokens: Input should be a valid integer"),
+    ({"type": "enabled", "budget_tokens": "1024"}, "thinking.enabled.budget_tokens: Input should be a valid integer"),
+    ({"type": "enabled", "budget_tokens": 100}, "thinking.enabled.budget_tokens: Input should be greater than or equal to 1024"),
+])
+def test_a_thinking_budget_that_is_no_integer_of_1024_or_more_is_named_for_what_it_is(thinking, message):
+    assert refused([USER], thinking=thinking).startswith(message)

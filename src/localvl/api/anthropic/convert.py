@@ -301,8 +301,10 @@ def _thinking(thinking: dict[str, Any] | None) -> tuple[bool | None, int | None]
     kind = thinking.get("type")
     if kind == "enabled":
         budget = thinking.get("budget_tokens")
-        if not isinstance(budget, int) or isinstance(budget, bool):
+        if budget is None:
             raise InvalidRequestError("thinking.enabled.budget_tokens: Field required")
+        if not isinstance(budget, int) or isinstance(budget, bool):
+            raise InvalidRequestError("thinking.enabled.budget_tokens: Input should be a valid integer")
         if budget < 1024:
             raise InvalidRequestError("thinking.enabled.budget_tokens: Input should be greater than or equal to 1024")
         return True, budget
