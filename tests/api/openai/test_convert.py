@@ -109,6 +109,15 @@ def test_penalties_pass_through_and_unknown_fields_are_accepted():
     assert request.sampling.repetition_penalty is None  # the model folder's
 
 
+def test_a_key_error_speaks_of_openais_header_not_anthropics():
+    from localvl.api.openai.errors import error_json
+    from localvl.errors import AuthenticationError
+
+    wrong, missing = error_json(AuthenticationError("invalid x-api-key")), error_json(AuthenticationError("x-api-key header is required"))
+    assert wrong["code"] == missing["code"] == "invalid_api_key" and "x-api-key" not in wrong["message"] + missing["message"]
+    assert wrong["message"] == "Incorrect API key provided." and "Bearer" in missing["message"]
+
+
 def test_a_prompt_too_long_is_context_length_exceeded_in_openais_words():
     from localvl.api.openai.errors import error_json
     from localvl.errors import ContextLengthError

@@ -36,8 +36,11 @@ def error_json(error: LocalvlError) -> dict[str, Any]:
     if isinstance(error, ContextLengthError):
         return {"message": error.message, "type": "invalid_request_error", "param": "messages", "code": "context_length_exceeded"}
     field = _FIELD.match(error.message) if error.kind == "invalid_request_error" else None
+    message = error.message
+    if error.kind == "authentication_error":  # the shared message names Anthropic's header
+        message = "Incorrect API key provided." if "invalid" in message else "You didn't provide an API key (Authorization: Bearer)."
     return {
-        "message": error.message,
+        "message": message,
         "type": TYPES.get(error.kind, "server_error"),
         "param": field.group(1) if field else None,
         "code": CODES.get(error.kind),
