@@ -122,6 +122,12 @@ def test_models_list_serves_both_sdks(oai, server):
     assert model.object == "model" and model.owned_by == "localvl" and model.created > 0
     listed = anthropic.Anthropic(base_url=server.url, api_key=API_KEY).models.list()
     assert "tiny-vl" in [m.id for m in listed.data]
+    with pytest.raises(openai.NotFoundError) as missing:  # each SDK reads its own error envelope
+        oai.models.retrieve("nope")
+    assert missing.value.code == "model_not_found"
+    with pytest.raises(anthropic.NotFoundError) as gone:
+        anthropic.Anthropic(base_url=server.url, api_key=API_KEY).models.retrieve("nope")
+    assert gone.value.body["error"]["type"] == "not_found_error"
 
 
 def test_logit_bias_reaches_the_sampler(oai):

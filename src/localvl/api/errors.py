@@ -18,10 +18,15 @@ Envelope = Callable[[LocalvlError, str], dict[str, Any]]
 ENVELOPES: list[tuple[str, Envelope]] = [("/v1/chat/", openai_error_body)]
 
 
-def envelope_for(path: str) -> Envelope:
+def envelope_for(path: str, headers: Any = None) -> Envelope:
+    """``headers``: the request's, where known. /v1/models serves both SDKs: a request with a
+    Bearer key and no anthropic-version header is the OpenAI SDK's, and gets OpenAI's envelope."""
     for prefix, envelope in ENVELOPES:
         if path.startswith(prefix):
             return envelope
+    if path.startswith("/v1/models") and headers is not None and "anthropic-version" not in headers \
+            and headers.get("authorization", "").lower().startswith("bearer "):
+        return openai_error_body
     return anthropic_error_body
 
 
@@ -29,15 +34,15 @@ def request_id_of(request: Request) -> str:
     return request.scope.get("state", {}).get("request_id", "")
 
 
-def error_response(path: str, request_id: str, error: LocalvlError) -> JSONResponse:
-    body = envelope_for(path)(error, request_id)
+def error_response(path: str, request_id: str, error: LocalvlError, headers: Any = None) -> JSONResponse:
+    body = envelope_for(path, headers)(error, request_id)
     return JSONResponse(body, status_code=error.status, headers=error.headers)
 
 
 def install_error_handlers(app: FastAPI) -> None:
     async def on_localvl_error(request: Request, error: Exception) -> JSONResponse:
         assert isinstance(error, LocalvlError)
-        return error_response(request.url.path, request_id_of(request), error)
+        return error_response(request.url.path, request_id_of(request), error, request.headers)
 
     async def on_http_error(request: Request, error: Exception) -> JSONResponse:
         assert isinstance(error, StarletteHTTPException)
@@ -47,14 +52,14 @@ def install_error_handlers(app: FastAPI) -> None:
             message = f"{request.method} is not allowed on {request.url.path}"
         else:
             message = str(error.detail)
-        return error_response(request.url.path, request_id_of(request), status_error(error.status_code, message))
+        return error_response(request.url.path, request_id_of(request), status_error(error.status_code, message), request.headers)
 
     async def on_validation_error(request: Request, error: Exception) -> JSONResponse:
         assert isinstance(error, RequestValidationError)
         first = error.errors()[0] if error.errors() else {"loc": (), "msg": "invalid request"}
         where = ".".join(str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path"))
         message = f"{where}: {first.get('msg')}" if where else str(first.get("msg"))
-        return error_response(request.url.path, request_id_of(request), InvalidRequestError(message))
+        return error_response(request.url.path, request_id_of(request), InvalidRequestError(message), request.headers)
 
     app.add_exception_handler(LocalvlError, on_localvl_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
