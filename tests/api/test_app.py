@@ -57,7 +57,12 @@ def test_either_header_authenticates(client, headers):
 def test_missing_or_wrong_keys_are_401(client, headers):
     for path in ("/v1/messages", "/v1/messages/count_tokens"):
         assert_error(client.post(path, json=body(), headers=headers), 401, "authentication_error")
-    assert_error(client.get("/v1/models", headers=headers), 401, "authentication_error")
+    models = client.get("/v1/models", headers=headers)
+    if "authorization" in headers:  # a Bearer key without anthropic-version: the OpenAI SDK's request
+        assert models.status_code == 401 and models.json()["error"]["code"] == "invalid_api_key"
+    else:
+        assert_error(models, 401, "authentication_error")
+    assert_error(client.get("/v1/models", headers={**headers, "anthropic-version": "2023-06-01"}), 401, "authentication_error")
 
 
 def test_routing_errors_use_the_envelope(client):
