@@ -42,3 +42,37 @@ def test_files_on_every_backend(database_url, tmp_path):
             await database.stop()
 
     asyncio.run(body())
+
+
+def test_a_killed_uploads_half_file_is_swept_and_a_failed_record_leaves_no_bytes(tmp_path, monkeypatch):
+    from localvl.store import files as files_module
+
+    import os
+    import time
+
+    directory = tmp_path / "files"
+    directory.mkdir()
+    stale, fresh = directory / "file_011stale.part", directory / "file_011fresh.part"
+    stale.write_bytes(b"half")
+    fresh.write_bytes(b"being written by another server")
+    an_hour_ago = time.time() - 7200
+    os.utime(stale, (an_hour_ago, an_hour_ago))
+
+    async def body():
+        database = Database(f"sqlite+aiosqlite:///{tmp_path / 'localvl.db'}")
+        await database.start()
+        try:
+            store = FileStore(database, directory)
+            assert not stale.exists() and fresh.exists()
+            class Gone:
+                def insert(self):
+                    raise RuntimeError("the database went away")
+
+            monkeypatch.setattr(files_module, "files", Gone())  # the record cannot be written now
+            with pytest.raises(RuntimeError, match="went away"):
+                await store.create("alice", "x.txt", "text/plain", io.BytesIO(b"orphan?"))
+            assert sorted(p.name for p in directory.iterdir()) == [fresh.name]
+        finally:
+            await database.stop()
+
+    asyncio.run(body())

@@ -43,6 +43,18 @@ class FileStore:
         self.database = database
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
+        self._sweep_parts()
+
+    def _sweep_parts(self, older_than: float = 3600.0) -> None:
+        """Half-written uploads of a server that was killed: never listed, but on disk for good.
+        Only stale ones go, as another server sharing the directory may be writing one now."""
+        cutoff = dt.datetime.now().timestamp() - older_than
+        for part in self.directory.glob("*.part"):
+            try:
+                if part.stat().st_mtime < cutoff:
+                    part.unlink()
+            except OSError:  # gone already, or not ours to remove
+                pass
 
     def path(self, file_id: str) -> Path:
         return self.directory / file_id
@@ -56,8 +68,12 @@ class FileStore:
         now = dt.datetime.now(dt.timezone.utc)
         expires = None if expires_in is None else now + dt.timedelta(seconds=expires_in)
         record = FileRecord(file_id, owner, filename, mime_type, size, digest, now, expires)
-        async with self.database.engine.begin() as connection:
-            await connection.execute(files.insert().values(**record.__dict__))
+        try:
+            async with self.database.engine.begin() as connection:
+                await connection.execute(files.insert().values(**record.__dict__))
+        except BaseException:  # no row will ever point at these bytes
+            self.path(file_id).unlink(missing_ok=True)
+            raise
         return record
 
     def _write(self, file_id: str, source: BinaryIO) -> tuple[int, str]:
