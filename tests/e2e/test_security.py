@@ -149,6 +149,9 @@ def test_the_response_cache_through_the_sdk(keyed):
     original = first.parse()
     assert [b.text for b in replayed.content] == [b.text for b in original.content]
     assert replayed.usage.output_tokens == original.usage.output_tokens and replayed.id != original.id
+    prompt = original.usage.input_tokens + original.usage.cache_read_input_tokens + original.usage.cache_creation_input_tokens
+    # a hit computed nothing and wrote nothing to the prefix cache: the whole prompt reads as cached
+    assert (replayed.usage.input_tokens, replayed.usage.cache_creation_input_tokens, replayed.usage.cache_read_input_tokens) == (0, 0, prompt)
     assert [b.text for b in ask(c, **kwargs).content] == [b.text for b in original.content]
 
 
@@ -164,6 +167,7 @@ def test_the_response_cache_through_the_openai_sdk(keyed):
     original = first.parse()
     assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == (original.choices[0].message.content or "")
     assert chunks[-1].usage.completion_tokens == original.usage.completion_tokens
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == original.usage.prompt_tokens
 
 
 def test_two_servers_share_limits_and_answers_through_redis(model_dir, tmp_path):

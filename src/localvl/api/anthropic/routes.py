@@ -160,8 +160,12 @@ async def create_message(request: Request) -> Any:
         request.scope["state"].setdefault("response_headers", {})["x-localvl-cache"] = "hit" if hit else "miss"
         if hit is not None:
             request.state.model, request.state.cache_hit = served, True
-            request.state.usage = hit["usage"]
-            message = dict(hit, id=message_id, model=body.model)
+            # Nothing was computed or written to the prefix cache this time: the whole prompt reads as cached.
+            usage = dict(hit["usage"])
+            prompt = sum(int(usage.get(k) or 0) for k in ("input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens"))
+            usage.update(input_tokens=0, cache_creation_input_tokens=0, cache_read_input_tokens=prompt)
+            request.state.usage = usage
+            message = dict(hit, id=message_id, model=body.model, usage=usage)
             if body.stream:
                 return StreamingResponse(replayed_events(message), media_type="text/event-stream", headers=SSE_HEADERS)
             return JSONResponse(message)

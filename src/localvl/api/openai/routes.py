@@ -46,6 +46,9 @@ async def chat_completions(request: Request) -> Any:
             request.state.model, request.state.cache_hit, request.state.usage = served, True, hit["localvl_usage"]
             completion = {k: v for k, v in hit.items() if k != "localvl_usage"}
             completion.update(id=completion_id, created=int(time.time()), model=body.model)
+            if isinstance(completion.get("usage"), dict):  # nothing computed this time: the whole prompt reads as cached
+                usage = completion["usage"] = dict(completion["usage"])
+                usage["prompt_tokens_details"] = {**(usage.get("prompt_tokens_details") or {}), "cached_tokens": usage.get("prompt_tokens", 0)}
             if body.stream:
                 return StreamingResponse(replayed_chunks(completion, include_usage), media_type="text/event-stream",
                                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
