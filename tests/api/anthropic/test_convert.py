@@ -412,6 +412,7 @@ def test_count_tokens_request_converts_too():
     ({"tool_choice": {"type": "zzz"}}, "tool_choice"),
     ({"tool_choice": {"type": "tool", "name": "not_a_tool"}, "tools": [{"name": "f", "input_schema": {"type": "object"}}]}, "tool_choice.name"),
     ({"tool_choice": {"type": "any"}}, "tool_choice"),
+    ({"tool_choice": {"type": "tool"}, "tools": [{"name": "f", "input_schema": {"type": "object"}}]}, "tool_choice.tool.name: Field required"),
     ({"tool_choice": {"type": "any"}, "tools": [{"name": "f", "input_schema": {"type": "object"}}],
       "thinking": {"type": "enabled", "budget_tokens": 1024}}, "Thinking may not be enabled when tool_choice forces tool use"),
 ])

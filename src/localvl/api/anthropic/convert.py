@@ -327,6 +327,8 @@ def _tool_choice(choice: dict[str, Any] | None, tools: list[Tool]) -> ToolChoice
     name = None
     if kind == "tool":
         name = choice.get("name")
+        if name is None:
+            raise InvalidRequestError("tool_choice.tool.name: Field required")
         if not isinstance(name, str) or name not in {t.name for t in tools}:
             raise InvalidRequestError(f"tool_choice.name: tool {name!r} is not in tools")
     return ToolChoice(kind, name, parallel)
