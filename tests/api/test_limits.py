@@ -104,7 +104,10 @@ def test_the_response_cache_answers_exact_deterministic_repeats(engine, tmp_path
         again = client.post("/v1/messages", json=ask)
         assert again.headers["x-localvl-cache"] == "hit"
         a, b = first.json(), again.json()
-        assert a["id"] != b["id"] and {**a, "id": None} == {**b, "id": None}
+        assert a["id"] != b["id"] and {**a, "id": None, "usage": None} == {**b, "id": None, "usage": None}
+        prompt = sum(a["usage"][k] for k in ("input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens"))
+        # nothing computed, nothing written to the prefix cache: the whole prompt reads as cached
+        assert b["usage"] == {**a["usage"], "input_tokens": 0, "cache_creation_input_tokens": 0, "cache_read_input_tokens": prompt}
         # A streaming client gets the stored answer replayed as the events a live stream sends.
         with client.stream("POST", "/v1/messages", json={**ask, "stream": True}) as streamed:
             assert streamed.headers["x-localvl-cache"] == "hit"
@@ -135,7 +138,8 @@ def test_chat_completions_are_cached_too(engine, tmp_path):
         again = client.post("/v1/chat/completions", json=ask)
         assert (first.headers["x-localvl-cache"], again.headers["x-localvl-cache"]) == ("miss", "hit")
         a, b = first.json(), again.json()
-        assert a["id"] != b["id"] and a["choices"] == b["choices"] and a["usage"] == b["usage"]
+        assert a["id"] != b["id"] and a["choices"] == b["choices"]
+        assert b["usage"] == {**a["usage"], "prompt_tokens_details": {"cached_tokens": a["usage"]["prompt_tokens"]}}
         assert "localvl_usage" not in b
         with client.stream("POST", "/v1/chat/completions",
                            json={**ask, "stream": True, "stream_options": {"include_usage": True}}) as streamed:
@@ -146,7 +150,7 @@ def test_chat_completions_are_cached_too(engine, tmp_path):
         assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
         text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
         assert text == (a["choices"][0]["message"]["content"] or "")
-        assert chunks[-1]["usage"] == a["usage"] and chunks[-2]["choices"][0]["finish_reason"] == a["choices"][0]["finish_reason"]
+        assert chunks[-1]["usage"] == b["usage"] and chunks[-2]["choices"][0]["finish_reason"] == a["choices"][0]["finish_reason"]
         # A streamed miss fills the cache for plain requests too.
         other = {**ask, "messages": [{"role": "user", "content": "streamed first"}], "stream": True}
         with client.stream("POST", "/v1/chat/completions", json=other) as streamed:
