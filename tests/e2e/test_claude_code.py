@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -38,6 +37,12 @@ def claude_binary(cache: Path) -> Path | None:
     return installed if installed.exists() else None
 
 
+def message_statuses(log: str) -> list[int]:
+    """The status of every POST /v1/messages in localvl's access log (one JSON line per request)."""
+    entries = [json.loads(line.split("localvl.access: ", 1)[1]) for line in log.splitlines() if "localvl.access: " in line]
+    return [e["status"] for e in entries if e.get("method") == "POST" and e.get("route") == "/v1/messages"]
+
+
 def test_claude_code_print_mode_runs_against_localvl(qwen_vocab_server, tmp_path):
     binary = claude_binary(Path.home() / ".cache" / "localvl-tests" / "claude-code")
     if binary is None:
@@ -48,14 +53,14 @@ def test_claude_code_print_mode_runs_against_localvl(qwen_vocab_server, tmp_path
     env = dict(os.environ, HOME=str(home), ANTHROPIC_BASE_URL=qwen_vocab_server.url, ANTHROPIC_API_KEY=API_KEY,
                DISABLE_TELEMETRY="1", DISABLE_AUTOUPDATER="1", CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC="1",
                CLAUDE_CODE_MAX_OUTPUT_TOKENS="48")
-    before = len(re.findall(r'"POST /v1/messages', qwen_vocab_server.log()))
+    before = len(message_statuses(qwen_vocab_server.log()))
     run = subprocess.run([str(binary), "-p", "Say hello", "--output-format", "json"], cwd=work, env=env,
                          capture_output=True, text=True, timeout=600)
     result = json.loads(run.stdout)
     assert result["type"] == "result", run.stderr
     assert result.get("api_error_status") is None, result  # no request was refused
     assert not result["result"].startswith("API Error") or "output token maximum" in result["result"], result
-    statuses = re.findall(r'"POST /v1/messages\S* HTTP/1.1" (\d+)', qwen_vocab_server.log())[before:]
-    assert statuses and set(statuses) == {"200"}, statuses
+    statuses = message_statuses(qwen_vocab_server.log())[before:]
+    assert statuses and set(statuses) == {200}, statuses
     usage = result["usage"]
     assert usage["cache_read_input_tokens"] > 0  # later requests reused the long system prompt
