@@ -161,21 +161,24 @@ def test_a_schema_nested_thousands_deep_is_a_client_error(loaded_model):
     run_engine(loaded_model("qwen2_5_vl"), body)
 
 
+def model_writes(monkeypatch, written: list[int]) -> None:
+    """Every request's model "samples" ``written``, token by token (forced), whatever its weights say."""
+    make_job = LocalEngine._job
+
+    def forced(self, *args):
+        job = make_job(self, *args)
+        job.forced = list(written)
+        return job
+
+    monkeypatch.setattr(LocalEngine, "_job", forced)
+
+
 def test_without_parallel_calls_the_turn_ends_at_the_first_call(loaded_model, monkeypatch):
     """A model that writes two calls where one at most was allowed: the turn ends after the first."""
-    from localvl.engine.local import LocalEngine
-
     loaded = loaded_model("qwen2_5_vl")
     call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": 2}}\n</tool_call>'
     written = loaded.tokenizer.encode("Checking.\n" + call + "\n" + call, add_special_tokens=False)
-    make_job = LocalEngine._job
-
-    def model_writes_two_calls(self, *args):
-        job = make_job(self, *args)
-        job.forced = list(written)  # what the model "samples"
-        return job
-
-    monkeypatch.setattr(LocalEngine, "_job", model_writes_two_calls)
+    model_writes(monkeypatch, written)
 
     async def body(engine):
         results = []
@@ -308,14 +311,7 @@ def test_stops_logprobs_and_reasoning_count_read_the_answer_not_thinking_or_mark
         "<parameter=city>\nParis\n</parameter>\n<parameter=days>\n2\n</parameter>\n</function>\n</tool_call>",
         add_special_tokens=False,
     )
-    make_job = LocalEngine._job
-
-    def model_writes(self, *args):
-        job = make_job(self, *args)
-        job.forced = list(written)
-        return job
-
-    monkeypatch.setattr(LocalEngine, "_job", model_writes)
+    model_writes(monkeypatch, written)
     sampling = SamplingParams(max_tokens=len(written), temperature=0, logprobs=0, stop_sequences=("weather", "Paris", "function"))
 
     async def body(engine):
@@ -338,14 +334,7 @@ def test_stops_logprobs_and_reasoning_count_read_the_answer_not_thinking_or_mark
 def test_a_stop_in_the_answer_still_ends_it_after_thinking(loaded_model, monkeypatch):
     loaded = loaded_model("qwen3_5")
     written = loaded.tokenizer.encode("Think about it.\n</think>\n\nThe answer is 42. Then more.", add_special_tokens=False)
-    make_job = LocalEngine._job
-
-    def model_writes(self, *args):
-        job = make_job(self, *args)
-        job.forced = list(written)
-        return job
-
-    monkeypatch.setattr(LocalEngine, "_job", model_writes)
+    model_writes(monkeypatch, written)
 
     async def body(engine):
         request = GenerationRequest("s", question(tools=()), SamplingParams(max_tokens=len(written), temperature=0, stop_sequences=("42", "about")))

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from localvl.conversation import Tool, ToolChoice
-from localvl.prompt.outputs import resolve_ref
+from localvl.prompt.outputs import pointed, resolve_ref
 
 JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
@@ -75,9 +75,7 @@ def _alias_loop(schema: Any) -> bool:
                 if ref in visited:
                     return True
                 visited.add(ref)
-                node = schema
-                for part in filter(None, ref[1:].split("/")):
-                    node = node.get(part.replace("~1", "/").replace("~0", "~")) if isinstance(node, dict) else None
+                node = pointed(schema, ref)
     return False
 
 

@@ -79,6 +79,14 @@ def loads(text: str) -> Any:
     return json.loads(text, parse_float=_finite, parse_constant=_constant)
 
 
+def pointed(root: Any, ref: str) -> Any:
+    """What a local ``$ref`` ("#/$defs/a", JSON-pointer escapes and all) names in ``root``, or None."""
+    target: Any = root
+    for part in filter(None, ref[1:].split("/")):
+        target = target.get(part.replace("~1", "/").replace("~0", "~")) if isinstance(target, dict) else None
+    return target
+
+
 def resolve_ref(schema: Any, root: Any) -> Any:
     """``schema`` with a local ``$ref`` ("#/$defs/..." pointing into ``root``, the tool's schema)
     followed, as pydantic writes enums and nested models; anything else as it is."""
@@ -86,10 +94,7 @@ def resolve_ref(schema: Any, root: Any) -> Any:
         ref = schema.get("$ref") if isinstance(schema, dict) else None
         if not isinstance(ref, str) or not ref.startswith("#"):
             return schema
-        target: Any = root
-        for part in filter(None, ref[1:].split("/")):
-            part = part.replace("~1", "/").replace("~0", "~")
-            target = target.get(part) if isinstance(target, dict) else None
+        target = pointed(root, ref)
         if not isinstance(target, dict):
             return schema
         schema = {**target, **{k: v for k, v in schema.items() if k != "$ref"}}
