@@ -55,6 +55,12 @@ def test_the_step_profile_and_the_decode_split_run():
     assert "engine-thread CPU per step" in run("benchmarks/decode_split.py")
 
 
+@pytest.mark.skipif(cpu_decode._compiler() is None, reason="needs a C++ compiler (inductor)")
+def test_the_compiled_start_makes_one_layer_graph_per_kind_of_step_whatever_the_depth():
+    out = run("benchmarks/compile_start.py", "--layers", "3")
+    assert "compiled=True; graphs made: 2" in out  # one token, several: not one pair per layer
+
+
 @pytest.mark.skipif(cpu_decode._compiler() is None, reason="needs a C++ compiler")
 def test_the_decode_attention_comparison_runs():
     out = run("benchmarks/decode_attention.py", "--rows", "3", "--context", "40", "--tokens", "6")

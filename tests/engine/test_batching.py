@@ -113,8 +113,8 @@ def test_sixteen_concurrent_requests_equal_the_model_alone(loaded_model, family,
         assert stats["decode_kernel"] == 1
     if mode == "blocks-of-16-gathered" and not TEST_DEVICE.startswith("cuda"):
         assert stats["decode_kernel"] == 0
-    if mode == "compiled":  # a hybrid decoder runs uncompiled (qwen_vl.py), and must still be right
-        assert stats["compiled"] == (family not in HYBRID)
+    if mode == "compiled":  # a hybrid decoder too: its attention layers (qwen_vl.py)
+        assert stats["compiled"] == 1
     assert stats["steps"] < 16 * tokens  # requests shared steps
     assert_matches_reference(loaded, convs, results, max_tokens=tokens)
 
