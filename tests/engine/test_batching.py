@@ -67,9 +67,14 @@ def run_engine(loaded, body, **config):
 def assert_matches_reference(loaded, convs, results, max_tokens=10):
     renderer = Renderer(loaded.processor)
     for conv, (text, finished) in zip(convs, results):
-        expected, count, ended = reference_text(loaded, renderer.render(conv), max_tokens)
+        prompt = renderer.render(conv)
+        expected, count, ended = reference_text(loaded, prompt, max_tokens)
         assert text == expected
-        assert finished.usage.output_tokens == count
+        usage = finished.usage
+        assert usage.output_tokens == count
+        # The prompt's tokens split three ways, each counted once (a preemption recomputes blocks).
+        assert min(usage.input_tokens, usage.cache_read_input_tokens, usage.cache_creation_input_tokens) >= 0
+        assert usage.input_tokens + usage.cache_read_input_tokens + usage.cache_creation_input_tokens == len(prompt.input_ids)
         assert finished.reason == ("eos" if ended else "max_tokens")
 
 

@@ -101,3 +101,10 @@ def test_a_hybrid_prefix_is_reused_only_up_to_a_block_with_a_kept_state():
     again = bm.allocate(prompt, ())
     assert again.hashed == 2 and again.tail == hashes[1]  # the snapshot to resume from
     bm.check([table, again])
+
+
+def test_blocks_a_preempted_sequence_already_counted_are_not_created_again():
+    bm = BlockManager(num_blocks=10, block_size=4)
+    prompt = list(range(13))  # three full prompt blocks
+    table = bm.allocate(prompt, ())
+    assert bm.register(table, prompt, (), computed=13, prompt_length=13, settled=2) == 4  # block 2 alone

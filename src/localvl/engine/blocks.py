@@ -159,11 +159,19 @@ class BlockManager:
         return True
 
     def register(
-        self, table: BlockTable, tokens: Sequence[int], images: Sequence[ImageSpan], computed: int, prompt_length: int
+        self,
+        table: BlockTable,
+        tokens: Sequence[int],
+        images: Sequence[ImageSpan],
+        computed: int,
+        prompt_length: int,
+        *,
+        settled: int = 0,
     ) -> int:
         """Publish the hashes of full blocks whose keys and values are now computed.
 
-        Returns how many prompt tokens this newly added to the prefix cache.
+        Returns how many prompt tokens this newly added to the prefix cache, from block ``settled``
+        on: a preempted sequence recomputes blocks its usage already counts, as read or as created.
         """
         full = min(computed // self.block_size, len(table.blocks))
         if full <= table.hashed:
@@ -175,7 +183,7 @@ class BlockManager:
             if digest not in self._by_hash:
                 self._by_hash[digest] = table.blocks[index]
                 block.hash = digest
-                if (index + 1) * self.block_size <= prompt_length:
+                if index >= settled and (index + 1) * self.block_size <= prompt_length:
                     created += self.block_size
         table.hashed = full
         table.tail = hashes[-1]

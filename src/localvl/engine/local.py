@@ -422,7 +422,9 @@ class LocalEngine:
             seq = s.sequence
             seq.num_computed += s.count
             if seq.num_computed // size > seq.table.hashed:  # a block filled up: publish it
-                created = self.blocks.register(seq.table, seq.tokens, seq.images, seq.num_computed, len(seq.prompt))
+                settled = seq.cache_settled_blocks
+                created = self.blocks.register(seq.table, seq.tokens, seq.images, seq.num_computed, len(seq.prompt), settled=settled)
+                seq.cache_settled_blocks = max(settled, seq.table.hashed)
                 if self.linear_states is None:  # a hybrid's prefix is cached where its state is (runner.py)
                     seq.cache_created_tokens += created
         if logits is not None:

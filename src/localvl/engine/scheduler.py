@@ -131,6 +131,7 @@ class Scheduler:
         seq.table = self.blocks.allocate(tokens, seq.images)
         if seq.preemptions == 0:  # usage reports what the first admission found
             seq.cache_read_tokens = seq.table.hashed * self.blocks.block_size
+            seq.cache_settled_blocks = seq.table.hashed
         seq.num_computed = seq.table.hashed * self.blocks.block_size
         seq.status = Status.RUNNING
         self.running.append(seq)

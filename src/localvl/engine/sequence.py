@@ -42,6 +42,7 @@ class Sequence:
     preemptions: int = 0
     cache_read_tokens: int = 0  # prompt tokens the prefix cache supplied at first admission
     cache_created_tokens: int = 0  # prompt tokens this sequence added to the prefix cache
+    cache_settled_blocks: int = 0  # leading blocks its usage counts (read or created): never counted twice
     payload: Any = None  # the engine's per-request state (sampling, detokenizer, event queue)
 
     @property
