@@ -68,13 +68,10 @@ class Turn:
         return "".join(part.text for part in self.parts if isinstance(part, Text))
 
     def images(self) -> list[Image]:
-        found: list[Image] = []
-        for part in self.parts:
-            if isinstance(part, Image):
-                found.append(part)
-            elif isinstance(part, ToolResult):
-                found.extend(p for p in part.content if isinstance(p, Image))
-        return found
+        """The turn's images in the order a prompt shows them: the chat templates put a turn's tool
+        results before the rest of it (``prompt/render.py``), whatever order the parts came in."""
+        results = [p for part in self.parts if isinstance(part, ToolResult) for p in part.content if isinstance(p, Image)]
+        return results + [part for part in self.parts if isinstance(part, Image)]
 
 
 @dataclass(frozen=True)

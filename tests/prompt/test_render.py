@@ -103,3 +103,23 @@ def test_an_elongated_image_is_widened_on_white_until_the_model_takes_it(loaded_
     width, height = sliver.size
     assert max(width, height) <= 199 * min(width, height) and max(width, height) == max(size)
     assert renderer.render(Conversation([Turn("user", [sliver, Text("what is this?")])])).image_grid_thw is not None
+
+
+def test_an_image_sent_before_a_tool_result_stays_outside_the_tool_response(loaded_model):
+    """The templates put a turn's tool results first; each image keeps the block it came in."""
+    loaded = loaded_model("qwen2_5_vl")
+    renderer = Renderer(loaded.processor)
+    small, large = picture(size=(56, 56)), picture(size=(280, 280))
+    conv = Conversation([
+        Turn("user", [Text("take a photo")]),
+        Turn("assistant", [ToolCall("toolu_1", "snap", {})]),
+        Turn("user", [small, ToolResult("toolu_1", (large,)), Text("compare")]),
+    ], tools=[Tool("snap", "take a photo", {"type": "object"})])
+    prompt = renderer.render(conv)
+    text = loaded.processor.tokenizer.decode(prompt.input_ids)
+    pad = "<|image_pad|>"
+    response = text[text.index("<tool_response>") : text.index("</tool_response>")]
+    after = text[text.index("</tool_response>") :]
+    grids = [int(g.prod()) // 4 for g in prompt.image_grid_thw]
+    assert [response.count(pad), after.count(pad)] == grids  # the tool's image first, then the user's
+    assert grids[0] > grids[1]
