@@ -35,12 +35,14 @@ tail -25 "$out/tests-full.txt" | tee "$out/tests.txt"
 # As `localvl serve` runs it: the engine in a process of its own, at 64 concurrent.
 step load-process "${LOAD_PROCESS_S:-120}" python3 benchmarks/load.py --shape 3b --device cuda --concurrency 64 --requests 64 \
   --baseline-requests 1 --tokens 128 --vision-images 1 --json "$out/load-process.json" 2>&1 | grep -v -E "Loading|Writing" | tee "$out/load-process.txt"
+# The batched sampling penalties against row by row (a unique, which waits on the GPU, per row).
+step penalties "${PENALTIES_S:-30}" python3 benchmarks/penalties.py --device cuda 2>&1 | tail -2 | tee "$out/penalties.txt"
 # The compiled decoder's fidelity (16 concurrent requests per family) with decode steps as CUDA graphs.
 step compiled-tests "${COMPILED_TESTS_S:-100}" env LOCALVL_TEST_DEVICE=cuda python3 -m pytest -q -x -p no:cacheprovider \
   tests/engine/test_batching.py -k compiled 2>&1 | tail -15 | tee "$out/compiled-tests.txt"
-# The same load with the text decoder compiled (torch.compile; its start-up compile is outside the timings):
-# decode steps at batch 1 and 64 against the run above (on an H100, 2026-11-27, the 3B decoder's
-# compile alone outlasted 150 s).
+# The same load with the text decoder compiled (torch.compile, layer by layer; its start-up compile is
+# outside the timings): decode steps at batch 1 and 64 against the run above (on an H100, 2026-11-27,
+# the 3B decoder compiled whole outlasted 150 s; layer by layer it is one layer's compile).
 step compiled "${COMPILED_S:-200}" env LOCALVL_COMPILE=true python3 benchmarks/load.py --shape 3b --device cuda --concurrency 1,64 \
   --requests 64 --single-requests 4 --baseline-requests 1 --tokens 128 --in-process --json "$out/compiled.json" 2>&1 | grep -v -E "Loading|Writing" | tee "$out/compiled.txt"
 step profile "${PROFILE_S:-60}" python3 benchmarks/profile_step.py --shape 3b --device cuda --batch 64 --tokens 24 --prefill 2>&1 | grep -v -E "Loading|Writing" | head -90 | tee "$out/profile.txt"

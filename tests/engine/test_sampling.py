@@ -190,18 +190,43 @@ def test_batch_of_greedy_rows_is_argmax_and_returns_ints():
 
 from localvl.engine.sampling import apply_penalties  # noqa: E402
 
+NONE = torch.tensor([], dtype=torch.long)
+
 
 def test_repetition_penalty_divides_positive_and_multiplies_negative_seen_logits():
-    logits = LOGITS.clone()
-    apply_penalties(logits, ResolvedSampling(repetition_penalty=2.0), torch.tensor([1, 2]), torch.tensor([], dtype=torch.long))
-    assert logits[1] == LOGITS[1] / 2 and logits[2] == LOGITS[2] * 2
-    assert torch.equal(logits[3:], LOGITS[3:]) and logits[0] == LOGITS[0]
+    logits = LOGITS.clone().unsqueeze(0)
+    apply_penalties(logits, [0], [ResolvedSampling(repetition_penalty=2.0)], [torch.tensor([1])], [[2]])
+    row = logits[0]
+    assert row[1] == LOGITS[1] / 2 and row[2] == LOGITS[2] * 2  # a prompt id, a generated one
+    assert torch.equal(row[3:], LOGITS[3:]) and row[0] == LOGITS[0]
 
 
 def test_presence_and_frequency_penalties_count_generated_tokens():
-    logits = LOGITS.clone()
+    logits = LOGITS.clone().unsqueeze(0)
     params = ResolvedSampling(presence_penalty=0.5, frequency_penalty=0.25)
-    apply_penalties(logits, params, torch.tensor([], dtype=torch.long), torch.tensor([4, 4, 4, 6]))
-    assert torch.isclose(logits[4], LOGITS[4] - 0.5 - 0.75) and torch.isclose(logits[6], LOGITS[6] - 0.5 - 0.25)
-    assert logits[1] == LOGITS[1]
+    apply_penalties(logits, [0], [params], [torch.tensor([1])], [[4, 4, 4, 6]])
+    row = logits[0]
+    assert torch.isclose(row[4], LOGITS[4] - 0.5 - 0.75) and torch.isclose(row[6], LOGITS[6] - 0.5 - 0.25)
+    assert row[1] == LOGITS[1]  # the prompt's ids carry no presence penalty
     assert params.penalised and not ResolvedSampling().penalised
+
+
+def test_a_batch_is_penalised_as_its_rows_alone_and_as_transformers_does():
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    generator = torch.Generator().manual_seed(0)
+    batch = torch.randn(4, 50, generator=generator) * 5
+    params = [ResolvedSampling(repetition_penalty=1.3), ResolvedSampling(), ResolvedSampling(frequency_penalty=0.7),
+              ResolvedSampling(repetition_penalty=0.8, presence_penalty=-0.4)]
+    prompts = [torch.tensor([3, 7, 9]), torch.tensor([1]), torch.tensor([2, 5]), torch.tensor([0, 49])]
+    outputs = [[7, 11, 11], [4], [5, 5, 6], []]
+    together = batch.clone()
+    apply_penalties(together, [0, 2, 3], [params[i] for i in (0, 2, 3)], [prompts[i] for i in (0, 2, 3)], [outputs[i] for i in (0, 2, 3)])
+    assert torch.equal(together[1], batch[1])  # a row not named is left alone
+    for i in (0, 2, 3):
+        alone = batch[i : i + 1].clone()
+        apply_penalties(alone, [0], [params[i]], [prompts[i]], [outputs[i]])
+        assert torch.equal(together[i], alone[0])
+    seen = torch.tensor([[3, 7, 9, 7, 11, 11]])
+    expected = RepetitionPenaltyLogitsProcessor(1.3)(seen, batch[:1].clone())
+    assert torch.equal(together[0], expected[0])

@@ -436,15 +436,19 @@ class LocalEngine:
         # log-probabilities of the model itself: before penalties and temperature
         model_logprobs = torch.log_softmax(logits[wanted], dim=-1) if wanted else None
         logprob_row = {row: i for i, row in enumerate(wanted)}
-        for row, s in enumerate(samplers):
-            job = s.sequence.payload
-            if job.sampling.penalised:
-                self._penalise(logits[row], s.sequence)
-            if job.bias:  # before the bans: a bias never lifts a banned token
-                ids, values = zip(*job.bias)
-                logits[row, list(ids)] += torch.tensor(values, dtype=logits.dtype, device=logits.device)
-            if job.banned:
-                logits[row, list(job.banned)] = float("-inf")
+        self._penalise(logits, samplers)
+        # Biases, then bans (a bias never lifts a banned token): one indexed write each for the batch.
+        biased = [(row, token, value) for row, s in enumerate(samplers) for token, value in s.sequence.payload.bias]
+        if biased:
+            rows, ids, values = zip(*biased)
+            logits.index_put_(
+                (torch.tensor(rows, device=logits.device), torch.tensor(ids, device=logits.device)),
+                torch.tensor(values, dtype=logits.dtype, device=logits.device), accumulate=True,
+            )
+        banned = [(row, token) for row, s in enumerate(samplers) for token in s.sequence.payload.banned]
+        if banned:
+            rows, ids = zip(*banned)
+            logits[torch.tensor(rows, device=logits.device), torch.tensor(ids, device=logits.device)] = float("-inf")
         constrained = [row for row, s in enumerate(samplers) if s.sequence.payload.matcher is not None]
         if constrained:
             allowed = allowed_tokens([samplers[row].sequence.payload.matcher for row in constrained], logits.shape[1])
@@ -542,14 +546,17 @@ class LocalEngine:
         job.pending_logprobs.clear()
         return delta
 
-    def _penalise(self, row: torch.Tensor, seq: Sequence) -> None:
-        job: Job = seq.payload
-        device = row.device
-        if job.prompt_ids is None:
-            job.prompt_ids = torch.unique(torch.tensor(seq.prompt, dtype=torch.long, device=device))
-        generated = torch.tensor(seq.outputs, dtype=torch.long, device=device)
-        seen = torch.unique(torch.cat([job.prompt_ids, generated])) if seq.outputs else job.prompt_ids
-        apply_penalties(row, job.sampling, seen, generated)
+    def _penalise(self, logits: torch.Tensor, samplers: list[Scheduled]) -> None:
+        rows = [row for row, s in enumerate(samplers) if s.sequence.payload.sampling.penalised]
+        if not rows:
+            return
+        jobs: list[Job] = [samplers[row].sequence.payload for row in rows]
+        for row, job in zip(rows, jobs):
+            if job.prompt_ids is None:  # once per request
+                job.prompt_ids = torch.unique(torch.tensor(samplers[row].sequence.prompt, dtype=torch.long, device=logits.device))
+        prompts = [job.prompt_ids for job in jobs]
+        outputs = [samplers[row].sequence.outputs for row in rows]
+        apply_penalties(logits, rows, [job.sampling for job in jobs], prompts, outputs)  # type: ignore[misc]
 
     def _append(self, seq: Sequence, token: int) -> None:
         job: Job = seq.payload

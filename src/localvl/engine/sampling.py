@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 from dataclasses import dataclass
 
 import torch
@@ -59,20 +60,47 @@ def sample_next(logits: torch.Tensor, params: ResolvedSampling, generator: torch
 
 
 def apply_penalties(
-    logits: torch.Tensor, params: ResolvedSampling, seen: torch.Tensor, generated: torch.Tensor
+    logits: torch.Tensor,
+    rows: list[int],
+    params: list[ResolvedSampling],
+    prompts: list[torch.Tensor],
+    outputs: list[list[int]],
 ) -> None:
-    """Penalise one row of logits in place.
+    """Penalise ``rows`` of ``logits [batch, vocab]`` in place, each under its own parameters.
 
-    ``seen``: the distinct ids of the prompt and output so far (for the repetition penalty, as
-    ``RepetitionPenaltyLogitsProcessor`` does); ``generated``: every output id so far, repeats kept.
+    ``prompts``: each row's distinct prompt ids (a tensor on the logits' device); ``outputs``: its
+    generated ids, repeats kept. The repetition penalty applies to every id seen, prompt included,
+    as ``RepetitionPenaltyLogitsProcessor`` does; presence and frequency to generated ids, as
+    OpenAI's. The whole batch's ids are read and written at once: a few kernels per step, none
+    that waits on the GPU (row by row, with a ``unique`` each, it was a few kernels and a sync per
+    row). Only the ids touched are, never a ``[rows, vocab]`` array: on a CPU such arrays cost
+    ~100 ms a step at batch 64 with a 152k vocabulary.
     """
-    if params.repetition_penalty != 1.0 and seen.numel():
-        scores = logits[seen]
-        scores = torch.where(scores < 0, scores * params.repetition_penalty, scores / params.repetition_penalty)
-        logits[seen] = scores
-    if (params.presence_penalty or params.frequency_penalty) and generated.numel():
-        ids, counts = torch.unique(generated, return_counts=True)
-        logits[ids] -= params.presence_penalty + params.frequency_penalty * counts.to(logits.dtype)
+    device = logits.device
+
+    def on_device(values: list[int] | list[float], dtype: torch.dtype) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+    repeating = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
+    if repeating:
+        # An id seen twice (prompt and output) is written twice with the same value: no unique needed.
+        ids = torch.cat([prompts[i] for i in repeating] + [on_device([t for i in repeating for t in outputs[i]], torch.long)])
+        lengths = torch.tensor([len(prompts[i]) for i in repeating] + [len(outputs[i]) for i in repeating])
+        owners = torch.tensor([rows[i] for i in repeating] * 2).repeat_interleave(lengths)
+        penalty = torch.tensor([params[i].repetition_penalty for i in repeating] * 2, dtype=logits.dtype).repeat_interleave(lengths)
+        index = (owners.to(device, non_blocking=True), ids)
+        scores, penalty = logits[index], penalty.to(device, non_blocking=True)
+        logits[index] = torch.where(scores < 0, scores * penalty, scores / penalty)
+    owners, ids, values = [], [], []
+    for i, p in enumerate(params):
+        if p.presence_penalty or p.frequency_penalty:
+            for token, count in collections.Counter(outputs[i]).items():
+                owners.append(rows[i])
+                ids.append(token)
+                values.append(p.presence_penalty + p.frequency_penalty * count)
+    if owners:
+        index = (on_device(owners, torch.long), on_device(ids, torch.long))
+        logits[index] = logits[index] - on_device(values, logits.dtype)
 
 
 def sample_batch(
