@@ -265,6 +265,69 @@ def test_when_the_engine_process_dies_open_streams_end_with_an_error_and_the_ser
         server.stop()
 
 
+def test_a_hung_engine_process_times_requests_out_and_is_killed_at_shutdown(model_dir, tmp_path):
+    """SIGSTOP stands in for a hung engine process: requests waiting on it (even to be taken) end
+    with 504 at --request-timeout, and the shutdown kills it instead of waiting a minute."""
+    import os
+    import signal
+    import threading
+    from pathlib import Path
+
+    from tests.e2e.conftest import Server
+
+    server = Server(model_dir("qwen2_vl"), tmp_path / "hung.log", "--request-timeout", "4", "--shutdown-timeout", "1")
+    children = [int(pid) for task in Path(f"/proc/{server.process.pid}/task").iterdir()
+                for pid in (task / "children").read_text().split()]
+    engine_pid, = [pid for pid in children if b"resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    headers = {"x-api-key": API_KEY}
+    ask = [{"role": "user", "content": "Tell a very long story."}]
+    later: dict[str, httpx.Response | httpx.HTTPError] = {}
+
+    def send(name: str, path: str, payload: dict) -> None:
+        try:
+            later[name] = httpx.post(server.url + path, json=payload, headers=headers, timeout=60)
+        except httpx.HTTPError as error:  # the test's own bound: nothing came back
+            later[name] = error
+
+    senders = [
+        threading.Thread(target=send, args=("messages", "/v1/messages", {"model": "tiny-vl", "max_tokens": 5, "messages": ask})),
+        threading.Thread(target=send, args=("chat-stream", "/v1/chat/completions",
+                                            {"model": "tiny-vl", "max_tokens": 5, "stream": True, "messages": ask})),
+    ]
+    try:
+        events: list[str] = []
+        data: list[str] = []
+        payload = {"model": "tiny-vl", "max_tokens": 30000, "stream": True, "temperature": 1, "messages": ask}
+        with httpx.stream("POST", server.url + "/v1/messages", json=payload, headers=headers, timeout=60) as response:
+            for line in response.iter_lines():
+                if line.startswith("event: "):
+                    events.append(line[7:])
+                    if events[-1] == "content_block_delta" and events.count("content_block_delta") == 1:
+                        os.kill(engine_pid, signal.SIGSTOP)
+                        for sender in senders:
+                            sender.start()
+                elif line.startswith("data: "):
+                    data.append(line[6:])
+        for sender in senders:
+            sender.join(timeout=60)
+        assert events[-1] == "error" and json.loads(data[-1])["error"]["type"] == "timeout_error"
+        # Never taken by the engine, so no stream began: a 504 in each API's envelope.
+        assert later["messages"].status_code == 504 and later["messages"].json()["error"]["type"] == "timeout_error"
+        assert later["chat-stream"].status_code == 504 and later["chat-stream"].json()["error"]["code"] == "timeout"
+        os.kill(server.process.pid, signal.SIGTERM)
+        assert server.process.wait(timeout=40) == 0  # it waited 60 s for the engine process before
+        assert "the engine process did not stop" in server.log() and "Traceback" not in server.log()
+    finally:
+        try:
+            os.kill(engine_pid, signal.SIGCONT)  # so that the server's stop below can end it
+        except ProcessLookupError:
+            pass
+        server.stop()
+        for sender in senders:
+            if sender.is_alive():
+                sender.join(timeout=60)
+
+
 def test_the_access_log_is_one_json_line_per_request_without_content(server, client):
     marker = "MARKER_in_a_query_string_7f3a"  # uvicorn's own access log wrote paths and query strings
     httpx.get(f"{server.url}/v1/files", params={"after_id": marker}, headers={"x-api-key": API_KEY}, timeout=30)
