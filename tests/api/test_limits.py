@@ -74,11 +74,37 @@ def test_running_slots_are_given_back_however_a_request_ends(engine, tmp_path):
 def test_a_request_past_its_time_limit_ends_with_504_timeout_error(engine, tmp_path):
     with make_client(engine, tmp_path, request_timeout=1e-6) as client:
         assert_error(client.post("/v1/messages", json=body(max_tokens=50)), 504, "timeout_error")
-        with client.stream("POST", "/v1/messages", json=body(max_tokens=50, stream=True)) as streamed:
-            text = b"".join(streamed.iter_bytes()).decode()
-        assert "event: error" in text and '"timeout_error"' in text
+        # The limit counts from the request's start: it passes before the hand-off to the engine,
+        # so before any stream begins.
+        assert_error(client.post("/v1/messages", json=body(max_tokens=50, stream=True)), 504, "timeout_error")
         chat = client.post("/v1/chat/completions", json={"model": "tiny-vl", "messages": [{"role": "user", "content": "hi"}]})
         assert chat.status_code == 504 and chat.json()["error"]["code"] == "timeout"  # OpenAI's words
+
+
+class SilentEngine:
+    """``engine``, except that its streams never say anything."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    async def submit(self, request):
+        from tests.api.fake_stream import FakeStream
+
+        return FakeStream([], delay=3600)
+
+
+def test_a_stream_past_its_time_limit_ends_with_an_error_event(engine, tmp_path):
+    with make_client(SilentEngine(engine), tmp_path, request_timeout=2) as client:
+        with client.stream("POST", "/v1/messages", json=body(max_tokens=50, stream=True)) as streamed:
+            text = b"".join(streamed.iter_bytes()).decode()
+        assert streamed.status_code == 200 and "event: error" in text and '"timeout_error"' in text
+        chat = {"model": "tiny-vl", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+        with client.stream("POST", "/v1/chat/completions", json=chat) as streamed:
+            data = [line[6:] for line in streamed.iter_lines() if line.startswith("data: ")]
+        assert data[-1] == "[DONE]" and json.loads(data[-2])["error"]["code"] == "timeout"
 
 
 def test_draining_refuses_new_work_but_answers_probes(engine, tmp_path):

@@ -160,6 +160,83 @@ def test_requests_outliving_the_drain_end_with_503_in_their_envelope(model_dir, 
         server.stop()
 
 
+@pytest.mark.parametrize("engine", ["process", "thread"])
+def test_a_second_signal_ends_running_requests_at_once_with_503_in_their_envelope(model_dir, tmp_path, engine):
+    """The second Ctrl-C skips the drain's wait, not its way of ending requests: no plain-text 500,
+    no stream cut off mid-chunk (uvicorn's own exit cancelled the handlers)."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from tests.e2e.conftest import Server
+
+    extra = [] if engine == "process" else ["--no-engine-process"]
+    # A drain far longer than the test waits: only the second signal can end it in time.
+    server = Server(model_dir("qwen2_vl"), tmp_path / "twice.log", "--shutdown-timeout", "600", *extra)
+    headers = {"x-api-key": API_KEY}
+    # Long answers by their schema: random weights would otherwise now and then end early.
+    story = {"type": "object", "properties": {"story": {"type": "string", "minLength": 20000}}, "required": ["story"]}
+    ask = [{"role": "user", "content": "Tell a long story."}]
+    messages = {"model": "tiny-vl", "max_tokens": 20000, "temperature": 0, "messages": ask,
+                "output_config": {"format": {"type": "json_schema", "schema": story}}}
+    chat = {"model": "tiny-vl", "max_tokens": 20000, "temperature": 0, "messages": ask,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "story", "schema": story}}}
+    requests = {
+        "messages": ("/v1/messages", messages),
+        "messages-stream": ("/v1/messages", {**messages, "stream": True}),
+        "chat": ("/v1/chat/completions", chat),
+        "chat-stream": ("/v1/chat/completions", {**chat, "stream": True}),
+    }
+    answers: dict[str, tuple[int, str, bytes] | httpx.HTTPError] = {}
+
+    def send(name: str) -> None:
+        path, payload = requests[name]
+        try:
+            with httpx.stream("POST", server.url + path, json=payload, headers=headers, timeout=120) as response:
+                answers[name] = (response.status_code, response.headers.get("content-type", ""), response.read())
+        except httpx.HTTPError as error:  # a stream cut off mid-chunk
+            answers[name] = error
+
+    senders = [threading.Thread(target=send, args=(name,)) for name in requests]
+    try:
+        for sender in senders:
+            sender.start()
+        deadline = time.monotonic() + 60
+        while metric(httpx.get(server.url + "/metrics", headers=headers, timeout=5).text, "localvl_running_requests") < 4:
+            assert time.monotonic() < deadline, "the four requests never ran together"
+            time.sleep(0.1)
+        os.kill(server.process.pid, signal.SIGINT)
+        while httpx.get(server.url + "/ready", timeout=5).status_code != 503:  # the drain has begun
+            assert time.monotonic() < deadline, "/ready still 200 after the first signal"
+            time.sleep(0.05)
+        os.kill(server.process.pid, signal.SIGINT)
+        for sender in senders:
+            sender.join(timeout=60)
+        assert server.process.wait(timeout=60) == 0
+        assert not [error for error in answers.values() if isinstance(error, httpx.HTTPError)], answers
+        status, kind, body = answers["messages"]
+        assert (status, kind) == (503, "application/json"), body[:200]
+        assert json.loads(body)["error"]["type"] == "overloaded_error"
+        status, kind, body = answers["chat"]
+        assert (status, kind) == (503, "application/json"), body[:200]
+        assert json.loads(body)["error"]["code"] == "overloaded"  # OpenAI's words
+        status, _, body = answers["messages-stream"]
+        events = [line[7:] for line in body.decode().splitlines() if line.startswith("event: ")]
+        data = [line[6:] for line in body.decode().splitlines() if line.startswith("data: ")]
+        assert status == 200 and events[-1] == "error" and "message_stop" not in events
+        assert json.loads(data[-1])["error"]["type"] == "overloaded_error"
+        status, _, body = answers["chat-stream"]
+        data = [line[6:] for line in body.decode().splitlines() if line.startswith("data: ")]
+        assert status == 200 and data[-1] == "[DONE]"
+        assert json.loads(data[-2])["error"]["code"] == "overloaded"
+        assert "Traceback" not in server.log() and "CancelledError" not in server.log()
+    finally:
+        server.stop()
+        for sender in senders:
+            sender.join(timeout=30)
+
+
 def test_when_the_engine_process_dies_open_streams_end_with_an_error_and_the_server_exits_1(model_dir, tmp_path):
     import os
     import signal
@@ -186,6 +263,69 @@ def test_when_the_engine_process_dies_open_streams_end_with_an_error_and_the_ser
         assert "the engine process stopped unexpectedly" in server.log()
     finally:
         server.stop()
+
+
+def test_a_hung_engine_process_times_requests_out_and_is_killed_at_shutdown(model_dir, tmp_path):
+    """SIGSTOP stands in for a hung engine process: requests waiting on it (even to be taken) end
+    with 504 at --request-timeout, and the shutdown kills it instead of waiting a minute."""
+    import os
+    import signal
+    import threading
+    from pathlib import Path
+
+    from tests.e2e.conftest import Server
+
+    server = Server(model_dir("qwen2_vl"), tmp_path / "hung.log", "--request-timeout", "4", "--shutdown-timeout", "1")
+    children = [int(pid) for task in Path(f"/proc/{server.process.pid}/task").iterdir()
+                for pid in (task / "children").read_text().split()]
+    engine_pid, = [pid for pid in children if b"resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    headers = {"x-api-key": API_KEY}
+    ask = [{"role": "user", "content": "Tell a very long story."}]
+    later: dict[str, httpx.Response | httpx.HTTPError] = {}
+
+    def send(name: str, path: str, payload: dict) -> None:
+        try:
+            later[name] = httpx.post(server.url + path, json=payload, headers=headers, timeout=60)
+        except httpx.HTTPError as error:  # the test's own bound: nothing came back
+            later[name] = error
+
+    senders = [
+        threading.Thread(target=send, args=("messages", "/v1/messages", {"model": "tiny-vl", "max_tokens": 5, "messages": ask})),
+        threading.Thread(target=send, args=("chat-stream", "/v1/chat/completions",
+                                            {"model": "tiny-vl", "max_tokens": 5, "stream": True, "messages": ask})),
+    ]
+    try:
+        events: list[str] = []
+        data: list[str] = []
+        payload = {"model": "tiny-vl", "max_tokens": 30000, "stream": True, "temperature": 1, "messages": ask}
+        with httpx.stream("POST", server.url + "/v1/messages", json=payload, headers=headers, timeout=60) as response:
+            for line in response.iter_lines():
+                if line.startswith("event: "):
+                    events.append(line[7:])
+                    if events[-1] == "content_block_delta" and events.count("content_block_delta") == 1:
+                        os.kill(engine_pid, signal.SIGSTOP)
+                        for sender in senders:
+                            sender.start()
+                elif line.startswith("data: "):
+                    data.append(line[6:])
+        for sender in senders:
+            sender.join(timeout=60)
+        assert events[-1] == "error" and json.loads(data[-1])["error"]["type"] == "timeout_error"
+        # Never taken by the engine, so no stream began: a 504 in each API's envelope.
+        assert later["messages"].status_code == 504 and later["messages"].json()["error"]["type"] == "timeout_error"
+        assert later["chat-stream"].status_code == 504 and later["chat-stream"].json()["error"]["code"] == "timeout"
+        os.kill(server.process.pid, signal.SIGTERM)
+        assert server.process.wait(timeout=40) == 0  # it waited 60 s for the engine process before
+        assert "the engine process did not stop" in server.log() and "Traceback" not in server.log()
+    finally:
+        try:
+            os.kill(engine_pid, signal.SIGCONT)  # so that the server's stop below can end it
+        except ProcessLookupError:
+            pass
+        server.stop()
+        for sender in senders:
+            if sender.is_alive():
+                sender.join(timeout=60)
 
 
 def test_the_access_log_is_one_json_line_per_request_without_content(server, client):

@@ -150,6 +150,32 @@ def test_stopping_ends_open_streams_and_a_dead_engine_fails_them(model_dir):
     asyncio.run(killed())
 
 
+def test_a_hung_engine_process_lets_a_submit_be_cancelled_and_is_killed_at_stop(model_dir):
+    """SIGSTOP stands in for a hung engine process (a stuck kernel, a deadlock): no ack comes back.
+    The submit waiting for it can still be given up (the route's deadline does that), and ``stop``
+    kills the process after its grace instead of waiting a minute."""
+    engine = start(model_dir("qwen2_5_vl"))
+    engine.stop_timeout = 0.5
+    pid = engine._process.pid
+
+    async def body():
+        await engine.start()
+        os.kill(pid, signal.SIGSTOP)
+        request = GenerationRequest("hung", story(), SamplingParams(max_tokens=5))
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(engine.submit(request), 1)
+        assert engine._requests == {}  # taken back: its ack, if one ever came, goes nowhere
+        await asyncio.wait_for(engine.stop(), 60)  # bounds the test if stop waited on the process
+
+    try:
+        asyncio.run(body())
+        assert engine._process.exitcode == -signal.SIGKILL and not engine.alive
+    finally:
+        if engine._process.is_alive():
+            os.kill(pid, signal.SIGCONT)
+            engine._process.kill()
+
+
 def test_a_folder_the_engine_cannot_load_fails_at_start_with_the_loaders_message(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "qwen2"}')
     with pytest.raises(EngineStartError) as caught:

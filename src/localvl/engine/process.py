@@ -44,6 +44,7 @@ from localvl.errors import InternalError, LocalvlError, ServiceUnavailableError
 logger = logging.getLogger(__name__)
 
 STATS_INTERVAL = 0.1  # seconds between counter updates while the engine is busy
+STOP_GRACE = 5.0  # seconds ``stop`` gives the engine process (its step in progress) before killing it
 
 
 _HEAD = struct.Struct("!QI")  # pickle length, number of out-of-band buffers (then one "!Q" size each)
@@ -262,6 +263,7 @@ class ProcessEngine:
         cpu_affinity: bool = False,
         log_level: str = "info",
         start_timeout: float = 3600.0,
+        stop_timeout: float = STOP_GRACE,
     ) -> None:
         """Start the engine process and wait until its model is loaded.
 
@@ -269,9 +271,11 @@ class ProcessEngine:
         ``functools.partial`` of one) returns the ``LoadedModel``; ``processor`` (run here) returns
         the same folder's processor. Raises ``EngineStartError`` if the model cannot be loaded.
         With ``cpu_affinity`` and a model on the CPU, the engine process takes ``cpu_threads`` cores
-        (default: all but one) and this process keeps the rest (``affinity.py``) until ``stop``.
+        (default: all but one) and this process keeps the rest (``affinity.py``) until ``stop``,
+        which kills the engine process if it has not stopped in ``stop_timeout`` seconds.
         """
         self.config = config
+        self.stop_timeout = stop_timeout
         self.observers: list[Callable[[RequestRecord], None]] = []
         # Called (on the reply reader's thread) if the engine process dies unasked: `localvl serve`
         # shuts down then, and exits with status 1 so a supervisor restarts it.
@@ -352,13 +356,18 @@ class ProcessEngine:
         if self._stopping:
             return
         self._stopping = True
-        try:
-            await anyio.to_thread.run_sync(self._send, ("stop",))
-        except OSError:
-            pass
-        await anyio.to_thread.run_sync(self._process.join, 60)
+        # Stopping ends every request anyway (503), so a hung engine process is not worth waiting
+        # for: the drain has already spent --shutdown-timeout, and the service manager's patience
+        # is counted from the signal.
+        deadline = time.monotonic() + self.stop_timeout
+        with anyio.move_on_after(self.stop_timeout):  # a hung engine may leave the pipe full, the write blocked
+            try:
+                await anyio.to_thread.run_sync(self._send, ("stop",), abandon_on_cancel=True)
+            except OSError:
+                pass
+        await anyio.to_thread.run_sync(self._process.join, max(deadline - time.monotonic(), 0.0))
         if self._process.is_alive():
-            logger.error("the engine process did not stop in 60 s; killing it")
+            logger.error("the engine process did not stop in %g s; killing it", self.stop_timeout)
             self._process.kill()
             await anyio.to_thread.run_sync(self._process.join, 10)
         await anyio.to_thread.run_sync(self._reader.join, 10)

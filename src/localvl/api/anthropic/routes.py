@@ -17,7 +17,7 @@ from localvl.api.anthropic.threads import ThreadStore
 from localvl.api.validation import load_json_object, parse_body, parse_value
 from localvl.api.anthropic.stream import Output, collect_message, message_events, replayed_events
 from localvl.api.auth import require_api_key
-from localvl.api.deadline import DeadlineStream
+from localvl.api.deadline import Deadline
 from localvl.api.disconnect import until_disconnect
 from localvl.api.limits import rate_limited
 from localvl.api.middleware import new_id
@@ -121,14 +121,18 @@ def _threaded(
 
 
 async def start_message(
-    state: Any, owner: str, body: MessagesRequest, message_id: str, priority: int = INTERACTIVE
+    state: Any, owner: str, body: MessagesRequest, message_id: str, priority: int = INTERACTIVE,
+    deadline: Deadline | None = None,
 ) -> tuple[GenerationStream, Output]:
-    """Everything a Message needs before its events: media, conversion, submission to the engine."""
+    """Everything a Message needs before its events: media, conversion, submission to the engine
+    (within ``deadline``, which then holds the stream to it too)."""
     signer: ThinkingSigner = state.signer
     media = await media_for(state, owner, body)
     generation = await anyio.to_thread.run_sync(convert.generation_request, message_id, body, signer.recover, media)
     generation.priority = priority
-    stream = await state.engine.submit(generation)
+    stream: GenerationStream = (
+        await state.engine.submit(generation) if deadline is None else await deadline.submit(state.engine, generation)
+    )
     output = Output(message_id, body.model, signer, show_thinking=(body.thinking or {}).get("display") != "omitted")
     return stream, output
 
@@ -139,6 +143,7 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 @router.post("/v1/messages", dependencies=[Depends(rate_limited)])
 async def create_message(request: Request) -> Any:
     names, settings = _names(request), _settings(request)
+    deadline = Deadline(settings.request_timeout)
     on_done = None
     key = None
     if request.headers.get("content-type", "").startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
@@ -170,12 +175,11 @@ async def create_message(request: Request) -> Any:
                 return StreamingResponse(replayed_events(message), media_type="text/event-stream", headers=SSE_HEADERS)
             return JSONResponse(message)
     try:
-        stream, output = await start_message(request.app.state, request.state.owner, body, message_id)
+        stream, output = await start_message(request.app.state, request.state.owner, body, message_id, deadline=deadline)
     except BaseException:
         if on_done is not None:
             on_done(message_id, None)
         raise
-    stream = DeadlineStream(stream, settings.request_timeout)
     request.state.model = served  # for the access log: the served name
     thread_done = None if on_done is None else functools.partial(on_done, message_id)
 

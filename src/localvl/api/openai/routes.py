@@ -11,7 +11,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from localvl.api.auth import require_api_key
-from localvl.api.deadline import DeadlineStream
+from localvl.api.deadline import Deadline
 from localvl.api.disconnect import until_disconnect
 from localvl.api.limits import openai_rate_limited
 from localvl.api.middleware import new_id
@@ -30,6 +30,7 @@ router = APIRouter(dependencies=[Depends(require_api_key)])
 @router.post("/v1/chat/completions", dependencies=[Depends(openai_rate_limited)])
 async def chat_completions(request: Request) -> Any:
     state = request.app.state
+    deadline = Deadline(state.settings.request_timeout)
     engine: Engine = state.engine
     raw = await request.body()
     body = parse_body(ChatCompletionRequest, raw)
@@ -58,7 +59,7 @@ async def chat_completions(request: Request) -> Any:
     streams: list[GenerationStream] = []
     try:
         for generation in generations:
-            streams.append(DeadlineStream(await engine.submit(generation), settings.request_timeout))
+            streams.append(await deadline.submit(engine, generation))
     except BaseException:
         for stream in streams:
             await stream.aclose()
