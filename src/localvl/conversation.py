@@ -144,3 +144,6 @@ class GenerationRequest:
     thinking_budget: int | None = None  # most tokens of thinking before the answer is forced to begin
     output_schema: dict[str, Any] | None = None  # the answer's text must be JSON valid against it
     strict_tools: tuple[str, ...] = ()  # tools whose calls must validate against their input schema
+    # Another choice (OpenAI's n) of a client request whose first choice the queue limit already
+    # admitted: the limit counts client requests, so a choice never turns away its siblings.
+    queue_checked: bool = False

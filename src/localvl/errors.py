@@ -66,6 +66,14 @@ class InternalError(LocalvlError):
     kind = "api_error"
 
 
+class EngineDiedError(InternalError):
+    """The engine process died with this request in flight: the server failed, not the request.
+
+    Clients see the 500 any internal failure is; work the server repeats on its own (a batch
+    request) is given back and done again rather than recorded as failed.
+    """
+
+
 class OverloadedError(LocalvlError):
     status = 529
     kind = "overloaded_error"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from pathlib import Path
 
 import anthropic
 import pytest
@@ -128,11 +129,43 @@ def test_kill_9_in_the_middle_of_a_1000_request_batch_loses_and_repeats_nothing(
     assert set(attempts) <= {1, 2} and 1 <= attempts.get(2, 0) <= 8 and sum(attempts.values()) == 1000
 
 
+def engine_process(server: Server) -> int:
+    """The pid of the server's engine process (multiprocessing's spawn child)."""
+    for task in Path(f"/proc/{server.process.pid}/task").iterdir():
+        for pid in (task / "children").read_text().split():
+            if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                return int(pid)
+    raise AssertionError("no engine process found")
+
+
+def test_requests_in_flight_when_the_engine_process_dies_are_done_again(model_dir, tmp_path, backend):
+    first = Server(model_dir("qwen2_vl"), tmp_path / "first.log", *backend)
+    try:
+        client = anthropic.Anthropic(base_url=first.url, api_key=API_KEY, max_retries=0)
+        batch = client.messages.batches.create(requests=[{"custom_id": f"e{i}", "params": params(i, 64)} for i in range(40)])
+        deadline = time.monotonic() + 120
+        while client.messages.batches.retrieve(batch.id).request_counts.succeeded < 2:
+            assert time.monotonic() < deadline, "the batch did not start"
+            time.sleep(0.05)
+        os.kill(engine_process(first), signal.SIGKILL)  # the server shuts itself down, to be restarted
+        assert first.process.wait(timeout=60) == 1
+    finally:
+        first.stop()
+    second = Server(model_dir("qwen2_vl"), tmp_path / "second.log", *backend)
+    try:
+        client = anthropic.Anthropic(base_url=second.url, api_key=API_KEY, max_retries=0)
+        ended = wait_until_ended(client, batch.id)
+        assert ended.request_counts.succeeded == 40 and ended.request_counts.errored == 0
+        assert {line.result.type for line in client.messages.batches.results(batch.id)} == {"succeeded"}
+    finally:
+        second.stop()
+    assert max(attempts_by_count(backend)) >= 2  # some were in flight at the kill, and were done again
+
+
 def attempts_by_count(backend: tuple[str, ...]) -> dict[int, int]:
     query = "SELECT attempts, COUNT(*) FROM batch_requests GROUP BY attempts"
     if "--database-url" not in backend:
         import sqlite3
-        from pathlib import Path
 
         with sqlite3.connect(Path(backend[backend.index("--data-dir") + 1]) / "localvl.db") as db:
             return dict(db.execute(query).fetchall())

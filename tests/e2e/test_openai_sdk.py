@@ -77,6 +77,17 @@ def test_streamed_choices_arrive_by_index(oai):
     assert sum(1 for c in chunks if c.choices and c.choices[0].finish_reason) == 2
 
 
+def test_more_choices_than_the_queue_holds_run_on_an_idle_server(one_at_a_time_server):
+    """--max-queue 1 --max-num-seqs 1: the limit admits the request, all 16 choices (n's most) or none."""
+    client = openai.OpenAI(base_url=one_at_a_time_server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=60)
+    ask = dict(model="tiny-vl", messages=USER, max_tokens=4, n=16, temperature=1.0, seed=3)
+    assert [c.index for c in client.chat.completions.create(**ask).choices] == list(range(16))
+    chunks = list(client.chat.completions.create(**ask, stream=True))
+    assert sorted(c.choices[0].index for c in chunks if c.choices and c.choices[0].finish_reason) == list(range(16))
+    # every choice ended and left the queue: a request on its own is admitted after them
+    assert client.chat.completions.create(**{**ask, "n": 1}).choices[0].index == 0
+
+
 def test_a_stop_string_cuts_the_answer(oai):
     full = oai.chat.completions.create(model="tiny-vl", messages=USER, max_tokens=30, temperature=0).choices[0].message.content
     assert len(full) >= 4

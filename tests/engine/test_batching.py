@@ -276,6 +276,24 @@ def test_a_full_queue_answers_overloaded_with_retry_after(loaded_model):
     assert isinstance(finished, Finished)
 
 
+def test_the_choices_of_an_admitted_request_never_turn_each_other_away(loaded_model):
+    """OpenAI's n: the queue limit admits a client request, not each of its choices."""
+    conv = mixed_conversations(1)[0]
+
+    def choice(i: int) -> GenerationRequest:
+        return GenerationRequest(f"n{i}", conv, SamplingParams(max_tokens=3, temperature=0), queue_checked=i > 0)
+
+    async def body(engine):
+        streams = [await engine.submit(choice(i)) for i in range(6)]  # one runs, one may wait: six all the same
+        ends = [[event async for event in stream][-1] for stream in streams]
+        # all ended, all counted as started: the queue is empty again for a request on its own
+        after = await engine.submit(GenerationRequest("after", conv, SamplingParams(max_tokens=3, temperature=0)))
+        return [*ends, [event async for event in after][-1]]
+
+    ends = run_engine(loaded_model("qwen2_5_vl"), body, max_num_seqs=1, max_queue=1)
+    assert len(ends) == 7 and all(isinstance(end, Finished) for end in ends)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_padded_static_decode_steps_equal_the_model_alone(loaded_model, family):
     """The CUDA-graph path (static buffers, padded batch and width) — run eagerly on a CPU."""

@@ -13,7 +13,7 @@ from localvl.engine.affinity import available
 from localvl.engine.events import Finished, TextDelta
 from localvl.engine.local import EngineConfig
 from localvl.engine.process import EngineStartError, ProcessEngine
-from localvl.errors import InternalError, InvalidRequestError, ServiceUnavailableError
+from localvl.errors import EngineDiedError, InvalidRequestError, ServiceUnavailableError
 from localvl.models.loader import load_frontend_processor, load_model
 from tests.conftest import TEST_DEVICE
 from tests.engine.test_batching import assert_matches_reference, collect, mixed_conversations
@@ -138,7 +138,7 @@ def test_stopping_ends_open_streams_and_a_dead_engine_fails_them(model_dir):
         stream = await engine.submit(GenerationRequest("k", story(), SamplingParams(max_tokens=30000, temperature=1)))
         assert isinstance(await stream.__anext__(), TextDelta)
         os.kill(engine._process.pid, signal.SIGKILL)
-        with pytest.raises(InternalError):
+        with pytest.raises(EngineDiedError):  # the server's failure, not the request's: a batch does it again
             async for event in stream:
                 assert not isinstance(event, Finished)
         assert not engine.alive

@@ -56,6 +56,7 @@ class Admission:
     grammar: str | None = None  # llguidance grammar the output must follow
     banned: tuple[int, ...] = field(default=())  # tokens never sampled
     bias: tuple[tuple[int, float], ...] = field(default=())  # (token id, added to its logit)
+    queue_checked: bool = False  # GenerationRequest.queue_checked: the queue limit is not applied again
 
 
 class Frontend:
@@ -123,6 +124,7 @@ class Frontend:
             grammar=grammar,
             banned=banned,
             bias=sampling.logit_bias,
+            queue_checked=request.queue_checked,
         )
 
     def _parser(self, request: GenerationRequest, ids: list[int]) -> OutputParser | None:

@@ -259,7 +259,8 @@ class LocalEngine:
     async def submit(self, request: GenerationRequest) -> Stream:
         if self._stopping or self._thread is None:
             raise ServiceUnavailableError("the engine is not running")
-        self._check_queue()
+        if not request.queue_checked:
+            self._check_queue()
         admission = await self.frontend.prepare(request)
         matcher = None
         if admission.grammar is not None:
@@ -272,7 +273,8 @@ class LocalEngine:
         """Queue a prepared request for the engine thread (from any one thread at a time)."""
         if not self.alive:  # a request queued for a thread that has ended would wait forever
             raise ServiceUnavailableError("the engine is not running")
-        self._check_queue()  # again: others may have queued while this one rendered
+        if not admission.queue_checked:
+            self._check_queue()  # again: others may have queued while this one rendered
         job = self._job(admission, matcher, outbox, loop)
         seq = Sequence(
             admission.id, admission.ids, admission.images, max_new_tokens=admission.max_new_tokens,

@@ -39,7 +39,7 @@ from localvl.engine.bridge import Job, Outbox, Stream
 from localvl.engine.events import Event, Finished, RequestRecord
 from localvl.engine.frontend import Frontend
 from localvl.engine.protocol import ModelInfo
-from localvl.errors import InternalError, LocalvlError, ServiceUnavailableError
+from localvl.errors import EngineDiedError, InternalError, LocalvlError, ServiceUnavailableError
 
 logger = logging.getLogger(__name__)
 
@@ -462,7 +462,7 @@ class ProcessEngine:
     def _fail_all(self) -> None:
         error: LocalvlError = (
             ServiceUnavailableError("the server is shutting down") if self._stopping
-            else InternalError("the engine stopped while generating this response")
+            else EngineDiedError("the engine stopped while generating this response")
         )
         for request_id, remote in list(self._requests.items()):
             self._requests.pop(request_id, None)

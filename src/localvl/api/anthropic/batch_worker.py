@@ -20,13 +20,16 @@ from localvl.api.anthropic.stream import collect_message
 from localvl.api.middleware import new_id
 from localvl.api.validation import parse_value
 from localvl.engine.sequence import BACKGROUND
-from localvl.errors import InvalidRequestError, LocalvlError, OverloadedError, ServiceUnavailableError
+from localvl.errors import EngineDiedError, InvalidRequestError, LocalvlError, OverloadedError, ServiceUnavailableError
 from localvl.store.batches import BatchStore, Claimed
 
 logger = logging.getLogger(__name__)
 
 IDLE_POLL_S = 0.25  # how often an idle worker looks for new batch requests
 SWEEP_S = 30.0
+# Failures of the server, not of the request (the engine full, stopping, or dead): the claim goes
+# back and the request is done again later, here or after a restart, never recorded as errored.
+NOT_THE_REQUESTS_FAULT = (OverloadedError, ServiceUnavailableError, EngineDiedError)
 
 
 class BatchWorker:
@@ -108,8 +111,8 @@ class BatchWorker:
         except asyncio.CancelledError:
             await asyncio.shield(store.release(self.id, item.batch_id, item.position))
             raise
-        except (OverloadedError, ServiceUnavailableError):
-            await store.release(self.id, item.batch_id, item.position)  # the engine is full or stopping: later
+        except NOT_THE_REQUESTS_FAULT:
+            await store.release(self.id, item.batch_id, item.position)
             await asyncio.sleep(1.0)
             return
         if not await store.finish(self.id, item.batch_id, item.position, status, result):
@@ -127,7 +130,7 @@ class BatchWorker:
             message_id = new_id("msg_")
             stream, output = await start_message(self.state, owner, body, message_id, priority=BACKGROUND)
             message = await collect_message(stream, output)
-        except (OverloadedError, ServiceUnavailableError):
+        except NOT_THE_REQUESTS_FAULT:
             raise
         except LocalvlError as error:
             envelope = error_body(error, new_id("req_"))

@@ -59,6 +59,10 @@ async def chat_completions(request: Request) -> Any:
     streams: list[GenerationStream] = []
     try:
         for generation in generations:
+            # The queue limit admits the request, all its choices or none: once its first choice
+            # is in, the others skip the check (else n past --max-queue could never run), and a
+            # failure of any choice closes those already in.
+            generation.queue_checked = bool(streams)
             streams.append(await deadline.submit(engine, generation))
     except BaseException:
         for stream in streams:
