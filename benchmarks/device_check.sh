@@ -35,8 +35,8 @@ tail -25 "$out/tests-full.txt" | tee "$out/tests.txt"
 # As `localvl serve` runs it: the engine in a process of its own, at 64 concurrent.
 step load-process "${LOAD_PROCESS_S:-120}" python3 benchmarks/load.py --shape 3b --device cuda --concurrency 64 --requests 64 \
   --baseline-requests 1 --tokens 128 --vision-images 1 --json "$out/load-process.json" 2>&1 | grep -v -E "Loading|Writing" | tee "$out/load-process.txt"
-# The batched sampling penalties against row by row (a unique, which waits on the GPU, per row).
-step penalties "${PENALTIES_S:-30}" python3 benchmarks/penalties.py --device cuda 2>&1 | tail -2 | tee "$out/penalties.txt"
+# Sampling: draws without sorting the vocabulary against sort + multinomial; batched penalties against row by row.
+step sampling "${SAMPLING_S:-40}" python3 benchmarks/sampling.py --device cuda 2>&1 | tail -5 | tee "$out/sampling.txt"
 # The compiled decoder's fidelity (16 concurrent requests per family) with decode steps as CUDA graphs.
 step compiled-tests "${COMPILED_TESTS_S:-100}" env LOCALVL_TEST_DEVICE=cuda python3 -m pytest -q -x -p no:cacheprovider \
   tests/engine/test_batching.py -k compiled 2>&1 | tail -15 | tee "$out/compiled-tests.txt"

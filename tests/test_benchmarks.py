@@ -55,8 +55,8 @@ def test_the_step_profile_and_the_decode_split_run():
     assert "engine-thread CPU per step" in run("benchmarks/decode_split.py")
 
 
-def test_the_penalties_benchmark_checks_batched_equals_row_by_row():
-    assert "row by row" in run("benchmarks/penalties.py", "--batch", "3", "--vocab", "500", "--steps", "2")
+def test_the_sampling_benchmark_runs_and_checks_batched_penalties_equal_row_by_row():
+    assert "row by row" in run("benchmarks/sampling.py", "--batch", "3", "--vocab", "500", "--steps", "2")
 
 
 @pytest.mark.skipif(cpu_decode._compiler() is None, reason="needs a C++ compiler (inductor)")

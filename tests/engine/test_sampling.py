@@ -188,6 +188,39 @@ def test_batch_of_greedy_rows_is_argmax_and_returns_ints():
     assert out == [ARGMAX, int(torch.argmax(-LOGITS))] and all(type(t) is int for t in out)
 
 
+def test_cut_rows_follow_the_renormalised_distribution_of_what_they_keep():
+    """top-k 3, and top-p 0.9 (which keeps 5 of these 8 tokens): the kept tokens are drawn in
+    proportion to their probabilities, renormalised."""
+    params = [ResolvedSampling(temperature=1.0, top_k=3), ResolvedSampling(temperature=1.0, top_p=0.9)]
+    counts = batch_draws(params, n=4000, seed=5)
+    probs = torch.softmax(LOGITS, dim=-1)
+    order = torch.argsort(probs, descending=True)
+    before = torch.cumsum(probs[order], dim=0) - probs[order]
+    assert int((before < 0.9).sum()) == 5
+    for counter, kept in zip(counts, (order[:3], order[:5])):
+        expected = torch.zeros_like(probs)
+        expected[kept] = probs[kept] / probs[kept].sum()
+        for token, p in enumerate(expected.tolist()):
+            assert abs(counter[token] / 4000 - p) < 0.03, (token, counter[token] / 4000, p)
+
+
+def test_a_nucleus_wider_than_the_candidates_is_drawn_over_the_whole_vocabulary():
+    from localvl.engine.sampling import CANDIDATES
+
+    vocab = 4 * CANDIDATES
+    logits = -torch.arange(vocab, dtype=torch.float32) * 1e-3  # nearly flat, all distinct
+    probs = torch.softmax(logits, dim=-1)
+    boundary = int((torch.cumsum(probs, dim=0) - probs < 0.8).sum())  # the nucleus: tokens below it
+    assert boundary > CANDIDATES
+    generator = torch.Generator().manual_seed(0)
+    rows = logits.expand(2, -1)
+    params = [ResolvedSampling(top_p=0.8), ResolvedSampling(top_k=5)]
+    seen = [sample_batch(rows, params, generator) for _ in range(300)]
+    wide = [row[0] for row in seen]
+    assert max(wide) < boundary and max(wide) > CANDIDATES  # beyond the candidates, never past the nucleus
+    assert {row[1] for row in seen} <= set(range(5))
+
+
 from localvl.engine.sampling import apply_penalties  # noqa: E402
 
 NONE = torch.tensor([], dtype=torch.long)

@@ -137,14 +137,17 @@ class Frontend:
         schemas = {tool.name: tool.input_schema for tool in request.conversation.tools} if tools else None
         return OutputParser(tools=tools, thinking=thinking, in_thinking=opened, schemas=schemas)
 
+    def _top_k(self, top_k: int) -> int:
+        """A top_k that keeps every token the model can write is no cut: 0, as the sampler then
+        draws it (and no value a client sends, 2**63 say, overflows the batch's int64 tensor)."""
+        return 0 if top_k >= len(self._tokenizer) else top_k
+
     def _resolve(self, sampling: SamplingParams) -> ResolvedSampling:
         defaults = self.facts.sampling_defaults
         return ResolvedSampling(
             temperature=defaults.temperature if sampling.temperature is None else sampling.temperature,
             top_p=defaults.top_p if sampling.top_p is None else sampling.top_p,
-            # A top_k past the vocabulary keeps every token, as 0 does: clamped, so that no value a
-            # client sends (2**63, say) overflows the batch's int64 tensor and fails its neighbours.
-            top_k=min(defaults.top_k if sampling.top_k is None else sampling.top_k, len(self._tokenizer)),
+            top_k=self._top_k(defaults.top_k if sampling.top_k is None else sampling.top_k),
             repetition_penalty=(
                 defaults.repetition_penalty if sampling.repetition_penalty is None else sampling.repetition_penalty
             ),

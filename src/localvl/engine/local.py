@@ -44,7 +44,7 @@ from localvl.engine.linear_attention import LinearStates
 from localvl.engine.protocol import ModelInfo
 from localvl.engine.qwen_vl import QwenVLRunner
 from localvl.engine.runner import StepRunner
-from localvl.engine.sampling import apply_penalties, generator_seed, sample_batch, sample_next
+from localvl.engine.sampling import GREEDY, apply_penalties, generator_seed, sample_batch, sample_next
 from localvl.engine.scheduler import Scheduled, Scheduler
 from localvl.engine.sequence import Sequence
 from localvl.engine.stops import StopMatcher
@@ -463,8 +463,10 @@ class LocalEngine:
                 logits[row] = 0.0
         else:
             dead = []
-        # Seeded requests draw from their own generators, row by row; the rest in one batch.
-        tokens = sample_batch(logits, [s.sequence.payload.sampling for s in samplers])
+        # Seeded requests draw from their own generators, row by row (an argmax stands in for them in
+        # the batch); the rest in one batch.
+        batched = [GREEDY if s.sequence.payload.generator is not None else s.sequence.payload.sampling for s in samplers]
+        tokens = sample_batch(logits, batched)
         for row, s in enumerate(samplers):
             job: Job = s.sequence.payload
             if row in dead:
