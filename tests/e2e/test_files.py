@@ -63,3 +63,22 @@ def test_an_expiry_past_any_date_or_not_a_number_is_a_400_and_keeps_nothing(clie
         with pytest.raises(anthropic.BadRequestError, match="expires_in_seconds"):
             client.beta.files.upload(file=("x.png", PNG, "image/png"), expires_in_seconds=expires)
     assert {f.id for f in client.beta.files.list(limit=1000)} == before
+
+
+@pytest.mark.parametrize("content", [PNG, PDF, "héllo, 世界\n".encode(), bytes(range(256))], ids=["png", "pdf", "utf8", "every-byte"])
+def test_bare_bytes_and_unnamed_streams_upload_byte_for_byte(client, content):
+    """The SDK sends bytes and unnamed streams as a part without a filename (a plain form field)."""
+    import io
+
+    for file in (content, io.BytesIO(content)):
+        uploaded = client.beta.files.upload(file=file)
+        assert uploaded.filename == "upload" and uploaded.size_bytes == len(content)
+        assert client.beta.files.download(uploaded.id).read() == content
+    sniffed = {PNG: "image/png", PDF: "application/pdf"}.get(content)
+    if sniffed:
+        assert uploaded.mime_type == sniffed
+
+
+def test_a_unicode_filename_keeps_its_characters(client):
+    uploaded = client.beta.files.upload(file=("rechnung-größe-发票.png", PNG, "image/png"))
+    assert uploaded.filename == "rechnung-größe-发票.png"

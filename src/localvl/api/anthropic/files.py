@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import io
+import re
 from typing import Any
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import FileResponse, JSONResponse
+from starlette.datastructures import FormData, Headers
+from starlette.formparsers import MultiPartException, MultiPartParser
 
 from localvl.api.auth import require_api_key
 from localvl.errors import InvalidRequestError, RequestTooLargeError
@@ -46,21 +50,56 @@ def _mime_type(declared: str | None, filename: str, head: bytes) -> str:
     return "application/octet-stream"
 
 
+async def _form(request: Request, limit: int) -> FormData:
+    """The upload's form, its parts decoded as latin-1 (``_text`` undoes it for text fields).
+
+    The SDKs send a file given as bare bytes as a part without a filename, which the form parser
+    hands back as text: decoded as UTF-8 where the bytes allow, and then no longer telling which
+    bytes they were. Latin-1 is the one decoding that keeps every byte.
+    """
+    content_type = re.sub(r";\s*charset=[^;]*", "", request.headers["content-type"], flags=re.IGNORECASE)
+    parser = MultiPartParser(Headers({"content-type": f"{content_type}; charset=latin-1"}), request.stream(), max_part_size=limit)
+    try:
+        return await parser.parse()
+    except MultiPartException as error:
+        raise InvalidRequestError(error.message) from None
+
+
+def _text(value: str) -> str:
+    """A latin-1-decoded field as the form parser would have given it: UTF-8 where it is UTF-8."""
+    raw = value.encode("latin-1")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return value
+
+
 @router.post("/v1/files")
 async def upload(request: Request) -> JSONResponse:
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise InvalidRequestError("upload a file as multipart/form-data with a 'file' field")
-    form = await request.form(max_part_size=request.app.state.settings.max_file_bytes)
-    upload = form.get("file")
-    if upload is None or isinstance(upload, str):
-        raise InvalidRequestError("file: Field required")
     limit = request.app.state.settings.max_file_bytes
-    if upload.size is not None and upload.size > limit:  # the body's limit allows for the form around it
-        raise RequestTooLargeError(f"file is {upload.size} bytes; the limit is {limit} bytes")
-    filename = upload.filename or "upload"
-    head = await upload.read(16)
-    await upload.seek(0)
-    mime = _mime_type(upload.content_type, filename, head)
+    form = await _form(request, limit)
+    try:
+        return await _store_upload(request, form, limit)
+    finally:
+        await form.close()  # its spooled files (Request.form would have closed them with the request)
+
+
+async def _store_upload(request: Request, form: FormData, limit: int) -> JSONResponse:
+    upload = form.get("file")
+    if upload is None:
+        raise InvalidRequestError("file: Field required")
+    if isinstance(upload, str):  # bare bytes, sent without a filename
+        content, filename, declared = io.BytesIO(upload.encode("latin-1")), "upload", None
+        size: int | None = len(upload)
+    else:
+        content, filename, declared, size = upload.file, _text(upload.filename or "") or "upload", upload.content_type, upload.size
+    if size is not None and size > limit:  # the body's limit allows for the form around it
+        raise RequestTooLargeError(f"file is {size} bytes; the limit is {limit} bytes")
+    head = content.read(16)
+    content.seek(0)
+    mime = _mime_type(declared, filename, head)
     expires = form.get("expires_in_seconds")
     expires_in = None
     if isinstance(expires, str) and expires:
@@ -70,7 +109,7 @@ async def upload(request: Request) -> JSONResponse:
             raise InvalidRequestError("expires_in_seconds: must be a number") from None
         if not 0 < expires_in <= MAX_EXPIRES_IN:  # (nan fails this too; past ~8,000 years a date overflows)
             raise InvalidRequestError(f"expires_in_seconds: must be greater than 0 and at most {MAX_EXPIRES_IN} (100 years)")
-    record = await (await _files(request)).create(request.state.owner, filename, mime, upload.file, expires_in)
+    record = await (await _files(request)).create(request.state.owner, filename, mime, content, expires_in)
     if record.size_bytes == 0:
         await (await _files(request)).delete(request.state.owner, record.id)
         raise InvalidRequestError("file: the file is empty")
