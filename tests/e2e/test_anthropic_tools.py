@@ -110,6 +110,18 @@ def test_a_tool_result_with_an_image_round_trips_and_counts(client):
     assert all(b.type != "tool_use" for b in error.content)
 
 
+def test_an_unanswered_call_is_refused_as_anthropic_refuses_it(client):
+    call = {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Oslo"}}
+    messages = ASK + [{"role": "assistant", "content": [call]}, {"role": "user", "content": "well?"}]
+    calls = (lambda: client.messages.create(model="tiny-vl", max_tokens=8, messages=messages, tools=[WEATHER]),
+             lambda: client.messages.count_tokens(model="tiny-vl", messages=messages, tools=[WEATHER]))
+    for send in calls:
+        with pytest.raises(anthropic.BadRequestError) as caught:
+            send()
+        assert caught.value.body["error"]["type"] == "invalid_request_error"
+        assert "Did not find 1 `tool_result` block(s) at the beginning of this message" in caught.value.body["error"]["message"]
+
+
 def test_count_tokens_includes_the_tools(client):
     without = client.messages.count_tokens(model="tiny-vl", messages=ASK).input_tokens
     with_tools = client.messages.count_tokens(model="tiny-vl", messages=ASK, tools=[WEATHER, CLOCK]).input_tokens

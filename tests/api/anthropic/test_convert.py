@@ -162,9 +162,15 @@ def test_tool_result_in_assistant_turn_is_refused():
     assert refused([USER, {"role": "assistant", "content": [result]}]).startswith("messages.1.content.0")
 
 
+def answered(*results):
+    """A user turn answering calls of the assistant turn before it: the turns for ``convert``."""
+    calls = [{"type": "tool_use", "id": r["tool_use_id"], "name": "f", "input": {}} for r in results]
+    return [USER, {"role": "assistant", "content": calls}, {"role": "user", "content": list(results)}]
+
+
 def test_tool_result_with_string_content():
     result = {"type": "tool_result", "tool_use_id": "toolu_1", "content": "sunny"}
-    part = convert([{"role": "user", "content": [result]}]).turns[0].parts[0]
+    part = convert(answered(result)).turns[2].parts[0]
     assert part == ToolResult("toolu_1", (Text("sunny"),), False)
 
 
@@ -175,7 +181,7 @@ def test_tool_result_with_text_and_image_blocks():
         "is_error": True,
         "content": [{"type": "text", "text": "see"}, image_block(size=(20, 10))],
     }
-    part = convert([{"role": "user", "content": [result]}]).turns[0].parts[0]
+    part = convert(answered(result)).turns[2].parts[0]
     assert isinstance(part, ToolResult)
     assert part.tool_call_id == "toolu_1"
     assert part.is_error is True
@@ -185,13 +191,37 @@ def test_tool_result_with_text_and_image_blocks():
 
 
 def test_tool_result_without_content_is_empty():
-    part = convert([{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "a"}]}]).turns[0].parts[0]
+    part = convert(answered({"type": "tool_result", "tool_use_id": "a"})).turns[2].parts[0]
     assert part == ToolResult("a", (), False)
 
 
 def test_tool_result_image_is_found_by_conversation_images():
     result = {"type": "tool_result", "tool_use_id": "a", "content": [image_block()]}
-    assert len(convert([{"role": "user", "content": [result]}]).images()) == 1
+    assert len(convert(answered(result)).images()) == 1
+
+
+def test_calls_and_results_pair_up_as_anthropics_api_requires():
+    call = lambda id: {"type": "tool_use", "id": id, "name": "f", "input": {}}  # noqa: E731
+    result = lambda id: {"type": "tool_result", "tool_use_id": id, "content": "r"}  # noqa: E731
+    text = {"type": "text", "text": "and?"}
+    assert refused([{"role": "user", "content": [result("t1")]}]) == (
+        "messages.0.content.0: unexpected `tool_use_id` found in `tool_result` blocks: t1. Each `tool_result` "
+        "block must have a corresponding `tool_use` block in the previous message."
+    )
+    assert refused([USER, {"role": "assistant", "content": [call("t1")]}, {"role": "user", "content": [text, result("t1")]}]) == (
+        "messages.2: Did not find 1 `tool_result` block(s) at the beginning of this message. Messages following "
+        "`tool_use` blocks must begin with a matching number of `tool_result` blocks."
+    )
+    assert refused([USER, {"role": "assistant", "content": [call("t1"), call("t2")]}, {"role": "user", "content": [result("t2")]}]) == (
+        "messages.1: `tool_use` ids were found without `tool_result` blocks immediately after: t1. Each `tool_use` "
+        "block must have a corresponding `tool_result` block in the next message."
+    )
+    assert refused([USER, {"role": "assistant", "content": [call("t1"), call("t1")]}]).startswith("messages.1.content.1: `tool_use` ids must be unique")
+    later = [{"role": "assistant", "content": [call("t2")]}, {"role": "user", "content": [result("t2"), result("t1")]}]
+    assert refused(answered(result("t1")) + later).startswith("messages.4.content.1: unexpected `tool_use_id`")  # not an older call
+    # Answered in any order, text after the results, and a prefill's calls not yet answered: fine.
+    convert([USER, {"role": "assistant", "content": [call("a"), call("b")]}, {"role": "user", "content": [result("b"), result("a"), text]}])
+    convert([USER, {"role": "assistant", "content": [call("a")]}])
 
 
 def test_tools_with_input_schema_become_tools_and_server_tools_are_dropped():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 from typing import Any, Callable, Sequence
 
 from localvl.api.anthropic import schemas as s
@@ -244,7 +246,55 @@ def conversation_from(body: s._ConversationFields, verify: Verifier | None = Non
         return conversation
 
 
+def _check_tool_pairs(messages: Sequence[s.MessageParam]) -> None:
+    """Anthropic's rules for tool calls across messages, with its messages: an assistant message's
+    tool_use blocks are answered by tool_result blocks at the start of the next message, every
+    tool_result answers a tool_use of the message before it, and no two tool_use blocks share an id.
+    (A last assistant message, a prefill, may end in calls no one has answered yet.)"""
+    ids: set[str] = set()
+    asked: set[str] = set()  # the tool_use ids of the message before
+    for i, message in enumerate(messages):
+        blocks = message.content if isinstance(message.content, list) else []
+        if message.role == "user":
+            for j, block in enumerate(blocks):
+                if isinstance(block, s.ToolResultBlockParam) and block.tool_use_id not in asked:
+                    raise InvalidRequestError(
+                        f"messages.{i}.content.{j}: unexpected `tool_use_id` found in `tool_result` blocks: "
+                        f"{block.tool_use_id}. Each `tool_result` block must have a corresponding `tool_use` block "
+                        "in the previous message."
+                    )
+            asked = set()
+            continue
+        calls: list[str] = []
+        for j, block in enumerate(blocks):
+            if isinstance(block, s.ToolUseBlockParam):
+                if block.id in ids:
+                    raise InvalidRequestError(f"messages.{i}.content.{j}: `tool_use` ids must be unique")
+                ids.add(block.id)
+                calls.append(block.id)
+        if calls and i + 1 < len(messages):
+            following = messages[i + 1]
+            answers = following.content if following.role == "user" and isinstance(following.content, list) else []
+            leading = list(itertools.takewhile(lambda b: isinstance(b, s.ToolResultBlockParam), answers))
+            if not leading:
+                raise InvalidRequestError(
+                    f"messages.{i + 1}: Did not find {len(calls)} `tool_result` block(s) at the beginning of this "
+                    "message. Messages following `tool_use` blocks must begin with a matching number of "
+                    "`tool_result` blocks."
+                )
+            answered = {block.tool_use_id for block in leading}
+            missing = [call for call in calls if call not in answered]
+            if missing:
+                raise InvalidRequestError(
+                    f"messages.{i}: `tool_use` ids were found without `tool_result` blocks immediately after: "
+                    f"{', '.join(missing)}. Each `tool_use` block must have a corresponding `tool_result` block in "
+                    "the next message."
+                )
+        asked = set(calls)
+
+
 def _conversation(body: s._ConversationFields, verify: Verifier | None) -> Conversation:
+    _check_tool_pairs(body.messages)
     turns: list[Turn] = []
     if (system := _system_turn(body.system)) is not None:
         turns.append(system)
