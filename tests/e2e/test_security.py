@@ -170,6 +170,28 @@ def test_the_response_cache_through_the_openai_sdk(keyed):
     assert chunks[-1].usage.prompt_tokens_details.cached_tokens == original.usage.prompt_tokens
 
 
+def test_a_cached_tool_call_comes_back_with_an_id_of_its_own(keyed):
+    import openai
+
+    server, made, _ = keyed
+    tool = {"name": "get_weather", "description": "weather", "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}}}
+    kwargs = dict(max_tokens=40, messages=[{"role": "user", "content": "weather?"}], tools=[tool],
+                  tool_choice={"type": "tool", "name": "get_weather"}, extra_body={"temperature": 0})
+    c = client(server, made["free"])
+    first, second = (c.messages.with_raw_response.create(model="claude-sonnet-4-5", **kwargs) for _ in range(2))
+    assert (first.headers["x-localvl-cache"], second.headers["x-localvl-cache"]) == ("miss", "hit")
+    calls = [[b for b in r.parse().content if b.type == "tool_use"] for r in (first, second)]
+    assert calls[0] and [b.input for b in calls[0]] == [b.input for b in calls[1]]
+    assert {b.id for b in calls[0]}.isdisjoint(b.id for b in calls[1])
+    o = openai.OpenAI(base_url=server.url + "/v1", api_key=made["free"], max_retries=0)
+    function = {"type": "function", "function": {"name": "get_weather", "parameters": tool["input_schema"]}}
+    asked = dict(model="tiny-vl", max_tokens=40, temperature=0, messages=[{"role": "user", "content": "weather?"}], tools=[function],
+                 tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    answers = [o.chat.completions.create(**asked).choices[0].message.tool_calls for _ in range(2)]
+    assert answers[0] and [c.function.arguments for c in answers[0]] == [c.function.arguments for c in answers[1]]
+    assert {c.id for c in answers[0]}.isdisjoint(c.id for c in answers[1])
+
+
 def test_two_servers_share_limits_and_answers_through_redis(model_dir, tmp_path):
     url = os.environ.get("LOCALVL_TEST_REDIS_URL")
     if not url:

@@ -21,6 +21,7 @@ from localvl.api.deadline import Deadline
 from localvl.api.disconnect import until_disconnect
 from localvl.api.limits import rate_limited
 from localvl.api.middleware import new_id
+from localvl.prompt.outputs import tool_call_id
 from localvl.api.model_names import ModelNames
 from localvl.api.response_cache import request_key
 from localvl.api.signatures import ThinkingSigner
@@ -170,7 +171,9 @@ async def create_message(request: Request) -> Any:
             prompt = sum(int(usage.get(k) or 0) for k in ("input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens"))
             usage.update(input_tokens=0, cache_creation_input_tokens=0, cache_read_input_tokens=prompt)
             request.state.usage = usage
-            message = dict(hit, id=message_id, model=body.model, usage=usage)
+            # Fresh tool_use ids too: a client repeating a conversation's start gets calls of its own.
+            content = [dict(b, id=tool_call_id()) if b.get("type") == "tool_use" else b for b in hit.get("content", [])]
+            message = dict(hit, id=message_id, model=body.model, usage=usage, content=content)
             if body.stream:
                 return StreamingResponse(replayed_events(message), media_type="text/event-stream", headers=SSE_HEADERS)
             return JSONResponse(message)

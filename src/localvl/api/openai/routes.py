@@ -15,6 +15,7 @@ from localvl.api.deadline import Deadline
 from localvl.api.disconnect import until_disconnect
 from localvl.api.limits import openai_rate_limited
 from localvl.api.middleware import new_id
+from localvl.prompt.outputs import tool_call_id
 from localvl.api.openai import convert
 from localvl.api.openai.schemas import ChatCompletionRequest
 from localvl.api.openai.stream import collect_completion, completion_chunks, replayed_chunks
@@ -46,7 +47,9 @@ async def chat_completions(request: Request) -> Any:
         if hit is not None:
             request.state.model, request.state.cache_hit, request.state.usage = served, True, hit["localvl_usage"]
             completion = {k: v for k, v in hit.items() if k != "localvl_usage"}
-            completion.update(id=completion_id, created=int(time.time()), model=body.model)
+            completion.update(id=completion_id, created=int(time.time()), model=body.model, choices=[
+                _fresh_call_ids(choice) for choice in completion.get("choices", [])
+            ])
             if isinstance(completion.get("usage"), dict):  # nothing computed this time: the whole prompt reads as cached
                 usage = completion["usage"] = dict(completion["usage"])
                 usage["prompt_tokens_details"] = {**(usage.get("prompt_tokens_details") or {}), "cached_tokens": usage.get("prompt_tokens", 0)}
@@ -90,3 +93,12 @@ async def chat_completions(request: Request) -> Any:
         request, collect_completion(streams, completion_id, body.model, created, logprobs=bool(body.logprobs), on_done=done)
     )
     return JSONResponse(completion)
+
+
+def _fresh_call_ids(choice: dict[str, Any]) -> dict[str, Any]:
+    """A cached choice with new tool call ids: a client repeating a conversation's start gets calls of its own."""
+    message = choice.get("message") or {}
+    if not message.get("tool_calls"):
+        return choice
+    calls = [dict(call, id="call_" + tool_call_id().removeprefix("toolu_")) for call in message["tool_calls"]]
+    return dict(choice, message=dict(message, tool_calls=calls))
