@@ -28,6 +28,15 @@ def test_the_pixel_budget_bounds_the_rendering():
     assert parts[1].pixels.width * parts[1].pixels.height <= 200_000
 
 
+# A page tree that counts two pages and holds one: PDFium opens it, then fails on page 2.
+BROKEN_PAGE_TREE = (
+    b"%PDF-1.4\n1 0 obj\n<< /Type /Catalog /Pages 2 0 R >>\nendobj\n"
+    b"2 0 obj\n<< /Type /Pages /Kids [3 0 R] /Count 2 >>\nendobj\n"
+    b"3 0 obj\n<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] >>\nendobj\n"
+    b"trailer\n<< /Root 1 0 R >>\n%%EOF\n"
+)
+
+
 @pytest.mark.parametrize(
     "data, options, message",
     [
@@ -35,8 +44,9 @@ def test_the_pixel_budget_bounds_the_rendering():
         (b"%PDF-1.4\ngarbage", PdfOptions(), "could not be read"),
         (pdf_bytes(["a", "b", "c"]), PdfOptions(max_pages=2), "3 pages; at most 2"),
         (pdf_bytes(["a"]), PdfOptions(max_bytes=100), "at most 100 are accepted"),
+        (BROKEN_PAGE_TREE, PdfOptions(), "page 2 of the PDF could not be read"),
     ],
-    ids=["not-pdf", "corrupt", "too-many-pages", "too-large"],
+    ids=["not-pdf", "corrupt", "too-many-pages", "too-large", "page-tree-promising-more"],
 )
 def test_what_cannot_be_read_is_a_400_that_says_why(data, options, message):
     with pytest.raises(InvalidRequestError, match=message):

@@ -68,7 +68,10 @@ def _pages(pdfium: Any, data: bytes, where: str, options: PdfOptions) -> list[Te
             raise InvalidRequestError(f"{where}: the PDF has {pages} pages; at most {options.max_pages} are accepted")
         parts: list[Text | Image] = []
         for index in range(pages):
-            page = document[index]
+            try:  # a page tree that promises more pages than it holds fails here
+                page = document[index]
+            except pdfium.PdfiumError:
+                raise InvalidRequestError(f"{where}: page {index + 1} of the PDF could not be read") from None
             try:
                 width, height = page.get_size()  # points, 1/72 inch
                 scale = min(DPI / 72, math.sqrt(options.page_pixels / max(width * height, 1.0)))

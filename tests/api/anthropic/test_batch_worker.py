@@ -56,6 +56,7 @@ class FailingEngine:
 @pytest.mark.parametrize(("error", "result", "submitted"), [
     (EngineDiedError, "succeeded", 6),  # the server's failure: given back, done again
     (InternalError, "errored", 3),  # a step that failed on this request: its result
+    (RuntimeError, "errored", 3),  # a bug: its result too (claimed again forever, the batch never ended)
 ])
 def test_requests_the_engine_died_under_are_done_again(loaded_model, tmp_path, error, result, submitted):
     settings = Settings(api_key=[KEY], served_model_name="tiny-vl", data_dir=tmp_path)

@@ -20,7 +20,9 @@ from localvl.api.anthropic.stream import collect_message
 from localvl.api.middleware import new_id
 from localvl.api.validation import parse_value
 from localvl.engine.sequence import BACKGROUND
-from localvl.errors import EngineDiedError, InvalidRequestError, LocalvlError, OverloadedError, ServiceUnavailableError
+from localvl.errors import (
+    EngineDiedError, InternalError, InvalidRequestError, LocalvlError, OverloadedError, ServiceUnavailableError,
+)
 from localvl.store.batches import BatchStore, Claimed
 
 logger = logging.getLogger(__name__)
@@ -134,5 +136,10 @@ class BatchWorker:
             raise
         except LocalvlError as error:
             envelope = error_body(error, new_id("req_"))
+            return "errored", {"type": "errored", "error": envelope}
+        except Exception as error:  # a bug: errored, as POST /v1/messages answers a 500, not claimed again forever
+            logger.error("batch request %s/%d failed: %s", item.batch_id, item.position, type(error).__name__)
+            logger.debug("batch request failure", exc_info=True)
+            envelope = error_body(InternalError("the server failed while answering this request"), new_id("req_"))
             return "errored", {"type": "errored", "error": envelope}
         return "succeeded", {"type": "succeeded", "message": message}
