@@ -13,6 +13,10 @@ SGLang split them. Between them, two pipes of pickled messages:
 
 If the engine process dies, every open stream ends with an error and ``alive`` turns false (the
 server's /ready then answers 503).
+
+One thread of the server writes the command pipe: a hung engine process leaves the pipe full (an
+image or two fill it), and a write to a full pipe blocks; on the event loop, that would freeze
+every route of the server with it.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import logging
 import multiprocessing
 import os
 import pickle
+import queue
 import signal
 import struct
 import threading
@@ -282,7 +287,7 @@ class ProcessEngine:
         self.on_death: Callable[[], None] | None = None
         self._requests: dict[str, _Remote] = {}
         self._stats: dict[str, int] = {}
-        self._lock = threading.Lock()
+        self._outgoing: queue.SimpleQueue[Any] = queue.SimpleQueue()  # the command writer's; None ends it
         self._running = False
         self._stopping = False
         self._dead = False
@@ -315,6 +320,8 @@ class ProcessEngine:
         self.renderer = self.frontend.renderer
         self._reader = threading.Thread(target=self._read, name="localvl-engine-replies", daemon=True)
         self._reader.start()
+        self._writer = threading.Thread(target=self._write_commands, name="localvl-engine-commands", daemon=True)
+        self._writer.start()
 
     def _first_reply(self, timeout: float) -> Any:
         deadline = time.monotonic() + timeout
@@ -359,18 +366,15 @@ class ProcessEngine:
         # Stopping ends every request anyway (503), so a hung engine process is not worth waiting
         # for: the drain has already spent --shutdown-timeout, and the service manager's patience
         # is counted from the signal.
-        deadline = time.monotonic() + self.stop_timeout
-        with anyio.move_on_after(self.stop_timeout):  # a hung engine may leave the pipe full, the write blocked
-            try:
-                await anyio.to_thread.run_sync(self._send, ("stop",), abandon_on_cancel=True)
-            except OSError:
-                pass
-        await anyio.to_thread.run_sync(self._process.join, max(deadline - time.monotonic(), 0.0))
+        self._send(("stop",))
+        await anyio.to_thread.run_sync(self._process.join, self.stop_timeout)
         if self._process.is_alive():
             logger.error("the engine process did not stop in %g s; killing it", self.stop_timeout)
             self._process.kill()
             await anyio.to_thread.run_sync(self._process.join, 10)
         await anyio.to_thread.run_sync(self._reader.join, 10)
+        self._outgoing.put(None)  # a write still blocked on the pipe failed when the process ended
+        await anyio.to_thread.run_sync(self._writer.join, 10)
         if self._cpus_before:  # the engine's cores are free again
             affinity.pin_process(self._cpus_before)
 
@@ -386,11 +390,13 @@ class ProcessEngine:
         loop = asyncio.get_running_loop()
         remote = _Remote(loop, asyncio.Queue(), loop.create_future())
         self._requests[admission.id] = remote
+        if self._dead:  # the reader has failed every request it knew of: no ack would ever come
+            self._requests.pop(admission.id, None)
+            raise ServiceUnavailableError("the engine is not running")
+        self._send(("submit", admission))
         try:
-            # Off the event loop: an image is still ~0.6 MB (448 px) to write down the pipe.
-            await anyio.to_thread.run_sync(self._send, ("submit", admission))
             error = await remote.ack
-        except BaseException:  # cancelled (the client left) or the pipe broke
+        except BaseException:  # cancelled: the client left, or the route's deadline passed
             self.abort(admission.id)
             raise
         if error is not None:
@@ -400,16 +406,36 @@ class ProcessEngine:
 
     def abort(self, request_id: str) -> None:
         if self._requests.pop(request_id, None) is not None:
-            try:
-                self._send(("abort", request_id))
-            except OSError:  # the engine process is gone: nothing to abort
-                pass
+            self._send(("abort", request_id))
 
     # ------------------------------------------------------------------ the pipes
 
     def _send(self, message: Any) -> None:
-        with self._lock:
-            _write(self._commands, message)
+        """Queue a message for the engine process; returns at once, whatever the pipe's state."""
+        self._outgoing.put(message)
+
+    def _write_commands(self) -> None:
+        """The command writer's thread, the pipe's only writer: a hung engine process that leaves
+        the pipe full blocks this thread alone. One queue keeps the order in which messages were
+        sent, so an abort never overtakes its own submit."""
+        broken = False
+        while (message := self._outgoing.get()) is not None:
+            if broken:  # the engine process is gone: the reader fails the requests, aborts are moot
+                continue
+            if message[0] == "submit" and message[1].id not in self._requests:
+                # Given up before its turn (a client gone while a hung engine held the pipe): not
+                # worth the pipe; the abort behind it is for an id the engine never saw, a no-op.
+                continue
+            try:
+                _write(self._commands, message)
+            except OSError:
+                broken = True
+            except Exception as error:  # could not pickle (a bug): nothing was written; this request fails
+                logger.error("sending a message to the engine process failed: %s", type(error).__name__)
+                logger.debug("send failure", exc_info=True)
+                remote = self._requests.get(message[1].id) if message[0] == "submit" else None
+                if remote is not None:
+                    self._call(remote.loop, _acknowledge, remote.ack, InternalError("the engine could not take this request"))
 
     def _read(self) -> None:
         """The reply reader's thread: hand each step's events to their event loops in one call each."""
