@@ -240,6 +240,36 @@ def test_a_hung_engine_process_with_a_full_pipe_never_blocks_the_event_loop(mode
         asyncio.run(engine.stop())
 
 
+def test_a_silent_engine_process_is_unresponsive_until_it_answers_and_an_idle_one_is_not(model_dir):
+    """/ready's view of a hung engine process (SIGSTOP): silent past ``unresponsive_after``, with a
+    request unacknowledged or none at all. An idle engine reports now and then, so it stays
+    responsive however long it idles."""
+    engine = start(model_dir("qwen2_5_vl"))
+    engine.unresponsive_after = 2.0
+    pid = engine._process.pid
+
+    async def body():
+        await engine.start()
+        heard = engine._heard
+        await until(lambda: engine._heard > heard, "a report from the idle engine")
+        await asyncio.sleep(engine.unresponsive_after + 0.5)
+        assert engine.responsive
+        os.kill(pid, signal.SIGSTOP)
+        submit = asyncio.create_task(engine.submit(GenerationRequest("waits", story(), SamplingParams(max_tokens=3))))
+        await until(lambda: not engine.responsive, "unresponsive")
+        os.kill(pid, signal.SIGCONT)
+        await until(lambda: engine.responsive, "responsive again")
+        stream = await asyncio.wait_for(submit, 60)  # acknowledged once the engine ran again
+        assert isinstance([event async for event in stream][-1], Finished)
+
+    try:
+        asyncio.run(asyncio.wait_for(body(), 300))
+    finally:
+        if engine._process.is_alive():
+            os.kill(pid, signal.SIGCONT)
+        asyncio.run(engine.stop())
+
+
 def test_a_folder_the_engine_cannot_load_fails_at_start_with_the_loaders_message(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "qwen2"}')
     with pytest.raises(EngineStartError) as caught:
