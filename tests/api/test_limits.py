@@ -118,6 +118,18 @@ def test_draining_refuses_new_work_but_answers_probes(engine, tmp_path):
         assert client.get("/metrics").status_code == 200
 
 
+def test_an_engine_that_stopped_answering_is_not_ready_until_it_answers_again(engine, tmp_path):
+    """``responsive`` is a ProcessEngine's view of a hung engine process (tests/engine/test_process.py)."""
+    hung = SilentEngine(engine)
+    hung.responsive = False
+    with make_client(hung, tmp_path) as client:
+        not_ready = client.get("/ready")
+        assert not_ready.status_code == 503 and not_ready.json() == {"status": "not ready"}
+        assert client.get("/health").status_code == 200
+        hung.responsive = True
+        assert client.get("/ready").json()["status"] == "ready"
+
+
 def _events(text):
     return [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: ")]
 

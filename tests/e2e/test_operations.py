@@ -328,6 +328,61 @@ def test_a_hung_engine_process_times_requests_out_and_is_killed_at_shutdown(mode
                 sender.join(timeout=60)
 
 
+def test_a_hung_engine_process_with_a_full_pipe_leaves_the_server_answering(model_dir, tmp_path):
+    """SIGSTOP stands in for a hung engine process; image requests fill the command pipe behind it
+    (1 MiB; ~115 KB each here) and time out, and each timeout aborts its request on the event loop.
+    A write to the full pipe there froze every route: now /health and /ready still answer, and once
+    the engine runs again, so do requests."""
+    import os
+    import signal
+    import threading
+    from pathlib import Path
+
+    from tests.e2e.conftest import Server
+
+    server = Server(model_dir("qwen2_5_vl"), tmp_path / "full.log", "--request-timeout", "3", "--shutdown-timeout", "1")
+    children = [int(pid) for task in Path(f"/proc/{server.process.pid}/task").iterdir()
+                for pid in (task / "children").read_text().split()]
+    engine_pid, = [pid for pid in children if b"resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    headers = {"x-api-key": API_KEY}
+    pictures = [{"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                             "data": base64.b64encode(image_bytes(size=(640, 480), color=(40 * k, 90, 200))).decode()}}
+                for k in range(4)]
+    payload = {"model": "tiny-vl", "max_tokens": 5, "messages": [{"role": "user", "content": [*pictures, {"type": "text", "text": "Describe these."}]}]}
+    answers: list[httpx.Response | httpx.HTTPError] = []
+
+    def send() -> None:
+        try:
+            answers.append(httpx.post(server.url + "/v1/messages", json=payload, headers=headers, timeout=60))
+        except httpx.HTTPError as error:  # the test's own bound: nothing came back
+            answers.append(error)
+
+    senders = [threading.Thread(target=send) for _ in range(16)]
+    try:
+        os.kill(engine_pid, signal.SIGSTOP)
+        for sender in senders:
+            sender.start()
+        for sender in senders:
+            sender.join(timeout=60)
+        assert [getattr(answer, "status_code", answer) for answer in answers] == [504] * 16
+        # 10 s: a frozen event loop never answers; a live one answers in milliseconds
+        assert httpx.get(server.url + "/health", timeout=10).status_code == 200
+        assert httpx.get(server.url + "/ready", timeout=10).status_code in (200, 503)  # 503 once it counts as hung
+        os.kill(engine_pid, signal.SIGCONT)
+        after = httpx.post(server.url + "/v1/messages", json=payload, headers=headers, timeout=60)
+        assert after.status_code == 200 and after.json()["usage"]["output_tokens"] > 0
+        assert "Traceback" not in server.log()
+    finally:
+        try:
+            os.kill(engine_pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+        server.stop()
+        for sender in senders:
+            if sender.is_alive():
+                sender.join(timeout=60)
+
+
 def test_the_access_log_is_one_json_line_per_request_without_content(server, client):
     marker = "MARKER_in_a_query_string_7f3a"  # uvicorn's own access log wrote paths and query strings
     httpx.get(f"{server.url}/v1/files", params={"after_id": marker}, headers={"x-api-key": API_KEY}, timeout=30)

@@ -2,9 +2,14 @@
 the process itself can end."""
 
 import asyncio
+import fcntl
 import functools
 import os
 import signal
+import struct
+import termios
+import threading
+import time
 
 import pytest
 
@@ -16,7 +21,7 @@ from localvl.engine.process import EngineStartError, ProcessEngine
 from localvl.errors import EngineDiedError, InvalidRequestError, ServiceUnavailableError
 from localvl.models.loader import load_frontend_processor, load_model
 from tests.conftest import TEST_DEVICE
-from tests.engine.test_batching import assert_matches_reference, collect, mixed_conversations
+from tests.engine.test_batching import assert_matches_reference, collect, image, mixed_conversations
 
 
 def start(folder, cpu_affinity=False, **config) -> ProcessEngine:
@@ -174,6 +179,95 @@ def test_a_hung_engine_process_lets_a_submit_be_cancelled_and_is_killed_at_stop(
         if engine._process.is_alive():
             os.kill(pid, signal.SIGCONT)
             engine._process.kill()
+
+
+def unread(engine: ProcessEngine) -> tuple[int, int]:
+    """Bytes waiting in the command pipe, and its capacity (Linux)."""
+    fd = engine._commands.fileno()
+    waiting = struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0" * 4))[0]
+    return waiting, fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ)
+
+
+async def until(condition, what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"not {what} in {timeout} s"
+        await asyncio.sleep(0.05)
+
+
+def test_a_hung_engine_process_with_a_full_pipe_never_blocks_the_event_loop(model_dir):
+    """SIGSTOP stands in for a hung engine process; image requests fill the command pipe behind it.
+    Giving them up (a client gone, a deadline) aborts them on the event loop: a write to the full
+    pipe there would freeze every route of the server. Once it runs again, the engine works
+    through the backlog (each abort after its submit) and goes on."""
+    engine = start(model_dir("qwen2_5_vl"))
+    pid = engine._process.pid
+    frozen = threading.Event()
+
+    def thaw() -> None:  # bounds the test if something blocked on the pipe: the writes go through then
+        frozen.set()
+        os.kill(pid, signal.SIGCONT)
+
+    watchdog = threading.Timer(120, thaw)
+    pictures = [image(k, size=(640, 480)) for k in range(4)]  # ~115 KB down the pipe per request
+
+    async def body():
+        await engine.start()
+        os.kill(pid, signal.SIGSTOP)
+        watchdog.start()
+        conv = Conversation([Turn("user", [*pictures, Text("Describe these.")])])
+        submits = [asyncio.create_task(engine.submit(GenerationRequest(f"img{i}", conv, SamplingParams(max_tokens=5))))
+                   for i in range(16)]
+        await until(lambda: unread(engine)[0] >= unread(engine)[1] - (64 << 10), "a full pipe")
+        assert not any(task.done() for task in submits)
+        for task in submits:  # each cancelled submit aborts its request, on this event loop
+            task.cancel()
+        results = await asyncio.gather(*submits, return_exceptions=True)
+        assert all(isinstance(result, asyncio.CancelledError) for result in results)
+        assert engine._requests == {} and not engine._outgoing.empty()  # the aborts wait behind the writer
+        os.kill(pid, signal.SIGCONT)
+        text, finished = await collect(engine, story(), "after", max_tokens=3)
+        assert finished.usage.output_tokens == 3
+        await until(lambda: engine.stats()["running"] == 0 and engine.stats()["waiting"] == 0, "idle again")
+
+    try:
+        asyncio.run(asyncio.wait_for(body(), 300))
+        assert not frozen.is_set(), "the event loop blocked on the full pipe"
+    finally:
+        watchdog.cancel()
+        if engine._process.is_alive():
+            os.kill(pid, signal.SIGCONT)
+        asyncio.run(engine.stop())
+
+
+def test_a_silent_engine_process_is_unresponsive_until_it_answers_and_an_idle_one_is_not(model_dir):
+    """/ready's view of a hung engine process (SIGSTOP): silent past ``unresponsive_after``, with a
+    request unacknowledged or none at all. An idle engine reports now and then, so it stays
+    responsive however long it idles."""
+    engine = start(model_dir("qwen2_5_vl"))
+    engine.unresponsive_after = 2.0
+    pid = engine._process.pid
+
+    async def body():
+        await engine.start()
+        heard = engine._heard
+        await until(lambda: engine._heard > heard, "a report from the idle engine")
+        await asyncio.sleep(engine.unresponsive_after + 0.5)
+        assert engine.responsive
+        os.kill(pid, signal.SIGSTOP)
+        submit = asyncio.create_task(engine.submit(GenerationRequest("waits", story(), SamplingParams(max_tokens=3))))
+        await until(lambda: not engine.responsive, "unresponsive")
+        os.kill(pid, signal.SIGCONT)
+        await until(lambda: engine.responsive, "responsive again")
+        stream = await asyncio.wait_for(submit, 60)  # acknowledged once the engine ran again
+        assert isinstance([event async for event in stream][-1], Finished)
+
+    try:
+        asyncio.run(asyncio.wait_for(body(), 300))
+    finally:
+        if engine._process.is_alive():
+            os.kill(pid, signal.SIGCONT)
+        asyncio.run(engine.stop())
 
 
 def test_a_folder_the_engine_cannot_load_fails_at_start_with_the_loaders_message(tmp_path):

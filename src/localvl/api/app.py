@@ -147,8 +147,9 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
 
     @app.get("/ready")
     async def ready(request: Request) -> JSONResponse:
-        """Model loaded and the engine running: where a load balancer should send requests."""
-        alive = getattr(engine, "alive", True)
+        """Model loaded and the engine running and answering: where a load balancer should send
+        requests. A hung engine process (``ProcessEngine.responsive``) is not ready until it answers."""
+        alive = getattr(engine, "alive", True) and getattr(engine, "responsive", True)
         if not request.app.state.ready or not alive or app.state.traffic.draining:
             return JSONResponse({"status": "not ready"}, status_code=503)
         return JSONResponse({"status": "ready", "model": served_name(settings, engine)})

@@ -57,6 +57,7 @@ from localvl.prompt.render import Renderer
 logger = logging.getLogger(__name__)
 
 GiB = 1 << 30
+IDLE_REPORT = 1.0  # seconds between the idle engine thread's flushes (an engine process's heartbeat)
 
 
 @dataclass(frozen=True)
@@ -317,14 +318,18 @@ class LocalEngine:
 
     @torch.inference_mode()
     def _run(self) -> None:
+        audited = False  # since the engine last went idle
         while True:
             block = len(self.scheduler) == 0
-            if block and self.config.check_integrity:
+            if block and not audited and self.config.check_integrity:
                 self._audit()
+            audited = block
             try:
                 while True:
-                    seq = self._inbox.get(block=block)
-                    block = False
+                    # Idle, it still wakes now and then to flush: an engine process's outbox sends
+                    # its counters then, the sign of life that tells an idle engine from a hung one.
+                    seq = self._inbox.get(block=block, timeout=IDLE_REPORT)
+                    block = audited = False
                     if seq is None:
                         if self._stopping:
                             self._shutdown()

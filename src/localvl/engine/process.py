@@ -12,7 +12,12 @@ SGLang split them. Between them, two pipes of pickled messages:
   step, finished-request records for metrics, and now and then the engine's counters.
 
 If the engine process dies, every open stream ends with an error and ``alive`` turns false (the
-server's /ready then answers 503).
+server's /ready then answers 503). If it stops answering (a stuck kernel, a deadlock), ``responsive``
+turns false after ``UNRESPONSIVE_AFTER`` seconds and /ready answers 503 until it answers again.
+
+One thread of the server writes the command pipe: a hung engine process leaves the pipe full (an
+image or two fill it), and a write to a full pipe blocks; on the event loop, that would freeze
+every route of the server with it.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import logging
 import multiprocessing
 import os
 import pickle
+import queue
 import signal
 import struct
 import threading
@@ -45,6 +51,11 @@ logger = logging.getLogger(__name__)
 
 STATS_INTERVAL = 0.1  # seconds between counter updates while the engine is busy
 STOP_GRACE = 5.0  # seconds ``stop`` gives the engine process (its step in progress) before killing it
+# Seconds of silence after which the engine process counts as hung (/ready 503). Its engine thread
+# reports after every step and every ``IDLE_REPORT`` seconds while idle, so silence means one step
+# running this long: far above a CPU prefill chunk of a large model or a recompile (seconds), far
+# below --request-timeout (600 s by default), which ends the requests a hung engine holds anyway.
+UNRESPONSIVE_AFTER = 60.0
 
 
 _HEAD = struct.Struct("!QI")  # pickle length, number of out-of-band buffers (then one "!Q" size each)
@@ -140,8 +151,9 @@ class _PipeOutbox(Outbox):
 
     def flush(self) -> None:
         now = time.monotonic()
-        # Counters ride along every STATS_INTERVAL, and whenever the engine goes idle, so the
-        # server's view never stays stale at "running".
+        # Counters ride along every STATS_INTERVAL, and whenever the engine is idle (it goes idle,
+        # and then every IDLE_REPORT s), so the server's view never stays stale at "running" and
+        # its silence means a hung engine, never an idle one.
         stats = None
         if self._stats is not None and (now - self._stats_at >= STATS_INTERVAL or self._idle()):
             stats, self._stats_at = self._stats(), now
@@ -238,6 +250,7 @@ class _Remote:
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue[Event | LocalvlError]
     ack: asyncio.Future[LocalvlError | None]
+    unacknowledged_since: float | None = None  # when it was sent, until its ack arrives
 
 
 def _deliver(batch: list[tuple[asyncio.Queue[Event | LocalvlError], Event | LocalvlError]]) -> None:
@@ -264,6 +277,7 @@ class ProcessEngine:
         log_level: str = "info",
         start_timeout: float = 3600.0,
         stop_timeout: float = STOP_GRACE,
+        unresponsive_after: float = UNRESPONSIVE_AFTER,
     ) -> None:
         """Start the engine process and wait until its model is loaded.
 
@@ -273,16 +287,21 @@ class ProcessEngine:
         With ``cpu_affinity`` and a model on the CPU, the engine process takes ``cpu_threads`` cores
         (default: all but one) and this process keeps the rest (``affinity.py``) until ``stop``,
         which kills the engine process if it has not stopped in ``stop_timeout`` seconds.
+        ``responsive`` turns false once the engine process has been silent ``unresponsive_after``
+        seconds.
         """
         self.config = config
         self.stop_timeout = stop_timeout
+        self.unresponsive_after = unresponsive_after
         self.observers: list[Callable[[RequestRecord], None]] = []
         # Called (on the reply reader's thread) if the engine process dies unasked: `localvl serve`
         # shuts down then, and exits with status 1 so a supervisor restarts it.
         self.on_death: Callable[[], None] | None = None
         self._requests: dict[str, _Remote] = {}
         self._stats: dict[str, int] = {}
-        self._lock = threading.Lock()
+        self._outgoing: queue.SimpleQueue[Any] = queue.SimpleQueue()  # the command writer's; None ends it
+        self._heard = time.monotonic()  # when the engine process last said anything
+        self._silent = False  # as last logged
         self._running = False
         self._stopping = False
         self._dead = False
@@ -313,8 +332,11 @@ class ProcessEngine:
                         sorted(set(self._cpus_before) - set(message[3])), message[3])
         self.frontend = Frontend(processor(), self.facts)
         self.renderer = self.frontend.renderer
+        self._heard = time.monotonic()  # loading took its time: silence counts from now
         self._reader = threading.Thread(target=self._read, name="localvl-engine-replies", daemon=True)
         self._reader.start()
+        self._writer = threading.Thread(target=self._write_commands, name="localvl-engine-commands", daemon=True)
+        self._writer.start()
 
     def _first_reply(self, timeout: float) -> Any:
         deadline = time.monotonic() + timeout
@@ -344,6 +366,25 @@ class ProcessEngine:
         """The engine process ended without being asked to."""
         return self._died
 
+    @property
+    def responsive(self) -> bool:
+        """The engine process has said something in the last ``unresponsive_after`` seconds, and
+        acknowledged every request sent longer ago (its reader of the server's messages can hang
+        apart from its engine thread). False for a hung process; /ready answers 503 meanwhile."""
+        now = time.monotonic()
+        limit = self.unresponsive_after
+        silent = now - self._heard > limit or any(
+            remote.unacknowledged_since is not None and now - remote.unacknowledged_since > limit
+            for remote in list(self._requests.values())
+        )
+        if silent != self._silent:
+            self._silent = silent
+            if silent:
+                logger.error("the engine process has not answered for %g s: not ready until it does", limit)
+            else:
+                logger.warning("the engine process answers again")
+        return not silent
+
     def stats(self) -> dict[str, int]:
         """The engine's counters as of its last report (at most ~0.1 s old while it is busy)."""
         return dict(self._stats)
@@ -359,18 +400,15 @@ class ProcessEngine:
         # Stopping ends every request anyway (503), so a hung engine process is not worth waiting
         # for: the drain has already spent --shutdown-timeout, and the service manager's patience
         # is counted from the signal.
-        deadline = time.monotonic() + self.stop_timeout
-        with anyio.move_on_after(self.stop_timeout):  # a hung engine may leave the pipe full, the write blocked
-            try:
-                await anyio.to_thread.run_sync(self._send, ("stop",), abandon_on_cancel=True)
-            except OSError:
-                pass
-        await anyio.to_thread.run_sync(self._process.join, max(deadline - time.monotonic(), 0.0))
+        self._send(("stop",))
+        await anyio.to_thread.run_sync(self._process.join, self.stop_timeout)
         if self._process.is_alive():
             logger.error("the engine process did not stop in %g s; killing it", self.stop_timeout)
             self._process.kill()
             await anyio.to_thread.run_sync(self._process.join, 10)
         await anyio.to_thread.run_sync(self._reader.join, 10)
+        self._outgoing.put(None)  # a write still blocked on the pipe failed when the process ended
+        await anyio.to_thread.run_sync(self._writer.join, 10)
         if self._cpus_before:  # the engine's cores are free again
             affinity.pin_process(self._cpus_before)
 
@@ -384,13 +422,15 @@ class ProcessEngine:
         # the pixels as it reads them, on the server's cores, off this process's GIL.
         admission = await self.frontend.prepare(request, compact=True)
         loop = asyncio.get_running_loop()
-        remote = _Remote(loop, asyncio.Queue(), loop.create_future())
+        remote = _Remote(loop, asyncio.Queue(), loop.create_future(), time.monotonic())
         self._requests[admission.id] = remote
+        if self._dead:  # the reader has failed every request it knew of: no ack would ever come
+            self._requests.pop(admission.id, None)
+            raise ServiceUnavailableError("the engine is not running")
+        self._send(("submit", admission))
         try:
-            # Off the event loop: an image is still ~0.6 MB (448 px) to write down the pipe.
-            await anyio.to_thread.run_sync(self._send, ("submit", admission))
             error = await remote.ack
-        except BaseException:  # cancelled (the client left) or the pipe broke
+        except BaseException:  # cancelled: the client left, or the route's deadline passed
             self.abort(admission.id)
             raise
         if error is not None:
@@ -400,16 +440,36 @@ class ProcessEngine:
 
     def abort(self, request_id: str) -> None:
         if self._requests.pop(request_id, None) is not None:
-            try:
-                self._send(("abort", request_id))
-            except OSError:  # the engine process is gone: nothing to abort
-                pass
+            self._send(("abort", request_id))
 
     # ------------------------------------------------------------------ the pipes
 
     def _send(self, message: Any) -> None:
-        with self._lock:
-            _write(self._commands, message)
+        """Queue a message for the engine process; returns at once, whatever the pipe's state."""
+        self._outgoing.put(message)
+
+    def _write_commands(self) -> None:
+        """The command writer's thread, the pipe's only writer: a hung engine process that leaves
+        the pipe full blocks this thread alone. One queue keeps the order in which messages were
+        sent, so an abort never overtakes its own submit."""
+        broken = False
+        while (message := self._outgoing.get()) is not None:
+            if broken:  # the engine process is gone: the reader fails the requests, aborts are moot
+                continue
+            if message[0] == "submit" and message[1].id not in self._requests:
+                # Given up before its turn (a client gone while a hung engine held the pipe): not
+                # worth the pipe; the abort behind it is for an id the engine never saw, a no-op.
+                continue
+            try:
+                _write(self._commands, message)
+            except OSError:
+                broken = True
+            except Exception as error:  # could not pickle (a bug): nothing was written; this request fails
+                logger.error("sending a message to the engine process failed: %s", type(error).__name__)
+                logger.debug("send failure", exc_info=True)
+                remote = self._requests.get(message[1].id) if message[0] == "submit" else None
+                if remote is not None:
+                    self._call(remote.loop, _acknowledge, remote.ack, InternalError("the engine could not take this request"))
 
     def _read(self) -> None:
         """The reply reader's thread: hand each step's events to their event loops in one call each."""
@@ -418,6 +478,7 @@ class ProcessEngine:
                 message = _read(self._replies)
             except (EOFError, OSError):
                 break
+            self._heard = time.monotonic()
             kind = message[0]
             if kind == "events":
                 _, events, records, stats = message
@@ -435,6 +496,7 @@ class ProcessEngine:
                 _, request_id, error = message
                 remote = self._requests.get(request_id)
                 if remote is not None:
+                    remote.unacknowledged_since = None
                     self._call(remote.loop, _acknowledge, remote.ack, error)
             elif kind == "stopped":
                 break
