@@ -28,6 +28,7 @@ class Image:
     sha256: str
     nbytes: int = 0  # the encoded size the client sent
     page: bool = False  # a rendered page of a document, not an image the client sent
+    sent_size: tuple[int, int] | None = None  # as the client sent it, before any margin (within_aspect)
 
     @property
     def size(self) -> tuple[int, int]:

@@ -283,3 +283,47 @@ def test_a_decompression_bomb_is_refused_before_it_is_decoded(monkeypatch):
     monkeypatch.setattr("PIL.PngImagePlugin.PngImageFile.load", never, raising=False)
     with pytest.raises(InvalidRequestError, match="20000x20000 px|too many pixels"):
         load_image(data, "image/png", "img")  # refused from its header
+
+
+def test_a_requests_limits_refuse_an_image_from_its_header_before_decoding_it(monkeypatch):
+    """Counted as their headers are read: the image past the count, or past the tighter side limit
+    of a request with many images, is refused without a pixel decoded."""
+    from localvl.media.images import ImageLimits, counting
+
+    small, large = image_bytes("PNG", size=(40, 30)), image_bytes("PNG", size=(150, 20))
+    limits = ImageLimits(max_images=3, max_side=8000, many=2, max_side_many=100)
+    with counting(limits):
+        load_image(large, "image/png", "a")
+        load_image(small, "image/png", "b")
+
+        def never(self, *args, **kwargs):
+            raise AssertionError("decoded")
+
+        with monkeypatch.context() as patched:
+            patched.setattr(PILImage.Image, "load", never)
+            patched.setattr("PIL.PngImagePlugin.PngImageFile.load", never, raising=False)
+            with pytest.raises(InvalidRequestError, match="c: image is 150x20 px; at most 100x100 is allowed when a request has more than 2"):
+                load_image(large, "image/png", "c")
+            with pytest.raises(InvalidRequestError, match="too many images: 4 > 3 per request"):
+                load_image(small, "image/png", "d")
+    with counting(ImageLimits()):
+        load_image(small, "image/png", "a fresh request counts from one")
+
+
+def test_the_side_limit_is_the_setting_even_past_8000():
+    from localvl.media.images import ImageLimits, counting
+
+    wide = encode(PILImage.new("L", (10_000, 10)))
+    with counting(ImageLimits(max_side=12_000)):
+        assert load_image(wide, "image/png", "img").sent_size == (10_000, 10)
+    with counting(ImageLimits(max_side=9_000)), pytest.raises(InvalidRequestError, match="at most 9000x9000"):
+        load_image(wide, "image/png", "img")
+
+
+def test_a_side_limit_error_names_the_size_sent_not_the_widened_one():
+    from localvl.media.images import ImageLimits, check_images
+
+    elongated = load_image(encode(PILImage.new("L", (2_001, 10))), "image/png", "x")
+    assert elongated.size != (2_001, 10)  # widened on white to the processors' 200:1
+    with pytest.raises(InvalidRequestError, match="image 1 is 2001x10 px"):
+        check_images([elongated], ImageLimits(max_side=2_000))

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Iterator, Mapping
 
 from localvl.media.documents import PdfOptions
-from localvl.media.images import ImageLimits
+from localvl.media.images import ImageLimits, counting
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,7 @@ MEDIA: ContextVar[Media] = ContextVar("MEDIA", default=Media())
 def converting(media: Media | None) -> Iterator[Media]:
     token = MEDIA.set(media or Media())
     try:
-        yield MEDIA.get()
+        with counting(MEDIA.get().images):
+            yield MEDIA.get()
     finally:
         MEDIA.reset(token)
