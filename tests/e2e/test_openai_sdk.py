@@ -126,6 +126,16 @@ def test_errors_map_to_the_sdk_exception_classes(oai, server):
         openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0).chat.completions.create(model="tiny-vl", messages=USER)
 
 
+def test_an_endpoint_this_server_lacks_is_a_404_in_openais_envelope_without_a_model_code(oai):
+    with pytest.raises(openai.NotFoundError) as missing:
+        oai.embeddings.create(model="tiny-vl", input="hello")
+    assert missing.value.type == "invalid_request_error" and missing.value.code is None
+    assert "/v1/embeddings" in missing.value.body["message"]
+    with pytest.raises(openai.NotFoundError) as stored:  # what a `store: true` user tries next
+        oai.chat.completions.retrieve("chatcmpl-abc")
+    assert stored.value.code is None
+
+
 def test_models_list_serves_both_sdks(oai, server):
     models = oai.models.list()
     assert "tiny-vl" in [m.id for m in models.data]

@@ -18,13 +18,15 @@ Envelope = Callable[[LocalvlError, str], dict[str, Any]]
 ENVELOPES: list[tuple[str, Envelope]] = [("/v1/chat/", openai_error_body)]
 
 
-def envelope_for(path: str, headers: Any = None) -> Envelope:
-    """``headers``: the request's, where known. /v1/models serves both SDKs: a request with a
-    Bearer key and no anthropic-version header is the OpenAI SDK's, and gets OpenAI's envelope."""
+def envelope_for(path: str, headers: Any = None, *, no_route: bool = False) -> Envelope:
+    """``headers``: the request's, where known. /v1/models serves both SDKs, and a path that is no
+    route (``no_route``) belongs to neither: there a request with a Bearer key and no
+    anthropic-version header is the OpenAI SDK's (the Anthropic SDKs always send the version), and
+    gets OpenAI's envelope."""
     for prefix, envelope in ENVELOPES:
         if path.startswith(prefix):
             return envelope
-    if path.startswith("/v1/models") and headers is not None and "anthropic-version" not in headers \
+    if (no_route or path.startswith("/v1/models")) and headers is not None and "anthropic-version" not in headers \
             and headers.get("authorization", "").lower().startswith("bearer "):
         return openai_error_body
     return anthropic_error_body
@@ -34,8 +36,8 @@ def request_id_of(request: Request) -> str:
     return request.scope.get("state", {}).get("request_id", "")
 
 
-def error_response(path: str, request_id: str, error: LocalvlError, headers: Any = None) -> JSONResponse:
-    body = envelope_for(path, headers)(error, request_id)
+def error_response(path: str, request_id: str, error: LocalvlError, headers: Any = None, *, no_route: bool = False) -> JSONResponse:
+    body = envelope_for(path, headers, no_route=no_route)(error, request_id)
     return JSONResponse(body, status_code=error.status, headers=error.headers)
 
 
@@ -52,7 +54,9 @@ def install_error_handlers(app: FastAPI) -> None:
             message = f"{request.method} is not allowed on {request.url.path}"
         else:
             message = str(error.detail)
-        return error_response(request.url.path, request_id_of(request), status_error(error.status_code, message), request.headers)
+        no_route = error.status_code in (404, 405)
+        return error_response(request.url.path, request_id_of(request), status_error(error.status_code, message), request.headers,
+                              no_route=no_route)
 
     async def on_validation_error(request: Request, error: Exception) -> JSONResponse:
         assert isinstance(error, RequestValidationError)

@@ -142,3 +142,31 @@ def test_a_400_names_its_field_as_param():
     assert error_json(InvalidRequestError("temperature: Input should be less than or equal to 2"))["param"] == "temperature"
     assert error_json(InvalidRequestError("messages.0.content: user messages must have non-empty content"))["param"] == "messages.0.content"
     assert error_json(InvalidRequestError("the model's chat template rejected the conversation: x"))["param"] is None
+
+
+def test_tool_calls_and_tool_messages_pair_up_as_openais_api_requires():
+    user = {"role": "user", "content": "hi"}
+    asked = {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}},
+        {"id": "call_2", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}
+
+    def refused(messages):
+        with pytest.raises(InvalidRequestError) as caught:
+            conversation_from(body(messages=messages))
+        return caught.value.message
+
+    answer = lambda id: {"role": "tool", "tool_call_id": id, "content": "42"}  # noqa: E731
+    assert refused([user, answer("call_1")]).startswith("messages.1.role: messages with role 'tool' must be a response")
+    assert refused([user, asked, answer("call_9")]).startswith("messages.2.tool_call_id: 'call_9' not found in 'tool_calls'")
+    assert refused([user, asked, answer("call_2"), user]).endswith("did not have response messages: call_1")
+    conv = conversation_from(body(messages=[user, asked, answer("call_2"), answer("call_1"), user]))
+    assert [t.role for t in conv.turns] == ["user", "assistant", "user"]
+    conversation_from(body(messages=[user, asked]))  # a prefill's calls, not yet answered
+
+
+def test_an_earlier_refusal_in_the_history_is_skipped_not_refused():
+    history = [{"role": "user", "content": "hi"}, None, {"role": "user", "content": "ok"}]
+    for refusal in ({"role": "assistant", "content": [{"type": "refusal", "refusal": "no"}]},
+                    {"role": "assistant", "content": None, "refusal": "I can't help with that"}):
+        history[1] = refusal
+        assert [t.role for t in conversation_from(body(messages=history)).turns] == ["user"]

@@ -30,7 +30,9 @@ def test_the_usage_chunk_and_done_go_out_in_one_write():
     assert [w[0]["choices"][0]["delta"]["content"] for w in got[1:3]] == ["Hel", "lo"]
     assert got[3][0]["choices"][0]["finish_reason"] == "stop"
     assert got[4][0]["usage"]["completion_tokens"] == 2 and got[4][1] == "[DONE]"
-    assert writes([TextDelta("a"), Finished("eos", Usage(7, 1))], include_usage=False)[-1] == ["[DONE]"]
+    assert all(w[0]["usage"] is None for w in got[:4])  # asked for, every chunk has the field: null until the last
+    plain = writes([TextDelta("a"), Finished("eos", Usage(7, 1))], include_usage=False)
+    assert plain[-1] == ["[DONE]"] and all("usage" not in w[0] for w in plain[:-1])
 
 
 def test_a_failure_mid_stream_is_an_error_chunk_then_done():

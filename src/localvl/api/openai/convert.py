@@ -147,8 +147,50 @@ def _refuse_what_cannot_be_honoured(body: ChatCompletionRequest) -> None:
         raise InvalidRequestError("audio: audio output is not supported")
 
 
+def _call_ids(message: Message) -> list[str]:
+    return [str(call.get("id")) for call in message.tool_calls or [] if isinstance(call, dict) and call.get("id")]
+
+
+def _check_tool_pairs(messages: list[Message]) -> None:
+    """OpenAI's rules, with its messages: an assistant message's tool calls are answered by the
+    tool messages right after it, one for each call, and a tool message answers a call of the
+    assistant message before it. (A last assistant message, a prefill, may end in calls not yet
+    answered.)"""
+    pending: list[str] = []  # calls of the last assistant message not yet answered
+    answerable: set[str] | None = None  # the calls a tool message may answer here; None: no call before
+    for i, message in enumerate(messages):
+        if message.role == "tool":
+            if not message.tool_call_id:
+                continue  # refused below, for the missing id
+            if answerable is None:
+                raise InvalidRequestError(
+                    f"messages.{i}.role: messages with role 'tool' must be a response to a preceding message with 'tool_calls'"
+                )
+            if message.tool_call_id not in answerable:
+                raise InvalidRequestError(
+                    f"messages.{i}.tool_call_id: '{message.tool_call_id}' not found in 'tool_calls' of previous message"
+                )
+            pending = [call for call in pending if call != message.tool_call_id]
+            continue
+        if pending:
+            raise InvalidRequestError(
+                f"messages.{i}.role: an assistant message with 'tool_calls' must be followed by tool messages "
+                f"responding to each 'tool_call_id'. The following tool_call_ids did not have response messages: "
+                f"{', '.join(pending)}"
+            )
+        calls = _call_ids(message) if message.role == "assistant" else []
+        pending, answerable = calls, (set(calls) if calls else None)
+
+
+def _refused(message: Message) -> bool:
+    """An assistant message that is an earlier refusal only: skipped, as its refusal parts are."""
+    parts = message.content if isinstance(message.content, list) else []
+    return bool((message.model_extra or {}).get("refusal")) or (bool(parts) and all(p.type == "refusal" for p in parts))
+
+
 def conversation_from(body: ChatCompletionRequest) -> Conversation:
     _refuse_what_cannot_be_honoured(body)
+    _check_tool_pairs(body.messages)
     turns: list[Turn] = []
     for i, message in enumerate(body.messages):
         where = f"messages.{i}"
@@ -168,8 +210,8 @@ def conversation_from(body: ChatCompletionRequest) -> Conversation:
                 parts += _tool_calls(message, where)
             role = ROLES[message.role]
         if not parts:
-            if message.role == "assistant" and i == len(body.messages) - 1:
-                continue  # an empty final assistant message: nothing to continue
+            if message.role == "assistant" and (i == len(body.messages) - 1 or _refused(message)):
+                continue  # an empty final assistant message: nothing to continue; or a refusal
             raise InvalidRequestError(f"{where}.content: {message.role} messages must have non-empty content")
         if turns and turns[-1].role == role:
             turns[-1].parts.extend(parts)

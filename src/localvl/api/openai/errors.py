@@ -19,7 +19,6 @@ TYPES = {
     "api_error": "server_error",
 }
 CODES = {
-    "not_found_error": "model_not_found",
     "authentication_error": "invalid_api_key",
     "rate_limit_error": "rate_limit_exceeded",
     "overloaded_error": "overloaded",
@@ -35,7 +34,10 @@ _FIELD = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_]+)*): ")
 def error_json(error: LocalvlError) -> dict[str, Any]:
     if isinstance(error, ContextLengthError):
         return {"message": error.message, "type": "invalid_request_error", "param": "messages", "code": "context_length_exceeded"}
-    field = _FIELD.match(error.message) if error.kind == "invalid_request_error" else None
+    field = _FIELD.match(error.message) if error.kind in ("invalid_request_error", "not_found_error") else None
+    code = CODES.get(error.kind)
+    if error.kind == "not_found_error":  # a model that is not served, or a path that is no endpoint
+        code, field = ("model_not_found" if field and field.group(1) == "model" else None), None
     message = error.message
     if error.kind == "authentication_error":  # the shared message names Anthropic's header
         message = "Incorrect API key provided." if "invalid" in message else "You didn't provide an API key (Authorization: Bearer)."
@@ -43,7 +45,7 @@ def error_json(error: LocalvlError) -> dict[str, Any]:
         "message": message,
         "type": TYPES.get(error.kind, "server_error"),
         "param": field.group(1) if field else None,
-        "code": CODES.get(error.kind),
+        "code": code,
     }
 
 

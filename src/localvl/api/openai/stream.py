@@ -201,9 +201,12 @@ async def completion_chunks(
     """The SSE stream: a role chunk per choice, content chunks, a finish chunk per choice,
     the usage chunk when asked for, then ``[DONE]``. Closing it (client gone) aborts every choice."""
 
+    # Asked for usage, every chunk carries the field: null until the last (OpenAI's documented shape).
+    usage: dict[str, Any] = {"usage": None} if include_usage else {}
+
     def chunk(choices: list[dict[str, Any]], **extra: Any) -> bytes:
         return _data({"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
-                      "system_fingerprint": FINGERPRINT, "choices": choices, **extra})
+                      "system_fingerprint": FINGERPRINT, "choices": choices, **usage, **extra})
 
     def choice(index: int, delta: dict[str, Any], finish: str | None = None, entries: tuple[TokenLogprob, ...] = ()) -> dict[str, Any]:
         return {"index": index, "delta": delta, "logprobs": logprobs_json(entries, logprobs and bool(entries)), "finish_reason": finish}
@@ -250,10 +253,12 @@ def replayed_chunks(completion: dict[str, Any], include_usage: bool) -> Iterator
     """The chunk stream of a finished completion (a response-cache hit), shaped as a live one:
     per choice a role chunk, its reasoning, content and tool calls, its finish chunk; then usage."""
 
+    usage: dict[str, Any] = {"usage": None} if include_usage else {}
+
     def chunk(choices: list[dict[str, Any]], **extra: Any) -> bytes:
         return _data({"id": completion["id"], "object": "chat.completion.chunk", "created": completion["created"],
                       "model": completion["model"], "system_fingerprint": completion.get("system_fingerprint"),
-                      "choices": choices, **extra})
+                      "choices": choices, **usage, **extra})
 
     def choice(index: int, delta: dict[str, Any], finish: str | None = None, logprobs: Any = None) -> dict[str, Any]:
         return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
