@@ -49,6 +49,14 @@ class Server:
         self._log.flush()
         return self.log_path.read_text(errors="replace")
 
+    def engine_pid(self) -> int:
+        """The pid of the server's engine process (multiprocessing's spawn child)."""
+        for task in Path(f"/proc/{self.process.pid}/task").iterdir():
+            for pid in (task / "children").read_text().split():
+                if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    return int(pid)
+        raise AssertionError("no engine process found")
+
     def peak_rss_bytes(self) -> int:
         """The server's peak resident memory, its engine process's included (the model lives there)."""
         pids = [self.process.pid]

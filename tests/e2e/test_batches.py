@@ -129,15 +129,6 @@ def test_kill_9_in_the_middle_of_a_1000_request_batch_loses_and_repeats_nothing(
     assert set(attempts) <= {1, 2} and 1 <= attempts.get(2, 0) <= 8 and sum(attempts.values()) == 1000
 
 
-def engine_process(server: Server) -> int:
-    """The pid of the server's engine process (multiprocessing's spawn child)."""
-    for task in Path(f"/proc/{server.process.pid}/task").iterdir():
-        for pid in (task / "children").read_text().split():
-            if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                return int(pid)
-    raise AssertionError("no engine process found")
-
-
 def test_requests_in_flight_when_the_engine_process_dies_are_done_again(model_dir, tmp_path, backend):
     first = Server(model_dir("qwen2_vl"), tmp_path / "first.log", *backend)
     try:
@@ -147,7 +138,7 @@ def test_requests_in_flight_when_the_engine_process_dies_are_done_again(model_di
         while client.messages.batches.retrieve(batch.id).request_counts.succeeded < 2:
             assert time.monotonic() < deadline, "the batch did not start"
             time.sleep(0.05)
-        os.kill(engine_process(first), signal.SIGKILL)  # the server shuts itself down, to be restarted
+        os.kill(first.engine_pid(), signal.SIGKILL)  # the server shuts itself down, to be restarted
         assert first.process.wait(timeout=60) == 1
     finally:
         first.stop()

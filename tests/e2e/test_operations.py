@@ -240,15 +240,12 @@ def test_a_second_signal_ends_running_requests_at_once_with_503_in_their_envelop
 def test_when_the_engine_process_dies_open_streams_end_with_an_error_and_the_server_exits_1(model_dir, tmp_path):
     import os
     import signal
-    from pathlib import Path
 
     from tests.e2e.conftest import Server
 
     server = Server(model_dir("qwen2_vl"), tmp_path / "dead.log", "--shutdown-timeout", "30")
     try:
-        children = [int(pid) for task in Path(f"/proc/{server.process.pid}/task").iterdir()
-                    for pid in (task / "children").read_text().split()]
-        engine_pid, = [pid for pid in children if b"resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        engine_pid = server.engine_pid()
         payload = {"model": "tiny-vl", "max_tokens": 30000, "stream": True, "temperature": 1,
                    "messages": [{"role": "user", "content": "Tell a very long story."}]}
         events: list[str] = []
@@ -265,20 +262,33 @@ def test_when_the_engine_process_dies_open_streams_end_with_an_error_and_the_ser
         server.stop()
 
 
+def resume_and_stop(server, engine_pid: int, senders: list) -> None:
+    """A SIGSTOP test's cleanup: the engine process runs again (so the stop can end it), the
+    server stops, and the test's client threads are waited for."""
+    import os
+    import signal
+
+    try:
+        os.kill(engine_pid, signal.SIGCONT)
+    except ProcessLookupError:
+        pass
+    server.stop()
+    for sender in senders:
+        if sender.is_alive():
+            sender.join(timeout=60)
+
+
 def test_a_hung_engine_process_times_requests_out_and_is_killed_at_shutdown(model_dir, tmp_path):
     """SIGSTOP stands in for a hung engine process: requests waiting on it (even to be taken) end
     with 504 at --request-timeout, and the shutdown kills it instead of waiting a minute."""
     import os
     import signal
     import threading
-    from pathlib import Path
 
     from tests.e2e.conftest import Server
 
     server = Server(model_dir("qwen2_vl"), tmp_path / "hung.log", "--request-timeout", "4", "--shutdown-timeout", "1")
-    children = [int(pid) for task in Path(f"/proc/{server.process.pid}/task").iterdir()
-                for pid in (task / "children").read_text().split()]
-    engine_pid, = [pid for pid in children if b"resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    engine_pid = server.engine_pid()
     headers = {"x-api-key": API_KEY}
     ask = [{"role": "user", "content": "Tell a very long story."}]
     later: dict[str, httpx.Response | httpx.HTTPError] = {}
@@ -318,14 +328,7 @@ def test_a_hung_engine_process_times_requests_out_and_is_killed_at_shutdown(mode
         assert server.process.wait(timeout=40) == 0  # it waited 60 s for the engine process before
         assert "the engine process did not stop" in server.log() and "Traceback" not in server.log()
     finally:
-        try:
-            os.kill(engine_pid, signal.SIGCONT)  # so that the server's stop below can end it
-        except ProcessLookupError:
-            pass
-        server.stop()
-        for sender in senders:
-            if sender.is_alive():
-                sender.join(timeout=60)
+        resume_and_stop(server, engine_pid, senders)
 
 
 def test_a_hung_engine_process_with_a_full_pipe_leaves_the_server_answering(model_dir, tmp_path):
@@ -336,14 +339,11 @@ def test_a_hung_engine_process_with_a_full_pipe_leaves_the_server_answering(mode
     import os
     import signal
     import threading
-    from pathlib import Path
 
     from tests.e2e.conftest import Server
 
     server = Server(model_dir("qwen2_5_vl"), tmp_path / "full.log", "--request-timeout", "3", "--shutdown-timeout", "1")
-    children = [int(pid) for task in Path(f"/proc/{server.process.pid}/task").iterdir()
-                for pid in (task / "children").read_text().split()]
-    engine_pid, = [pid for pid in children if b"resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    engine_pid = server.engine_pid()
     headers = {"x-api-key": API_KEY}
     pictures = [{"type": "image", "source": {"type": "base64", "media_type": "image/png",
                                              "data": base64.b64encode(image_bytes(size=(640, 480), color=(40 * k, 90, 200))).decode()}}
@@ -373,14 +373,7 @@ def test_a_hung_engine_process_with_a_full_pipe_leaves_the_server_answering(mode
         assert after.status_code == 200 and after.json()["usage"]["output_tokens"] > 0
         assert "Traceback" not in server.log()
     finally:
-        try:
-            os.kill(engine_pid, signal.SIGCONT)
-        except ProcessLookupError:
-            pass
-        server.stop()
-        for sender in senders:
-            if sender.is_alive():
-                sender.join(timeout=60)
+        resume_and_stop(server, engine_pid, senders)
 
 
 def test_the_access_log_is_one_json_line_per_request_without_content(server, client):
