@@ -143,18 +143,20 @@ def _invert(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Ten
     return torch.searchsorted(cdf, point, right=True).squeeze(1)
 
 
-def _draw_cut(scaled: torch.Tensor, k: list[int], p: list[float], generator: torch.Generator | None) -> torch.Tensor:
+def _draw_cut(
+    scaled: torch.Tensor, k: list[int], p: list[float], generator: torch.Generator | None, candidates: int = CANDIDATES
+) -> torch.Tensor:
     """One token per row of ``scaled [rows, vocab]`` (logits over temperature) under its top-k
     (exactly k, even when logits tie at the cut; 0: none) and then its top-p (the smallest prefix
     of the rest, renormalised, whose mass reaches top_p; the most likely token always kept).
 
     Both cuts keep a prefix of the row in descending order, found among its ``width`` most likely
-    tokens: all of its top k, or ``CANDIDATES`` for a top-p row without one. A top-p row whose
-    candidates hold less than top_p of the mass is drawn again over its whole vocabulary.
+    tokens: all of its top k, or ``candidates`` for a top-p row without one. A top-p row whose
+    candidates hold less than top_p of the mass is drawn again with the whole vocabulary as them.
     """
     device, vocab = scaled.device, scaled.shape[1]
     whole = [i for i, limit in enumerate(k) if limit == 0]  # rows without top-k: top-p alone
-    width = min(vocab, max(max(k), CANDIDATES if whole else 0))
+    width = min(vocab, max(max(k), candidates if whole else 0))
     top_k = torch.tensor(k).to(device, non_blocking=True).unsqueeze(1)
     top_p = torch.tensor(p).to(device, non_blocking=True).unsqueeze(1)
     unlimited = top_k == 0
@@ -172,16 +174,6 @@ def _draw_cut(scaled: torch.Tensor, k: list[int], p: list[float], generator: tor
     drop = (cumulative - probs >= top_p) & (top_p < 1.0) & (rank > 0)
     picked = ids.gather(1, _invert(probs.masked_fill(drop, 0.0), generator).unsqueeze(1)).squeeze(1)
     if width < vocab and whole and bool(short.any()):  # the one wait on the device, for top-p rows only
-        rows = short.nonzero().squeeze(1)
-        wide = _draw_cut_all(scaled[rows], top_p[rows], generator)
-        picked[rows] = wide
+        rows = short.nonzero().squeeze(1).tolist()
+        picked[rows] = _draw_cut(scaled[rows], [0] * len(rows), [p[i] for i in rows], generator, candidates=vocab)
     return picked
-
-
-def _draw_cut_all(scaled: torch.Tensor, top_p: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """``_draw_cut`` for top-p rows without top-k whose nucleus is wider than the candidates: a sort."""
-    values, ids = torch.sort(scaled, dim=-1, descending=True)
-    probs = torch.softmax(values, dim=-1)
-    rank = torch.arange(values.shape[1], device=scaled.device).unsqueeze(0)
-    drop = (torch.cumsum(probs, dim=-1) - probs >= top_p) & (rank > 0)
-    return ids.gather(1, _invert(probs.masked_fill(drop, 0.0), generator).unsqueeze(1)).squeeze(1)
