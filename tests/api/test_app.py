@@ -177,11 +177,25 @@ def test_multipart_form_answers_with_a_message(client):
     assert with_image > prompt_tokens(text_only["usage"])
 
 
+def test_multipart_form_takes_an_image_part_without_a_filename(client):
+    """curl's ``-F image=<photo.jpg`` and bare bytes in the SDKs send no filename: still an image."""
+    ask = {"prompt": (None, "这是什么？".encode()), "max_tokens": (None, b"5")}
+    named = client.post("/v1/messages", files={**ask, "image": ("photo.jpg", image_bytes("JPEG"), "image/jpeg")})
+    bare = client.post("/v1/messages", files={**ask, "image": (None, image_bytes("JPEG"))})
+    text_only = client.post("/v1/messages", files=ask)
+    assert named.status_code == bare.status_code == text_only.status_code == 200, bare.text
+    assert prompt_tokens(bare.json()["usage"]) == prompt_tokens(named.json()["usage"]) > prompt_tokens(text_only.json()["usage"])
+    by_field = client.post("/v1/messages", data={"prompt": "这是什么？", "max_tokens": "5"})
+    assert prompt_tokens(by_field.json()["usage"]) == prompt_tokens(text_only.json()["usage"])  # the UTF-8 prompt intact
+
+
 def test_multipart_form_errors_are_400(client):
     assert_error(client.post("/v1/messages", data={"max_tokens": "5"}, files={"x": ("a", b"b")}), 400, "invalid_request_error")
     bad = {"image": ("a.png", b"not an image at all", "image/png")}
     assert_error(client.post("/v1/messages", data={"prompt": "hi"}, files=bad), 400, "invalid_request_error")
     assert_error(client.post("/v1/messages", data={"prompt": "hi", "max_tokens": "many"}), 400, "invalid_request_error")
+    # an urlencoded form cannot carry an image's bytes: say so rather than answer without it
+    assert "multipart" in assert_error(client.post("/v1/messages", data={"prompt": "hi", "image": "abc"}), 400, "invalid_request_error")
 
 
 def test_an_unexpected_failure_is_a_500_that_leaks_nothing(client, monkeypatch):

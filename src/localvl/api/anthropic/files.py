@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import io
-import re
 from typing import Any
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import FileResponse, JSONResponse
-from starlette.datastructures import FormData, Headers
-from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.datastructures import FormData
 
 from localvl.api.auth import require_api_key
+from localvl.api.forms import form_text, read_form
 from localvl.errors import InvalidRequestError, RequestTooLargeError
 from localvl.media.images import sniff_media_type
 from localvl.store.files import FileRecord, FileStore
@@ -50,36 +49,12 @@ def _mime_type(declared: str | None, filename: str, head: bytes) -> str:
     return "application/octet-stream"
 
 
-async def _form(request: Request, limit: int) -> FormData:
-    """The upload's form, its parts decoded as latin-1 (``_text`` undoes it for text fields).
-
-    The SDKs send a file given as bare bytes as a part without a filename, which the form parser
-    hands back as text: decoded as UTF-8 where the bytes allow, and then no longer telling which
-    bytes they were. Latin-1 is the one decoding that keeps every byte.
-    """
-    content_type = re.sub(r";\s*charset=[^;]*", "", request.headers["content-type"], flags=re.IGNORECASE)
-    parser = MultiPartParser(Headers({"content-type": f"{content_type}; charset=latin-1"}), request.stream(), max_part_size=limit)
-    try:
-        return await parser.parse()
-    except MultiPartException as error:
-        raise InvalidRequestError(error.message) from None
-
-
-def _text(value: str) -> str:
-    """A latin-1-decoded field as the form parser would have given it: UTF-8 where it is UTF-8."""
-    raw = value.encode("latin-1")
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return value
-
-
 @router.post("/v1/files")
 async def upload(request: Request) -> JSONResponse:
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise InvalidRequestError("upload a file as multipart/form-data with a 'file' field")
     limit = request.app.state.settings.max_file_bytes
-    form = await _form(request, limit)
+    form = await read_form(request, limit)
     try:
         return await _store_upload(request, form, limit)
     finally:
@@ -94,7 +69,7 @@ async def _store_upload(request: Request, form: FormData, limit: int) -> JSONRes
         content, filename, declared = io.BytesIO(upload.encode("latin-1")), "upload", None
         size: int | None = len(upload)
     else:
-        content, filename, declared, size = upload.file, _text(upload.filename or "") or "upload", upload.content_type, upload.size
+        content, filename, declared, size = upload.file, form_text(upload.filename or "") or "upload", upload.content_type, upload.size
     if size is not None and size > limit:  # the body's limit allows for the form around it
         raise RequestTooLargeError(f"file is {size} bytes; the limit is {limit} bytes")
     head = content.read(16)

@@ -9,6 +9,7 @@ from typing import Any, Callable
 
 import anyio
 from fastapi import APIRouter, Depends, Request
+from starlette.datastructures import FormData
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from localvl.api.anthropic import convert
@@ -19,6 +20,7 @@ from localvl.api.anthropic.stream import Output, collect_message, message_events
 from localvl.api.auth import require_api_key
 from localvl.api.deadline import Deadline
 from localvl.api.disconnect import until_disconnect
+from localvl.api.forms import form_bytes, form_text, read_form
 from localvl.api.limits import rate_limited
 from localvl.api.middleware import new_id
 from localvl.prompt.outputs import tool_call_id
@@ -55,29 +57,45 @@ def _signer(request: Request) -> ThinkingSigner:
 
 async def _form_body(request: Request, names: ModelNames) -> MessagesRequest:
     """The seed's original interface: a form with ``prompt`` and an optional ``image`` file."""
-    form = await request.form()
+    if request.headers["content-type"].startswith("multipart/form-data"):
+        form = await read_form(request, request.app.state.settings.max_request_bytes)
+        field = form_text
+    else:
+        form, field = await request.form(), str
+    try:
+        return await _form_message(form, field, names)
+    finally:
+        await form.close()
+
+
+async def _form_message(form: FormData, field: Callable[[str], str], names: ModelNames) -> MessagesRequest:
     prompt = form.get("prompt")
-    if not isinstance(prompt, str) or not prompt.strip():
+    if not isinstance(prompt, str) or not field(prompt).strip():
         raise InvalidRequestError("prompt: a non-empty form field is required")
     content: list[dict[str, Any]] = []
     upload = form.get("image")
-    if upload is not None and not isinstance(upload, str):
-        data = await upload.read()
+    if isinstance(upload, str) and upload and field is str:
+        raise InvalidRequestError("image: send the image as a file part of a multipart/form-data form")
+    # Without a filename the image arrives as a field; an HTML form's empty file input sends no bytes.
+    data = b"" if upload is None or field is str else await form_bytes(upload)
+    if data:
         media_type = sniff_media_type(data)
         if media_type is None:
             raise InvalidRequestError("image: the file is not a jpeg, png, gif or webp image")
         content.append(
             {"type": "image", "source": {"type": "base64", "media_type": media_type, "data": base64.b64encode(data).decode()}}
         )
-    content.append({"type": "text", "text": prompt})
-    body: dict[str, Any] = {"model": form.get("model") or names.default.name, "messages": [{"role": "user", "content": content}]}
+    content.append({"type": "text", "text": field(prompt)})
+    model = form.get("model")
+    body: dict[str, Any] = {"model": field(model) if isinstance(model, str) and model else names.default.name,
+                            "messages": [{"role": "user", "content": content}]}
     max_tokens = form.get("max_tokens") or "1024"
     try:
         body["max_tokens"] = int(str(max_tokens))
     except ValueError:
         raise InvalidRequestError("max_tokens: must be an integer") from None
     if isinstance(system := form.get("system"), str) and system:
-        body["system"] = system
+        body["system"] = field(system)
     return MessagesRequest.model_validate(body, strict=False)
 
 
