@@ -165,7 +165,8 @@ def serve(flags: dict[str, Any]) -> int:
                 load_frontend_processor, folder, min_pixels=settings.min_pixels, max_pixels=settings.max_pixels
             )
             engine = ProcessEngine(load, processor, engine_config(settings), cpu_threads=settings.cpu_threads,
-                                   cpu_affinity=settings.cpu_affinity, log_level=settings.log_level)
+                                   cpu_affinity=settings.cpu_affinity, log_level=settings.log_level,
+                                   unresponsive_after=settings.engine_hang_timeout)
             engine.on_death = lambda: os.kill(os.getpid(), signal.SIGTERM)  # shut down, then exit 1 (below)
             apply_cpu_threads("cpu", 1)  # this process only renders: its torch work is small
         else:

@@ -87,6 +87,11 @@ class Settings(BaseSettings):
         "but one) and HTTP, image decoding and streaming keep the rest, so neither slows the other (cpu_threads of "
         "every core: no split); off: the OS places both",
     )
+    engine_hang_timeout: float = Field(
+        60.0, gt=0,
+        description="seconds the engine process may stay silent (one step this long) before it counts as hung: /ready "
+        "answers 503 and new requests get 503 until it answers again",
+    )
     cuda_graphs: bool = Field(
         True,
         description="replay decode steps, a prompt's chunk alone in its step and vision-tower calls (the last two once "

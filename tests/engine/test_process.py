@@ -18,7 +18,7 @@ from localvl.engine.affinity import available
 from localvl.engine.events import Finished, TextDelta
 from localvl.engine.local import EngineConfig
 from localvl.engine.process import EngineStartError, ProcessEngine
-from localvl.errors import EngineDiedError, InvalidRequestError, ServiceUnavailableError
+from localvl.errors import EngineDiedError, InvalidRequestError, OverloadedError, ServiceUnavailableError
 from localvl.models.loader import load_frontend_processor, load_model
 from tests.conftest import TEST_DEVICE
 from tests.engine.test_batching import assert_matches_reference, collect, image, mixed_conversations
@@ -243,9 +243,10 @@ def test_a_hung_engine_process_with_a_full_pipe_never_blocks_the_event_loop(mode
 def test_a_silent_engine_process_is_unresponsive_until_it_answers_and_an_idle_one_is_not(model_dir):
     """/ready's view of a hung engine process (SIGSTOP): silent past ``unresponsive_after``, with a
     request unacknowledged or none at all. An idle engine reports now and then, so it stays
-    responsive however long it idles."""
-    engine = start(model_dir("qwen2_5_vl"))
-    engine.unresponsive_after = 2.0
+    responsive however long it idles. Meanwhile requests are refused, not piled up: past the
+    engine's queue depth at once (529), and all of them once it counts as hung (503)."""
+    engine = start(model_dir("qwen2_5_vl"), max_queue=2)
+    engine.unresponsive_after = 4.0
     pid = engine._process.pid
 
     async def body():
@@ -255,12 +256,18 @@ def test_a_silent_engine_process_is_unresponsive_until_it_answers_and_an_idle_on
         await asyncio.sleep(engine.unresponsive_after + 0.5)
         assert engine.responsive
         os.kill(pid, signal.SIGSTOP)
-        submit = asyncio.create_task(engine.submit(GenerationRequest("waits", story(), SamplingParams(max_tokens=3))))
+        submits = [asyncio.create_task(engine.submit(GenerationRequest(f"waits{i}", story(i), SamplingParams(max_tokens=3))))
+                   for i in range(2)]
+        await until(lambda: len(engine._requests) == 2, "both sent")
+        with pytest.raises(OverloadedError):
+            await engine.submit(GenerationRequest("third", story(), SamplingParams(max_tokens=3)))
         await until(lambda: not engine.responsive, "unresponsive")
+        with pytest.raises(ServiceUnavailableError):
+            await engine.submit(GenerationRequest("hung", story(), SamplingParams(max_tokens=3)))
         os.kill(pid, signal.SIGCONT)
         await until(lambda: engine.responsive, "responsive again")
-        stream = await asyncio.wait_for(submit, 60)  # acknowledged once the engine ran again
-        assert isinstance([event async for event in stream][-1], Finished)
+        for stream in await asyncio.wait_for(asyncio.gather(*submits), 60):  # acknowledged once the engine ran again
+            assert isinstance([event async for event in stream][-1], Finished)
 
     try:
         asyncio.run(asyncio.wait_for(body(), 300))

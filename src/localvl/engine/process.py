@@ -13,7 +13,9 @@ SGLang split them. Between them, two pipes of pickled messages:
 
 If the engine process dies, every open stream ends with an error and ``alive`` turns false (the
 server's /ready then answers 503). If it stops answering (a stuck kernel, a deadlock), ``responsive``
-turns false after ``UNRESPONSIVE_AFTER`` seconds and /ready answers 503 until it answers again.
+turns false after ``UNRESPONSIVE_AFTER`` seconds (``--engine-hang-timeout``) and /ready and new
+requests answer 503 until it answers again; requests it has not yet acknowledged are bounded by the
+engine's ``max_queue`` (529 past it), so a hung engine cannot pile up rendered prompts here.
 
 One thread of the server writes the command pipe: a hung engine process leaves the pipe full (an
 image or two fill it), and a write to a full pipe blocks; on the event loop, that would freeze
@@ -45,7 +47,7 @@ from localvl.engine.bridge import Job, Outbox, Stream
 from localvl.engine.events import Event, Finished, RequestRecord
 from localvl.engine.frontend import Frontend
 from localvl.engine.protocol import ModelInfo
-from localvl.errors import EngineDiedError, InternalError, LocalvlError, ServiceUnavailableError
+from localvl.errors import EngineDiedError, InternalError, LocalvlError, OverloadedError, ServiceUnavailableError
 
 logger = logging.getLogger(__name__)
 
@@ -418,6 +420,13 @@ class ProcessEngine:
     async def submit(self, request: GenerationRequest) -> Stream:
         if not self._running or not self.alive:
             raise ServiceUnavailableError("the engine is not running")
+        # A hung engine process reads nothing: every request sent it would wait, holding its
+        # rendered prompt and pixels, until the client or --request-timeout gives up.
+        if not self.responsive:
+            raise ServiceUnavailableError("the engine is not answering; retry shortly", headers={"retry-after": "5"})
+        unread = sum(1 for remote in list(self._requests.values()) if remote.unacknowledged_since is not None)
+        if unread >= self.config.max_queue:  # the engine process refuses past this many waiting anyway
+            raise OverloadedError("the server is overloaded; retry shortly", headers={"retry-after": "1"})
         # Images cross the pipe as bytes, an eighth of their pixels: the engine process makes
         # the pixels as it reads them, on the server's cores, off this process's GIL.
         admission = await self.frontend.prepare(request, compact=True)
