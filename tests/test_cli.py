@@ -26,6 +26,10 @@ def test_bad_flags_and_settings_exit_with_a_message(capsys, tmp_path):
     assert main(["serve", "--port", "99999"]) == 2
     assert "port" in capsys.readouterr().err
     assert main(["serve", "--config", str(tmp_path / "missing.toml")]) == 2
+    # values the model loader or logging would only have choked on later, with a traceback
+    for flag, value in (("--log-level", "verbose"), ("--dtype", "bogus"), ("--device", "gpu")):
+        assert main(["serve", flag, value]) == 2
+        assert flag.removeprefix("--").replace("-", "_") in capsys.readouterr().err
 
 
 def test_an_unservable_model_exits_1_with_the_reason(tmp_path, capsys):

@@ -8,6 +8,7 @@ by ``LOCALVL_API_KEY`` or ``api_key = [...]`` in the TOML file named by ``--conf
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Mapping
@@ -26,6 +27,9 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 DEFAULT_ALIAS = "claude-*"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+DTYPES = ("auto", "bfloat16", "bf16", "float16", "fp16", "float32", "fp32")  # models/loader.py's pick_dtype
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
 class Settings(BaseSettings):
@@ -178,6 +182,30 @@ class Settings(BaseSettings):
                              self.max_image_side_many)
         return Media(fetched, pdf, images)
 
+    @field_validator("log_level")
+    @classmethod
+    def _known_log_level(cls, value: str) -> str:
+        # Checked here, not by logging at start-up, where a typo was a traceback.
+        level = value.strip().lower()
+        if level not in LOG_LEVELS:
+            raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}, not {value!r}")
+        return level
+
+    @field_validator("dtype")
+    @classmethod
+    def _known_dtype(cls, value: str) -> str:
+        # Checked here, not when the engine loads the model, where a typo was a bare KeyError.
+        if value not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {value!r}")
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if not DEVICE_PATTERN.fullmatch(value):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, not {value!r}")
+        return value
+
     @field_validator("api_key", "alias", "url_allowlist", mode="before")
     @classmethod
     def _split_commas(cls, value: Any) -> Any:
@@ -212,8 +240,11 @@ class _ConfigFileSource(PydanticBaseSettingsSource):
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"config file {path} does not exist")
-        with path.open("rb") as handle:
-            values = tomllib.load(handle)
+        try:
+            with path.open("rb") as handle:
+                values = tomllib.load(handle)
+        except tomllib.TOMLDecodeError as error:  # its message gives a line and column, not the file
+            raise ValueError(f"config file {path} is not valid TOML: {error}") from None
         unknown = sorted(set(values) - set(self.settings_cls.model_fields))
         if unknown:
             raise ValueError(f"unknown settings in {path}: {', '.join(unknown)}")
