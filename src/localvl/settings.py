@@ -117,7 +117,7 @@ class Settings(BaseSettings):
     cache_dir: Path | None = Field(None, description="where localvl keeps the demo model and vocabularies")
     url_allowlist: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
-        description="hosts, addresses or networks (CIDR) that image URLs may point to although not public",
+        description="hosts, addresses or networks (CIDR) that image and PDF URLs may point to although not public",
     )
     fetch_timeout: float = Field(30.0, gt=0, description="seconds to fetch one URL, redirects included")
     max_image_bytes: int = Field(5 * 1024 * 1024, ge=1024, description="largest image, inline or fetched by URL")
@@ -151,7 +151,7 @@ class Settings(BaseSettings):
     max_streams_per_key: int | None = Field(None, ge=1, description="requests (streaming or not) one key may have running at once, per server")
     redis_url: str | None = Field(None, description="Redis shared by several servers: rate limits and the response cache (redis://host:6379/0)")
     request_timeout: float = Field(600.0, gt=0, description="seconds a Messages or Chat Completions request may run before it ends with a timeout error")
-    response_cache: int = Field(0, ge=0, description="deterministic Messages answers kept for exact repeats (entries; 0: off)")
+    response_cache: int = Field(0, ge=0, description="deterministic Messages and Chat Completions answers kept for exact repeats (entries; 0: off)")
     response_cache_ttl: float = Field(3600.0, gt=0, description="seconds a cached answer is served")
     response_cache_shared: bool = Field(False, description="let one key's cached answers serve another key's identical request")
     shutdown_timeout: float = Field(30.0, ge=0, description="seconds running requests get to finish on SIGTERM")
