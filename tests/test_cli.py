@@ -131,3 +131,11 @@ def test_a_public_address_without_a_key_is_refused_unless_asked_for(capsys, tmp_
     assert main(["serve", "--host", "0.0.0.0", "--api-key", "k", "--model", str(tmp_path / "nothing")]) == 1
     assert main(["serve", "--host", "0.0.0.0", "--insecure-no-auth", "--model", str(tmp_path / "nothing")]) == 1
     assert main(["serve", "--host", "::1", "--model", str(tmp_path / "nothing")]) == 1  # loopback needs no key
+
+
+def test_cache_dir_setting_reaches_what_reads_the_environment(monkeypatch, tmp_path):
+    from localvl.models.tiny import default_cache_dir
+
+    monkeypatch.setenv("LOCALVL_CACHE_DIR", str(tmp_path / "from-env"))  # restored after the test
+    assert main(["serve", "--cache-dir", str(tmp_path / "flag"), "--model", str(tmp_path / "nothing")]) == 1
+    assert default_cache_dir() == tmp_path / "flag"

@@ -129,6 +129,10 @@ def serve(flags: dict[str, Any]) -> int:
         )
         return 2
     configure_logging(settings.log_level)
+    if settings.cache_dir is not None:
+        # What reads the cache dir deep down (the CPU kernel's build, in the engine process too)
+        # knows only the environment: a --cache-dir or TOML cache_dir must reach it as well.
+        os.environ["LOCALVL_CACHE_DIR"] = str(settings.cache_dir)
 
     from localvl.api import serving
     from localvl.api.app import create_app

@@ -114,7 +114,7 @@ class Settings(BaseSettings):
         description="seconds a stream's next text delta waits, gathering the tokens that come meanwhile; 0: one event per token",
     )
     ping_interval: float = Field(10.0, gt=0, description="seconds between SSE pings while nothing else is sent")
-    cache_dir: Path | None = Field(None, description="where localvl keeps the demo model and vocabularies")
+    cache_dir: Path | None = Field(None, description="where localvl keeps the demo model, vocabularies, its built CPU kernel and the thinking key; default: $LOCALVL_CACHE_DIR, else ~/.cache/localvl")
     url_allowlist: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="hosts, addresses or networks (CIDR) that image and PDF URLs may point to although not public",
