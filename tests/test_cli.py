@@ -139,3 +139,14 @@ def test_cache_dir_setting_reaches_what_reads_the_environment(monkeypatch, tmp_p
     monkeypatch.setenv("LOCALVL_CACHE_DIR", str(tmp_path / "from-env"))  # restored after the test
     assert main(["serve", "--cache-dir", str(tmp_path / "flag"), "--model", str(tmp_path / "nothing")]) == 1
     assert default_cache_dir() == tmp_path / "flag"
+
+
+@pytest.mark.parametrize("name", ["compile", "insecure_no_auth", "response_cache_shared", "cuda_graphs"])
+def test_every_switch_can_be_turned_off_by_a_flag_over_the_environment(monkeypatch, name):
+    from localvl.settings import Settings
+
+    monkeypatch.setenv(f"LOCALVL_{name.upper()}", "true")
+    captured = {}
+    monkeypatch.setattr("localvl.cli.serve", lambda flags: captured.update(Settings(**flags).model_dump()) or 0)
+    assert main(["serve", "--no-" + name.replace("_", "-")]) == 0
+    assert captured[name] is False

@@ -46,8 +46,8 @@ def _flag_kind(field: Any) -> dict[str, Any]:
     kind = field.annotation
     if typing.get_origin(kind) in (typing.Union, types.UnionType):  # X | None
         kind = next(arg for arg in typing.get_args(kind) if arg is not type(None))
-    if kind is bool:
-        return {"action": "store_true"} if field.default is False else {"action": argparse.BooleanOptionalAction}
+    if kind is bool:  # --x and --no-x, so a flag can override a true from the environment or the file
+        return {"action": argparse.BooleanOptionalAction}
     if typing.get_origin(kind) is list:
         return {"action": "append"}
     if typing.get_origin(kind) is typing.Literal:
