@@ -68,7 +68,9 @@ class Settings(BaseSettings):
     max_num_seqs: int = Field(64, ge=1, description="requests in the running batch at once")
     block_size: int = Field(16, ge=1, le=1024, description="tokens per KV-cache block")
     kv_cache_memory: int | None = Field(
-        None, ge=1, description="bytes of KV cache; default: 2 GiB on a CPU, gpu_memory_utilization of free GPU memory"
+        None, ge=1,
+        description="bytes of KV cache; default: 2 GiB on a CPU, gpu_memory_utilization of free GPU memory; never "
+        "more than max_num_seqs requests at full context can use (the start-up log says what was made)",
     )
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="share of free GPU memory for the KV cache")
     image_cache_memory: int = Field(512 << 20, ge=0, description="bytes of vision-tower outputs kept for reuse")
