@@ -150,3 +150,11 @@ def test_every_switch_can_be_turned_off_by_a_flag_over_the_environment(monkeypat
     monkeypatch.setattr("localvl.cli.serve", lambda flags: captured.update(Settings(**flags).model_dump()) or 0)
     assert main(["serve", "--no-" + name.replace("_", "-")]) == 0
     assert captured[name] is False
+
+
+def test_unusable_jwt_settings_are_refused_before_the_model_loads(tmp_path, capsys):
+    missing = str(tmp_path / "nothing")  # a model that would fail to load (exit 1) if asked for first
+    assert main(["serve", "--model", missing, "--jwt-secret", "too short"]) == 2
+    assert "--jwt-secret" in capsys.readouterr().err
+    assert main(["serve", "--model", missing, "--jwt-jwks-file", str(tmp_path / "absent.json")]) == 2
+    assert "JWKS" in capsys.readouterr().err

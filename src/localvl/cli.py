@@ -128,6 +128,16 @@ def serve(flags: dict[str, Any]) -> int:
             file=sys.stderr,
         )
         return 2
+    if settings.jwt_secret or settings.jwt_public_key or settings.jwt_jwks_file:
+        # Checked before the model loads (minutes for a large one), as create_app would only after it.
+        from localvl.security.tokens import TokenVerifier
+
+        try:
+            TokenVerifier(secret=settings.jwt_secret, public_key=settings.jwt_public_key,
+                          jwks_file=settings.jwt_jwks_file, audience=settings.jwt_audience, issuer=settings.jwt_issuer)
+        except ValueError as error:
+            print(f"localvl serve: {error}", file=sys.stderr)
+            return 2
     configure_logging(settings.log_level)
     if settings.cache_dir is not None:
         # What reads the cache dir deep down (the CPU kernel's build, in the engine process too)
