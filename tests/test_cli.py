@@ -26,6 +26,10 @@ def test_bad_flags_and_settings_exit_with_a_message(capsys, tmp_path):
     assert main(["serve", "--port", "99999"]) == 2
     assert "port" in capsys.readouterr().err
     assert main(["serve", "--config", str(tmp_path / "missing.toml")]) == 2
+    # values the model loader or logging would only have choked on later, with a traceback
+    for flag, value in (("--log-level", "verbose"), ("--dtype", "bogus"), ("--device", "gpu")):
+        assert main(["serve", flag, value]) == 2
+        assert flag.removeprefix("--").replace("-", "_") in capsys.readouterr().err
 
 
 def test_an_unservable_model_exits_1_with_the_reason(tmp_path, capsys):
@@ -127,3 +131,30 @@ def test_a_public_address_without_a_key_is_refused_unless_asked_for(capsys, tmp_
     assert main(["serve", "--host", "0.0.0.0", "--api-key", "k", "--model", str(tmp_path / "nothing")]) == 1
     assert main(["serve", "--host", "0.0.0.0", "--insecure-no-auth", "--model", str(tmp_path / "nothing")]) == 1
     assert main(["serve", "--host", "::1", "--model", str(tmp_path / "nothing")]) == 1  # loopback needs no key
+
+
+def test_cache_dir_setting_reaches_what_reads_the_environment(monkeypatch, tmp_path):
+    from localvl.models.tiny import default_cache_dir
+
+    monkeypatch.setenv("LOCALVL_CACHE_DIR", str(tmp_path / "from-env"))  # restored after the test
+    assert main(["serve", "--cache-dir", str(tmp_path / "flag"), "--model", str(tmp_path / "nothing")]) == 1
+    assert default_cache_dir() == tmp_path / "flag"
+
+
+@pytest.mark.parametrize("name", ["compile", "insecure_no_auth", "response_cache_shared", "cuda_graphs"])
+def test_every_switch_can_be_turned_off_by_a_flag_over_the_environment(monkeypatch, name):
+    from localvl.settings import Settings
+
+    monkeypatch.setenv(f"LOCALVL_{name.upper()}", "true")
+    captured = {}
+    monkeypatch.setattr("localvl.cli.serve", lambda flags: captured.update(Settings(**flags).model_dump()) or 0)
+    assert main(["serve", "--no-" + name.replace("_", "-")]) == 0
+    assert captured[name] is False
+
+
+def test_unusable_jwt_settings_are_refused_before_the_model_loads(tmp_path, capsys):
+    missing = str(tmp_path / "nothing")  # a model that would fail to load (exit 1) if asked for first
+    assert main(["serve", "--model", missing, "--jwt-secret", "too short"]) == 2
+    assert "--jwt-secret" in capsys.readouterr().err
+    assert main(["serve", "--model", missing, "--jwt-jwks-file", str(tmp_path / "absent.json")]) == 2
+    assert "JWKS" in capsys.readouterr().err

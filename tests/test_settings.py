@@ -174,3 +174,39 @@ def test_invalid_toml_is_an_error(config_file):
 def test_invalid_value_in_config_file_is_an_error(config_file):
     with pytest.raises(ValidationError):
         Settings(config=config_file('port = "not-a-port"\n'))
+
+
+def test_invalid_toml_names_the_file(config_file):
+    path = config_file('port = "x\n')
+    with pytest.raises(ValueError, match=str(path)):
+        Settings(config=path)
+
+
+# ----------------------------------------------------------------------------- values checked up front
+
+
+def test_log_level_is_one_of_the_documented_ones_in_any_case():
+    assert Settings(log_level="DEBUG").log_level == "debug"
+    with pytest.raises(ValidationError, match="log_level"):
+        Settings(log_level="verbose")
+
+
+@pytest.mark.parametrize("dtype", ["auto", "bfloat16", "bf16", "float16", "fp16", "float32", "fp32"])
+def test_every_dtype_the_loader_takes_is_accepted(dtype):
+    assert Settings(dtype=dtype).dtype == dtype
+
+
+def test_an_unknown_dtype_is_refused_before_loading():
+    with pytest.raises(ValidationError, match="dtype"):
+        Settings(dtype="int3")
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:1"])
+def test_documented_devices_are_accepted(device):
+    assert Settings(device=device).device == device
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:", "cuda:x", ""])
+def test_an_unknown_device_is_refused_before_loading(device):
+    with pytest.raises(ValidationError, match="device"):
+        Settings(device=device)

@@ -46,8 +46,8 @@ def _flag_kind(field: Any) -> dict[str, Any]:
     kind = field.annotation
     if typing.get_origin(kind) in (typing.Union, types.UnionType):  # X | None
         kind = next(arg for arg in typing.get_args(kind) if arg is not type(None))
-    if kind is bool:
-        return {"action": "store_true"} if field.default is False else {"action": argparse.BooleanOptionalAction}
+    if kind is bool:  # --x and --no-x, so a flag can override a true from the environment or the file
+        return {"action": argparse.BooleanOptionalAction}
     if typing.get_origin(kind) is list:
         return {"action": "append"}
     if typing.get_origin(kind) is typing.Literal:
@@ -128,7 +128,21 @@ def serve(flags: dict[str, Any]) -> int:
             file=sys.stderr,
         )
         return 2
+    if settings.jwt_secret or settings.jwt_public_key or settings.jwt_jwks_file:
+        # Checked before the model loads (minutes for a large one), as create_app would only after it.
+        from localvl.security.tokens import TokenVerifier
+
+        try:
+            TokenVerifier(secret=settings.jwt_secret, public_key=settings.jwt_public_key,
+                          jwks_file=settings.jwt_jwks_file, audience=settings.jwt_audience, issuer=settings.jwt_issuer)
+        except ValueError as error:
+            print(f"localvl serve: {error}", file=sys.stderr)
+            return 2
     configure_logging(settings.log_level)
+    if settings.cache_dir is not None:
+        # What reads the cache dir deep down (the CPU kernel's build, in the engine process too)
+        # knows only the environment: a --cache-dir or TOML cache_dir must reach it as well.
+        os.environ["LOCALVL_CACHE_DIR"] = str(settings.cache_dir)
 
     from localvl.api import serving
     from localvl.api.app import create_app

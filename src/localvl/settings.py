@@ -8,6 +8,7 @@ by ``LOCALVL_API_KEY`` or ``api_key = [...]`` in the TOML file named by ``--conf
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Mapping
@@ -26,6 +27,9 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 DEFAULT_ALIAS = "claude-*"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+DTYPES = ("auto", "bfloat16", "bf16", "float16", "fp16", "float32", "fp32")  # models/loader.py's pick_dtype
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
 class Settings(BaseSettings):
@@ -64,7 +68,9 @@ class Settings(BaseSettings):
     max_num_seqs: int = Field(64, ge=1, description="requests in the running batch at once")
     block_size: int = Field(16, ge=1, le=1024, description="tokens per KV-cache block")
     kv_cache_memory: int | None = Field(
-        None, ge=1, description="bytes of KV cache; default: 2 GiB on a CPU, gpu_memory_utilization of free GPU memory"
+        None, ge=1,
+        description="bytes of KV cache; default: 2 GiB on a CPU, gpu_memory_utilization of free GPU memory; never "
+        "more than max_num_seqs requests at full context can use (the start-up log says what was made)",
     )
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="share of free GPU memory for the KV cache")
     image_cache_memory: int = Field(512 << 20, ge=0, description="bytes of vision-tower outputs kept for reuse")
@@ -115,10 +121,10 @@ class Settings(BaseSettings):
         description="seconds a stream's next text delta waits, gathering the tokens that come meanwhile; 0: one event per token",
     )
     ping_interval: float = Field(10.0, gt=0, description="seconds between SSE pings while nothing else is sent")
-    cache_dir: Path | None = Field(None, description="where localvl keeps the demo model and vocabularies")
+    cache_dir: Path | None = Field(None, description="where localvl keeps the demo model, vocabularies, its built CPU kernel and the thinking key; default: $LOCALVL_CACHE_DIR, else ~/.cache/localvl")
     url_allowlist: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
-        description="hosts, addresses or networks (CIDR) that image URLs may point to although not public",
+        description="hosts, addresses or networks (CIDR) that image and PDF URLs may point to although not public",
     )
     fetch_timeout: float = Field(30.0, gt=0, description="seconds to fetch one URL, redirects included")
     max_image_bytes: int = Field(5 * 1024 * 1024, ge=1024, description="largest image, inline or fetched by URL")
@@ -152,7 +158,7 @@ class Settings(BaseSettings):
     max_streams_per_key: int | None = Field(None, ge=1, description="requests (streaming or not) one key may have running at once, per server")
     redis_url: str | None = Field(None, description="Redis shared by several servers: rate limits and the response cache (redis://host:6379/0)")
     request_timeout: float = Field(600.0, gt=0, description="seconds a Messages or Chat Completions request may run before it ends with a timeout error")
-    response_cache: int = Field(0, ge=0, description="deterministic Messages answers kept for exact repeats (entries; 0: off)")
+    response_cache: int = Field(0, ge=0, description="deterministic Messages and Chat Completions answers kept for exact repeats (entries; 0: off)")
     response_cache_ttl: float = Field(3600.0, gt=0, description="seconds a cached answer is served")
     response_cache_shared: bool = Field(False, description="let one key's cached answers serve another key's identical request")
     shutdown_timeout: float = Field(30.0, ge=0, description="seconds running requests get to finish on SIGTERM")
@@ -182,6 +188,30 @@ class Settings(BaseSettings):
         images = ImageLimits(self.max_images, self.max_image_bytes, self.max_image_side, self.many_images,
                              self.max_image_side_many)
         return Media(fetched, pdf, images)
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_log_level(cls, value: str) -> str:
+        # Checked here, not by logging at start-up, where a typo was a traceback.
+        level = value.strip().lower()
+        if level not in LOG_LEVELS:
+            raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}, not {value!r}")
+        return level
+
+    @field_validator("dtype")
+    @classmethod
+    def _known_dtype(cls, value: str) -> str:
+        # Checked here, not when the engine loads the model, where a typo was a bare KeyError.
+        if value not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {value!r}")
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if not DEVICE_PATTERN.fullmatch(value):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, not {value!r}")
+        return value
 
     @field_validator("api_key", "alias", "url_allowlist", mode="before")
     @classmethod
@@ -217,8 +247,11 @@ class _ConfigFileSource(PydanticBaseSettingsSource):
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"config file {path} does not exist")
-        with path.open("rb") as handle:
-            values = tomllib.load(handle)
+        try:
+            with path.open("rb") as handle:
+                values = tomllib.load(handle)
+        except tomllib.TOMLDecodeError as error:  # its message gives a line and column, not the file
+            raise ValueError(f"config file {path} is not valid TOML: {error}") from None
         unknown = sorted(set(values) - set(self.settings_cls.model_fields))
         if unknown:
             raise ValueError(f"unknown settings in {path}: {', '.join(unknown)}")

@@ -196,6 +196,10 @@ def test_multipart_form_errors_are_400(client):
     assert_error(client.post("/v1/messages", data={"prompt": "hi", "max_tokens": "many"}), 400, "invalid_request_error")
     # an urlencoded form cannot carry an image's bytes: say so rather than answer without it
     assert "multipart" in assert_error(client.post("/v1/messages", data={"prompt": "hi", "image": "abc"}), 400, "invalid_request_error")
+    for max_tokens in ("0", "-3"):  # an integer the Messages schema refuses: its 400, not a 500
+        message = assert_error(client.post("/v1/messages", data={"prompt": "hi", "max_tokens": max_tokens}), 400,
+                               "invalid_request_error")
+        assert "max_tokens" in message
 
 
 def test_an_unexpected_failure_is_a_500_that_leaks_nothing(client, monkeypatch):

@@ -27,6 +27,14 @@ def test_the_page_is_served_at_the_root_and_at_playground(client):
         assert response.text == (PLAYGROUND_DIR / "index.html").read_text()
 
 
+@pytest.mark.parametrize("path", ["/", "/playground", "/playground/playground.js"])
+def test_head_answers_as_get_does_without_a_body(client, path):
+    head, get = client.head(path), client.get(path)
+    assert head.status_code == 200 and head.content == b""
+    assert head.headers["content-type"] == get.headers["content-type"]
+    assert head.headers["content-security-policy"] == CONTENT_SECURITY_POLICY
+
+
 @pytest.mark.parametrize(
     "name, content_type",
     [

@@ -3,7 +3,8 @@
 import asyncio
 import os
 
-from localvl.api.response_cache import MemoryCache, cache_key, cacheable, model_fingerprint
+from localvl.api.response_cache import MemoryCache, RedisCache, cache_key, cacheable, model_fingerprint
+from tests.e2e.conftest import free_port
 
 
 def test_only_deterministic_self_contained_requests_qualify():
@@ -52,5 +53,17 @@ def test_memory_cache_is_lru_and_expires():
         await short.put("a", {"n": 1})
         await asyncio.sleep(0.02)
         assert await short.get("a") is None
+
+    asyncio.run(body())
+
+
+def test_a_redis_cache_that_cannot_be_reached_misses_and_keeps_nothing():
+    async def body():
+        cache = RedisCache(f"redis://127.0.0.1:{free_port()}/0", ttl=60)
+        try:
+            await cache.put("a", {"n": 1})
+            assert await cache.get("a") is None
+        finally:
+            await cache.close()
 
     asyncio.run(body())

@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from localvl.cli import main
-from tests.e2e.conftest import API_KEY, Server
+from tests.e2e.conftest import API_KEY, Server, free_port
 
 SECRET = "jwt-secret-" + "x" * 32
 
@@ -190,6 +190,25 @@ def test_a_cached_tool_call_comes_back_with_an_id_of_its_own(keyed):
     answers = [o.chat.completions.create(**asked).choices[0].message.tool_calls for _ in range(2)]
     assert answers[0] and [c.function.arguments for c in answers[0]] == [c.function.arguments for c in answers[1]]
     assert {c.id for c in answers[0]}.isdisjoint(c.id for c in answers[1])
+
+
+def test_an_unreachable_redis_lets_requests_through_unlimited_and_uncached(model_dir, tmp_path):
+    # Nothing listens on this port: rate limits and the response cache both live in that Redis.
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    server = Server(model_dir("qwen2_5_vl"), tmp_path / "dead-redis.log", "--redis-url", dead, "--rpm", "1",
+                    "--api-key", "sk-dead-redis", "--response-cache", "8")
+    try:
+        c = client(server, "sk-dead-redis")
+        answers = [c.messages.with_raw_response.create(model="claude-sonnet-4-5", max_tokens=3, extra_body={"temperature": 0},
+                                                        messages=[{"role": "user", "content": "hi"}]) for _ in range(3)]
+        assert [a.status_code for a in answers] == [200, 200, 200]  # over --rpm 1: the limits were not checked
+        assert all(a.headers["x-localvl-cache"] == "miss" for a in answers)  # nothing could be kept
+        o = openai.OpenAI(base_url=server.url + "/v1", api_key="sk-dead-redis", max_retries=0)
+        reply = o.chat.completions.create(model="tiny-vl", max_tokens=3, temperature=0,
+                                          messages=[{"role": "user", "content": "hi"}])
+        assert reply.choices[0].finish_reason in ("stop", "length")
+    finally:
+        server.stop()
 
 
 def test_two_servers_share_limits_and_answers_through_redis(model_dir, tmp_path):

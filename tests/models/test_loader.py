@@ -4,7 +4,7 @@ import pytest
 from transformers import GenerationConfig, Qwen2Config
 
 from localvl.engine.sampling import ResolvedSampling
-from localvl.models.loader import ModelLoadError, load_model, sampling_defaults
+from localvl.models.loader import ModelLoadError, load_model, pick_device, sampling_defaults
 
 
 def test_loads_each_family_with_context_and_eos(loaded_model):
@@ -50,3 +50,13 @@ def test_the_folders_repetition_penalty_applies_with_or_without_sampling():
     assert sampling_defaults(qwen).repetition_penalty == 1.05
     assert sampling_defaults(GenerationConfig(do_sample=False, repetition_penalty=1.2)).repetition_penalty == 1.2
     assert sampling_defaults(GenerationConfig(repetition_penalty=1.1)).repetition_penalty == 1.1
+
+
+def test_cuda_asked_for_where_there_is_none_says_so(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for device in ("cuda", "cuda:1"):
+        with pytest.raises(ModelLoadError, match="--device cpu"):
+            pick_device(device)
+    assert pick_device("auto") == "cpu" and pick_device("cpu") == "cpu"

@@ -107,3 +107,12 @@ def test_settings_problems_are_clear(tmp_path):
 def test_only_jwt_shaped_credentials_are_taken_for_tokens():
     assert looks_like_jwt(token())
     assert not looks_like_jwt("sk-localvl-abc") and not looks_like_jwt("a.b.c")
+
+
+@pytest.mark.parametrize("content", [None, "not json", '{"keys": "nope"}', '{"keys": []}'])
+def test_an_unusable_jwks_file_is_a_value_error_naming_it(tmp_path, content):
+    path = tmp_path / "jwks.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(ValueError, match="JWKS file"):
+        TokenVerifier(jwks_file=path)

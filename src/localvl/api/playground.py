@@ -67,12 +67,13 @@ def asset_response(name: str) -> FileResponse:
     return FileResponse(path, media_type=CONTENT_TYPES[path.suffix], headers=SECURITY_HEADERS)
 
 
-@router.get("/")
-@router.get("/playground")
+# HEAD too, as any static file server answers it: link checkers and `curl -I` ask that way.
+@router.api_route("/", methods=["GET", "HEAD"])
+@router.api_route("/playground", methods=["GET", "HEAD"])
 async def playground_page() -> FileResponse:
     return asset_response("index.html")
 
 
-@router.get("/playground/{name}")
+@router.api_route("/playground/{name}", methods=["GET", "HEAD"])
 async def playground_asset(name: str) -> FileResponse:
     return asset_response(name)

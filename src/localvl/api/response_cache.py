@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Protocol
+
+logger = logging.getLogger(__name__)
 
 IGNORED_FIELDS = ("stream", "stream_options", "metadata", "user")  # do not change the answer
 
@@ -113,12 +116,21 @@ class RedisCache:
         self.ttl = ttl
         self.prefix = prefix
 
+    # Redis down is a miss, and an answer not kept: the cache saves work, it must not fail requests
+    # (as the rate limits sharing that Redis let requests through).
     async def get(self, key: str) -> dict[str, Any] | None:
-        raw = await self.client.get(self.prefix + key)
+        try:
+            raw = await self.client.get(self.prefix + key)
+        except Exception as error:
+            logger.warning("response cache not read: Redis failed (%s)", type(error).__name__)
+            return None
         return json.loads(raw) if raw else None
 
     async def put(self, key: str, message: dict[str, Any]) -> None:
-        await self.client.set(self.prefix + key, json.dumps(message), px=int(self.ttl * 1000))
+        try:
+            await self.client.set(self.prefix + key, json.dumps(message), px=int(self.ttl * 1000))
+        except Exception as error:
+            logger.warning("response cache not written: Redis failed (%s)", type(error).__name__)
 
     async def close(self) -> None:
         await self.client.aclose()

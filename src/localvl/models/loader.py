@@ -53,6 +53,12 @@ class LoadedModel:
 def pick_device(device: str = "auto") -> str:
     import torch
 
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        # else torch's own assertion ("Torch not compiled with CUDA enabled") is all a user sees
+        raise ModelLoadError(
+            f"--device {device}: no CUDA device is available to this torch {torch.__version__} (a CPU-only build, "
+            "or no GPU or driver). Install the CUDA build of torch, or use --device cpu (or auto)."
+        )
     if device != "auto":
         return device
     return "cuda" if torch.cuda.is_available() else "cpu"

@@ -52,7 +52,11 @@ class TokenVerifier:
             self._keys[None] = _public_key(public_key)
         else:
             assert jwks_file is not None
-            for entry in jwt.PyJWKSet.from_dict(json.loads(jwks_file.read_text())).keys:
+            try:
+                keys = jwt.PyJWKSet.from_dict(json.loads(jwks_file.read_text())).keys
+            except (OSError, ValueError, jwt.PyJWTError) as error:  # a ValueError is what serve reports
+                raise ValueError(f"JWT: cannot read the JWKS file {jwks_file}: {error}") from None
+            for entry in keys:
                 self._keys[entry.key_id] = (entry.key, [entry.algorithm_name] if entry.algorithm_name else ASYMMETRIC)
         self.audience = audience
         self.issuer = issuer

@@ -96,7 +96,7 @@ async def _form_message(form: FormData, field: Callable[[str], str], names: Mode
         raise InvalidRequestError("max_tokens: must be an integer") from None
     if isinstance(system := form.get("system"), str) and system:
         body["system"] = field(system)
-    return MessagesRequest.model_validate(body, strict=False)
+    return parse_value(MessagesRequest, body, "")  # a 400 naming the field, as for a JSON body
 
 
 async def media_for(state: Any, owner: str, body: Any) -> Media:
