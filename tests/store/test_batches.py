@@ -92,3 +92,21 @@ def test_many_workers_at_once_answer_each_request_exactly_once(database_url):
     counts, final, lines = run(database_url, body)
     assert sum(counts) == 200 and final.counts["succeeded"] == 200 and final.ended_at is not None
     assert len(lines) == 200 and len(set(lines)) == 200
+
+
+def test_a_canceled_batch_whose_running_claims_lapse_or_are_given_back_ends(database_url):
+    async def body(store):
+        batch = await store.create("", REQUESTS[:4], dt.timedelta(hours=1))
+        lapsed, released, finished = await store.claim("dead", 1) + await store.claim("stopping", 1) + await store.claim("alive", 1)
+        await store.cancel("", batch.id)  # the fourth, pending, is canceled now; three run on
+        await store.release("stopping", released.batch_id, released.position)
+        assert await store.finish("alive", finished.batch_id, finished.position, "succeeded", {"type": "succeeded"})
+        await asyncio.sleep(0.05)
+        await store.sweep(dt.timedelta(days=29))  # "dead"'s claim has lapsed
+        lines = b"".join([chunk async for chunk in store.results("", batch.id)]).splitlines()
+        return await store.get("", batch.id), lines
+
+    batch, lines = run(database_url, body, lease_s=0.01)
+    assert batch.ended_at is not None and batch.processing_status == "ended"
+    assert batch.counts == {"processing": 0, "succeeded": 1, "errored": 0, "canceled": 3, "expired": 0}
+    assert len(lines) == 4

@@ -238,7 +238,8 @@ class BatchStore:
         return done.rowcount == 1
 
     async def release(self, worker: str, batch_id: str, position: int) -> None:
-        """Give a claimed request back (the worker is stopping): another claim will do it."""
+        """Give a claimed request back (the worker is stopping): another claim will do it, or,
+        in a batch canceled meanwhile, the sweep cancels it (no claim takes it any more)."""
         async with self.database.engine.begin() as connection:
             await connection.execute(batch_requests.update().where(
                 batch_requests.c.batch_id == batch_id, batch_requests.c.position == position,
@@ -273,6 +274,16 @@ class BatchStore:
                 await connection.execute(batch_requests.update().where(
                     batch_requests.c.batch_id.in_(expired), batch_requests.c.status == "pending"
                 ).values(status="expired", result=json.dumps({"type": "expired"})))
+            # A request running when its batch was canceled, whose claim then lapsed or was given
+            # back (its server killed or stopping), is pending again, and claims skip canceled
+            # batches: canceled here, or the batch would stay "canceling" for good.
+            canceling = (await connection.execute(sa.select(batches.c.id).where(
+                batches.c.cancel_initiated_at.is_not(None), batches.c.ended_at.is_(None)
+            ))).scalars().all()
+            if canceling:
+                await connection.execute(batch_requests.update().where(
+                    batch_requests.c.batch_id.in_(canceling), batch_requests.c.status == "pending"
+                ).values(status="canceled", result=json.dumps({"type": "canceled"})))
             old = (await connection.execute(sa.select(batches.c.id).where(
                 batches.c.ended_at.is_not(None), batches.c.ended_at <= now - retention, batches.c.archived_at.is_(None)
             ))).scalars().all()
@@ -280,7 +291,7 @@ class BatchStore:
                 await connection.execute(batch_requests.update().where(
                     batch_requests.c.batch_id.in_(old)).values(result=None, params="{}"))
                 await connection.execute(batches.update().where(batches.c.id.in_(old)).values(archived_at=now))
-        for batch_id in expired:
+        for batch_id in {*expired, *canceling}:
             await self.settle(batch_id)
 
 
