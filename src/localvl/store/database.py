@@ -177,7 +177,18 @@ class Database:
         await self.engine.dispose()
 
 
+# Any fixed number: the PostgreSQL advisory lock that servers migrating one database queue on.
+_MIGRATION_LOCK = 0x6C6F63616C766C
+
+
 def _migrate(connection: Connection) -> int:
+    # Servers of one deployment start together: the first to get here migrates while the others
+    # wait, then find the schema made (without the lock, both create it and one fails to start).
+    dialect = connection.dialect.name
+    if dialect == "postgresql":
+        connection.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK})
+    elif dialect == "sqlite":  # the write lock now, not at the first write (pysqlite begins late)
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
     schema_version.create(connection, checkfirst=True)
     current = connection.execute(sa.select(sa.func.max(schema_version.c.version))).scalar() or 0
     for version, step in enumerate(MIGRATIONS, start=1):
