@@ -6,7 +6,9 @@ import io
 import pytest
 
 from localvl.errors import NotFoundError
-from localvl.store.database import Database
+import sqlalchemy as sa
+
+from localvl.store.database import Database, file_chunks
 from localvl.store.files import FileStore
 
 
@@ -74,5 +76,32 @@ def test_a_killed_uploads_half_file_is_swept_and_a_failed_record_leaves_no_bytes
             assert sorted(p.name for p in directory.iterdir()) == [fresh.name]
         finally:
             await database.stop()
+
+    asyncio.run(body())
+
+
+def test_a_file_stored_by_one_server_is_read_by_another_sharing_its_database(database_url, tmp_path):
+    # two servers: one database, a data directory each (SQLite is one server's: its bytes stay on disk)
+    async def body():
+        one, two = Database(database_url), Database(database_url)
+        await one.start()
+        await two.start()
+        try:
+            mine, theirs = FileStore(one, tmp_path / "one"), FileStore(two, tmp_path / "two")
+            content = bytes(range(256)) * 9000  # past one piece
+            record = await mine.create("alice", "big.bin", "application/octet-stream", io.BytesIO(content))
+            if not mine.in_database:
+                with pytest.raises(NotFoundError):  # a clear 404, not a failure, when the bytes are elsewhere
+                    await theirs.read("alice", record.id)
+                return
+            assert (await theirs.read("alice", record.id))[1] == content
+            await theirs.delete("alice", record.id)
+            with pytest.raises(NotFoundError):
+                await mine.read("alice", record.id)
+            async with one.engine.connect() as connection:  # no bytes left behind
+                assert (await connection.execute(sa.select(sa.func.count()).select_from(file_chunks))).scalar() == 0
+        finally:
+            await one.stop()
+            await two.stop()
 
     asyncio.run(body())
