@@ -110,3 +110,18 @@ def test_a_canceled_batch_whose_running_claims_lapse_or_are_given_back_ends(data
     assert batch.ended_at is not None and batch.processing_status == "ended"
     assert batch.counts == {"processing": 0, "succeeded": 1, "errored": 0, "canceled": 3, "expired": 0}
     assert len(lines) == 4
+
+
+def test_a_page_is_newest_first_whichever_cursors_are_given(database_url):
+    async def body(store):
+        made = [(await store.create("", REQUESTS[:1], dt.timedelta(hours=1))).id for _ in range(5)]
+        newest = made[::-1]
+        older, more = await store.page("", 2, None, newest[1])
+        newer, _ = await store.page("", 2, newest[4], None)
+        both, _ = await store.page("", 10, newest[3], newest[0])  # after_id pages, as /v1/models does
+        return newest, [b.id for b in older], more, [b.id for b in newer], [b.id for b in both]
+
+    newest, older, more, newer, both = run(database_url, body)
+    assert older == newest[2:4] and more
+    assert newer == newest[2:4]
+    assert both == newest[1:]

@@ -108,7 +108,7 @@ class BatchStore:
         async with self.database.engine.connect() as connection:
             rows = (await connection.execute(query)).mappings().all()
             found = [_batch(row, await self._counts(connection, row["id"])) for row in rows[:limit]]
-        if before_id:
+        if before_id and not after_id:  # both given: after_id pages, as /v1/models does
             found.reverse()
         return found, len(rows) > limit
 

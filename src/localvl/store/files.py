@@ -179,7 +179,7 @@ class FileStore:
         async with self.database.engine.connect() as connection:
             rows = (await connection.execute(query)).mappings().all()
         records = [_record(row) for row in rows[:limit]]
-        if before_id:
+        if before_id and not after_id:  # both given: after_id pages, as /v1/models does
             records.reverse()
         return records, len(rows) > limit
 
