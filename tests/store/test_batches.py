@@ -125,3 +125,20 @@ def test_a_page_is_newest_first_whichever_cursors_are_given(database_url):
     assert older == newest[2:4] and more
     assert newer == newest[2:4]
     assert both == newest[1:]
+
+
+def test_a_batch_whose_server_died_between_its_last_result_and_its_end_is_ended_by_the_sweep(database_url):
+    from localvl.store.database import batches
+
+    async def body(store):
+        batch = await store.create("", REQUESTS[:2], dt.timedelta(hours=1))
+        for item in await store.claim("w", 2):
+            assert await store.finish("w", item.batch_id, item.position, "succeeded", {"type": "succeeded"})
+        async with store.database.engine.begin() as connection:  # as if killed before the batch was ended
+            await connection.execute(batches.update().values(ended_at=None))
+        assert (await store.get("", batch.id)).processing_status == "in_progress"
+        await store.sweep(dt.timedelta(days=29))
+        return await store.get("", batch.id)
+
+    batch = run(database_url, body)
+    assert batch.processing_status == "ended" and batch.counts["succeeded"] == 2

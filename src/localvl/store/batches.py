@@ -291,6 +291,13 @@ class BatchStore:
                 await connection.execute(batch_requests.update().where(
                     batch_requests.c.batch_id.in_(old)).values(result=None, params="{}"))
                 await connection.execute(batches.update().where(batches.c.id.in_(old)).values(archived_at=now))
+            # A server killed between writing a batch's last result and ending the batch (two
+            # statements) leaves it with nothing open that would ever settle it: ended here.
+            open_requests = sa.select(batch_requests.c.batch_id).where(
+                batch_requests.c.batch_id == batches.c.id, batch_requests.c.status.in_(("pending", "running")))
+            await connection.execute(batches.update().where(
+                batches.c.ended_at.is_(None), ~sa.exists(open_requests)
+            ).values(ended_at=now))
         for batch_id in {*expired, *canceling}:
             await self.settle(batch_id)
 
