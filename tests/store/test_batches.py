@@ -2,6 +2,7 @@
 
 import asyncio
 import datetime as dt
+import json
 
 import pytest
 
@@ -142,3 +143,23 @@ def test_a_batch_whose_server_died_between_its_last_result_and_its_end_is_ended_
 
     batch = run(database_url, body)
     assert batch.processing_status == "ended" and batch.counts["succeeded"] == 2
+
+
+def test_a_request_whose_server_dies_under_it_every_time_is_errored_not_claimed_forever(database_url):
+    from localvl.store.batches import MAX_ATTEMPTS
+
+    async def body(store):
+        batch = await store.create("", REQUESTS[:2], dt.timedelta(hours=1))
+        for _ in range(MAX_ATTEMPTS):  # each claim's server dies before it answers
+            [poison, *_] = await store.claim("w", 1)
+            assert poison.position == 0
+            await asyncio.sleep(0.02)
+            await store.sweep(dt.timedelta(days=29))
+        [healthy] = await store.claim("w", 1)
+        assert await store.finish("w", healthy.batch_id, healthy.position, "succeeded", {"type": "succeeded"})
+        lines = [json.loads(line) for line in b"".join([c async for c in store.results("", batch.id)]).splitlines()]
+        return await store.get("", batch.id), lines
+
+    batch, lines = run(database_url, body, lease_s=0.01)
+    assert batch.processing_status == "ended" and batch.counts["errored"] == 1 and batch.counts["succeeded"] == 1
+    assert lines[0]["result"]["type"] == "errored" and lines[0]["result"]["error"]["error"]["type"] == "api_error"

@@ -25,6 +25,14 @@ from localvl.store.database import Database, batch_requests, batches, newest_fir
 
 _ALPHABET = string.ascii_letters + string.digits
 TERMINAL = ("succeeded", "errored", "canceled", "expired")
+# Claims of one request that ended without a result (its server or engine died under it) before
+# it is answered as errored: a request that kills the engine every time would otherwise make
+# every server that takes it crash, for good.
+MAX_ATTEMPTS = 5
+_GAVE_UP = {"type": "errored", "error": {"type": "error", "error": {
+    "type": "api_error",
+    "message": f"the server failed {MAX_ATTEMPTS} times while answering this request; it was not tried again",
+}}}
 
 
 def _now() -> dt.datetime:
@@ -192,7 +200,7 @@ class BatchStore:
         now = _now()
         async with self.database.engine.begin() as connection:
             pending = (
-                sa.select(batch_requests.c.batch_id, batch_requests.c.position)
+                sa.select(batch_requests.c.batch_id, batch_requests.c.position, batch_requests.c.attempts)
                 .join(batches, batches.c.id == batch_requests.c.batch_id)
                 .where(batch_requests.c.status == "pending", batches.c.cancel_initiated_at.is_(None),
                        batches.c.expires_at > now)
@@ -203,7 +211,15 @@ class BatchStore:
                 pending = pending.with_for_update(skip_locked=True, of=batch_requests)
             keys = (await connection.execute(pending)).all()
             claimed: list[Claimed] = []
-            for batch_id, position in keys:
+            gave_up: set[str] = set()
+            for batch_id, position, attempts in keys:
+                if attempts >= MAX_ATTEMPTS:
+                    await connection.execute(batch_requests.update().where(
+                        batch_requests.c.batch_id == batch_id, batch_requests.c.position == position,
+                        batch_requests.c.status == "pending",
+                    ).values(status="errored", result=json.dumps(_GAVE_UP)))
+                    gave_up.add(batch_id)
+                    continue
                 updated = await connection.execute(
                     batch_requests.update()
                     .where(batch_requests.c.batch_id == batch_id, batch_requests.c.position == position,
@@ -214,6 +230,9 @@ class BatchStore:
                 row = updated.first()
                 if row is not None:
                     claimed.append(Claimed(batch_id, position, row[0], json.loads(row[1])))
+        for batch_id in gave_up:
+            await self.settle(batch_id)
+        # (rows given up on count as lost: claiming looks again, for others in their place)
         return claimed, len(claimed) < len(keys)
 
     async def renew(self, worker: str, keys: list[tuple[str, int]]) -> None:
