@@ -150,7 +150,7 @@ class Slots(Protocol):
 
     async def take(self, owner: str, limit: int) -> str: ...
 
-    async def give_back(self, owner: str, slot: str) -> None: ...
+    def give_back(self, owner: str, slot: str) -> None: ...
 
     async def close(self) -> None: ...
 
@@ -220,10 +220,7 @@ class RateLimiter:
 
     async def leave(self, owner: str, slot: str | None = None) -> None:
         if slot is not None and self.slots is not None:
-            try:
-                await self.slots.give_back(owner, slot)
-            except Exception as error:  # it lapses with its lease instead
-                logger.warning("running-request slot not given back (%s)", type(error).__name__)
+            self.slots.give_back(owner, slot)
             return
         running = self._running.get(owner, 0) - 1
         if running > 0:

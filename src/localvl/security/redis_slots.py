@@ -57,6 +57,7 @@ class RedisSlots:
         self._renew = self.client.register_script(_RENEW)
         self._held: dict[str, set[str]] = {}
         self._renewer: asyncio.Task[None] | None = None
+        self._removing: set[asyncio.Task[None]] = set()
 
     async def take(self, owner: str, limit: int) -> str:
         """A slot for one more running request of ``owner``; ``SlotsFull`` when it has ``limit``."""
@@ -69,13 +70,27 @@ class RedisSlots:
             self._renewer = asyncio.get_running_loop().create_task(self._keep(), name="localvl-slots")
         return slot
 
-    async def give_back(self, owner: str, slot: str) -> None:
+    def give_back(self, owner: str, slot: str) -> None:
+        """Removed in the background: a request's end hooks never wait on Redis, nor does a
+        cancellation of the request's task cut the ones after this short."""
         held = self._held.get(owner)
         if held is not None:
             held.discard(slot)
             if not held:
                 del self._held[owner]
-        await self.client.zrem(self.prefix + owner, slot)
+        task = asyncio.get_running_loop().create_task(self._remove(owner, slot))
+        self._removing.add(task)
+        task.add_done_callback(self._removing.discard)
+
+    async def _remove(self, owner: str, slot: str) -> None:
+        try:
+            await self.client.zrem(self.prefix + owner, slot)
+        except Exception as error:  # it lapses with its lease instead
+            logger.warning("running-request slot not given back (%s)", type(error).__name__)
+
+    async def flush(self) -> None:
+        """Wait for the slots given back to be gone from Redis."""
+        await asyncio.gather(*self._removing, return_exceptions=True)
 
     async def renew(self) -> None:
         for owner, slots in list(self._held.items()):
@@ -95,4 +110,5 @@ class RedisSlots:
             self._renewer.cancel()
             await asyncio.gather(self._renewer, return_exceptions=True)
             self._renewer = None
+        await self.flush()
         await self.client.aclose()
