@@ -163,3 +163,19 @@ def test_a_request_whose_server_dies_under_it_every_time_is_errored_not_claimed_
     batch, lines = run(database_url, body, lease_s=0.01)
     assert batch.processing_status == "ended" and batch.counts["errored"] == 1 and batch.counts["succeeded"] == 1
     assert lines[0]["result"]["type"] == "errored" and lines[0]["result"]["error"]["error"]["type"] == "api_error"
+
+
+def test_a_request_given_back_because_the_server_was_busy_or_stopping_never_runs_out_of_attempts(database_url):
+    from localvl.store.batches import MAX_ATTEMPTS
+
+    async def body(store):
+        batch = await store.create("", REQUESTS[:1], dt.timedelta(hours=1))
+        for _ in range(MAX_ATTEMPTS + 2):  # the engine's queue full, or the server draining, each time
+            [item] = await store.claim("w", 1)
+            await store.release("w", item.batch_id, item.position)
+        [item] = await store.claim("w", 1)
+        assert await store.finish("w", item.batch_id, item.position, "succeeded", {"type": "succeeded"})
+        return await store.get("", batch.id)
+
+    batch = run(database_url, body)
+    assert batch.counts["succeeded"] == 1

@@ -256,14 +256,17 @@ class BatchStore:
         await self.settle(batch_id)
         return done.rowcount == 1
 
-    async def release(self, worker: str, batch_id: str, position: int) -> None:
-        """Give a claimed request back (the worker is stopping): another claim will do it, or,
-        in a batch canceled meanwhile, the sweep cancels it (no claim takes it any more)."""
+    async def release(self, worker: str, batch_id: str, position: int, attempted: bool = False) -> None:
+        """Give a claimed request back (the worker is stopping, the engine is full or died):
+        another claim will do it, or, in a batch canceled meanwhile, the sweep cancels it (no
+        claim takes it any more). Only an ``attempted`` one (its engine died under it) counts
+        towards ``MAX_ATTEMPTS``: a busy or stopping server never makes a request fail."""
         async with self.database.engine.begin() as connection:
             await connection.execute(batch_requests.update().where(
                 batch_requests.c.batch_id == batch_id, batch_requests.c.position == position,
                 batch_requests.c.claimed_by == worker, batch_requests.c.status == "running",
-            ).values(status="pending", claimed_by=None, claimed_at=None))
+            ).values(status="pending", claimed_by=None, claimed_at=None,
+                     attempts=batch_requests.c.attempts - (0 if attempted else 1)))
 
     async def settle(self, batch_id: str) -> None:
         """End the batch once no request of it is pending or running."""
