@@ -105,3 +105,30 @@ def test_a_file_stored_by_one_server_is_read_by_another_sharing_its_database(dat
             await two.stop()
 
     asyncio.run(body())
+
+
+def test_whole_files_no_row_points_at_are_swept_once_stale(tmp_path):
+    import os
+    import time
+
+    async def body():
+        database = Database(f"sqlite+aiosqlite:///{tmp_path / 'localvl.db'}")
+        await database.start()
+        try:
+            store = FileStore(database, tmp_path / "files")
+            kept = await store.create("alice", "kept.txt", "text/plain", io.BytesIO(b"kept"))
+            # a server killed between writing the bytes and recording them: an old orphan, and a
+            # fresh one (another server may be about to record it)
+            orphan, fresh = store.path("file_011orphan"), store.path("file_011fresh")
+            orphan.write_bytes(b"never recorded")
+            fresh.write_bytes(b"being recorded")
+            an_hour_ago = time.time() - 7200
+            for path in (orphan, store.path(kept.id)):
+                os.utime(path, (an_hour_ago, an_hour_ago))
+            assert await store.sweep_orphans() == 1
+            assert not orphan.exists() and fresh.exists()
+            assert (await store.read("alice", kept.id))[1] == b"kept"
+        finally:
+            await database.stop()
+
+    asyncio.run(body())

@@ -60,6 +60,33 @@ class FileStore:
             except OSError:  # gone already, or not ours to remove
                 pass
 
+    async def sweep_orphans(self, older_than: float = 3600.0) -> int:
+        """Whole files no row points at: a server killed between writing one and recording it, or
+        between deleting a row and its bytes. Only stale ones, as another server sharing the
+        directory may be between the two now. Returns how many went."""
+        cutoff = dt.datetime.now().timestamp() - older_than
+
+        def stale() -> list[str]:
+            found = []
+            for entry in self.directory.glob("file_*"):
+                try:
+                    if not entry.suffix and entry.stat().st_mtime < cutoff:
+                        found.append(entry.name)
+                except OSError:
+                    pass
+            return found
+
+        names, removed = await anyio.to_thread.run_sync(stale), 0
+        for start in range(0, len(names), 500):
+            some = names[start : start + 500]
+            async with self.database.engine.connect() as connection:
+                known = set((await connection.execute(sa.select(files.c.id).where(files.c.id.in_(some)))).scalars())
+            for name in some:
+                if name not in known:
+                    self.path(name).unlink(missing_ok=True)
+                    removed += 1
+        return removed
+
     def path(self, file_id: str) -> Path:
         return self.directory / file_id
 
