@@ -155,7 +155,7 @@ class Settings(BaseSettings):
     rpm: int | None = Field(None, ge=1, description="requests per minute per key (keys created with their own limits keep theirs)")
     itpm: int | None = Field(None, ge=1, description="input tokens per minute per key")
     otpm: int | None = Field(None, ge=1, description="output tokens per minute per key")
-    max_streams_per_key: int | None = Field(None, ge=1, description="requests (streaming or not) one key may have running at once, per server")
+    max_streams_per_key: int | None = Field(None, ge=1, description="requests (streaming or not) one key may have running at once (across every server sharing --redis-url)")
     redis_url: str | None = Field(None, description="Redis shared by several servers: rate limits and the response cache (redis://host:6379/0)")
     request_timeout: float = Field(600.0, gt=0, description="seconds a Messages or Chat Completions request may run before it ends with a timeout error")
     response_cache: int = Field(0, ge=0, description="deterministic Messages and Chat Completions answers kept for exact repeats (entries; 0: off)")

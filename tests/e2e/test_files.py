@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+from pathlib import Path
 
 import anthropic
 import pytest
@@ -82,3 +83,39 @@ def test_bare_bytes_and_unnamed_streams_upload_byte_for_byte(client, content):
 def test_a_unicode_filename_keeps_its_characters(client):
     uploaded = client.beta.files.upload(file=("rechnung-größe-发票.png", PNG, "image/png"))
     assert uploaded.filename == "rechnung-größe-发票.png"
+
+
+def test_a_file_whose_bytes_are_gone_is_a_404_not_a_500(client, server):
+    uploaded = client.beta.files.upload(file=("gone.png", PNG, "image/png"))
+    (Path(server.log_path.parent) / f"data-{server.port}" / "files" / uploaded.id).unlink()  # a disk lost, say
+    with pytest.raises(anthropic.NotFoundError, match="file not found"):
+        client.beta.files.download(uploaded.id)
+
+
+def test_two_servers_on_one_postgresql_share_files(model_dir, tmp_path):
+    from tests.e2e.conftest import API_KEY, Server
+    from tests.store.conftest import POSTGRES, drop_postgres_database, fresh_postgres_database
+
+    if not POSTGRES:
+        pytest.skip("no PostgreSQL server (set LOCALVL_TEST_POSTGRES_URL; .ci/run starts one)")
+    url, name = fresh_postgres_database()
+    servers = []
+    try:
+        for k in range(2):  # each its own data directory, as on two machines
+            servers.append(Server(model_dir("qwen2_vl"), tmp_path / f"files{k}.log", "--database-url", url))
+        a, b = (anthropic.Anthropic(base_url=s.url, api_key=API_KEY, max_retries=0) for s in servers)
+        content = bytes(range(256)) * 5000  # more than one piece of a mebibyte
+        uploaded = a.beta.files.upload(file=("data.bin", content, "application/octet-stream"))
+        picture = a.beta.files.upload(file=("p.png", PNG, "image/png"))
+        assert b.beta.files.download(uploaded.id).read() == content
+        message = b.beta.messages.create(model="tiny-vl", max_tokens=2, betas=["files-api-2025-04-14"], messages=[
+            {"role": "user", "content": [{"type": "image", "source": {"type": "file", "file_id": picture.id}}]}])
+        assert message.usage.input_tokens > 0
+        assert [f.id for f in b.beta.files.list()] == [picture.id, uploaded.id]
+        b.beta.files.delete(uploaded.id)
+        with pytest.raises(anthropic.NotFoundError):
+            a.beta.files.download(uploaded.id)
+    finally:
+        for server in servers:
+            server.stop()
+        drop_postgres_database(name)

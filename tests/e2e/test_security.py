@@ -239,3 +239,34 @@ def test_two_servers_share_limits_and_answers_through_redis(model_dir, tmp_path)
     finally:
         for server in servers:
             server.stop()
+
+
+def test_two_servers_sharing_redis_count_a_keys_running_requests_together(model_dir, tmp_path):
+    url = os.environ.get("LOCALVL_TEST_REDIS_URL")
+    if not url:
+        pytest.skip("no Redis server (set LOCALVL_TEST_REDIS_URL; .ci/run starts one)")
+    key = "sk-streams-" + str(time.time_ns())
+    servers = [Server(model_dir("qwen2_5_vl"), tmp_path / f"s{i}.log", "--redis-url", url, "--max-streams-per-key", "1",
+                      "--api-key", key) for i in range(2)]
+    try:
+        started, finished = threading.Event(), []
+
+        def long_stream():
+            with client(servers[0], key).messages.stream(
+                    model="claude-sonnet-4-5", max_tokens=300, messages=[{"role": "user", "content": "go"}],
+                    extra_body={"temperature": 1.0}) as stream:
+                for _ in stream:
+                    started.set()
+                finished.append(stream.get_final_message())
+
+        worker = threading.Thread(target=long_stream)
+        worker.start()
+        assert started.wait(60)
+        with pytest.raises(anthropic.RateLimitError):  # the key's one running request is on the other server
+            ask(client(servers[1], key))
+        worker.join(120)
+        retrying = anthropic.Anthropic(base_url=servers[1].url, api_key=key, max_retries=3)
+        assert finished and ask(retrying).usage.output_tokens > 0  # the slot came back
+    finally:
+        for server in servers:
+            server.stop()

@@ -112,12 +112,16 @@ def test_the_limiter_raises_429_with_retry_after_and_counts_running_requests():
         assert await limiter.admit("k", Limits()) == {}  # nothing limited: nothing said
 
     run(go())
-    limiter.enter("k", limits)
-    limiter.enter("k", limits)
-    with pytest.raises(RateLimitError):
-        limiter.enter("k", limits)
-    limiter.leave("k")
-    limiter.enter("k", limits)
+
+    async def streams():
+        await limiter.enter("k", limits)
+        await limiter.enter("k", limits)
+        with pytest.raises(RateLimitError):
+            await limiter.enter("k", limits)
+        await limiter.leave("k")
+        await limiter.enter("k", limits)
+
+    run(streams())
 
 
 def test_a_failing_backend_lets_requests_through():
@@ -157,5 +161,35 @@ def test_redis_buckets_decide_like_memory_ones(redis_url):
             assert debt.levels[REQUESTS] == pytest.approx(2, abs=0.01)  # a refused request takes nothing
         finally:
             await buckets.close()
+
+    run(go())
+
+
+def test_running_requests_are_counted_across_servers_sharing_redis_and_a_dead_ones_lapse(redis_url):
+    from localvl.security.redis_buckets import RedisBuckets
+    from localvl.security.redis_slots import RedisSlots
+
+    async def go():
+        owner, limits = "k-" + secrets.token_hex(4), Limits(max_streams=2)
+        one, two = (RateLimiter(RedisBuckets(redis_url), RedisSlots(redis_url, lease_s=0.3)) for _ in range(2))
+        try:
+            held = await one.enter(owner, limits)
+            await two.enter(owner, limits)
+            with pytest.raises(RateLimitError):  # two running, one on each server: the key's limit
+                await one.enter(owner, limits)
+            await one.leave(owner, held)
+            await one.slots.flush()
+            await one.enter(owner, limits)
+            await asyncio.sleep(0.6)  # past the lease: both servers renewed what they hold
+            with pytest.raises(RateLimitError):
+                await two.enter(owner, limits)
+            await two.slots.close()  # the second server dies without giving its slot back
+            await asyncio.sleep(0.6)
+            await one.enter(owner, limits)  # its slot lapsed
+            with pytest.raises(RateLimitError):
+                await one.enter(owner, limits)
+        finally:
+            await one.close()
+            await two.buckets.close()
 
     run(go())

@@ -2,6 +2,7 @@
 
 import asyncio
 import datetime as dt
+import json
 
 import pytest
 
@@ -92,3 +93,89 @@ def test_many_workers_at_once_answer_each_request_exactly_once(database_url):
     counts, final, lines = run(database_url, body)
     assert sum(counts) == 200 and final.counts["succeeded"] == 200 and final.ended_at is not None
     assert len(lines) == 200 and len(set(lines)) == 200
+
+
+def test_a_canceled_batch_whose_running_claims_lapse_or_are_given_back_ends(database_url):
+    async def body(store):
+        batch = await store.create("", REQUESTS[:4], dt.timedelta(hours=1))
+        lapsed, released, finished = await store.claim("dead", 1) + await store.claim("stopping", 1) + await store.claim("alive", 1)
+        await store.cancel("", batch.id)  # the fourth, pending, is canceled now; three run on
+        await store.release("stopping", released.batch_id, released.position)
+        assert await store.finish("alive", finished.batch_id, finished.position, "succeeded", {"type": "succeeded"})
+        await asyncio.sleep(0.05)
+        await store.sweep(dt.timedelta(days=29))  # "dead"'s claim has lapsed
+        lines = b"".join([chunk async for chunk in store.results("", batch.id)]).splitlines()
+        return await store.get("", batch.id), lines
+
+    batch, lines = run(database_url, body, lease_s=0.01)
+    assert batch.ended_at is not None and batch.processing_status == "ended"
+    assert batch.counts == {"processing": 0, "succeeded": 1, "errored": 0, "canceled": 3, "expired": 0}
+    assert len(lines) == 4
+
+
+def test_a_page_is_newest_first_whichever_cursors_are_given(database_url):
+    async def body(store):
+        made = [(await store.create("", REQUESTS[:1], dt.timedelta(hours=1))).id for _ in range(5)]
+        newest = made[::-1]
+        older, more = await store.page("", 2, None, newest[1])
+        newer, _ = await store.page("", 2, newest[4], None)
+        both, _ = await store.page("", 10, newest[3], newest[0])  # after_id pages, as /v1/models does
+        return newest, [b.id for b in older], more, [b.id for b in newer], [b.id for b in both]
+
+    newest, older, more, newer, both = run(database_url, body)
+    assert older == newest[2:4] and more
+    assert newer == newest[2:4]
+    assert both == newest[1:]
+
+
+def test_a_batch_whose_server_died_between_its_last_result_and_its_end_is_ended_by_the_sweep(database_url):
+    from localvl.store.database import batches
+
+    async def body(store):
+        batch = await store.create("", REQUESTS[:2], dt.timedelta(hours=1))
+        for item in await store.claim("w", 2):
+            assert await store.finish("w", item.batch_id, item.position, "succeeded", {"type": "succeeded"})
+        async with store.database.engine.begin() as connection:  # as if killed before the batch was ended
+            await connection.execute(batches.update().values(ended_at=None))
+        assert (await store.get("", batch.id)).processing_status == "in_progress"
+        await store.sweep(dt.timedelta(days=29))
+        return await store.get("", batch.id)
+
+    batch = run(database_url, body)
+    assert batch.processing_status == "ended" and batch.counts["succeeded"] == 2
+
+
+def test_a_request_whose_server_dies_under_it_every_time_is_errored_not_claimed_forever(database_url):
+    from localvl.store.batches import MAX_ATTEMPTS
+
+    async def body(store):
+        batch = await store.create("", REQUESTS[:2], dt.timedelta(hours=1))
+        for _ in range(MAX_ATTEMPTS):  # each claim's server dies before it answers
+            [poison, *_] = await store.claim("w", 1)
+            assert poison.position == 0
+            await asyncio.sleep(0.02)
+            await store.sweep(dt.timedelta(days=29))
+        [healthy] = await store.claim("w", 1)
+        assert await store.finish("w", healthy.batch_id, healthy.position, "succeeded", {"type": "succeeded"})
+        lines = [json.loads(line) for line in b"".join([c async for c in store.results("", batch.id)]).splitlines()]
+        return await store.get("", batch.id), lines
+
+    batch, lines = run(database_url, body, lease_s=0.01)
+    assert batch.processing_status == "ended" and batch.counts["errored"] == 1 and batch.counts["succeeded"] == 1
+    assert lines[0]["result"]["type"] == "errored" and lines[0]["result"]["error"]["error"]["type"] == "api_error"
+
+
+def test_a_request_given_back_because_the_server_was_busy_or_stopping_never_runs_out_of_attempts(database_url):
+    from localvl.store.batches import MAX_ATTEMPTS
+
+    async def body(store):
+        batch = await store.create("", REQUESTS[:1], dt.timedelta(hours=1))
+        for _ in range(MAX_ATTEMPTS + 2):  # the engine's queue full, or the server draining, each time
+            [item] = await store.claim("w", 1)
+            await store.release("w", item.batch_id, item.position)
+        [item] = await store.claim("w", 1)
+        assert await store.finish("w", item.batch_id, item.position, "succeeded", {"type": "succeeded"})
+        return await store.get("", batch.id)
+
+    batch = run(database_url, body)
+    assert batch.counts["succeeded"] == 1

@@ -53,3 +53,17 @@ def test_every_backend_starts_at_the_latest_version(database_url):
         return version, again
 
     assert asyncio.run(start()) == (len(db.MIGRATIONS), len(db.MIGRATIONS))
+
+
+def test_servers_starting_together_on_one_fresh_database_all_start(database_url):
+    # several servers of one deployment start at once on a new database: one migrates, the others
+    # wait for it and find the schema made, none fails on a table or version row the other made
+    async def start_together():
+        databases = [db.Database(database_url) for _ in range(4)]
+        try:
+            return await asyncio.gather(*(database.start() for database in databases), return_exceptions=True)
+        finally:
+            for database in databases:
+                await database.stop()
+
+    assert asyncio.run(start_together()) == [len(db.MIGRATIONS)] * 4

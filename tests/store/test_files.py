@@ -6,7 +6,9 @@ import io
 import pytest
 
 from localvl.errors import NotFoundError
-from localvl.store.database import Database
+import sqlalchemy as sa
+
+from localvl.store.database import Database, file_chunks
 from localvl.store.files import FileStore
 
 
@@ -72,6 +74,60 @@ def test_a_killed_uploads_half_file_is_swept_and_a_failed_record_leaves_no_bytes
             with pytest.raises(RuntimeError, match="went away"):
                 await store.create("alice", "x.txt", "text/plain", io.BytesIO(b"orphan?"))
             assert sorted(p.name for p in directory.iterdir()) == [fresh.name]
+        finally:
+            await database.stop()
+
+    asyncio.run(body())
+
+
+def test_a_file_stored_by_one_server_is_read_by_another_sharing_its_database(database_url, tmp_path):
+    # two servers: one database, a data directory each (SQLite is one server's: its bytes stay on disk)
+    async def body():
+        one, two = Database(database_url), Database(database_url)
+        await one.start()
+        await two.start()
+        try:
+            mine, theirs = FileStore(one, tmp_path / "one"), FileStore(two, tmp_path / "two")
+            content = bytes(range(256)) * 9000  # past one piece
+            record = await mine.create("alice", "big.bin", "application/octet-stream", io.BytesIO(content))
+            if not mine.in_database:
+                with pytest.raises(NotFoundError):  # a clear 404, not a failure, when the bytes are elsewhere
+                    await theirs.read("alice", record.id)
+                return
+            assert (await theirs.read("alice", record.id))[1] == content
+            await theirs.delete("alice", record.id)
+            with pytest.raises(NotFoundError):
+                await mine.read("alice", record.id)
+            async with one.engine.connect() as connection:  # no bytes left behind
+                assert (await connection.execute(sa.select(sa.func.count()).select_from(file_chunks))).scalar() == 0
+        finally:
+            await one.stop()
+            await two.stop()
+
+    asyncio.run(body())
+
+
+def test_whole_files_no_row_points_at_are_swept_once_stale(tmp_path):
+    import os
+    import time
+
+    async def body():
+        database = Database(f"sqlite+aiosqlite:///{tmp_path / 'localvl.db'}")
+        await database.start()
+        try:
+            store = FileStore(database, tmp_path / "files")
+            kept = await store.create("alice", "kept.txt", "text/plain", io.BytesIO(b"kept"))
+            # a server killed between writing the bytes and recording them: an old orphan, and a
+            # fresh one (another server may be about to record it)
+            orphan, fresh = store.path("file_011orphan"), store.path("file_011fresh")
+            orphan.write_bytes(b"never recorded")
+            fresh.write_bytes(b"being recorded")
+            an_hour_ago = time.time() - 7200
+            for path in (orphan, store.path(kept.id)):
+                os.utime(path, (an_hour_ago, an_hour_ago))
+            assert await store.sweep_orphans() == 1
+            assert not orphan.exists() and fresh.exists()
+            assert (await store.read("alice", kept.id))[1] == b"kept"
         finally:
             await database.stop()
 

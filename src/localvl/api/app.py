@@ -75,8 +75,9 @@ def response_cache(settings: Settings) -> ResponseCache | None:
 def rate_limiter(settings: Settings) -> RateLimiter:
     if settings.redis_url:
         from localvl.security.redis_buckets import RedisBuckets
+        from localvl.security.redis_slots import RedisSlots
 
-        return RateLimiter(RedisBuckets(settings.redis_url))
+        return RateLimiter(RedisBuckets(settings.redis_url), RedisSlots(settings.redis_url))
     return RateLimiter(MemoryBuckets())
 
 
@@ -106,7 +107,7 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
             await app.state.batch_worker.stop()
             await engine.stop()
             await app.state.store.stop()
-            await app.state.limiter.buckets.close()
+            await app.state.limiter.close()
             if app.state.response_cache is not None:
                 await app.state.response_cache.close()
 

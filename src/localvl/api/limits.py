@@ -27,11 +27,11 @@ async def _limit(request: Request, style: HeaderStyle) -> None:
     identity: Identity = request.state.identity
     limits = identity.limits
     state: dict[str, Any] = request.scope["state"]
-    limiter.enter(identity.owner, limits)  # raises beyond max_streams
+    slot = await limiter.enter(identity.owner, limits)  # raises beyond max_streams
     finishers = state.setdefault("finishers", [])
 
     async def leave() -> None:
-        limiter.leave(identity.owner)
+        await limiter.leave(identity.owner, slot)
 
     finishers.append(leave)
     state.setdefault("response_headers", {}).update(await limiter.admit(identity.owner, limits, style))

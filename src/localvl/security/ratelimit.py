@@ -20,6 +20,7 @@ from typing import Callable, Mapping, Protocol
 
 from localvl.errors import RateLimitError
 from localvl.security.keys import Limits
+from localvl.security.redis_slots import SlotsFull
 
 logger = logging.getLogger(__name__)
 
@@ -144,12 +145,24 @@ def duration(seconds: float) -> str:
 HeaderStyle = Callable[[Mapping[str, int], Mapping[str, float]], dict[str, str]]
 
 
+class Slots(Protocol):
+    """Running-request slots shared by several servers (security/redis_slots.py)."""
+
+    async def take(self, owner: str, limit: int) -> str: ...
+
+    def give_back(self, owner: str, slot: str) -> None: ...
+
+    async def close(self) -> None: ...
+
+
 class RateLimiter:
     """Admission against a key's limits, the headers that tell the client where it stands, and
-    the concurrent-request count per key (kept in this process)."""
+    the concurrent-request count per key (in ``slots`` shared by several servers, or in this
+    process)."""
 
-    def __init__(self, buckets: Buckets) -> None:
+    def __init__(self, buckets: Buckets, slots: Slots | None = None) -> None:
         self.buckets = buckets
+        self.slots = slots
         self._running: dict[str, int] = {}
 
     async def admit(self, owner: str, limits: Limits, style: HeaderStyle = headers) -> dict[str, str]:
@@ -170,6 +183,11 @@ class RateLimiter:
                                  headers=found)
         return found
 
+    async def close(self) -> None:
+        await self.buckets.close()
+        if self.slots is not None:
+            await self.slots.close()
+
     async def charge(self, owner: str, limits: Limits, input_tokens: int, output_tokens: int) -> None:
         caps = capacities(limits)
         if INPUT in caps or OUTPUT in caps:
@@ -178,15 +196,32 @@ class RateLimiter:
             except Exception as error:
                 logger.warning("tokens not charged: the rate-limit backend failed (%s)", type(error).__name__)
 
-    def enter(self, owner: str, limits: Limits) -> None:
-        """Count one more running request for this key, or refuse it beyond ``max_streams``."""
+    async def enter(self, owner: str, limits: Limits) -> str | None:
+        """Count one more running request for this key, or refuse it beyond ``max_streams``;
+        the shared slot it took, to give to ``leave``."""
+        if limits.max_streams is not None and self.slots is not None:
+            try:
+                return await self.slots.take(owner, limits.max_streams)
+            except SlotsFull as full:
+                raise self._full(full.running) from None
+            except Exception as error:  # counted here alone meanwhile, as the buckets fail open
+                logger.warning("running requests counted per server: the shared count failed (%s)",
+                               type(error).__name__)
         running = self._running.get(owner, 0)
         if limits.max_streams is not None and running >= limits.max_streams:
-            raise RateLimitError(f"this API key already has {running} requests running, its limit",
-                                 headers={"retry-after": "1"})
+            raise self._full(running)
         self._running[owner] = running + 1
+        return None
 
-    def leave(self, owner: str) -> None:
+    @staticmethod
+    def _full(running: int) -> RateLimitError:
+        return RateLimitError(f"this API key already has {running} requests running, its limit",
+                              headers={"retry-after": "1"})
+
+    async def leave(self, owner: str, slot: str | None = None) -> None:
+        if slot is not None and self.slots is not None:
+            self.slots.give_back(owner, slot)
+            return
         running = self._running.get(owner, 0) - 1
         if running > 0:
             self._running[owner] = running

@@ -25,6 +25,14 @@ from localvl.store.database import Database, batch_requests, batches, newest_fir
 
 _ALPHABET = string.ascii_letters + string.digits
 TERMINAL = ("succeeded", "errored", "canceled", "expired")
+# Claims of one request that ended without a result (its server or engine died under it) before
+# it is answered as errored: a request that kills the engine every time would otherwise make
+# every server that takes it crash, for good.
+MAX_ATTEMPTS = 5
+_GAVE_UP = {"type": "errored", "error": {"type": "error", "error": {
+    "type": "api_error",
+    "message": f"the server failed {MAX_ATTEMPTS} times while answering this request; it was not tried again",
+}}}
 
 
 def _now() -> dt.datetime:
@@ -108,7 +116,7 @@ class BatchStore:
         async with self.database.engine.connect() as connection:
             rows = (await connection.execute(query)).mappings().all()
             found = [_batch(row, await self._counts(connection, row["id"])) for row in rows[:limit]]
-        if before_id:
+        if before_id and not after_id:  # both given: after_id pages, as /v1/models does
             found.reverse()
         return found, len(rows) > limit
 
@@ -192,7 +200,7 @@ class BatchStore:
         now = _now()
         async with self.database.engine.begin() as connection:
             pending = (
-                sa.select(batch_requests.c.batch_id, batch_requests.c.position)
+                sa.select(batch_requests.c.batch_id, batch_requests.c.position, batch_requests.c.attempts)
                 .join(batches, batches.c.id == batch_requests.c.batch_id)
                 .where(batch_requests.c.status == "pending", batches.c.cancel_initiated_at.is_(None),
                        batches.c.expires_at > now)
@@ -203,7 +211,15 @@ class BatchStore:
                 pending = pending.with_for_update(skip_locked=True, of=batch_requests)
             keys = (await connection.execute(pending)).all()
             claimed: list[Claimed] = []
-            for batch_id, position in keys:
+            gave_up: set[str] = set()
+            for batch_id, position, attempts in keys:
+                if attempts >= MAX_ATTEMPTS:
+                    await connection.execute(batch_requests.update().where(
+                        batch_requests.c.batch_id == batch_id, batch_requests.c.position == position,
+                        batch_requests.c.status == "pending",
+                    ).values(status="errored", result=json.dumps(_GAVE_UP)))
+                    gave_up.add(batch_id)
+                    continue
                 updated = await connection.execute(
                     batch_requests.update()
                     .where(batch_requests.c.batch_id == batch_id, batch_requests.c.position == position,
@@ -214,6 +230,9 @@ class BatchStore:
                 row = updated.first()
                 if row is not None:
                     claimed.append(Claimed(batch_id, position, row[0], json.loads(row[1])))
+        for batch_id in gave_up:
+            await self.settle(batch_id)
+        # (rows given up on count as lost: claiming looks again, for others in their place)
         return claimed, len(claimed) < len(keys)
 
     async def renew(self, worker: str, keys: list[tuple[str, int]]) -> None:
@@ -237,13 +256,17 @@ class BatchStore:
         await self.settle(batch_id)
         return done.rowcount == 1
 
-    async def release(self, worker: str, batch_id: str, position: int) -> None:
-        """Give a claimed request back (the worker is stopping): another claim will do it."""
+    async def release(self, worker: str, batch_id: str, position: int, attempted: bool = False) -> None:
+        """Give a claimed request back (the worker is stopping, the engine is full or died):
+        another claim will do it, or, in a batch canceled meanwhile, the sweep cancels it (no
+        claim takes it any more). Only an ``attempted`` one (its engine died under it) counts
+        towards ``MAX_ATTEMPTS``: a busy or stopping server never makes a request fail."""
         async with self.database.engine.begin() as connection:
             await connection.execute(batch_requests.update().where(
                 batch_requests.c.batch_id == batch_id, batch_requests.c.position == position,
                 batch_requests.c.claimed_by == worker, batch_requests.c.status == "running",
-            ).values(status="pending", claimed_by=None, claimed_at=None))
+            ).values(status="pending", claimed_by=None, claimed_at=None,
+                     attempts=batch_requests.c.attempts - (0 if attempted else 1)))
 
     async def settle(self, batch_id: str) -> None:
         """End the batch once no request of it is pending or running."""
@@ -273,6 +296,16 @@ class BatchStore:
                 await connection.execute(batch_requests.update().where(
                     batch_requests.c.batch_id.in_(expired), batch_requests.c.status == "pending"
                 ).values(status="expired", result=json.dumps({"type": "expired"})))
+            # A request running when its batch was canceled, whose claim then lapsed or was given
+            # back (its server killed or stopping), is pending again, and claims skip canceled
+            # batches: canceled here, or the batch would stay "canceling" for good.
+            canceling = (await connection.execute(sa.select(batches.c.id).where(
+                batches.c.cancel_initiated_at.is_not(None), batches.c.ended_at.is_(None)
+            ))).scalars().all()
+            if canceling:
+                await connection.execute(batch_requests.update().where(
+                    batch_requests.c.batch_id.in_(canceling), batch_requests.c.status == "pending"
+                ).values(status="canceled", result=json.dumps({"type": "canceled"})))
             old = (await connection.execute(sa.select(batches.c.id).where(
                 batches.c.ended_at.is_not(None), batches.c.ended_at <= now - retention, batches.c.archived_at.is_(None)
             ))).scalars().all()
@@ -280,7 +313,14 @@ class BatchStore:
                 await connection.execute(batch_requests.update().where(
                     batch_requests.c.batch_id.in_(old)).values(result=None, params="{}"))
                 await connection.execute(batches.update().where(batches.c.id.in_(old)).values(archived_at=now))
-        for batch_id in expired:
+            # A server killed between writing a batch's last result and ending the batch (two
+            # statements) leaves it with nothing open that would ever settle it: ended here.
+            open_requests = sa.select(batch_requests.c.batch_id).where(
+                batch_requests.c.batch_id == batches.c.id, batch_requests.c.status.in_(("pending", "running")))
+            await connection.execute(batches.update().where(
+                batches.c.ended_at.is_(None), ~sa.exists(open_requests)
+            ).values(ended_at=now))
+        for batch_id in {*expired, *canceling}:
             await self.settle(batch_id)
 
 

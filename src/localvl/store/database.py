@@ -77,6 +77,16 @@ api_keys = sa.Table(
     sa.Column("revoked_at", sa.DateTime(timezone=True), nullable=True),
 )
 
+# The bytes of uploaded files, where several servers share the database (version 5): pieces of
+# at most a mebibyte, so none is read or written whole.
+file_chunks = sa.Table(
+    "file_chunks",
+    metadata,
+    sa.Column("file_id", sa.String(64), primary_key=True),
+    sa.Column("seq", sa.Integer, primary_key=True),
+    sa.Column("data", sa.LargeBinary, nullable=False),
+)
+
 schema_version = sa.Table("schema_version", metadata, sa.Column("version", sa.Integer, primary_key=True))
 
 
@@ -120,9 +130,17 @@ def _v4(connection: Connection) -> None:
     ))
 
 
+def _v5(connection: Connection) -> None:
+    blob = "BYTEA" if connection.dialect.name == "postgresql" else "BLOB"
+    connection.execute(sa.text(
+        f"CREATE TABLE file_chunks (file_id VARCHAR(64) NOT NULL, seq INTEGER NOT NULL, data {blob} NOT NULL, "
+        "PRIMARY KEY (file_id, seq))"
+    ))
+
+
 # Append only: a released step is never edited, a change is a new step. Steps are plain DDL, not
 # ``metadata.create_all``, so each one creates exactly what its version had.
-MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3, _v4]
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3, _v4, _v5]
 
 
 def utc(value: dt.datetime | None) -> dt.datetime | None:
@@ -177,7 +195,18 @@ class Database:
         await self.engine.dispose()
 
 
+# Any fixed number: the PostgreSQL advisory lock that servers migrating one database queue on.
+_MIGRATION_LOCK = 0x6C6F63616C766C
+
+
 def _migrate(connection: Connection) -> int:
+    # Servers of one deployment start together: the first to get here migrates while the others
+    # wait, then find the schema made (without the lock, both create it and one fails to start).
+    dialect = connection.dialect.name
+    if dialect == "postgresql":
+        connection.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK})
+    elif dialect == "sqlite":  # the write lock now, not at the first write (pysqlite begins late)
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
     schema_version.create(connection, checkfirst=True)
     current = connection.execute(sa.select(sa.func.max(schema_version.c.version))).scalar() or 0
     for version, step in enumerate(MIGRATIONS, start=1):

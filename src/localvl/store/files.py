@@ -1,4 +1,6 @@
-"""Uploaded files: bytes on local disk under the data directory, metadata in the SQL store.
+"""Uploaded files: metadata in the SQL store; bytes on local disk under the data directory, or,
+where the database is one several servers share (not SQLite), in the database too, in pieces, so
+that a file uploaded to one server is read by every other (their data directories are their own).
 
 A file belongs to the API key that uploaded it: another key cannot see, read or delete it (when no
 keys are configured everything is one owner). Ids look like Anthropic's (``file_…``); listing is
@@ -14,16 +16,17 @@ import secrets
 import string
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import AsyncIterator, BinaryIO
 
 import anyio
 
 import sqlalchemy as sa
 
 from localvl.errors import NotFoundError
-from localvl.store.database import Database, files, newest_first, utc
+from localvl.store.database import Database, file_chunks, files, newest_first, utc
 
 _ALPHABET = string.ascii_letters + string.digits
+CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,7 @@ class FileStore:
     def __init__(self, database: Database, directory: Path) -> None:
         self.database = database
         self.directory = directory
+        self.in_database = database.engine.dialect.name != "sqlite"
         directory.mkdir(parents=True, exist_ok=True)
         self._sweep_parts()
 
@@ -56,6 +60,33 @@ class FileStore:
             except OSError:  # gone already, or not ours to remove
                 pass
 
+    async def sweep_orphans(self, older_than: float = 3600.0) -> int:
+        """Whole files no row points at: a server killed between writing one and recording it, or
+        between deleting a row and its bytes. Only stale ones, as another server sharing the
+        directory may be between the two now. Returns how many went."""
+        cutoff = dt.datetime.now().timestamp() - older_than
+
+        def stale() -> list[str]:
+            found = []
+            for entry in self.directory.glob("file_*"):
+                try:
+                    if not entry.suffix and entry.stat().st_mtime < cutoff:
+                        found.append(entry.name)
+                except OSError:
+                    pass
+            return found
+
+        names, removed = await anyio.to_thread.run_sync(stale), 0
+        for start in range(0, len(names), 500):
+            some = names[start : start + 500]
+            async with self.database.engine.connect() as connection:
+                known = set((await connection.execute(sa.select(files.c.id).where(files.c.id.in_(some)))).scalars())
+            for name in some:
+                if name not in known:
+                    self.path(name).unlink(missing_ok=True)
+                    removed += 1
+        return removed
+
     def path(self, file_id: str) -> Path:
         return self.directory / file_id
 
@@ -64,6 +95,8 @@ class FileStore:
     ) -> FileRecord:
         """Store what ``source`` holds (read in pieces, in a worker thread) and record it."""
         file_id = "file_011" + "".join(secrets.choice(_ALPHABET) for _ in range(21))
+        if self.in_database:
+            return await self._create_in_database(file_id, owner, filename, mime_type, source, expires_in)
         size, digest = await anyio.to_thread.run_sync(self._write, file_id, source)
         now = dt.datetime.now(dt.timezone.utc)
         expires = None if expires_in is None else now + dt.timedelta(seconds=expires_in)
@@ -74,6 +107,23 @@ class FileStore:
         except BaseException:  # no row will ever point at these bytes
             self.path(file_id).unlink(missing_ok=True)
             raise
+        return record
+
+    async def _create_in_database(
+        self, file_id: str, owner: str, filename: str, mime_type: str, source: BinaryIO, expires_in: float | None
+    ) -> FileRecord:
+        # The pieces and the row in one transaction: a server killed mid-upload leaves nothing.
+        digest, size, seq = hashlib.sha256(), 0, 0
+        async with self.database.engine.begin() as connection:
+            while chunk := await anyio.to_thread.run_sync(source.read, CHUNK):
+                digest.update(chunk)
+                size += len(chunk)
+                await connection.execute(file_chunks.insert().values(file_id=file_id, seq=seq, data=chunk))
+                seq += 1
+            now = dt.datetime.now(dt.timezone.utc)
+            expires = None if expires_in is None else now + dt.timedelta(seconds=expires_in)
+            record = FileRecord(file_id, owner, filename, mime_type, size, digest.hexdigest(), now, expires)
+            await connection.execute(files.insert().values(**record.__dict__))
         return record
 
     def _write(self, file_id: str, source: BinaryIO) -> tuple[int, str]:
@@ -102,10 +152,46 @@ class FileStore:
 
     async def read(self, owner: str, file_id: str) -> tuple[FileRecord, bytes]:
         record = await self.get(owner, file_id)
+        return record, b"".join([chunk async for chunk in self.content(record)])
+
+    async def content(self, record: FileRecord) -> AsyncIterator[bytes]:
+        """The file's bytes, a piece at a time. Raises NotFoundError before the first piece when
+        they are not here (deleted meanwhile, or on another server's disk), and mid-way when they
+        end short of the recorded size (deleted while being read): never a truncated file as whole."""
+        sent = 0
+        pieces = self._database_pieces(record.id) if self.in_database else None
+        if pieces is not None:
+            async for piece in pieces:
+                sent += len(piece)
+                yield piece
+        if sent == 0:  # on disk: SQLite's, or uploaded before the database held the bytes
+            async for piece in self._disk_pieces(record.id):
+                sent += len(piece)
+                yield piece
+        if sent != record.size_bytes:
+            raise NotFoundError(f"file not found: {record.id} (deleted while being read)")
+
+    async def _database_pieces(self, file_id: str) -> AsyncIterator[bytes]:
+        seq = 0
+        while True:
+            async with self.database.engine.connect() as connection:
+                piece = (await connection.execute(sa.select(file_chunks.c.data).where(
+                    file_chunks.c.file_id == file_id, file_chunks.c.seq == seq))).scalar()
+            if piece is None:
+                return
+            yield bytes(piece)
+            seq += 1
+
+    async def _disk_pieces(self, file_id: str) -> AsyncIterator[bytes]:
         try:
-            return record, await anyio.to_thread.run_sync(self.path(file_id).read_bytes)
+            handle = await anyio.to_thread.run_sync(self.path(file_id).open, "rb")
         except FileNotFoundError:
-            raise NotFoundError(f"file not found: {file_id}") from None
+            raise NotFoundError(f"file not found: {file_id} (its bytes are not on this server)") from None
+        try:
+            while piece := await anyio.to_thread.run_sync(handle.read, CHUNK):
+                yield piece
+        finally:
+            handle.close()
 
     async def page(
         self, owner: str, limit: int, before_id: str | None, after_id: str | None, ids: list[str] | None = None
@@ -120,13 +206,15 @@ class FileStore:
         async with self.database.engine.connect() as connection:
             rows = (await connection.execute(query)).mappings().all()
         records = [_record(row) for row in rows[:limit]]
-        if before_id:
+        if before_id and not after_id:  # both given: after_id pages, as /v1/models does
             records.reverse()
         return records, len(rows) > limit
 
     async def delete(self, owner: str, file_id: str) -> None:
         async with self.database.engine.begin() as connection:
             deleted = await connection.execute(files.delete().where(files.c.id == file_id, files.c.owner == owner))
+            if deleted.rowcount and self.in_database:
+                await connection.execute(file_chunks.delete().where(file_chunks.c.file_id == file_id))
         if deleted.rowcount == 0:
             raise NotFoundError(f"file not found: {file_id}")
         self.path(file_id).unlink(missing_ok=True)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from localvl.settings import Settings
 from localvl.store.batches import BatchStore
 from localvl.store.database import Database, default_url
 from localvl.store.files import FileStore
 from localvl.store.keys import KeyStore
+
+logger = logging.getLogger(__name__)
 
 
 class LazyStore:
@@ -40,7 +43,12 @@ class LazyStore:
     async def files(self) -> FileStore:
         database = await self.database()
         if self._files is None:
-            self._files = FileStore(database, self.settings.resolved_data_dir() / "files")
+            files = FileStore(database, self.settings.resolved_data_dir() / "files")
+            try:
+                await files.sweep_orphans()
+            except Exception as error:  # housekeeping: never in the way of the files themselves
+                logger.warning("orphaned uploads not swept (%s)", type(error).__name__)
+            self._files = files
         return self._files
 
     async def batches(self) -> BatchStore:

@@ -113,8 +113,8 @@ class BatchWorker:
         except asyncio.CancelledError:
             await asyncio.shield(store.release(self.id, item.batch_id, item.position))
             raise
-        except NOT_THE_REQUESTS_FAULT:
-            await store.release(self.id, item.batch_id, item.position)
+        except NOT_THE_REQUESTS_FAULT as error:
+            await store.release(self.id, item.batch_id, item.position, attempted=isinstance(error, EngineDiedError))
             await asyncio.sleep(1.0)
             return
         if not await store.finish(self.id, item.batch_id, item.position, status, result):

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import io
-from typing import Any
+from typing import Any, AsyncIterator
+from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, Query, Request
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.datastructures import FormData
 
 from localvl.api.auth import require_api_key
@@ -126,10 +127,25 @@ async def retrieve(request: Request, file_id: str) -> JSONResponse:
 
 
 @router.get("/v1/files/{file_id}/content")
-async def content(request: Request, file_id: str) -> FileResponse:
+async def content(request: Request, file_id: str) -> StreamingResponse:
     store = await _files(request)
     record = await store.get(request.state.owner, file_id)
-    return FileResponse(store.path(record.id), media_type=record.mime_type, filename=record.filename)
+    pieces = store.content(record)
+    first = await anext(pieces, b"")  # bytes missing: a 404 before the response starts
+
+    async def body() -> AsyncIterator[bytes]:
+        yield first
+        async for piece in pieces:
+            yield piece
+
+    # The length lets a client tell a download cut short (the file deleted mid-way) from a whole one.
+    headers = {"content-length": str(record.size_bytes), "content-disposition": _disposition(record.filename)}
+    return StreamingResponse(body(), media_type=record.mime_type, headers=headers)
+
+
+def _disposition(filename: str) -> str:
+    quoted = quote(filename)
+    return f"attachment; filename*=utf-8''{quoted}" if quoted != filename else f'attachment; filename="{filename}"'
 
 
 @router.delete("/v1/files/{file_id}")
