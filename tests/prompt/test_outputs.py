@@ -82,12 +82,15 @@ def test_a_tool_call_that_does_not_parse_stays_text(body):
 @pytest.mark.parametrize(
     "cut, expected",
     [
-        ('{"name": "f", "argu', ToolCallPiece("f", {})),
-        ('\n{"name": "get_weather", "arguments": {"city": "Par', ToolCallPiece("get_weather", {"city": "Par"})),
-        ('{"name": "f", "arguments": {"days": [1, 2', ToolCallPiece("f", {"days": [1, 2]})),
-        ('{"name": "f", "arguments": {"a": {"b": "c\\"', ToolCallPiece("f", {"a": {"b": 'c"'}})),
-        ('{"name": "f", "arguments": {"a": 1, "ke', ToolCallPiece("f", {"a": 1})),
-        ('{"name": "f", "arguments": "{\\"a', ToolCallPiece("f", {})),
+        ('{"name": "f", "argu', ToolCallPiece("f", {}, "")),
+        ('\n{"name": "get_weather", "arguments": {"city": "Par', ToolCallPiece("get_weather", {"city": "Par"}, '{"city": "Par')),
+        ('{"name": "f", "arguments": {"days": [1, 2', ToolCallPiece("f", {"days": [1, 2]}, '{"days": [1, 2')),
+        ('{"name": "f", "arguments": {"a": {"b": "c\\"', ToolCallPiece("f", {"a": {"b": 'c"'}}, '{"a": {"b": "c\\"')),
+        ('{"name": "f", "arguments": {"a": 1, "ke', ToolCallPiece("f", {"a": 1}, '{"a": 1, "ke')),
+        ('{"name": "f", "arguments": "{\\"a', ToolCallPiece("f", {}, '{"a')),
+        ('{"name": "f", "arguments": {"a": 1}}\n', ToolCallPiece("f", {"a": 1}, '{"a": 1}')),  # cut before its closing tag
+        ('<function=f>\n<parameter=a>\nx\n</parameter>\n<parameter=b>\nyz', ToolCallPiece("f", {"a": "x"}, '{"a": "x"')),
+        ('<function=f>\n', ToolCallPiece("f", {}, "{")),
     ],
 )
 def test_cut_off_inside_a_named_tool_call_returns_the_incomplete_call(cut, expected):
@@ -204,7 +207,7 @@ def test_an_xml_call_whose_function_is_not_closed_stays_text():
 def test_an_xml_call_cut_off_keeps_its_closed_parameters():
     text = "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n<parameter=days>\n3"
     parser = OutputParser(tools=True, thinking=False, schemas=SCHEMAS)
-    assert run(parser, text, truncated=True) == [ToolCallPiece("get_weather", {"city": "Paris"})]
+    assert run(parser, text, truncated=True) == [ToolCallPiece("get_weather", {"city": "Paris"}, '{"city": "Paris"')]
     cut_in_name = OutputParser(tools=True, thinking=False, schemas=SCHEMAS)
     assert run(cut_in_name, "<tool_call>\n<function=get_wea", truncated=True) == []
 

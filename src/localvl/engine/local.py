@@ -548,7 +548,7 @@ class LocalEngine:
             if isinstance(piece, ThinkingPiece):
                 job.emit(ThinkingDelta(piece.text))
             else:
-                job.emit(ToolCallEvent(tool_call_id(), piece.name, piece.input))
+                job.emit(ToolCallEvent(tool_call_id(), piece.name, piece.input, piece.partial))
 
     def _delta(self, job: Job, text: str) -> TextDelta:
         """A delta carrying the log-probabilities of the tokens whose text it begins to show. A

@@ -50,6 +50,9 @@ class ThinkingPiece:
 class ToolCallPiece:
     name: str
     input: dict[str, Any]
+    # A call cut off by the token limit: its arguments' JSON as written so far (unclosed, maybe
+    # empty). ``input`` holds what of it parses; OpenAI's API returns this text instead.
+    partial: str | None = None
 
 
 Piece = Union[TextPiece, ThinkingPiece, ToolCallPiece]
@@ -172,7 +175,14 @@ def parse_xml_tool_call(body: str, schemas: Schemas | None = None, cut: bool = F
             break
         arguments[key] = _xml_value(rest[start:end], resolve_ref(properties.get(key), root))
         at = end + len(close)
-    return ToolCallPiece(name, arguments) if name else None
+    if not name:
+        return None
+    if not cut:
+        return ToolCallPiece(name, arguments)
+    # The XML form writes no JSON: the parameters closed so far, as JSON left open (unless the
+    # whole call was written and only its closing tag cut off).
+    written = json.dumps(arguments, ensure_ascii=False)
+    return ToolCallPiece(name, arguments, written if rest.rstrip().endswith("</function>") else written[:-1])
 
 
 def parse_tool_call(body: str, schemas: Schemas | None = None) -> ToolCallPiece | None:
@@ -198,6 +208,7 @@ def parse_tool_call(body: str, schemas: Schemas | None = None) -> ToolCallPiece 
 
 
 _NAME = re.compile(r'^\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)+)"')
+_ARGUMENTS = re.compile(r'\s*,\s*"(?:arguments|parameters)"\s*:\s*')
 
 
 def _closed(prefix: str) -> str:
@@ -231,6 +242,7 @@ def parse_cut_tool_call(body: str, schemas: Schemas | None = None) -> ToolCallPi
     if named is None:
         return None
     name = json.loads(f'"{named.group(1)}"')
+    partial = _written_arguments(body, named.end())
     for cut in range(len(body), max(named.end(), len(body) - 64) - 1, -1):
         try:
             value = loads(_closed(body[:cut].rstrip().rstrip(",:")))
@@ -238,8 +250,28 @@ def parse_cut_tool_call(body: str, schemas: Schemas | None = None) -> ToolCallPi
             continue
         if isinstance(value, dict):
             arguments = value.get("arguments", value.get("parameters", {}))
-            return ToolCallPiece(name, arguments if isinstance(arguments, dict) else {})
-    return ToolCallPiece(name, {})
+            return ToolCallPiece(name, arguments if isinstance(arguments, dict) else {}, partial)
+    return ToolCallPiece(name, {}, partial)
+
+
+def _written_arguments(body: str, after_name: int) -> str:
+    """The text of a cut-off call's arguments as the model wrote it ("" before they began): the
+    arguments a client sees streamed token by token, unclosed, as OpenAI's API returns them."""
+    key = _ARGUMENTS.match(body, after_name)
+    if key is None:
+        return ""
+    written = body[key.end() :]
+    if written.startswith('"'):  # arguments written as a JSON string: the text it holds so far
+        try:
+            written = json.loads(_closed(written))
+        except ValueError:  # cut inside an escape
+            return ""
+        if not isinstance(written, str):
+            return ""
+    try:  # arguments whole, the call cut after them: the arguments alone, without the call's "}"
+        return written[: json.JSONDecoder().raw_decode(written)[1]]
+    except ValueError:
+        return written
 
 
 def _partial_tag_at(text: str, tags: tuple[str, ...]) -> int:
