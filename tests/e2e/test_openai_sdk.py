@@ -96,6 +96,28 @@ def test_a_stop_string_cuts_the_answer(oai):
     assert cut.choices[0].message.content == full[: full.find(stop)] and cut.choices[0].finish_reason == "stop"
 
 
+def test_a_stop_strings_tokens_have_no_logprobs(oai):
+    """The logprobs are those of the text returned: the tokens of the stop, cut from the text, are
+    not listed (streamed or not)."""
+    ask = dict(model="tiny-vl", messages=USER, max_tokens=30, temperature=0, logprobs=True)
+    full = oai.chat.completions.create(**ask).choices[0]
+    tokens = [entry.token for entry in full.logprobs.content]
+    text = full.message.content
+    # a stop made of two whole tokens, met first where they stand (a random model's text may hold
+    # U+FFFD halves, where token texts and the text part ways: such spots are passed over)
+    cuts = [k for k in range(1, len(tokens) - 2) if "".join(tokens[:k + 2]) == text[: len("".join(tokens[:k + 2]))]
+            and text.find(tokens[k] + tokens[k + 1]) == len("".join(tokens[:k]))]
+    assert cuts
+    k = cuts[len(cuts) // 2]
+    stop = tokens[k] + tokens[k + 1]
+    cut = oai.chat.completions.create(**ask, stop=stop).choices[0]
+    assert cut.finish_reason == "stop" and cut.message.content == "".join(tokens[:k])
+    assert [entry.token for entry in cut.logprobs.content] == tokens[:k]
+    chunks = list(oai.chat.completions.create(**ask, stop=[stop], stream=True))
+    streamed = [e.token for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert streamed == tokens[:k]
+
+
 def test_max_completion_tokens_ends_with_length(oai):
     completion = oai.chat.completions.create(model="tiny-vl", messages=USER, max_completion_tokens=2, temperature=0)
     assert completion.usage.completion_tokens <= 2
