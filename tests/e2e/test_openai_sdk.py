@@ -198,6 +198,9 @@ def test_logprobs_have_openais_shape_streamed_or_not(oai):
     assert [(e.token, round(e.logprob, 4)) for e in streamed] == [(e.token, round(e.logprob, 4)) for e in content]
     plain = oai.chat.completions.create(model="tiny-vl", messages=USER, max_tokens=2)
     assert plain.choices[0].logprobs is None
+    with pytest.raises(openai.BadRequestError) as alone:  # alternatives asked for without logprobs: none would come
+        oai.chat.completions.create(model="tiny-vl", messages=USER, max_tokens=2, top_logprobs=2)
+    assert alone.value.param == "top_logprobs"
 
 
 def test_a_streaming_client_that_leaves_stops_every_choice(server):

@@ -65,6 +65,8 @@ def test_roles_map_to_turns_and_consecutive_ones_merge():
         ({"function_call": "none"}, "function_call: legacy functions"),
         ({"modalities": ["text", "audio"]}, r'modalities: only \["text"\]'),
         ({"audio": {"voice": "alloy", "format": "wav"}}, "audio: audio output is not supported"),
+        ({"top_logprobs": 3}, "top_logprobs: logprobs must be set to true"),
+        ({"top_logprobs": 3, "logprobs": False}, "top_logprobs: logprobs must be set to true"),
     ],
 )
 def test_what_cannot_be_honoured_is_a_clear_400(fields, message):

@@ -145,6 +145,8 @@ def _refuse_what_cannot_be_honoured(body: ChatCompletionRequest) -> None:
         raise InvalidRequestError('modalities: only ["text"] output is supported')
     if extra.get("audio") is not None:
         raise InvalidRequestError("audio: audio output is not supported")
+    if body.top_logprobs and not body.logprobs:  # as OpenAI's API (and vLLM) refuse it: no log-probabilities would come
+        raise InvalidRequestError("top_logprobs: logprobs must be set to true when top_logprobs is used")
 
 
 def _call_ids(message: Message) -> list[str]:
