@@ -120,6 +120,16 @@ def test_a_key_error_speaks_of_openais_header_not_anthropics():
     assert wrong["message"] == "Incorrect API key provided." and "Bearer" in missing["message"]
 
 
+def test_a_model_not_served_is_named_in_openais_words():
+    from localvl.api.openai.errors import error_json
+    from localvl.errors import NotFoundError
+
+    missing = error_json(NotFoundError("model: gpt-4o"))
+    assert missing["code"] == "model_not_found" and missing["param"] is None
+    assert missing["message"] == "The model `gpt-4o` does not exist or you do not have access to it."
+    assert error_json(NotFoundError("no route /v1/embeddings"))["message"] == "no route /v1/embeddings"
+
+
 def test_a_prompt_too_long_is_context_length_exceeded_in_openais_words():
     from localvl.api.openai.errors import error_json
     from localvl.errors import ContextLengthError

@@ -39,6 +39,8 @@ def error_json(error: LocalvlError) -> dict[str, Any]:
     if error.kind == "not_found_error":  # a model that is not served, or a path that is no endpoint
         code, field = ("model_not_found" if field and field.group(1) == "model" else None), None
     message = error.message
+    if code == "model_not_found":  # in OpenAI's words, which clients and people searching an error know
+        message = f"The model `{message.removeprefix('model: ')}` does not exist or you do not have access to it."
     if error.kind == "authentication_error":  # the shared message names Anthropic's header
         message = "Incorrect API key provided." if "invalid" in message else "You didn't provide an API key (Authorization: Bearer)."
     return {
