@@ -222,3 +222,15 @@ def test_a_streaming_client_that_leaves_stops_every_choice(server):
     while server.log().count(" aborted") < aborted_before + 2 and time.monotonic() < deadline:
         time.sleep(0.1)
     assert server.log().count(" aborted") == aborted_before + 2  # both choices of the request
+
+
+def test_a_prompt_past_the_context_is_context_length_exceeded_in_openais_sentence(small_context_server):
+    """Clients read OpenAI's sentence for the two numbers (and LiteLLM-based ones for the kind)."""
+    client = openai.OpenAI(base_url=small_context_server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=60)
+    messages = [{"role": "user", "content": "many words " * 60}]
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="tiny-vl", messages=messages, max_tokens=4)
+    counted = anthropic.Anthropic(base_url=small_context_server.url, api_key=API_KEY).messages.count_tokens(
+        model="tiny-vl", messages=messages).input_tokens
+    assert caught.value.code == "context_length_exceeded" and caught.value.param == "messages"
+    assert f"maximum context length is 64 tokens. However, your messages resulted in {counted} tokens" in caught.value.message

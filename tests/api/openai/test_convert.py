@@ -134,9 +134,10 @@ def test_a_prompt_too_long_is_context_length_exceeded_in_openais_words():
     from localvl.api.openai.errors import error_json
     from localvl.errors import ContextLengthError
 
-    body = error_json(ContextLengthError("prompt is too long: 10 tokens > 5 maximum"))
-    assert body == {"message": "prompt is too long: 10 tokens > 5 maximum", "type": "invalid_request_error",
-                    "param": "messages", "code": "context_length_exceeded"}
+    body = error_json(ContextLengthError("prompt is too long: 10 tokens > 5 maximum", tokens=10, limit=5))
+    assert body == {"message": "This model's maximum context length is 5 tokens. However, your messages resulted in 10 tokens. "
+                               "Please reduce the length of the messages.",
+                    "type": "invalid_request_error", "param": "messages", "code": "context_length_exceeded"}
     assert error_json(InvalidRequestError("x"))["code"] is None
 
 
