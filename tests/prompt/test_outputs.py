@@ -8,6 +8,7 @@ from localvl.prompt.outputs import (
     TextPiece,
     ThinkingPiece,
     ToolCallPiece,
+    is_json_prefix,
     parse_tool_call,
     tool_call_id,
 )
@@ -234,3 +235,14 @@ def test_xml_parameters_keep_their_names_and_end_at_their_closing_line():
     body = ("<function=f>\n<parameter= x>\n4\n</parameter>\n<parameter=s>\nsee </parameter> here\n</parameter>\n"
             "<parameter=t>bare</parameter>\n</function>")
     assert parse_tool_call(body, schemas).input == {" x": 4, "s": "see </parameter> here", "t": "bare"}
+
+
+@pytest.mark.parametrize("text", ['{"city": "Par', '{"city":', '{"ci', '{"a": 1, ', '{"a": tr', '{"a": -', '{"a": 1e-',
+                                  '{"a": "x\\', '{"a": "\\u00', '{"a": [1, ', '{', '{"a": 1}'])
+def test_a_cut_off_json_text_is_a_json_prefix(text):
+    assert is_json_prefix(text)
+
+
+@pytest.mark.parametrize("text", ["{not json", '{"a" 1', '{"a": 1}}', '{"a": x', "{,", '{"a": 1 2'])
+def test_malformed_json_is_no_prefix(text):
+    assert not is_json_prefix(text)

@@ -243,15 +243,41 @@ def parse_cut_tool_call(body: str, schemas: Schemas | None = None) -> ToolCallPi
         return None
     name = json.loads(f'"{named.group(1)}"')
     partial = _written_arguments(body, named.end())
-    for cut in range(len(body), max(named.end(), len(body) - 64) - 1, -1):
+    try:
+        value = closed_prefix(body, named.end())
+    except ValueError:
+        return ToolCallPiece(name, {}, partial)
+    arguments = value.get("arguments", value.get("parameters", {})) if isinstance(value, dict) else {}
+    return ToolCallPiece(name, arguments if isinstance(arguments, dict) else {}, partial)
+
+
+# What may complete a value cut off at its end: a key's colon and value, a value after a colon or
+# comma, the rest of a literal, a number's digit, an escape's letter or hex digits (open strings, arrays and
+# objects are closed by ``_closed``).
+_COMPLETIONS = ("", " null", '": null', ": null", ' "": null', "0", "00", "000", "0000", "n", "rue", "ue", "e", "alse", "lse", "se", "ull", "ll", "l")
+
+
+def is_json_prefix(text: str) -> bool:
+    """Whether ``text`` is the start of some JSON text (what a model cut off mid-value wrote)."""
+    for completion in _COMPLETIONS:
         try:
-            value = loads(_closed(body[:cut].rstrip().rstrip(",:")))
-        except ValueError:
+            loads(_closed(text + completion))
+            return True
+        except (ValueError, RecursionError):
             continue
-        if isinstance(value, dict):
-            arguments = value.get("arguments", value.get("parameters", {}))
-            return ToolCallPiece(name, arguments if isinstance(arguments, dict) else {}, partial)
-    return ToolCallPiece(name, {}, partial)
+    return False
+
+
+def closed_prefix(text: str, floor: int = 0) -> Any:
+    """The value of the longest prefix of cut-off JSON ``text`` that parses once its open string,
+    arrays and objects are closed (trimmed back up to 64 characters, never before ``floor``);
+    ``ValueError`` if none does."""
+    for cut in range(len(text), max(floor, len(text) - 64) - 1, -1):
+        try:
+            return loads(_closed(text[:cut].rstrip().rstrip(",:")))
+        except (ValueError, RecursionError):  # (nested past the parser's depth: as unparseable)
+            continue
+    raise ValueError("no prefix parses")
 
 
 def _written_arguments(body: str, after_name: int) -> str:

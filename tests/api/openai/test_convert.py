@@ -177,6 +177,24 @@ def test_tool_calls_and_tool_messages_pair_up_as_openais_api_requires():
     conversation_from(body(messages=[user, asked]))  # a prefill's calls, not yet answered
 
 
+def test_a_cut_off_calls_unclosed_arguments_sent_back_render_as_far_as_they_go():
+    from localvl.conversation import ToolCall
+
+    def sent_back(arguments):
+        call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": arguments}}
+        messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": [call]},
+                    {"role": "tool", "tool_call_id": "c1", "content": "r"}]
+        (request,) = generation_requests("c", body(messages=messages))
+        return [p.input for turn in request.conversation.turns for p in turn.parts if isinstance(p, ToolCall)]
+
+    assert sent_back('{"city": "Par') == [{"city": "Par"}]
+    assert sent_back('{"days": [1, 2') == [{"days": [1, 2]}]
+    assert sent_back('{"city":') == [{}]
+    for unreadable in ("not json", "[1, 2"):
+        with pytest.raises(InvalidRequestError, match="arguments: not valid JSON"):
+            sent_back(unreadable)
+
+
 def test_an_earlier_refusal_in_the_history_is_skipped_not_refused():
     history = [{"role": "user", "content": "hi"}, None, {"role": "user", "content": "ok"}]
     for refusal in ({"role": "assistant", "content": [{"type": "refusal", "refusal": "no"}]},

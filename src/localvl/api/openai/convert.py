@@ -30,6 +30,7 @@ from localvl.media.context import MEDIA, Media, converting
 from localvl.media.documents import pdf_parts
 from localvl.media.images import check_images
 from localvl.media.images import decode_base64, load_image
+from localvl.prompt.outputs import closed_prefix, is_json_prefix
 
 UNLIMITED = 1 << 30  # no max_tokens: the engine stops at the end of the context ("length")
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -126,11 +127,25 @@ def _tool_calls(message: Message, where: str) -> list[Part]:
         try:
             value = json.loads(arguments) if isinstance(arguments, str) else arguments
         except (ValueError, RecursionError):
-            raise InvalidRequestError(f"{at}.function.arguments: not valid JSON (or nested too deeply)") from None
+            value = _cut_off(arguments)
+            if value is None:
+                raise InvalidRequestError(f"{at}.function.arguments: not valid JSON (or nested too deeply)") from None
         if not isinstance(value, dict):
             raise InvalidRequestError(f"{at}.function.arguments: must be a JSON object")
         calls.append(ToolCall(str(call.get("id") or f"call_{k}"), function["name"], value))
     return calls
+
+
+def _cut_off(arguments: str) -> dict[str, Any] | None:
+    """The arguments of a call that ``max_tokens`` cut off, as this API returns them (unclosed
+    JSON), sent back in a later request: what they hold so far, closed, as the model wrote them."""
+    if not arguments.lstrip().startswith("{") or not is_json_prefix(arguments):
+        return None
+    try:
+        value = closed_prefix(arguments)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def _refuse_what_cannot_be_honoured(body: ChatCompletionRequest) -> None:
