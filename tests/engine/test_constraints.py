@@ -372,3 +372,18 @@ def test_the_logprobs_of_a_stop_sequences_tokens_are_not_returned(loaded_model, 
     kept = shown_tokens if split == "boundaries" else len(tokenizer.encode("Hello there", add_special_tokens=False))
     assert [tokenizer.decode([t]) for t in written[:kept]] == entries
     assert "".join(entries).startswith(text)
+
+
+def test_a_tool_call_nested_past_jsons_depth_comes_back_as_text_not_a_failed_step(loaded_model, monkeypatch):
+    loaded = loaded_model("qwen2_5_vl")
+    deep = '<tool_call>\n{"name": "get_weather", "arguments": {"city": ' + "[" * 1200 + "]" * 1200 + "}}\n</tool_call>"
+    written = loaded.tokenizer.encode(deep, add_special_tokens=False)
+    model_writes(monkeypatch, written)
+
+    async def body(engine):
+        request = GenerationRequest("deep", question(tools=(WEATHER,)), SamplingParams(max_tokens=len(written) + 1, temperature=0))
+        return await events_of(engine, request)
+
+    events = run_engine(loaded, body)
+    assert isinstance(events[-1], Finished) and not [e for e in events if isinstance(e, ToolCallEvent)]
+    assert "[" * 1200 in "".join(e.text for e in events if isinstance(e, TextDelta))

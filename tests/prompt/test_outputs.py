@@ -246,3 +246,14 @@ def test_a_cut_off_json_text_is_a_json_prefix(text):
 @pytest.mark.parametrize("text", ["{not json", '{"a" 1', '{"a": 1}}', '{"a": x', "{,", '{"a": 1 2'])
 def test_malformed_json_is_no_prefix(text):
     assert not is_json_prefix(text)
+
+
+def test_a_call_nested_past_the_parsers_depth_stays_text():
+    """Nesting deeper than json's recursion limit reads as malformed JSON, never as an exception
+    that would fail the engine's step (and every request in it)."""
+    deep = '{"name": "f", "arguments": {"a": ' + "[" * 5000 + "]" * 5000 + "}}"
+    assert parse_tool_call(deep) is None
+    text = "<tool_call>" + deep + "</tool_call>"
+    assert run(OutputParser(tools=True, thinking=False), text) == [TextPiece(text)]
+    cut = run(OutputParser(tools=True, thinking=False), "<tool_call>" + deep[:6000], truncated=True)
+    assert [(c.name, c.input) for c in cut] == [("f", {})]

@@ -79,7 +79,10 @@ def _constant(name: str) -> float | None:
 def loads(text: str) -> Any:
     """``json.loads`` for what a model wrote: numbers past a float's range, and the non-JSON
     ``Infinity``/``NaN``, become finite numbers (or null), so what reaches the client is JSON."""
-    return json.loads(text, parse_float=_finite, parse_constant=_constant)
+    try:
+        return json.loads(text, parse_float=_finite, parse_constant=_constant)
+    except RecursionError:  # nested past the parser's depth: unparseable, as any malformed text
+        raise ValueError("JSON nested too deeply") from None
 
 
 def pointed(root: Any, ref: str) -> Any:
@@ -263,7 +266,7 @@ def is_json_prefix(text: str) -> bool:
         try:
             loads(_closed(text + completion))
             return True
-        except (ValueError, RecursionError):
+        except ValueError:
             continue
     return False
 
@@ -275,7 +278,7 @@ def closed_prefix(text: str, floor: int = 0) -> Any:
     for cut in range(len(text), max(floor, len(text) - 64) - 1, -1):
         try:
             return loads(_closed(text[:cut].rstrip().rstrip(",:")))
-        except (ValueError, RecursionError):  # (nested past the parser's depth: as unparseable)
+        except ValueError:
             continue
     raise ValueError("no prefix parses")
 
@@ -296,7 +299,7 @@ def _written_arguments(body: str, after_name: int) -> str:
             return ""
     try:  # arguments whole, the call cut after them: the arguments alone, without the call's "}"
         return written[: json.JSONDecoder().raw_decode(written)[1]]
-    except ValueError:
+    except (ValueError, RecursionError):
         return written
 
 
