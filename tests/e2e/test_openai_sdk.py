@@ -42,6 +42,12 @@ def test_an_image_as_a_data_url_is_read_and_counted(oai):
         model="tiny-vl", messages=[{"role": "user", "content": "What is in this image?"}], max_tokens=4
     )
     assert with_image.usage.prompt_tokens > text_only.usage.prompt_tokens + 4
+    # clients label every image "image/jpeg" (OpenAI's own examples do): the PNG bytes decide, as at OpenAI
+    mislabelled = image_messages()
+    part = mislabelled[0]["content"][0]["image_url"]
+    part["url"] = part["url"].replace("data:image/png;", "data:image/jpeg;")
+    assert oai.chat.completions.create(model="tiny-vl", messages=mislabelled, max_tokens=4).usage.prompt_tokens == (
+        with_image.usage.prompt_tokens)
 
 
 def test_streaming_equals_the_whole_answer_and_ends_with_usage(oai):

@@ -90,18 +90,20 @@ def test_n_null_is_one_choice_and_a_seed_must_fit_64_bits():
             body(seed=seed)
 
 
-def test_a_data_urls_media_type_is_read_as_clients_write_it():
+def test_a_data_urls_image_is_read_by_its_bytes_whatever_its_label():
     from tests.helpers import image_bytes
 
     import base64
 
     jpeg = base64.b64encode(image_bytes("JPEG")).decode()
-    for header in ("image/jpg", "IMAGE/JPEG", "image/jpeg"):
+    # the bytes decide, as OpenAI's API and vLLM read them: a JPEG labelled PNG is a JPEG
+    for header in ("image/jpg", "IMAGE/JPEG", "image/jpeg", "image/png", "application/octet-stream", ""):
         content = [{"type": "image_url", "image_url": {"url": f"data:{header};base64,{jpeg}"}}, {"type": "text", "text": "hi"}]
         (request,) = generation_requests("c", body(messages=[{"role": "user", "content": content}]))
-        assert isinstance(request.conversation.turns[0].parts[0], Image)
-    with pytest.raises(InvalidRequestError, match="image/png"):
-        content = [{"type": "image_url", "image_url": {"url": f"data:image/png;base64,{jpeg}"}}]
+        image = request.conversation.turns[0].parts[0]
+        assert isinstance(image, Image) and image.media_type == "image/jpeg"
+    with pytest.raises(InvalidRequestError, match="not a supported image"):  # what is no image stays a 400
+        content = [{"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(b"%PDF-1.7").decode()}}]
         generation_requests("c", body(messages=[{"role": "user", "content": content}]))
 
 

@@ -41,12 +41,9 @@ def _image(url: str, where: str) -> Image:
         header, comma, data = url.partition(",")
         if not comma or not header.endswith(";base64"):
             raise InvalidRequestError(f"{where}: only base64 data URLs are supported (data:image/png;base64,...)")
-        # Media types are case-insensitive, and image/jpg, not a registered type, is everywhere in
-        # clients' code; a data URL's type only has to agree with the bytes.
-        media_type = header[len("data:") : -len(";base64")].strip().lower() or None
-        if media_type == "image/jpg":
-            media_type = "image/jpeg"
-        return load_image(decode_base64(data, where), media_type, where)
+        # The bytes say what the image is, as OpenAI's API and vLLM read them: clients' code labels
+        # every image "data:image/jpeg" (OpenAI's own examples do), PNG screenshots included.
+        return load_image(decode_base64(data, where), None, where)
     if url.startswith(("http://", "https://")):
         data = MEDIA.get().fetched.get(url)
         if data is None:
