@@ -28,7 +28,13 @@ class InvalidRequestError(LocalvlError):
 
 class ContextLengthError(InvalidRequestError):
     """The prompt does not fit the model's context (Anthropic's ``prompt is too long`` 400, which
-    OpenAI's API calls ``context_length_exceeded``: clients branch on both)."""
+    OpenAI's API calls ``context_length_exceeded``: clients branch on both). ``tokens`` and
+    ``limit``, where known, let each dialect say it in its API's own sentence, which clients parse."""
+
+    def __init__(self, message: str, *, tokens: int | None = None, limit: int | None = None, **kwargs: object) -> None:
+        super().__init__(message, **kwargs)  # type: ignore[arg-type]
+        self.tokens = tokens
+        self.limit = limit
 
 
 class AuthenticationError(LocalvlError):

@@ -42,6 +42,12 @@ def test_an_image_as_a_data_url_is_read_and_counted(oai):
         model="tiny-vl", messages=[{"role": "user", "content": "What is in this image?"}], max_tokens=4
     )
     assert with_image.usage.prompt_tokens > text_only.usage.prompt_tokens + 4
+    # clients label every image "image/jpeg" (OpenAI's own examples do): the PNG bytes decide, as at OpenAI
+    mislabelled = image_messages()
+    part = mislabelled[0]["content"][0]["image_url"]
+    part["url"] = part["url"].replace("data:image/png;", "data:image/jpeg;")
+    assert oai.chat.completions.create(model="tiny-vl", messages=mislabelled, max_tokens=4).usage.prompt_tokens == (
+        with_image.usage.prompt_tokens)
 
 
 def test_streaming_equals_the_whole_answer_and_ends_with_usage(oai):
@@ -96,6 +102,28 @@ def test_a_stop_string_cuts_the_answer(oai):
     assert cut.choices[0].message.content == full[: full.find(stop)] and cut.choices[0].finish_reason == "stop"
 
 
+def test_a_stop_strings_tokens_have_no_logprobs(oai):
+    """The logprobs are those of the text returned: the tokens of the stop, cut from the text, are
+    not listed (streamed or not)."""
+    ask = dict(model="tiny-vl", messages=USER, max_tokens=30, temperature=0, logprobs=True)
+    full = oai.chat.completions.create(**ask).choices[0]
+    tokens = [entry.token for entry in full.logprobs.content]
+    text = full.message.content
+    # a stop made of two whole tokens, met first where they stand (a random model's text may hold
+    # U+FFFD halves, where token texts and the text part ways: such spots are passed over)
+    cuts = [k for k in range(1, len(tokens) - 2) if "".join(tokens[:k + 2]) == text[: len("".join(tokens[:k + 2]))]
+            and text.find(tokens[k] + tokens[k + 1]) == len("".join(tokens[:k]))]
+    assert cuts
+    k = cuts[len(cuts) // 2]
+    stop = tokens[k] + tokens[k + 1]
+    cut = oai.chat.completions.create(**ask, stop=stop).choices[0]
+    assert cut.finish_reason == "stop" and cut.message.content == "".join(tokens[:k])
+    assert [entry.token for entry in cut.logprobs.content] == tokens[:k]
+    chunks = list(oai.chat.completions.create(**ask, stop=[stop], stream=True))
+    streamed = [e.token for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert streamed == tokens[:k]
+
+
 def test_max_completion_tokens_ends_with_length(oai):
     completion = oai.chat.completions.create(model="tiny-vl", messages=USER, max_completion_tokens=2, temperature=0)
     assert completion.usage.completion_tokens <= 2
@@ -113,7 +141,7 @@ def test_a_repeated_prompt_reports_cached_tokens(oai):
 def test_errors_map_to_the_sdk_exception_classes(oai, server):
     with pytest.raises(openai.NotFoundError) as missing:
         oai.chat.completions.create(model="no-such-model", messages=USER)
-    assert missing.value.body["code"] == "model_not_found" and "no-such-model" in missing.value.body["message"]
+    assert missing.value.body["code"] == "model_not_found" and "`no-such-model` does not exist" in missing.value.body["message"]
     assert missing.value.request_id and missing.value.request_id.startswith("req_")  # the SDK reads x-request-id
     assert oai.chat.completions.create(model="tiny-vl", messages=USER, max_tokens=2)._request_id.startswith("req_")
     with pytest.raises(openai.BadRequestError) as bad:
@@ -176,6 +204,9 @@ def test_logprobs_have_openais_shape_streamed_or_not(oai):
     assert [(e.token, round(e.logprob, 4)) for e in streamed] == [(e.token, round(e.logprob, 4)) for e in content]
     plain = oai.chat.completions.create(model="tiny-vl", messages=USER, max_tokens=2)
     assert plain.choices[0].logprobs is None
+    with pytest.raises(openai.BadRequestError) as alone:  # alternatives asked for without logprobs: none would come
+        oai.chat.completions.create(model="tiny-vl", messages=USER, max_tokens=2, top_logprobs=2)
+    assert alone.value.param == "top_logprobs"
 
 
 def test_a_streaming_client_that_leaves_stops_every_choice(server):
@@ -197,3 +228,15 @@ def test_a_streaming_client_that_leaves_stops_every_choice(server):
     while server.log().count(" aborted") < aborted_before + 2 and time.monotonic() < deadline:
         time.sleep(0.1)
     assert server.log().count(" aborted") == aborted_before + 2  # both choices of the request
+
+
+def test_a_prompt_past_the_context_is_context_length_exceeded_in_openais_sentence(small_context_server):
+    """Clients read OpenAI's sentence for the two numbers (and LiteLLM-based ones for the kind)."""
+    client = openai.OpenAI(base_url=small_context_server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=60)
+    messages = [{"role": "user", "content": "many words " * 60}]
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="tiny-vl", messages=messages, max_tokens=4)
+    counted = anthropic.Anthropic(base_url=small_context_server.url, api_key=API_KEY).messages.count_tokens(
+        model="tiny-vl", messages=messages).input_tokens
+    assert caught.value.code == "context_length_exceeded" and caught.value.param == "messages"
+    assert f"maximum context length is 64 tokens. However, your messages resulted in {counted} tokens" in caught.value.message

@@ -53,6 +53,32 @@ def test_a_tool_call_cut_off_by_max_tokens_leaves_no_markup_in_content(oai, max_
     assert all(call.function.name == "get_weather" for call in choice.message.tool_calls or [])
 
 
+def test_a_tool_call_cut_off_by_max_tokens_keeps_its_arguments_as_written(oai):
+    """As OpenAI's API (and a streaming client adding up the fragments) has it: the arguments are
+    the text written before the cut, unclosed, so a longer cut extends a shorter one; never a
+    JSON object closed to pass for a whole call."""
+    ask = dict(model="tiny-vl", messages=ASK, tools=[WEATHER], tool_choice="required", temperature=1.0, seed=0,
+               parallel_tool_calls=False)
+    whole = oai.chat.completions.create(**ask, max_tokens=300)
+    assert whole.choices[0].finish_reason == "tool_calls"
+    written = whole.usage.completion_tokens  # a seeded sample: a shorter limit cuts this very answer
+    cuts = []
+    for max_tokens in (written // 2, written - 3):
+        choice = oai.chat.completions.create(**ask, max_tokens=max_tokens).choices[0]
+        chunks = list(oai.chat.completions.create(**ask, max_tokens=max_tokens, stream=True))
+        streamed = "".join(d.function.arguments or "" for c in chunks if c.choices
+                           for d in c.choices[0].delta.tool_calls or [] if d.function)
+        assert choice.finish_reason == "length" and chunks[-1].choices[0].finish_reason == "length"
+        arguments = "".join(c.function.arguments for c in choice.message.tool_calls or [])
+        assert streamed == arguments
+        cuts.append(arguments)
+        # an agent loop sends the cut call back, as OpenAI's API takes it: what it holds so far is rendered
+        history = ASK + [choice.message.model_dump(exclude_none=True)] + [
+            {"role": "tool", "tool_call_id": call.id, "content": "cut off"} for call in choice.message.tool_calls or []]
+        assert oai.chat.completions.create(model="tiny-vl", messages=history, tools=[WEATHER], max_tokens=2).choices
+    assert cuts[1].startswith(cuts[0]) and len(cuts[1]) > len(cuts[0])
+
+
 def test_streamed_tool_call_arguments_concatenate_to_the_final_arguments(oai):
     stream = oai.chat.completions.create(model="tiny-vl", messages=ASK, tools=[WEATHER], tool_choice="required",
                                          temperature=1.0, seed=7, max_tokens=300, stream=True)

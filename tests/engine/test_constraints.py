@@ -219,9 +219,9 @@ def test_tool_choice_none_never_opens_a_tool_call(loaded_model, monkeypatch):
     sampled: dict[str, list[int]] = {}
     append = LocalEngine._append
 
-    def recording(self, seq, token):
+    def recording(self, seq, token, *rest):
         sampled.setdefault(seq.id, []).append(token)
-        return append(self, seq, token)
+        return append(self, seq, token, *rest)
 
     monkeypatch.setattr(LocalEngine, "_append", recording)
 
@@ -344,3 +344,46 @@ def test_a_stop_in_the_answer_still_ends_it_after_thinking(loaded_model, monkeyp
     assert "".join(e.text for e in events if isinstance(e, ThinkingDelta)).startswith("Think about it.")
     assert "".join(e.text for e in events if isinstance(e, TextDelta)) == "The answer is "
     assert events[-1].reason == "stop_sequence" and events[-1].stop_sequence == "42"
+
+
+@pytest.mark.parametrize("split", ["boundaries", "mid-token"])
+def test_the_logprobs_of_a_stop_sequences_tokens_are_not_returned(loaded_model, monkeypatch, split):
+    """The logprobs cover the tokens of the text returned: a stop sequence's own tokens, whose text
+    is cut, have no entries (whether the stop spans whole tokens or starts inside one, which then
+    keeps its entry: part of its text was returned), streamed in pieces or not."""
+    loaded = loaded_model("qwen2_5_vl")
+    tokenizer = loaded.tokenizer
+    pieces = ["Hello", " there", ",", " my", " friend", ".", " More", " text"]
+    written = [t for piece in pieces for t in tokenizer.encode(piece, add_special_tokens=False)]
+    shown_tokens = len(tokenizer.encode("Hello there,", add_special_tokens=False))
+    stop = " my friend" if split == "boundaries" else "e,"  # from a token's middle: "ther|e,"
+    model_writes(monkeypatch, written)
+
+    async def body(engine):
+        request = GenerationRequest("s", question(tools=()), SamplingParams(
+            max_tokens=len(written), temperature=0, logprobs=0, stop_sequences=(stop, " friends")))
+        return await events_of(engine, request)
+
+    events = run_engine(loaded, body)
+    text = "".join(e.text for e in events if isinstance(e, TextDelta))
+    entries = [entry.token for e in events if isinstance(e, TextDelta) for entry in e.logprobs]
+    assert events[-1].reason == "stop_sequence" and events[-1].stop_sequence == stop
+    assert text == "".join(pieces).split(stop)[0]
+    kept = shown_tokens if split == "boundaries" else len(tokenizer.encode("Hello there", add_special_tokens=False))
+    assert [tokenizer.decode([t]) for t in written[:kept]] == entries
+    assert "".join(entries).startswith(text)
+
+
+def test_a_tool_call_nested_past_jsons_depth_comes_back_as_text_not_a_failed_step(loaded_model, monkeypatch):
+    loaded = loaded_model("qwen2_5_vl")
+    deep = '<tool_call>\n{"name": "get_weather", "arguments": {"city": ' + "[" * 1200 + "]" * 1200 + "}}\n</tool_call>"
+    written = loaded.tokenizer.encode(deep, add_special_tokens=False)
+    model_writes(monkeypatch, written)
+
+    async def body(engine):
+        request = GenerationRequest("deep", question(tools=(WEATHER,)), SamplingParams(max_tokens=len(written) + 1, temperature=0))
+        return await events_of(engine, request)
+
+    events = run_engine(loaded, body)
+    assert isinstance(events[-1], Finished) and not [e for e in events if isinstance(e, ToolCallEvent)]
+    assert "[" * 1200 in "".join(e.text for e in events if isinstance(e, TextDelta))

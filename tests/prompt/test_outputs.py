@@ -8,6 +8,7 @@ from localvl.prompt.outputs import (
     TextPiece,
     ThinkingPiece,
     ToolCallPiece,
+    is_json_prefix,
     parse_tool_call,
     tool_call_id,
 )
@@ -82,12 +83,15 @@ def test_a_tool_call_that_does_not_parse_stays_text(body):
 @pytest.mark.parametrize(
     "cut, expected",
     [
-        ('{"name": "f", "argu', ToolCallPiece("f", {})),
-        ('\n{"name": "get_weather", "arguments": {"city": "Par', ToolCallPiece("get_weather", {"city": "Par"})),
-        ('{"name": "f", "arguments": {"days": [1, 2', ToolCallPiece("f", {"days": [1, 2]})),
-        ('{"name": "f", "arguments": {"a": {"b": "c\\"', ToolCallPiece("f", {"a": {"b": 'c"'}})),
-        ('{"name": "f", "arguments": {"a": 1, "ke', ToolCallPiece("f", {"a": 1})),
-        ('{"name": "f", "arguments": "{\\"a', ToolCallPiece("f", {})),
+        ('{"name": "f", "argu', ToolCallPiece("f", {}, "")),
+        ('\n{"name": "get_weather", "arguments": {"city": "Par', ToolCallPiece("get_weather", {"city": "Par"}, '{"city": "Par')),
+        ('{"name": "f", "arguments": {"days": [1, 2', ToolCallPiece("f", {"days": [1, 2]}, '{"days": [1, 2')),
+        ('{"name": "f", "arguments": {"a": {"b": "c\\"', ToolCallPiece("f", {"a": {"b": 'c"'}}, '{"a": {"b": "c\\"')),
+        ('{"name": "f", "arguments": {"a": 1, "ke', ToolCallPiece("f", {"a": 1}, '{"a": 1, "ke')),
+        ('{"name": "f", "arguments": "{\\"a', ToolCallPiece("f", {}, '{"a')),
+        ('{"name": "f", "arguments": {"a": 1}}\n', ToolCallPiece("f", {"a": 1}, '{"a": 1}')),  # cut before its closing tag
+        ('<function=f>\n<parameter=a>\nx\n</parameter>\n<parameter=b>\nyz', ToolCallPiece("f", {"a": "x"}, '{"a": "x"')),
+        ('<function=f>\n', ToolCallPiece("f", {}, "{")),
     ],
 )
 def test_cut_off_inside_a_named_tool_call_returns_the_incomplete_call(cut, expected):
@@ -204,7 +208,7 @@ def test_an_xml_call_whose_function_is_not_closed_stays_text():
 def test_an_xml_call_cut_off_keeps_its_closed_parameters():
     text = "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n<parameter=days>\n3"
     parser = OutputParser(tools=True, thinking=False, schemas=SCHEMAS)
-    assert run(parser, text, truncated=True) == [ToolCallPiece("get_weather", {"city": "Paris"})]
+    assert run(parser, text, truncated=True) == [ToolCallPiece("get_weather", {"city": "Paris"}, '{"city": "Paris"')]
     cut_in_name = OutputParser(tools=True, thinking=False, schemas=SCHEMAS)
     assert run(cut_in_name, "<tool_call>\n<function=get_wea", truncated=True) == []
 
@@ -231,3 +235,25 @@ def test_xml_parameters_keep_their_names_and_end_at_their_closing_line():
     body = ("<function=f>\n<parameter= x>\n4\n</parameter>\n<parameter=s>\nsee </parameter> here\n</parameter>\n"
             "<parameter=t>bare</parameter>\n</function>")
     assert parse_tool_call(body, schemas).input == {" x": 4, "s": "see </parameter> here", "t": "bare"}
+
+
+@pytest.mark.parametrize("text", ['{"city": "Par', '{"city":', '{"ci', '{"a": 1, ', '{"a": tr', '{"a": -', '{"a": 1e-',
+                                  '{"a": "x\\', '{"a": "\\u00', '{"a": [1, ', '{', '{"a": 1}'])
+def test_a_cut_off_json_text_is_a_json_prefix(text):
+    assert is_json_prefix(text)
+
+
+@pytest.mark.parametrize("text", ["{not json", '{"a" 1', '{"a": 1}}', '{"a": x', "{,", '{"a": 1 2'])
+def test_malformed_json_is_no_prefix(text):
+    assert not is_json_prefix(text)
+
+
+def test_a_call_nested_past_the_parsers_depth_stays_text():
+    """Nesting deeper than json's recursion limit reads as malformed JSON, never as an exception
+    that would fail the engine's step (and every request in it)."""
+    deep = '{"name": "f", "arguments": {"a": ' + "[" * 5000 + "]" * 5000 + "}}"
+    assert parse_tool_call(deep) is None
+    text = "<tool_call>" + deep + "</tool_call>"
+    assert run(OutputParser(tools=True, thinking=False), text) == [TextPiece(text)]
+    cut = run(OutputParser(tools=True, thinking=False), "<tool_call>" + deep[:6000], truncated=True)
+    assert [(c.name, c.input) for c in cut] == [("f", {})]

@@ -70,7 +70,8 @@ class Job:
     generator: torch.Generator | None = None
     prompt_ids: torch.Tensor | None = None  # distinct prompt ids, for the repetition penalty
     logprobs: int | None = None  # alternatives per token, when log-probabilities were asked for
-    pending_logprobs: list[TokenLogprob] = field(default_factory=list)  # tokens whose text is held back
+    # (where its text starts in the answer, entry) of tokens whose text is held back
+    pending_logprobs: list[tuple[int, TokenLogprob]] = field(default_factory=list)
     parser: OutputParser | None = None  # splits thinking and tool calls out of the text
     matcher: Any = None  # llguidance.LLMatcher when the output is constrained by a grammar
     banned: tuple[int, ...] = ()  # tokens never sampled (the tool-call tag under tool_choice none)

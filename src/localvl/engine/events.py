@@ -46,11 +46,13 @@ class ThinkingDelta:
 
 @dataclass(frozen=True)
 class ToolCallEvent:
-    """A whole tool call: emitted once its arguments are complete and parse."""
+    """A tool call: emitted once its arguments are complete and parse, or once the token limit cut it off."""
 
     id: str
     name: str
     input: dict[str, Any]
+    # Cut off by the token limit: the arguments' JSON as written so far, unclosed ("input": what parses)
+    partial: str | None = None
 
 
 @dataclass(frozen=True)

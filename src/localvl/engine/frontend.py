@@ -84,7 +84,7 @@ class Frontend:
         length = int(rendered.input_ids.numel())
         limit = facts.context_length
         if length > limit:
-            raise ContextLengthError(f"prompt is too long: {length} tokens > {limit} maximum")
+            raise ContextLengthError(f"prompt is too long: {length} tokens > {limit} maximum", tokens=length, limit=limit)
         ids, images, state = prepare_prompt(rendered, facts.image_token_id, facts.spatial_merge_size)
         room = limit - length
         sampling = request.sampling

@@ -495,19 +495,20 @@ class LocalEngine:
                     job.emit(InternalError("the engine failed to keep the output to its grammar"))
                 self._finish(s.sequence)
                 continue
+            entry = None
             if model_logprobs is not None and row in logprob_row:
-                self._record_logprob(job, model_logprobs[logprob_row[row]], tokens[row])
-            self._append(s.sequence, tokens[row])
+                entry = self._logprob_entry(job, model_logprobs[logprob_row[row]], tokens[row])
+            self._append(s.sequence, tokens[row], entry)
 
     def _token_text(self, token: int) -> tuple[str, tuple[int, ...]]:
         return self._tokenizer.decode([token]), tuple(token_bytes(self._tokenizer, token))
 
-    def _record_logprob(self, job: Job, logprobs: torch.Tensor, token: int) -> None:
+    def _logprob_entry(self, job: Job, logprobs: torch.Tensor, token: int) -> TokenLogprob | None:
         if token in self.loaded.eos_token_ids:
-            return  # the end of the turn has no text: OpenAI lists no entry for it
+            return None  # the end of the turn has no text: OpenAI lists no entry for it
         parser = job.parser
         if parser is not None and (parser.in_thinking or parser.in_tool_call or token in self._opening_ids):
-            return  # reasoning and tool-call markup: OpenAI's logprobs are the message content's
+            return None  # reasoning and tool-call markup: OpenAI's logprobs are the message content's
         top: list[tuple[str, float, tuple[int, ...]]] = []
         if job.logprobs:
             values, ids = torch.topk(logprobs, min(job.logprobs, logprobs.numel()))
@@ -515,7 +516,7 @@ class LocalEngine:
                 alternative_text, alternative_bytes = self._token_text(alternative)
                 top.append((alternative_text, value, alternative_bytes))
         text, raw = self._token_text(token)
-        job.pending_logprobs.append(TokenLogprob(text, float(logprobs[token]), raw, tuple(top)))
+        return TokenLogprob(text, float(logprobs[token]), raw, tuple(top))
 
     def _emit_text(self, job: Job, text: str) -> None:
         """Generated text, through the output parser (thinking, tool calls) when there is one. Stop
@@ -547,13 +548,17 @@ class LocalEngine:
             if isinstance(piece, ThinkingPiece):
                 job.emit(ThinkingDelta(piece.text))
             else:
-                job.emit(ToolCallEvent(tool_call_id(), piece.name, piece.input))
+                job.emit(ToolCallEvent(tool_call_id(), piece.name, piece.input, piece.partial))
 
     def _delta(self, job: Job, text: str) -> TextDelta:
-        """A delta carrying the log-probabilities of every token its text completes."""
-        delta = TextDelta(text, tuple(job.pending_logprobs))
-        job.pending_logprobs.clear()
-        return delta
+        """A delta carrying the log-probabilities of the tokens whose text it begins to show. A
+        token whose text is still held back (a stop sequence's possible start) waits: if the stop
+        completes, the token was part of it and gets no entry, as its text gets no place."""
+        assert job.stops is not None
+        shown = job.stops.shown
+        ready = tuple(entry for start, entry in job.pending_logprobs if start < shown)
+        job.pending_logprobs[:] = [(start, entry) for start, entry in job.pending_logprobs if start >= shown]
+        return TextDelta(text, ready)
 
     def _penalise(self, logits: torch.Tensor, samplers: list[Scheduled]) -> None:
         rows = [row for row, s in enumerate(samplers) if s.sequence.payload.sampling.penalised]
@@ -567,7 +572,7 @@ class LocalEngine:
         outputs = [samplers[row].sequence.outputs for row in rows]
         apply_penalties(logits, rows, [job.sampling for job in jobs], prompts, outputs)  # type: ignore[misc]
 
-    def _append(self, seq: Sequence, token: int) -> None:
+    def _append(self, seq: Sequence, token: int, entry: TokenLogprob | None = None) -> None:
         job: Job = seq.payload
         assert job.detokenizer is not None and job.stops is not None
         if job.cancelled.is_set():
@@ -583,7 +588,12 @@ class LocalEngine:
         else:
             seq.outputs.append(token)
             thinking = job.parser is not None and job.parser.in_thinking
-            self._emit_text(job, job.detokenizer.add(token))
+            text = job.detokenizer.add(token)
+            if entry is not None:
+                # Where its own text starts in the answer: after what the answer holds so far and
+                # after the earlier bytes of a character that this token's text completes.
+                job.pending_logprobs.append((job.stops.fed + max(0, len(text) - len(entry.token)), entry))
+            self._emit_text(job, text)
             job.thinking_tokens += thinking  # the token that closes the thinking too
             if job.thinking_budget is not None and job.parser is not None and job.parser.in_thinking:
                 if job.thinking_tokens >= job.thinking_budget and not job.forced:
@@ -608,8 +618,11 @@ class LocalEngine:
                 reason = "stop_sequence"
         if reason == "eos" and job.parser is not None and job.parser.tool_calls:
             reason = "tool_use"
-        if job.pending_logprobs:
-            job.emit(self._delta(job, ""))
+        # Entries still pending: after a stop, the tokens of the stop sequence, which is not shown;
+        # else tokens that showed no text (a character never finished), which still belong to it.
+        if job.pending_logprobs and job.stops.matched is None:
+            job.emit(TextDelta("", tuple(entry for _, entry in job.pending_logprobs)))
+        job.pending_logprobs.clear()
         read, created = seq.cache_read_tokens, seq.cache_created_tokens
         usage = Usage(
             input_tokens=len(seq.prompt) - read - created,

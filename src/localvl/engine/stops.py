@@ -15,13 +15,24 @@ class StopMatcher:
         self._stops = tuple(dict.fromkeys(s for s in stop_sequences if s))
         self._held = ""
         self.matched: str | None = None
+        # Characters taken in and let out so far: where a token's text starts in the stream tells
+        # whether any of it was shown (its log-probability belongs to the answer) or all of it
+        # fell inside a stop (it does not).
+        self.fed = 0
+        self.shown = 0
 
     def feed(self, text: str) -> str:
         """Add generated text; return what can be shown now. Sets ``matched`` once a match is settled."""
-        if not self._stops:
-            return text
         if self.matched is not None:
             return ""
+        self.fed += len(text)
+        shown = self._feed(text)
+        self.shown += len(shown)
+        return shown
+
+    def _feed(self, text: str) -> str:
+        if not self._stops:
+            return text
         buffer = self._held + text
         match = self._first_match(buffer)
         pending = self._first_partial(buffer, match)
@@ -43,7 +54,8 @@ class StopMatcher:
         match = self._first_match(held)
         if match is not None:
             self.matched = match[1]
-            return held[: match[0]]
+            held = held[: match[0]]
+        self.shown += len(held)
         return held
 
     def _first_match(self, buffer: str) -> tuple[int, str] | None:

@@ -50,6 +50,9 @@ class ThinkingPiece:
 class ToolCallPiece:
     name: str
     input: dict[str, Any]
+    # A call cut off by the token limit: its arguments' JSON as written so far (unclosed, maybe
+    # empty). ``input`` holds what of it parses; OpenAI's API returns this text instead.
+    partial: str | None = None
 
 
 Piece = Union[TextPiece, ThinkingPiece, ToolCallPiece]
@@ -76,7 +79,10 @@ def _constant(name: str) -> float | None:
 def loads(text: str) -> Any:
     """``json.loads`` for what a model wrote: numbers past a float's range, and the non-JSON
     ``Infinity``/``NaN``, become finite numbers (or null), so what reaches the client is JSON."""
-    return json.loads(text, parse_float=_finite, parse_constant=_constant)
+    try:
+        return json.loads(text, parse_float=_finite, parse_constant=_constant)
+    except RecursionError:  # nested past the parser's depth: unparseable, as any malformed text
+        raise ValueError("JSON nested too deeply") from None
 
 
 def pointed(root: Any, ref: str) -> Any:
@@ -172,7 +178,14 @@ def parse_xml_tool_call(body: str, schemas: Schemas | None = None, cut: bool = F
             break
         arguments[key] = _xml_value(rest[start:end], resolve_ref(properties.get(key), root))
         at = end + len(close)
-    return ToolCallPiece(name, arguments) if name else None
+    if not name:
+        return None
+    if not cut:
+        return ToolCallPiece(name, arguments)
+    # The XML form writes no JSON: the parameters closed so far, as JSON left open (unless the
+    # whole call was written and only its closing tag cut off).
+    written = json.dumps(arguments, ensure_ascii=False)
+    return ToolCallPiece(name, arguments, written if rest.rstrip().endswith("</function>") else written[:-1])
 
 
 def parse_tool_call(body: str, schemas: Schemas | None = None) -> ToolCallPiece | None:
@@ -198,6 +211,7 @@ def parse_tool_call(body: str, schemas: Schemas | None = None) -> ToolCallPiece 
 
 
 _NAME = re.compile(r'^\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)+)"')
+_ARGUMENTS = re.compile(r'\s*,\s*"(?:arguments|parameters)"\s*:\s*')
 
 
 def _closed(prefix: str) -> str:
@@ -231,15 +245,62 @@ def parse_cut_tool_call(body: str, schemas: Schemas | None = None) -> ToolCallPi
     if named is None:
         return None
     name = json.loads(f'"{named.group(1)}"')
-    for cut in range(len(body), max(named.end(), len(body) - 64) - 1, -1):
+    partial = _written_arguments(body, named.end())
+    try:
+        value = closed_prefix(body, named.end())
+    except ValueError:
+        return ToolCallPiece(name, {}, partial)
+    arguments = value.get("arguments", value.get("parameters", {})) if isinstance(value, dict) else {}
+    return ToolCallPiece(name, arguments if isinstance(arguments, dict) else {}, partial)
+
+
+# What may complete a value cut off at its end: a key's colon and value, a value after a colon or
+# comma, the rest of a literal, a number's digit, an escape's letter or hex digits (open strings, arrays and
+# objects are closed by ``_closed``).
+_COMPLETIONS = ("", " null", '": null', ": null", ' "": null', "0", "00", "000", "0000", "n", "rue", "ue", "e", "alse", "lse", "se", "ull", "ll", "l")
+
+
+def is_json_prefix(text: str) -> bool:
+    """Whether ``text`` is the start of some JSON text (what a model cut off mid-value wrote)."""
+    for completion in _COMPLETIONS:
         try:
-            value = loads(_closed(body[:cut].rstrip().rstrip(",:")))
+            loads(_closed(text + completion))
+            return True
         except ValueError:
             continue
-        if isinstance(value, dict):
-            arguments = value.get("arguments", value.get("parameters", {}))
-            return ToolCallPiece(name, arguments if isinstance(arguments, dict) else {})
-    return ToolCallPiece(name, {})
+    return False
+
+
+def closed_prefix(text: str, floor: int = 0) -> Any:
+    """The value of the longest prefix of cut-off JSON ``text`` that parses once its open string,
+    arrays and objects are closed (trimmed back up to 64 characters, never before ``floor``);
+    ``ValueError`` if none does."""
+    for cut in range(len(text), max(floor, len(text) - 64) - 1, -1):
+        try:
+            return loads(_closed(text[:cut].rstrip().rstrip(",:")))
+        except ValueError:
+            continue
+    raise ValueError("no prefix parses")
+
+
+def _written_arguments(body: str, after_name: int) -> str:
+    """The text of a cut-off call's arguments as the model wrote it ("" before they began): the
+    arguments a client sees streamed token by token, unclosed, as OpenAI's API returns them."""
+    key = _ARGUMENTS.match(body, after_name)
+    if key is None:
+        return ""
+    written = body[key.end() :]
+    if written.startswith('"'):  # arguments written as a JSON string: the text it holds so far
+        try:
+            written = json.loads(_closed(written))
+        except ValueError:  # cut inside an escape
+            return ""
+        if not isinstance(written, str):
+            return ""
+    try:  # arguments whole, the call cut after them: the arguments alone, without the call's "}"
+        return written[: json.JSONDecoder().raw_decode(written)[1]]
+    except (ValueError, RecursionError):
+        return written
 
 
 def _partial_tag_at(text: str, tags: tuple[str, ...]) -> int:

@@ -65,6 +65,8 @@ def test_roles_map_to_turns_and_consecutive_ones_merge():
         ({"function_call": "none"}, "function_call: legacy functions"),
         ({"modalities": ["text", "audio"]}, r'modalities: only \["text"\]'),
         ({"audio": {"voice": "alloy", "format": "wav"}}, "audio: audio output is not supported"),
+        ({"top_logprobs": 3}, "top_logprobs: logprobs must be set to true"),
+        ({"top_logprobs": 3, "logprobs": False}, "top_logprobs: logprobs must be set to true"),
     ],
 )
 def test_what_cannot_be_honoured_is_a_clear_400(fields, message):
@@ -88,18 +90,20 @@ def test_n_null_is_one_choice_and_a_seed_must_fit_64_bits():
             body(seed=seed)
 
 
-def test_a_data_urls_media_type_is_read_as_clients_write_it():
+def test_a_data_urls_image_is_read_by_its_bytes_whatever_its_label():
     from tests.helpers import image_bytes
 
     import base64
 
     jpeg = base64.b64encode(image_bytes("JPEG")).decode()
-    for header in ("image/jpg", "IMAGE/JPEG", "image/jpeg"):
+    # the bytes decide, as OpenAI's API and vLLM read them: a JPEG labelled PNG is a JPEG
+    for header in ("image/jpg", "IMAGE/JPEG", "image/jpeg", "image/png", "application/octet-stream", ""):
         content = [{"type": "image_url", "image_url": {"url": f"data:{header};base64,{jpeg}"}}, {"type": "text", "text": "hi"}]
         (request,) = generation_requests("c", body(messages=[{"role": "user", "content": content}]))
-        assert isinstance(request.conversation.turns[0].parts[0], Image)
-    with pytest.raises(InvalidRequestError, match="image/png"):
-        content = [{"type": "image_url", "image_url": {"url": f"data:image/png;base64,{jpeg}"}}]
+        image = request.conversation.turns[0].parts[0]
+        assert isinstance(image, Image) and image.media_type == "image/jpeg"
+    with pytest.raises(InvalidRequestError, match="not a supported image"):  # what is no image stays a 400
+        content = [{"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(b"%PDF-1.7").decode()}}]
         generation_requests("c", body(messages=[{"role": "user", "content": content}]))
 
 
@@ -118,13 +122,24 @@ def test_a_key_error_speaks_of_openais_header_not_anthropics():
     assert wrong["message"] == "Incorrect API key provided." and "Bearer" in missing["message"]
 
 
+def test_a_model_not_served_is_named_in_openais_words():
+    from localvl.api.openai.errors import error_json
+    from localvl.errors import NotFoundError
+
+    missing = error_json(NotFoundError("model: gpt-4o"))
+    assert missing["code"] == "model_not_found" and missing["param"] is None
+    assert missing["message"] == "The model `gpt-4o` does not exist or you do not have access to it."
+    assert error_json(NotFoundError("no route /v1/embeddings"))["message"] == "no route /v1/embeddings"
+
+
 def test_a_prompt_too_long_is_context_length_exceeded_in_openais_words():
     from localvl.api.openai.errors import error_json
     from localvl.errors import ContextLengthError
 
-    body = error_json(ContextLengthError("prompt is too long: 10 tokens > 5 maximum"))
-    assert body == {"message": "prompt is too long: 10 tokens > 5 maximum", "type": "invalid_request_error",
-                    "param": "messages", "code": "context_length_exceeded"}
+    body = error_json(ContextLengthError("prompt is too long: 10 tokens > 5 maximum", tokens=10, limit=5))
+    assert body == {"message": "This model's maximum context length is 5 tokens. However, your messages resulted in 10 tokens. "
+                               "Please reduce the length of the messages.",
+                    "type": "invalid_request_error", "param": "messages", "code": "context_length_exceeded"}
     assert error_json(InvalidRequestError("x"))["code"] is None
 
 
@@ -162,6 +177,24 @@ def test_tool_calls_and_tool_messages_pair_up_as_openais_api_requires():
     conv = conversation_from(body(messages=[user, asked, answer("call_2"), answer("call_1"), user]))
     assert [t.role for t in conv.turns] == ["user", "assistant", "user"]
     conversation_from(body(messages=[user, asked]))  # a prefill's calls, not yet answered
+
+
+def test_a_cut_off_calls_unclosed_arguments_sent_back_render_as_far_as_they_go():
+    from localvl.conversation import ToolCall
+
+    def sent_back(arguments):
+        call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": arguments}}
+        messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": [call]},
+                    {"role": "tool", "tool_call_id": "c1", "content": "r"}]
+        (request,) = generation_requests("c", body(messages=messages))
+        return [p.input for turn in request.conversation.turns for p in turn.parts if isinstance(p, ToolCall)]
+
+    assert sent_back('{"city": "Par') == [{"city": "Par"}]
+    assert sent_back('{"days": [1, 2') == [{"days": [1, 2]}]
+    assert sent_back('{"city":') == [{}]
+    for unreadable in ("not json", "[1, 2"):
+        with pytest.raises(InvalidRequestError, match="arguments: not valid JSON"):
+            sent_back(unreadable)
 
 
 def test_an_earlier_refusal_in_the_history_is_skipped_not_refused():

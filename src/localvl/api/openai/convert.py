@@ -30,6 +30,7 @@ from localvl.media.context import MEDIA, Media, converting
 from localvl.media.documents import pdf_parts
 from localvl.media.images import check_images
 from localvl.media.images import decode_base64, load_image
+from localvl.prompt.outputs import closed_prefix, is_json_prefix
 
 UNLIMITED = 1 << 30  # no max_tokens: the engine stops at the end of the context ("length")
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -40,12 +41,9 @@ def _image(url: str, where: str) -> Image:
         header, comma, data = url.partition(",")
         if not comma or not header.endswith(";base64"):
             raise InvalidRequestError(f"{where}: only base64 data URLs are supported (data:image/png;base64,...)")
-        # Media types are case-insensitive, and image/jpg, not a registered type, is everywhere in
-        # clients' code; a data URL's type only has to agree with the bytes.
-        media_type = header[len("data:") : -len(";base64")].strip().lower() or None
-        if media_type == "image/jpg":
-            media_type = "image/jpeg"
-        return load_image(decode_base64(data, where), media_type, where)
+        # The bytes say what the image is, as OpenAI's API and vLLM read them: clients' code labels
+        # every image "data:image/jpeg" (OpenAI's own examples do), PNG screenshots included.
+        return load_image(decode_base64(data, where), None, where)
     if url.startswith(("http://", "https://")):
         data = MEDIA.get().fetched.get(url)
         if data is None:
@@ -126,11 +124,25 @@ def _tool_calls(message: Message, where: str) -> list[Part]:
         try:
             value = json.loads(arguments) if isinstance(arguments, str) else arguments
         except (ValueError, RecursionError):
-            raise InvalidRequestError(f"{at}.function.arguments: not valid JSON (or nested too deeply)") from None
+            value = _cut_off(arguments)
+            if value is None:
+                raise InvalidRequestError(f"{at}.function.arguments: not valid JSON (or nested too deeply)") from None
         if not isinstance(value, dict):
             raise InvalidRequestError(f"{at}.function.arguments: must be a JSON object")
         calls.append(ToolCall(str(call.get("id") or f"call_{k}"), function["name"], value))
     return calls
+
+
+def _cut_off(arguments: str) -> dict[str, Any] | None:
+    """The arguments of a call that ``max_tokens`` cut off, as this API returns them (unclosed
+    JSON), sent back in a later request: what they hold so far, closed, as the model wrote them."""
+    if not arguments.lstrip().startswith("{") or not is_json_prefix(arguments):
+        return None
+    try:
+        value = closed_prefix(arguments)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def _refuse_what_cannot_be_honoured(body: ChatCompletionRequest) -> None:
@@ -145,6 +157,8 @@ def _refuse_what_cannot_be_honoured(body: ChatCompletionRequest) -> None:
         raise InvalidRequestError('modalities: only ["text"] output is supported')
     if extra.get("audio") is not None:
         raise InvalidRequestError("audio: audio output is not supported")
+    if body.top_logprobs and not body.logprobs:  # as OpenAI's API (and vLLM) refuse it: no log-probabilities would come
+        raise InvalidRequestError("top_logprobs: logprobs must be set to true when top_logprobs is used")
 
 
 def _call_ids(message: Message) -> list[str]:

@@ -33,12 +33,18 @@ _FIELD = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_]+)*): ")
 
 def error_json(error: LocalvlError) -> dict[str, Any]:
     if isinstance(error, ContextLengthError):
-        return {"message": error.message, "type": "invalid_request_error", "param": "messages", "code": "context_length_exceeded"}
+        message = error.message
+        if error.tokens is not None and error.limit is not None:  # OpenAI's sentence: clients read the numbers from it
+            message = (f"This model's maximum context length is {error.limit} tokens. However, your messages resulted in "
+                       f"{error.tokens} tokens. Please reduce the length of the messages.")
+        return {"message": message, "type": "invalid_request_error", "param": "messages", "code": "context_length_exceeded"}
     field = _FIELD.match(error.message) if error.kind in ("invalid_request_error", "not_found_error") else None
     code = CODES.get(error.kind)
     if error.kind == "not_found_error":  # a model that is not served, or a path that is no endpoint
         code, field = ("model_not_found" if field and field.group(1) == "model" else None), None
     message = error.message
+    if code == "model_not_found":  # in OpenAI's words, which clients and people searching an error know
+        message = f"The model `{message.removeprefix('model: ')}` does not exist or you do not have access to it."
     if error.kind == "authentication_error":  # the shared message names Anthropic's header
         message = "Incorrect API key provided." if "invalid" in message else "You didn't provide an API key (Authorization: Bearer)."
     return {

@@ -35,7 +35,9 @@ def call_id(event: ToolCallEvent) -> str:
 
 
 def tool_call_json(event: ToolCallEvent) -> dict[str, Any]:
-    arguments = json.dumps(event.input, ensure_ascii=False)
+    # A call the token limit cut off keeps the arguments as written, unclosed, as OpenAI's API
+    # returns them (finish_reason "length"): closed, they would pass for a whole call.
+    arguments = json.dumps(event.input, ensure_ascii=False) if event.partial is None else event.partial
     return {"id": call_id(event), "type": "function", "function": {"name": event.name, "arguments": arguments}}
 
 
