@@ -195,6 +195,15 @@ def test_tool_result_without_content_is_empty():
     assert part == ToolResult("a", (), False)
 
 
+def test_a_tool_search_result_of_tool_references_reads_as_the_names_it_found():
+    tools = [{"name": n, "input_schema": {"type": "object"}, "defer_loading": n != "f"} for n in ("f", "g", "h")]
+    refs = [{"type": "tool_reference", "tool_name": "g"}, {"type": "tool_reference", "tool_name": "h"}]
+    part = convert(answered({"type": "tool_result", "tool_use_id": "a", "content": refs}), tools=tools).turns[2].parts[0]
+    assert part == ToolResult("a", (Text("g"), Text("\nh")), False)
+    stray = answered({"type": "tool_result", "tool_use_id": "a", "content": [{"type": "tool_reference", "tool_name": "zz"}]})
+    assert refused(stray, tools=tools).startswith("messages.2.content.0.content.0.tool_name: ")
+
+
 def test_tool_result_image_is_found_by_conversation_images():
     result = {"type": "tool_result", "tool_use_id": "a", "content": [image_block()]}
     assert len(convert(answered(result)).images()) == 1
@@ -484,3 +493,8 @@ def test_tools_a_call_could_not_honour_are_refused(tools, message):
 ])
 def test_a_thinking_budget_that_is_no_integer_of_1024_or_more_is_named_for_what_it_is(thinking, message):
     assert refused([USER], thinking=thinking).startswith(message)
+
+
+@pytest.mark.parametrize("kind, asked", [("adaptive", None), ("between_tools", None), ("disabled", False)])
+def test_every_thinking_type_of_the_sdk_is_taken(kind, asked):
+    assert convert([USER], thinking={"type": kind}).thinking is asked

@@ -222,8 +222,27 @@ def _tool_result(block: s.ToolResultBlockParam, where: str) -> ToolResult:
         content.append(Text(block.content))
     elif block.content:
         for k, item in enumerate(block.content):
-            content.extend(_readable(item, f"{where}.content.{k}") or [])
+            if isinstance(item, s.ToolReferenceBlockParam):
+                # Anthropic expands a reference into the deferred tool's definition; every tool is
+                # given to the model from the first turn here, so the model reads the name it found.
+                content.append(Text(("\n" if content else "") + item.tool_name))
+            else:
+                content.extend(_readable(item, f"{where}.content.{k}") or [])
     return ToolResult(block.tool_use_id, tuple(content), bool(block.is_error))
+
+
+def _check_tool_references(body: s._ConversationFields) -> None:
+    """A tool_reference must name a tool of the request, as Anthropic resolves it against ``tools``."""
+    names = {t.name for t in body.tools or ()}
+    for i, message in enumerate(body.messages):
+        for j, block in enumerate(message.content if isinstance(message.content, list) else []):
+            if not isinstance(block, s.ToolResultBlockParam) or not isinstance(block.content, list):
+                continue
+            for k, item in enumerate(block.content):
+                if isinstance(item, s.ToolReferenceBlockParam) and item.tool_name not in names:
+                    raise InvalidRequestError(
+                        f"messages.{i}.content.{j}.content.{k}.tool_name: tool {item.tool_name!r} is not in tools"
+                    )
 
 
 def _system_turn(system: str | list[s.TextBlockParam] | None) -> Turn | None:
@@ -295,6 +314,7 @@ def _check_tool_pairs(messages: Sequence[s.MessageParam]) -> None:
 
 def _conversation(body: s._ConversationFields, verify: Verifier | None) -> Conversation:
     _check_tool_pairs(body.messages)
+    _check_tool_references(body)
     turns: list[Turn] = []
     if (system := _system_turn(body.system)) is not None:
         turns.append(system)
@@ -360,9 +380,9 @@ def _thinking(thinking: dict[str, Any] | None) -> tuple[bool | None, int | None]
         return True, budget
     if kind == "disabled":
         return False, None
-    if kind == "adaptive":
+    if kind in ("adaptive", "between_tools"):  # between_tools (SDK 2.14): no budget to hold, so as adaptive
         return None, None
-    raise InvalidRequestError("thinking.type: Input should be 'enabled', 'disabled' or 'adaptive'")
+    raise InvalidRequestError("thinking.type: Input should be 'enabled', 'disabled', 'adaptive' or 'between_tools'")
 
 
 def _tool_choice(choice: dict[str, Any] | None, tools: list[Tool]) -> ToolChoice:

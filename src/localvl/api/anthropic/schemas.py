@@ -90,9 +90,20 @@ class SearchResultBlockParam(_Open):
     cache_control: Any = None
 
 
+class ToolReferenceBlockParam(_Open):
+    """A tool a client-side tool search found (Claude Code's ToolSearch answers with these)."""
+
+    type: Literal["tool_reference"]
+    tool_name: str
+    cache_control: Any = None
+
+
+TOOL_RESULT_BLOCK_TYPES = ("text", "image", "document", "search_result", "tool_reference")
+
+
 def _tool_result_tag(value: Any) -> str | None:
     kind = _type_of(value)
-    return kind if kind in ("text", "image", "document", "search_result") else None
+    return kind if kind in TOOL_RESULT_BLOCK_TYPES else None
 
 
 ToolResultContentBlock = Annotated[
@@ -101,11 +112,12 @@ ToolResultContentBlock = Annotated[
         Annotated[ImageBlockParam, Tag("image")],
         Annotated[DocumentBlockParam, Tag("document")],
         Annotated[SearchResultBlockParam, Tag("search_result")],
+        Annotated[ToolReferenceBlockParam, Tag("tool_reference")],
     ],
     Discriminator(
         _tool_result_tag,
         custom_error_type="invalid_block_type",
-        custom_error_message="tool_result content blocks must be text, image, document or search_result",
+        custom_error_message="tool_result content blocks must be one of: " + ", ".join(TOOL_RESULT_BLOCK_TYPES),
     ),
 ]
 
