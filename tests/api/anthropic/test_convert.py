@@ -304,6 +304,33 @@ def test_url_images_are_found_wherever_they_sit_and_read_from_what_was_fetched()
         conversation_from(body)
 
 
+def test_uploaded_images_are_found_inside_content_documents_and_tool_results():
+    from localvl.api.anthropic.convert import file_ids
+
+    picture = {"type": "image", "source": {"type": "file", "file_id": "file_1"}}
+    body = request([
+        {"role": "user", "content": [{"type": "document", "source": {"type": "content", "content": [{"type": "text", "text": "p"}, picture]}}]},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "f", "input": {}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": [
+            {"type": "document", "source": {"type": "content", "content": [picture]}}]}]},
+    ])
+    assert file_ids(body) == [
+        ("file_1", "messages.0.content.0.source.content.1.source.file_id"),
+        ("file_1", "messages.2.content.0.content.0.source.content.0.source.file_id"),
+    ]
+
+
+@pytest.mark.parametrize("item", [None, "a", 5, ["x"]])
+def test_a_content_document_item_that_is_no_block_is_refused_where_it_is(item):
+    from localvl.api.anthropic.convert import file_ids, image_urls
+
+    for kind in ("content", "text"):  # the media finders look into any source's content list
+        body = request([{"role": "user", "content": [{"type": "document", "source": {"type": kind, "content": [item]}}]}])
+        assert image_urls(body) == [] and file_ids(body) == []
+    message = refused([{"role": "user", "content": [{"type": "document", "source": {"type": "content", "content": [item]}}]}])
+    assert message.startswith("messages.0.content.0.source.content.0: ")
+
+
 def test_document_with_text_source_becomes_text():
     document = {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "the body"}}
     assert convert([{"role": "user", "content": [document]}]).turns[0].parts == [Text("the body")]

@@ -58,6 +58,12 @@ def file_ids(body: s._ConversationFields) -> list[tuple[str, str]]:
             found.append((block.source.file_id, f"{at}.source.file_id"))
         elif isinstance(block, s.DocumentBlockParam) and block.source.get("type") == "file":
             found.append((str(block.source.get("file_id")), f"{at}.source.file_id"))
+        elif isinstance(block, s.DocumentBlockParam) and isinstance(block.source.get("content"), list):
+            # a `content` document's images may name uploaded files too
+            for k, item in enumerate(block.source["content"]):
+                source = item.get("source") if isinstance(item, dict) else None  # (others: a 400 in _document)
+                if isinstance(source, dict) and item.get("type") == "image" and source.get("type") == "file":
+                    found.append((str(source.get("file_id")), f"{at}.source.content.{k}.source.file_id"))
         elif isinstance(block, s.ToolResultBlockParam) and isinstance(block.content, list):
             for k, item in enumerate(block.content):
                 visit(item, f"{at}.content.{k}")
@@ -108,8 +114,8 @@ def image_urls(body: s._ConversationFields) -> list[tuple[str, str]]:
                 visit(item, f"{at}.content.{k}")
         elif isinstance(block, s.DocumentBlockParam) and isinstance(block.source.get("content"), list):
             for k, item in enumerate(block.source["content"]):
-                source = item.get("source") if isinstance(item, dict) else None
-                if item.get("type") == "image" and isinstance(source, dict) and source.get("type") == "url":
+                source = item.get("source") if isinstance(item, dict) else None  # (others: a 400 in _document)
+                if isinstance(source, dict) and item.get("type") == "image" and source.get("type") == "url":
                     found.append((str(source.get("url")), f"{at}.source.content.{k}.source.url"))
 
     for i, message in enumerate(body.messages):
