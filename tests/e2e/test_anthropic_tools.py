@@ -276,3 +276,13 @@ def test_a_tool_search_answered_with_tool_references_goes_on(client):
     with pytest.raises(anthropic.BadRequestError) as caught:
         client.messages.create(model="tiny-vl", max_tokens=8, messages=messages, tools=tools)
     assert caught.value.body["error"]["message"].startswith("messages.2.content.0.content.0.tool_name: ")
+
+
+def test_a_server_tool_is_dropped_and_forcing_it_says_why(client):
+    search = {"type": "web_search_20250305", "name": "web_search", "max_uses": 3}
+    reply = client.messages.create(model="tiny-vl", max_tokens=4, messages=ASK, tools=[search, WEATHER])
+    assert reply.type == "message"
+    with pytest.raises(anthropic.BadRequestError) as caught:
+        client.messages.create(model="tiny-vl", max_tokens=4, messages=ASK, tools=[search, WEATHER],
+                               tool_choice={"type": "tool", "name": "web_search"})
+    assert "server tools" in caught.value.body["error"]["message"]

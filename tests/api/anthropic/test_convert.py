@@ -525,3 +525,12 @@ def test_a_thinking_budget_that_is_no_integer_of_1024_or_more_is_named_for_what_
 @pytest.mark.parametrize("kind, asked", [("adaptive", None), ("between_tools", None), ("disabled", False)])
 def test_every_thinking_type_of_the_sdk_is_taken(kind, asked):
     assert convert([USER], thinking={"type": kind}).thinking is asked
+
+
+@pytest.mark.parametrize("tools", [
+    [{"type": "web_search_20250305", "name": "web_search"}],
+    [{"type": "web_search_20250305", "name": "web_search"}, {"name": "f", "input_schema": {"type": "object"}}],
+])
+def test_forcing_a_server_tool_is_refused_for_what_it_is(tools):
+    message = refused([USER], tools=tools, tool_choice={"type": "tool", "name": "web_search"})
+    assert message.startswith("tool_choice.name: 'web_search' is one of Anthropic's server tools")

@@ -343,7 +343,7 @@ def _conversation(body: s._ConversationFields, verify: Verifier | None) -> Conve
     if dialogue[0].role != "user":
         raise InvalidRequestError('messages: the first message must use the "user" role')
     tools = _tools(body.tools or [])
-    forced = _tool_choice(body.tool_choice, tools).mode in ("any", "tool")  # (checked here for count_tokens too)
+    forced = _tool_choice(body.tool_choice, tools, _server_tools(body)).mode in ("any", "tool")  # (checked here for count_tokens too)
     thinking = _thinking(body.thinking)[0]
     if thinking and forced:
         raise InvalidRequestError("Thinking may not be enabled when tool_choice forces tool use.")
@@ -391,18 +391,24 @@ def _thinking(thinking: dict[str, Any] | None) -> tuple[bool | None, int | None]
     raise InvalidRequestError("thinking.type: Input should be 'enabled', 'disabled', 'adaptive' or 'between_tools'")
 
 
-def _tool_choice(choice: dict[str, Any] | None, tools: list[Tool]) -> ToolChoice:
+def _server_tools(body: s._ConversationFields) -> frozenset[str]:
+    """Names of Anthropic's hosted tools (a versioned ``type``, no schema), which ``_tools`` drops."""
+    return frozenset(t.name for t in body.tools or () if t.input_schema is None and t.type not in (None, "custom"))
+
+
+def _tool_choice(choice: dict[str, Any] | None, tools: list[Tool], server_tools: frozenset[str] = frozenset()) -> ToolChoice:
     if choice is None:
         return ToolChoice()
     kind = choice.get("type")
     parallel = not choice.get("disable_parallel_tool_use", False)
     if kind not in ("auto", "any", "tool", "none"):
         raise InvalidRequestError("tool_choice.type: Input should be 'auto', 'any', 'tool' or 'none'")
+    name = choice.get("name") if kind == "tool" else None
+    if isinstance(name, str) and name in server_tools:  # dropped by _tools: nothing here runs it
+        raise InvalidRequestError(f"tool_choice.name: {name!r} is one of Anthropic's server tools, which this server does not run")
     if kind in ("any", "tool") and not tools:
         raise InvalidRequestError(f"tool_choice: {kind!r} requires at least one tool in tools")
-    name = None
     if kind == "tool":
-        name = choice.get("name")
         if name is None:
             raise InvalidRequestError("tool_choice.tool.name: Field required")
         if not isinstance(name, str) or name not in {t.name for t in tools}:
@@ -421,7 +427,7 @@ def generation_request(
         stop_sequences=tuple(body.stop_sequences or ()),
     )
     conversation = conversation_from(body, verify, media)
-    choice = _tool_choice(body.tool_choice, conversation.tools)
+    choice = _tool_choice(body.tool_choice, conversation.tools, _server_tools(body))
     budget = _thinking(body.thinking)[1]
     if budget is not None and budget >= body.max_tokens:
         raise InvalidRequestError("`max_tokens` must be greater than `thinking.budget_tokens`")
