@@ -282,6 +282,11 @@ def test_a_server_tool_is_dropped_and_forcing_it_says_why(client):
     search = {"type": "web_search_20250305", "name": "web_search", "max_uses": 3}
     reply = client.messages.create(model="tiny-vl", max_tokens=4, messages=ASK, tools=[search, WEATHER])
     assert reply.type == "message"
+    toolsets = [{"type": "mcp_toolset", "mcp_server_name": "docs"}, {"type": "computer_toolset_20260801"}]  # no names
+    reply = client.beta.messages.create(model="tiny-vl", max_tokens=4, messages=ASK, tools=[*toolsets, WEATHER],
+                                        mcp_servers=[{"type": "url", "url": "https://mcp.example/sse", "name": "docs"}],
+                                        betas=["mcp-client-2025-11-20"])
+    assert reply.type == "message"
     with pytest.raises(anthropic.BadRequestError) as caught:
         client.messages.create(model="tiny-vl", max_tokens=4, messages=ASK, tools=[search, WEATHER],
                                tool_choice={"type": "tool", "name": "web_search"})

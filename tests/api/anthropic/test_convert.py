@@ -534,3 +534,12 @@ def test_every_thinking_type_of_the_sdk_is_taken(kind, asked):
 def test_forcing_a_server_tool_is_refused_for_what_it_is(tools):
     message = refused([USER], tools=tools, tool_choice={"type": "tool", "name": "web_search"})
     assert message.startswith("tool_choice.name: 'web_search' is one of Anthropic's server tools")
+
+
+def test_toolsets_without_a_name_are_dropped_as_server_tools_and_client_tools_need_one():
+    toolsets = [{"type": "mcp_toolset", "mcp_server_name": "ex"}, {"type": "computer_toolset_20260801"},
+                {"type": "browser_toolset_20260801"}, {"name": "f", "input_schema": {"type": "object"}}]
+    assert [t.name for t in convert([USER], tools=toolsets).tools] == ["f"]
+    for nameless in ({"input_schema": {"type": "object"}}, {"type": "custom", "input_schema": {"type": "object"}}):
+        with pytest.raises(InvalidRequestError, match=r"^tools\.0\.name: Field required$"):
+            parse_body(MessagesRequest, json.dumps({"model": "m", "max_tokens": 1, "messages": [USER], "tools": [nameless]}).encode())

@@ -239,7 +239,7 @@ def _tool_result(block: s.ToolResultBlockParam, where: str) -> ToolResult:
 
 def _check_tool_references(body: s._ConversationFields) -> None:
     """A tool_reference must name a tool of the request, as Anthropic resolves it against ``tools``."""
-    names = {t.name for t in body.tools or ()}
+    names = {t.name for t in body.tools or () if t.name is not None}
     for i, message in enumerate(body.messages):
         for j, block in enumerate(message.content if isinstance(message.content, list) else []):
             if not isinstance(block, s.ToolResultBlockParam) or not isinstance(block.content, list):
@@ -356,7 +356,7 @@ def _tools(tools: Sequence[s.ToolParam]) -> list[Tool]:
     # Anthropic's server tools (web search, code execution, ...) have no schema and no local runner.
     out: list[Tool] = []
     for k, t in enumerate(tools):
-        if t.input_schema is None:
+        if t.input_schema is None or t.name is None:  # (a nameless toolset is one of Anthropic's)
             continue
         if t.input_schema.get("type", "object") != "object":  # a call's input is always an object
             raise InvalidRequestError(f"tools.{k}.input_schema.type: Input should be 'object'")
@@ -393,7 +393,7 @@ def _thinking(thinking: dict[str, Any] | None) -> tuple[bool | None, int | None]
 
 def _server_tools(body: s._ConversationFields) -> frozenset[str]:
     """Names of Anthropic's hosted tools (a versioned ``type``, no schema), which ``_tools`` drops."""
-    return frozenset(t.name for t in body.tools or () if t.input_schema is None and t.type not in (None, "custom"))
+    return frozenset(t.name for t in body.tools or () if t.name and t.input_schema is None and t.type not in (None, "custom"))
 
 
 def _tool_choice(choice: dict[str, Any] | None, tools: list[Tool], server_tools: frozenset[str] = frozenset()) -> ToolChoice:

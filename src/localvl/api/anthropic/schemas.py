@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
 
 
@@ -217,14 +218,22 @@ class MessageParam(_Open):
 
 
 class ToolParam(_Open):
-    """A client tool (``input_schema``) or one of Anthropic's server tools (a ``type``, no schema)."""
+    """A client tool (``input_schema``) or one of Anthropic's server tools (a ``type``, no schema;
+    toolsets such as ``mcp_toolset`` or ``computer_toolset_…`` have no ``name`` either)."""
 
-    name: str
+    type: str | None = None  # (before name: name's check reads it)
+    name: str | None = Field(None, validate_default=True)
     description: str | None = None
     input_schema: dict[str, Any] | None = None
-    type: str | None = None
     strict: bool | None = None
     cache_control: Any = None
+
+    @field_validator("name")
+    @classmethod
+    def _named_unless_a_toolset(cls, name: str | None, info: ValidationInfo) -> str | None:
+        if name is None and info.data.get("type") in (None, "custom"):
+            raise PydanticCustomError("missing", "Field required")
+        return name
 
 
 class _ConversationFields(_Open):
