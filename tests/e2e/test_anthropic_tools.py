@@ -258,3 +258,36 @@ def test_a_lost_thread_is_the_error_the_sdk_replays_on(client):
         client.beta.messages.create(model="tiny-vl", max_tokens=4, messages=follow,
                                     thread={"type": "continue", "previous_message_id": first.id})
     assert twice.value.error_code == "thread_already_continued"
+
+
+def test_a_tool_search_answered_with_tool_references_goes_on(client):
+    """Claude Code's ToolSearch answers with ``tool_reference`` blocks naming ``defer_loading`` tools."""
+    search = {"name": "tool_search", "description": "Find tools", "input_schema": {"type": "object", "properties": {"q": {"type": "string"}}}}
+    tools = [search, {**WEATHER, "defer_loading": True}, {**CLOCK, "defer_loading": True}]
+    call = {"type": "tool_use", "id": "toolu_search", "name": "tool_search", "input": {"q": "weather"}}
+    found = [{"type": "tool_reference", "tool_name": "get_weather"}, {"type": "tool_reference", "tool_name": "get_time"}]
+    messages = ASK + [{"role": "assistant", "content": [call]},
+                      {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_search", "content": found}]}]
+    reply = client.messages.create(model="tiny-vl", max_tokens=8, messages=messages, tools=tools,
+                                   thinking={"type": "between_tools"})
+    counted = client.messages.count_tokens(model="tiny-vl", messages=messages, tools=tools).input_tokens
+    assert counted == reply.usage.input_tokens + reply.usage.cache_read_input_tokens + reply.usage.cache_creation_input_tokens
+    messages[-1]["content"][0]["content"] = [{"type": "tool_reference", "tool_name": "get_stock"}]
+    with pytest.raises(anthropic.BadRequestError) as caught:
+        client.messages.create(model="tiny-vl", max_tokens=8, messages=messages, tools=tools)
+    assert caught.value.body["error"]["message"].startswith("messages.2.content.0.content.0.tool_name: ")
+
+
+def test_a_server_tool_is_dropped_and_forcing_it_says_why(client):
+    search = {"type": "web_search_20250305", "name": "web_search", "max_uses": 3}
+    reply = client.messages.create(model="tiny-vl", max_tokens=4, messages=ASK, tools=[search, WEATHER])
+    assert reply.type == "message"
+    toolsets = [{"type": "mcp_toolset", "mcp_server_name": "docs"}, {"type": "computer_toolset_20260801"}]  # no names
+    reply = client.beta.messages.create(model="tiny-vl", max_tokens=4, messages=ASK, tools=[*toolsets, WEATHER],
+                                        mcp_servers=[{"type": "url", "url": "https://mcp.example/sse", "name": "docs"}],
+                                        betas=["mcp-client-2025-11-20"])
+    assert reply.type == "message"
+    with pytest.raises(anthropic.BadRequestError) as caught:
+        client.messages.create(model="tiny-vl", max_tokens=4, messages=ASK, tools=[search, WEATHER],
+                               tool_choice={"type": "tool", "name": "web_search"})
+    assert "server tools" in caught.value.body["error"]["message"]

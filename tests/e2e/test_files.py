@@ -50,6 +50,12 @@ def test_a_file_id_reads_as_the_same_image_or_document_inline(client):
     inline = count({"type": "base64", "media_type": "image/png", "data": base64.b64encode(PNG).decode()},
                    {"type": "base64", "media_type": "application/pdf", "data": base64.b64encode(PDF).decode()})
     assert by_id == inline
+    in_document = [{"type": "document", "source": {"type": "content", "content": [{"type": "image", "source": source}]}}
+                   for source in ({"type": "file", "file_id": picture.id},
+                                  {"type": "base64", "media_type": "image/png", "data": base64.b64encode(PNG).decode()})]
+    counts = [client.beta.messages.count_tokens(model="tiny-vl", messages=[{"role": "user", "content": [document]}],
+                                                betas=["files-api-2025-04-14"]).input_tokens for document in in_document]
+    assert counts[0] == counts[1]
     message = client.beta.messages.create(model="tiny-vl", max_tokens=4, betas=["files-api-2025-04-14"], messages=[
         {"role": "user", "content": [{"type": "image", "source": {"type": "file", "file_id": picture.id}}]}])
     assert message.type == "message"

@@ -174,6 +174,9 @@ def corpus() -> list[tuple[str, bytes, dict]]:
     add("pdf garbage", {**VALID, "messages": [{"role": "user", "content": [{"type": "document", "source": {
         "type": "base64", "media_type": "application/pdf", "data": base64.b64encode(b"%PDF-1.7\n" + b"\x00" * 100).decode()}}]}]})
     add("10k content blocks", {**VALID, "messages": [{"role": "user", "content": [{"type": "text", "text": "a"}] * 10_000}]})
+    for item in (None, "a", 5):  # a content document's items that are no blocks
+        add(f"document content item {item!r}", {**VALID, "messages": [{"role": "user", "content": [
+            {"type": "document", "source": {"type": "content", "content": [item]}}]}]})
     add("unknown block type", {**VALID, "messages": [{"role": "user", "content": [{"type": "hologram"}]}]})
     add("tool with bad schema", {**VALID, "tools": [{"name": "t", "input_schema": {"type": "object", "properties": 5}}], "tool_choice": {"type": "any"}})
     add("tool schema recursion", {**VALID, "tools": [{"name": "t", "input_schema": {"$ref": "#"}}], "tool_choice": {"type": "any"}})

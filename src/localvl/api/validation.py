@@ -9,6 +9,7 @@ from pydantic import BaseModel, ValidationError
 
 from localvl.errors import InvalidRequestError
 
+MAX_DEPTH = 200  # pydantic-core's JSON parser stops there
 _TYPE_NOISE = {"str", "int", "float", "bool", "list", "dict", "none", "function-after", "function-plain"}
 
 
@@ -40,6 +41,9 @@ def parse_body(model: type[BaseModel], body: bytes) -> Any:
     except ValidationError as error:
         errors = error.errors(include_url=False, include_input=False)
         if errors and errors[0]["type"] == "json_invalid":
+            if "recursion limit" in str(errors[0].get("ctx", {}).get("error", "")):
+                # valid JSON, past the parser's depth limit: saying "not valid" would send a client hunting
+                raise InvalidRequestError(f"request body nests deeper than {MAX_DEPTH} levels") from None
             raise InvalidRequestError("request body is not valid JSON") from None
         if errors and errors[0]["type"] == "model_type" and not errors[0]["loc"]:
             raise InvalidRequestError("request body must be a JSON object") from None

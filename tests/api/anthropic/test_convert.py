@@ -195,6 +195,15 @@ def test_tool_result_without_content_is_empty():
     assert part == ToolResult("a", (), False)
 
 
+def test_a_tool_search_result_of_tool_references_reads_as_the_names_it_found():
+    tools = [{"name": n, "input_schema": {"type": "object"}, "defer_loading": n != "f"} for n in ("f", "g", "h")]
+    refs = [{"type": "tool_reference", "tool_name": "g"}, {"type": "tool_reference", "tool_name": "h"}]
+    part = convert(answered({"type": "tool_result", "tool_use_id": "a", "content": refs}), tools=tools).turns[2].parts[0]
+    assert part == ToolResult("a", (Text("g"), Text("\nh")), False)
+    stray = answered({"type": "tool_result", "tool_use_id": "a", "content": [{"type": "tool_reference", "tool_name": "zz"}]})
+    assert refused(stray, tools=tools).startswith("messages.2.content.0.content.0.tool_name: ")
+
+
 def test_tool_result_image_is_found_by_conversation_images():
     result = {"type": "tool_result", "tool_use_id": "a", "content": [image_block()]}
     assert len(convert(answered(result)).images()) == 1
@@ -293,6 +302,33 @@ def test_url_images_are_found_wherever_they_sit_and_read_from_what_was_fetched()
     assert len(conv.images()) == 3 and conv.images()[0].media_type == "image/png"
     with pytest.raises(InvalidRequestError, match="not fetched"):
         conversation_from(body)
+
+
+def test_uploaded_images_are_found_inside_content_documents_and_tool_results():
+    from localvl.api.anthropic.convert import file_ids
+
+    picture = {"type": "image", "source": {"type": "file", "file_id": "file_1"}}
+    body = request([
+        {"role": "user", "content": [{"type": "document", "source": {"type": "content", "content": [{"type": "text", "text": "p"}, picture]}}]},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "f", "input": {}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": [
+            {"type": "document", "source": {"type": "content", "content": [picture]}}]}]},
+    ])
+    assert file_ids(body) == [
+        ("file_1", "messages.0.content.0.source.content.1.source.file_id"),
+        ("file_1", "messages.2.content.0.content.0.source.content.0.source.file_id"),
+    ]
+
+
+@pytest.mark.parametrize("item", [None, "a", 5, ["x"]])
+def test_a_content_document_item_that_is_no_block_is_refused_where_it_is(item):
+    from localvl.api.anthropic.convert import file_ids, image_urls
+
+    for kind in ("content", "text"):  # the media finders look into any source's content list
+        body = request([{"role": "user", "content": [{"type": "document", "source": {"type": kind, "content": [item]}}]}])
+        assert image_urls(body) == [] and file_ids(body) == []
+    message = refused([{"role": "user", "content": [{"type": "document", "source": {"type": "content", "content": [item]}}]}])
+    assert message.startswith("messages.0.content.0.source.content.0: ")
 
 
 def test_document_with_text_source_becomes_text():
@@ -484,3 +520,26 @@ def test_tools_a_call_could_not_honour_are_refused(tools, message):
 ])
 def test_a_thinking_budget_that_is_no_integer_of_1024_or_more_is_named_for_what_it_is(thinking, message):
     assert refused([USER], thinking=thinking).startswith(message)
+
+
+@pytest.mark.parametrize("kind, asked", [("adaptive", None), ("between_tools", None), ("disabled", False)])
+def test_every_thinking_type_of_the_sdk_is_taken(kind, asked):
+    assert convert([USER], thinking={"type": kind}).thinking is asked
+
+
+@pytest.mark.parametrize("tools", [
+    [{"type": "web_search_20250305", "name": "web_search"}],
+    [{"type": "web_search_20250305", "name": "web_search"}, {"name": "f", "input_schema": {"type": "object"}}],
+])
+def test_forcing_a_server_tool_is_refused_for_what_it_is(tools):
+    message = refused([USER], tools=tools, tool_choice={"type": "tool", "name": "web_search"})
+    assert message.startswith("tool_choice.name: 'web_search' is one of Anthropic's server tools")
+
+
+def test_toolsets_without_a_name_are_dropped_as_server_tools_and_client_tools_need_one():
+    toolsets = [{"type": "mcp_toolset", "mcp_server_name": "ex"}, {"type": "computer_toolset_20260801"},
+                {"type": "browser_toolset_20260801"}, {"name": "f", "input_schema": {"type": "object"}}]
+    assert [t.name for t in convert([USER], tools=toolsets).tools] == ["f"]
+    for nameless in ({"input_schema": {"type": "object"}}, {"type": "custom", "input_schema": {"type": "object"}}):
+        with pytest.raises(InvalidRequestError, match=r"^tools\.0\.name: Field required$"):
+            parse_body(MessagesRequest, json.dumps({"model": "m", "max_tokens": 1, "messages": [USER], "tools": [nameless]}).encode())

@@ -290,3 +290,13 @@ def test_a_type_that_is_not_a_string_is_a_400_not_a_500(kind):
                     body(messages=user({"type": "image", "source": {"type": kind, "data": "x"}}))):
         assert error_of(request)
         assert error_of(request, model=CountTokensRequest)
+
+
+def test_a_body_nested_past_the_parser_limit_is_named_for_that_not_as_invalid_json():
+    deep = '{"a":' * 250 + "1" + "}" * 250
+    raw = ('{"model":"m","max_tokens":1,"messages":[{"role":"user","content":"hi"}],"metadata":' + deep + "}").encode()
+    with pytest.raises(InvalidRequestError) as caught:
+        parse_body(MessagesRequest, raw)
+    assert "nests deeper than" in caught.value.message
+    with pytest.raises(InvalidRequestError, match="not valid JSON"):
+        parse_body(MessagesRequest, raw.replace(deep.encode(), b'{"a":1'))

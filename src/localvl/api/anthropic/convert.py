@@ -58,6 +58,12 @@ def file_ids(body: s._ConversationFields) -> list[tuple[str, str]]:
             found.append((block.source.file_id, f"{at}.source.file_id"))
         elif isinstance(block, s.DocumentBlockParam) and block.source.get("type") == "file":
             found.append((str(block.source.get("file_id")), f"{at}.source.file_id"))
+        elif isinstance(block, s.DocumentBlockParam) and isinstance(block.source.get("content"), list):
+            # a `content` document's images may name uploaded files too
+            for k, item in enumerate(block.source["content"]):
+                source = item.get("source") if isinstance(item, dict) else None  # (others: a 400 in _document)
+                if isinstance(source, dict) and item.get("type") == "image" and source.get("type") == "file":
+                    found.append((str(source.get("file_id")), f"{at}.source.content.{k}.source.file_id"))
         elif isinstance(block, s.ToolResultBlockParam) and isinstance(block.content, list):
             for k, item in enumerate(block.content):
                 visit(item, f"{at}.content.{k}")
@@ -108,8 +114,8 @@ def image_urls(body: s._ConversationFields) -> list[tuple[str, str]]:
                 visit(item, f"{at}.content.{k}")
         elif isinstance(block, s.DocumentBlockParam) and isinstance(block.source.get("content"), list):
             for k, item in enumerate(block.source["content"]):
-                source = item.get("source") if isinstance(item, dict) else None
-                if item.get("type") == "image" and isinstance(source, dict) and source.get("type") == "url":
+                source = item.get("source") if isinstance(item, dict) else None  # (others: a 400 in _document)
+                if isinstance(source, dict) and item.get("type") == "image" and source.get("type") == "url":
                     found.append((str(source.get("url")), f"{at}.source.content.{k}.source.url"))
 
     for i, message in enumerate(body.messages):
@@ -222,8 +228,27 @@ def _tool_result(block: s.ToolResultBlockParam, where: str) -> ToolResult:
         content.append(Text(block.content))
     elif block.content:
         for k, item in enumerate(block.content):
-            content.extend(_readable(item, f"{where}.content.{k}") or [])
+            if isinstance(item, s.ToolReferenceBlockParam):
+                # Anthropic expands a reference into the deferred tool's definition; every tool is
+                # given to the model from the first turn here, so the model reads the name it found.
+                content.append(Text(("\n" if content else "") + item.tool_name))
+            else:
+                content.extend(_readable(item, f"{where}.content.{k}") or [])
     return ToolResult(block.tool_use_id, tuple(content), bool(block.is_error))
+
+
+def _check_tool_references(body: s._ConversationFields) -> None:
+    """A tool_reference must name a tool of the request, as Anthropic resolves it against ``tools``."""
+    names = {t.name for t in body.tools or () if t.name is not None}
+    for i, message in enumerate(body.messages):
+        for j, block in enumerate(message.content if isinstance(message.content, list) else []):
+            if not isinstance(block, s.ToolResultBlockParam) or not isinstance(block.content, list):
+                continue
+            for k, item in enumerate(block.content):
+                if isinstance(item, s.ToolReferenceBlockParam) and item.tool_name not in names:
+                    raise InvalidRequestError(
+                        f"messages.{i}.content.{j}.content.{k}.tool_name: tool {item.tool_name!r} is not in tools"
+                    )
 
 
 def _system_turn(system: str | list[s.TextBlockParam] | None) -> Turn | None:
@@ -295,6 +320,7 @@ def _check_tool_pairs(messages: Sequence[s.MessageParam]) -> None:
 
 def _conversation(body: s._ConversationFields, verify: Verifier | None) -> Conversation:
     _check_tool_pairs(body.messages)
+    _check_tool_references(body)
     turns: list[Turn] = []
     if (system := _system_turn(body.system)) is not None:
         turns.append(system)
@@ -317,7 +343,7 @@ def _conversation(body: s._ConversationFields, verify: Verifier | None) -> Conve
     if dialogue[0].role != "user":
         raise InvalidRequestError('messages: the first message must use the "user" role')
     tools = _tools(body.tools or [])
-    forced = _tool_choice(body.tool_choice, tools).mode in ("any", "tool")  # (checked here for count_tokens too)
+    forced = _tool_choice(body.tool_choice, tools, _server_tools(body)).mode in ("any", "tool")  # (checked here for count_tokens too)
     thinking = _thinking(body.thinking)[0]
     if thinking and forced:
         raise InvalidRequestError("Thinking may not be enabled when tool_choice forces tool use.")
@@ -330,7 +356,7 @@ def _tools(tools: Sequence[s.ToolParam]) -> list[Tool]:
     # Anthropic's server tools (web search, code execution, ...) have no schema and no local runner.
     out: list[Tool] = []
     for k, t in enumerate(tools):
-        if t.input_schema is None:
+        if t.input_schema is None or t.name is None:  # (a nameless toolset is one of Anthropic's)
             continue
         if t.input_schema.get("type", "object") != "object":  # a call's input is always an object
             raise InvalidRequestError(f"tools.{k}.input_schema.type: Input should be 'object'")
@@ -360,23 +386,29 @@ def _thinking(thinking: dict[str, Any] | None) -> tuple[bool | None, int | None]
         return True, budget
     if kind == "disabled":
         return False, None
-    if kind == "adaptive":
+    if kind in ("adaptive", "between_tools"):  # between_tools (SDK 2.14): no budget to hold, so as adaptive
         return None, None
-    raise InvalidRequestError("thinking.type: Input should be 'enabled', 'disabled' or 'adaptive'")
+    raise InvalidRequestError("thinking.type: Input should be 'enabled', 'disabled', 'adaptive' or 'between_tools'")
 
 
-def _tool_choice(choice: dict[str, Any] | None, tools: list[Tool]) -> ToolChoice:
+def _server_tools(body: s._ConversationFields) -> frozenset[str]:
+    """Names of Anthropic's hosted tools (a versioned ``type``, no schema), which ``_tools`` drops."""
+    return frozenset(t.name for t in body.tools or () if t.name and t.input_schema is None and t.type not in (None, "custom"))
+
+
+def _tool_choice(choice: dict[str, Any] | None, tools: list[Tool], server_tools: frozenset[str] = frozenset()) -> ToolChoice:
     if choice is None:
         return ToolChoice()
     kind = choice.get("type")
     parallel = not choice.get("disable_parallel_tool_use", False)
     if kind not in ("auto", "any", "tool", "none"):
         raise InvalidRequestError("tool_choice.type: Input should be 'auto', 'any', 'tool' or 'none'")
+    name = choice.get("name") if kind == "tool" else None
+    if isinstance(name, str) and name in server_tools:  # dropped by _tools: nothing here runs it
+        raise InvalidRequestError(f"tool_choice.name: {name!r} is one of Anthropic's server tools, which this server does not run")
     if kind in ("any", "tool") and not tools:
         raise InvalidRequestError(f"tool_choice: {kind!r} requires at least one tool in tools")
-    name = None
     if kind == "tool":
-        name = choice.get("name")
         if name is None:
             raise InvalidRequestError("tool_choice.tool.name: Field required")
         if not isinstance(name, str) or name not in {t.name for t in tools}:
@@ -395,7 +427,7 @@ def generation_request(
         stop_sequences=tuple(body.stop_sequences or ()),
     )
     conversation = conversation_from(body, verify, media)
-    choice = _tool_choice(body.tool_choice, conversation.tools)
+    choice = _tool_choice(body.tool_choice, conversation.tools, _server_tools(body))
     budget = _thinking(body.thinking)[1]
     if budget is not None and budget >= body.max_tokens:
         raise InvalidRequestError("`max_tokens` must be greater than `thinking.budget_tokens`")

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
 
 
@@ -90,9 +91,20 @@ class SearchResultBlockParam(_Open):
     cache_control: Any = None
 
 
+class ToolReferenceBlockParam(_Open):
+    """A tool a client-side tool search found (Claude Code's ToolSearch answers with these)."""
+
+    type: Literal["tool_reference"]
+    tool_name: str
+    cache_control: Any = None
+
+
+TOOL_RESULT_BLOCK_TYPES = ("text", "image", "document", "search_result", "tool_reference")
+
+
 def _tool_result_tag(value: Any) -> str | None:
     kind = _type_of(value)
-    return kind if kind in ("text", "image", "document", "search_result") else None
+    return kind if kind in TOOL_RESULT_BLOCK_TYPES else None
 
 
 ToolResultContentBlock = Annotated[
@@ -101,11 +113,12 @@ ToolResultContentBlock = Annotated[
         Annotated[ImageBlockParam, Tag("image")],
         Annotated[DocumentBlockParam, Tag("document")],
         Annotated[SearchResultBlockParam, Tag("search_result")],
+        Annotated[ToolReferenceBlockParam, Tag("tool_reference")],
     ],
     Discriminator(
         _tool_result_tag,
         custom_error_type="invalid_block_type",
-        custom_error_message="tool_result content blocks must be text, image, document or search_result",
+        custom_error_message="tool_result content blocks must be one of: " + ", ".join(TOOL_RESULT_BLOCK_TYPES),
     ),
 ]
 
@@ -205,14 +218,22 @@ class MessageParam(_Open):
 
 
 class ToolParam(_Open):
-    """A client tool (``input_schema``) or one of Anthropic's server tools (a ``type``, no schema)."""
+    """A client tool (``input_schema``) or one of Anthropic's server tools (a ``type``, no schema;
+    toolsets such as ``mcp_toolset`` or ``computer_toolset_…`` have no ``name`` either)."""
 
-    name: str
+    type: str | None = None  # (before name: name's check reads it)
+    name: str | None = Field(None, validate_default=True)
     description: str | None = None
     input_schema: dict[str, Any] | None = None
-    type: str | None = None
     strict: bool | None = None
     cache_control: Any = None
+
+    @field_validator("name")
+    @classmethod
+    def _named_unless_a_toolset(cls, name: str | None, info: ValidationInfo) -> str | None:
+        if name is None and info.data.get("type") in (None, "custom"):
+            raise PydanticCustomError("missing", "Field required")
+        return name
 
 
 class _ConversationFields(_Open):
