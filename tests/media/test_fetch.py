@@ -6,6 +6,8 @@ import asyncio
 import gzip
 import ipaddress
 import threading
+import tracemalloc
+import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -72,6 +74,21 @@ def test_a_name_with_any_private_answer_is_refused(monkeypatch):
         check("https://images.example/a.png")
 
 
+def _zeros_compressed(compressor, size: int) -> bytes:
+    piece = b"\0" * (1 << 20)
+    return b"".join(compressor.compress(piece) for _ in range(size >> 20)) + compressor.flush()
+
+
+# 256 MiB of zeros each: a few hundred kilobytes (gzip) or a few kilobytes (zstd) on the wire.
+BOMB_SIZE = 256 << 20
+GZIP_BOMB = _zeros_compressed(zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS), BOMB_SIZE)
+try:
+    import zstandard  # httpx decodes zstd by itself whenever this is installed
+except ImportError:
+    zstandard = None
+ZSTD_BOMB = _zeros_compressed(zstandard.ZstdCompressor().compressobj(), BOMB_SIZE) if zstandard else b""
+
+
 class Handler(BaseHTTPRequestHandler):
     hosts: list[str] = []
 
@@ -101,6 +118,10 @@ class Handler(BaseHTTPRequestHandler):
             "/loop": lambda: self._send(302, headers={"Location": "/loop"}),
             "/bomb": lambda: self._send(200, gzip.compress(b"\0" * 2_000_000),
                                         {"Content-Type": "image/png", "Content-Encoding": "gzip"}),
+            "/gzip-bomb": lambda: self._send(200, GZIP_BOMB, {"Content-Type": "image/png", "Content-Encoding": "gzip"}),
+            "/zstd-bomb": lambda: self._send(200, ZSTD_BOMB, {"Content-Type": "image/png", "Content-Encoding": "zstd"}),
+            "/cat.png.gz": lambda: self._send(200, gzip.compress(PNG), {"Content-Type": "image/png", "Content-Encoding": "gzip"}),
+            "/cat.png.deflate": lambda: self._send(200, zlib.compress(PNG), {"Content-Type": "image/png", "Content-Encoding": "deflate"}),
         }
         routes.get(self.path, lambda: self._send(404))()
 
@@ -173,3 +194,24 @@ def test_fetch_all_names_where_a_url_sat(origin):
     with pytest.raises(InvalidRequestError, match=r"^messages\.1\.content\.2\.source\.url: the server sent text/html"):
         asyncio.run(fetch_all(urls, ALLOW, 100_000))
     assert asyncio.run(fetch_all(urls[:1], ALLOW, 100_000)) == {origin + "/cat.png": PNG}
+
+
+def test_compressed_bodies_are_decoded(origin):
+    assert get(origin + "/cat.png.gz").data == PNG
+    assert get(origin + "/cat.png.deflate").data == PNG
+
+
+@pytest.mark.parametrize("path", ["/gzip-bomb", "/zstd-bomb"])
+def test_a_compression_bomb_is_refused_without_being_inflated_in_memory(origin, path):
+    """The byte cap must hold while decoding, not after: a few kilobytes of zstd (or a few hundred
+    of gzip) that inflate to 256 MiB must never be held whole, or even in large pieces."""
+    if path == "/zstd-bomb" and zstandard is None:
+        pytest.skip("zstandard is not installed")
+    tracemalloc.start()
+    try:
+        with pytest.raises(InvalidRequestError):
+            get(origin + path, max_bytes=1_000_000)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20
