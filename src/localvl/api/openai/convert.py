@@ -6,10 +6,10 @@ wrong: legacy ``function`` messages, content parts other than text, images and P
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from localvl.api.openai.schemas import ChatCompletionRequest, Message
+from localvl.api.validation import load_json
 from localvl.conversation import (
     Conversation,
     GenerationRequest,
@@ -124,8 +124,8 @@ def _tool_calls(message: Message, where: str) -> list[Part]:
             raise InvalidRequestError(f"{at}.function: a tool call needs function.name and function.arguments")
         arguments = function.get("arguments") or "{}"
         try:
-            value = json.loads(arguments) if isinstance(arguments, str) else arguments
-        except (ValueError, RecursionError):
+            value = load_json(arguments) if isinstance(arguments, str) else arguments
+        except ValueError:
             raise InvalidRequestError(f"{at}.function.arguments: not valid JSON (or nested too deeply)") from None
         if not isinstance(value, dict):
             raise InvalidRequestError(f"{at}.function.arguments: must be a JSON object")

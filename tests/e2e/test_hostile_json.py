@@ -1,0 +1,53 @@
+"""JSON that the request models would refuse, reaching the routes that read a body as plain JSON first
+(threads, batches, OpenAI tool-call arguments): the same 400 as anywhere else, never a 500."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+from tests.e2e.conftest import API_KEY
+
+DEEP = b"[" * 100_000 + b"]" * 100_000
+SURROGATE = "\\ud800"  # a lone surrogate escape: valid to Python's json, encodable by no tokenizer
+
+
+def post(server, path: str, body: bytes) -> httpx.Response:
+    return httpx.post(server.url + path, content=body, timeout=60,
+                      headers={"x-api-key": API_KEY, "anthropic-version": "2023-06-01", "content-type": "application/json"})
+
+
+def assert_invalid_request(response: httpx.Response) -> None:
+    assert response.status_code == 400, response.text[:300]
+    payload = response.json()
+    assert payload["type"] == "error" and payload["error"]["type"] == "invalid_request_error"
+    assert payload["request_id"] == response.headers["request-id"]
+
+
+@pytest.mark.parametrize("body", [
+    b'{"thread":{"type":"create"},"model":"tiny-vl","max_tokens":4,"messages":' + DEEP + b"}",
+    b'{"thread":{"type":"create"},"model":"tiny-vl","max_tokens":4,"messages":[{"role":"user","content":"a'
+    + SURROGATE.encode() + b'"}]}',
+], ids=["deep", "lone surrogate"])
+def test_a_threaded_message_with_hostile_json_is_a_400(server, body):
+    assert_invalid_request(post(server, "/v1/messages", body))
+
+
+@pytest.mark.parametrize("body", [
+    b'{"requests":' + DEEP + b"}",
+    b'{"requests":[{"custom_id":"a","params":{"model":"tiny-vl","max_tokens":4,"messages":[{"role":"user","content":"a'
+    + SURROGATE.encode() + b'"}]}}]}',
+], ids=["deep", "lone surrogate"])
+def test_a_batch_with_hostile_json_is_refused_when_created(server, body):
+    assert_invalid_request(post(server, "/v1/messages/batches", body))
+
+
+def test_tool_call_arguments_with_a_lone_surrogate_are_a_400(server):
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=60)
+    call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": '{"a": "' + SURROGATE + '"}'}}
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "done"}]
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model="tiny-vl", max_tokens=4, messages=messages)
+    assert refused.value.body["type"] == "invalid_request_error" and "arguments" in refused.value.body["message"]
