@@ -78,7 +78,7 @@ async def _form_body(request: Request, names: ModelNames) -> MessagesRequest:
         raise InvalidRequestError("max_tokens: must be an integer") from None
     if isinstance(system := form.get("system"), str) and system:
         body["system"] = system
-    return MessagesRequest.model_validate(body, strict=False)
+    return parse_value(MessagesRequest, body, "")  # a bad field is a 400 here too, not a 500
 
 
 async def media_for(state: Any, owner: str, body: Any) -> Media:

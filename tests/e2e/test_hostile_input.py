@@ -1,5 +1,6 @@
-"""JSON that the request models would refuse, reaching the routes that read a body as plain JSON first
-(threads, batches, OpenAI tool-call arguments): the same 400 as anywhere else, never a 500."""
+"""Hostile input on the paths beside the request models: JSON that they would refuse, reaching the
+routes that read a body as plain JSON first (threads, batches, OpenAI tool-call arguments), and the
+form interface. The same 400 as anywhere else, never a 500."""
 
 from __future__ import annotations
 
@@ -51,3 +52,11 @@ def test_tool_call_arguments_with_a_lone_surrogate_are_a_400(server):
     with pytest.raises(openai.BadRequestError) as refused:
         client.chat.completions.create(model="tiny-vl", max_tokens=4, messages=messages)
     assert refused.value.body["type"] == "invalid_request_error" and "arguments" in refused.value.body["message"]
+
+
+@pytest.mark.parametrize("max_tokens", ["-3", "0"])
+def test_the_form_interface_refuses_an_invalid_field_with_a_400(server, max_tokens):
+    response = httpx.post(server.url + "/v1/messages", data={"prompt": "hi", "max_tokens": max_tokens},
+                          headers={"x-api-key": API_KEY}, timeout=60)
+    assert_invalid_request(response)
+    assert response.json()["error"]["message"].startswith("max_tokens")
