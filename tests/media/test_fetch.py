@@ -215,3 +215,15 @@ def test_a_compression_bomb_is_refused_without_being_inflated_in_memory(origin, 
     finally:
         tracemalloc.stop()
     assert peak < 16 << 20
+
+
+@pytest.mark.parametrize("url", [
+    "http://[127.0.0.1]/a.png",  # urlsplit raises ValueError: an IPv4 address in brackets
+    "http://[::1/a.png",  # an unclosed bracket
+    "http://127.0.0.1:9/" + "a" * 70_000,  # past httpx's URL length
+    "http://127.0.0.1:9/a\x00.png",  # a character httpx refuses to send
+])
+def test_a_url_that_cannot_be_parsed_or_sent_is_an_invalid_request(url):
+    """Refused before any connection is made, as the client's error (a 400), not a crash."""
+    with pytest.raises(InvalidRequestError):
+        get(url)

@@ -107,10 +107,13 @@ async def _resolve(host: str, port: int) -> list[IPAddress]:
 
 async def checked_address(url: str, policy: UrlPolicy) -> tuple[str, int, IPAddress]:
     """(host, port, address to connect to) of ``url``, or the rule that refuses it."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+    except ValueError:  # an unclosed bracket, an IPv4 address in brackets
+        raise InvalidRequestError("the URL is malformed") from None
     if parts.scheme not in ("http", "https"):
         raise InvalidRequestError("only http and https URLs are fetched")
-    host = parts.hostname
     if not host:
         raise InvalidRequestError("the URL has no host")
     if parts.username or parts.password:
@@ -219,6 +222,8 @@ async def fetch(url: str, policy: UrlPolicy, max_bytes: int, accept: Iterable[st
                 raise InvalidRequestError(f"more than {MAX_REDIRECTS} redirects")
     except TimeoutError:
         raise InvalidRequestError("fetching the URL timed out") from None
+    except httpx.InvalidURL as error:  # not an HTTPError: what httpx will not send (too long, control characters)
+        raise InvalidRequestError(f"the URL cannot be requested as written: {error}") from None
     except httpx.HTTPError as error:
         raise InvalidRequestError(f"the URL could not be fetched ({type(error).__name__})") from None
 
