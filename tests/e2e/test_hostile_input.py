@@ -4,11 +4,15 @@ form interface. The same 400 as anywhere else, never a 500."""
 
 from __future__ import annotations
 
+import http.client
+import json
+import socket
+
 import httpx
 import openai
 import pytest
 
-from tests.e2e.conftest import API_KEY
+from tests.e2e.conftest import API_KEY, Server
 
 DEEP = b"[" * 100_000 + b"]" * 100_000
 SURROGATE = "\\ud800"  # a lone surrogate escape: valid to Python's json, encodable by no tokenizer
@@ -60,3 +64,30 @@ def test_the_form_interface_refuses_an_invalid_field_with_a_400(server, max_toke
                           headers={"x-api-key": API_KEY}, timeout=60)
     assert_invalid_request(response)
     assert response.json()["error"]["message"].startswith("max_tokens")
+
+
+@pytest.fixture(scope="module")
+def short_timeout_server(model_dir, tmp_path_factory):
+    s = Server(model_dir("qwen2_vl"), tmp_path_factory.mktemp("logs") / "slow-body.log", "--request-timeout", "2")
+    yield s
+    s.stop()
+
+
+@pytest.mark.parametrize("path, content_type", [
+    ("/v1/messages", "application/json"), ("/v1/chat/completions", "application/json"),
+    ("/v1/messages", "application/x-www-form-urlencoded"),
+])
+def test_a_body_that_never_arrives_ends_at_the_request_timeout(short_timeout_server, path, content_type):
+    """Headers, then a body withheld (slowloris): --request-timeout holds for the upload too, rather
+    than the request (its connection, its place among the running ones) being held forever."""
+    with socket.create_connection(("127.0.0.1", short_timeout_server.port)) as connection:
+        connection.sendall(f"POST {path} HTTP/1.1\r\nHost: localvl\r\nx-api-key: {API_KEY}\r\n"
+                           f"content-type: {content_type}\r\ncontent-length: 1000\r\n\r\n{{".encode())
+        connection.settimeout(120)  # only so that a failure cannot hang the suite
+        response = http.client.HTTPResponse(connection)
+        response.begin()
+        body = json.loads(response.read())
+    assert response.status == 504
+    error = body["error"]
+    field, kind = ("type", "timeout_error") if path == "/v1/messages" else ("code", "timeout")
+    assert error[field] == kind

@@ -148,9 +148,9 @@ async def create_message(request: Request) -> Any:
     on_done = None
     key = None
     if request.headers.get("content-type", "").startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
-        body = await _form_body(request, names)
+        body = await deadline.read(_form_body(request, names))
     else:
-        raw = await request.body()
+        raw = await deadline.read(request.body())
         data = load_json_object(raw) if b'"thread"' in raw else None
         if data is not None and data.get("thread") is not None:
             body, on_done = _threaded(request, data, len(raw))

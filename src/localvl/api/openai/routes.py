@@ -33,7 +33,7 @@ async def chat_completions(request: Request) -> Any:
     state = request.app.state
     deadline = Deadline(state.settings.request_timeout)
     engine: Engine = state.engine
-    raw = await request.body()
+    raw = await deadline.read(request.body())
     body = parse_body(ChatCompletionRequest, raw)
     served = state.model_names.require(body.model).name
     completion_id = new_id("chatcmpl-")
