@@ -28,6 +28,7 @@ PNG = image_bytes("PNG", size=(40, 30))
         ("100.64.0.1", "carrier-grade NAT"), ("224.0.0.251", "multicast"), ("ff02::1", "multicast"),
         ("0.0.0.0", "unspecified"), ("::", "unspecified"), ("::ffff:127.0.0.1", "loopback"),
         ("2002:7f00:1::", "loopback"), ("fd00:ec2::254", "private"), ("240.0.0.1", "reserved"),
+        ("fec0::1", "site-local"),
         ("8.8.8.8", None), ("2001:4860:4860::8888", None), ("1.1.1.1", None),
     ],
 )

@@ -44,6 +44,8 @@ def _rule(address: IPAddress) -> str | None:
         return "a loopback address"
     if address.is_link_local:
         return "a link-local address (the cloud metadata service lives there)"
+    if getattr(address, "is_site_local", False):  # IPv6 fec0::/10: deprecated, still some intranets' own
+        return "a site-local address"
     if isinstance(address, ipaddress.IPv4Address) and address in CGNAT:
         return "a carrier-grade NAT address"
     if address.is_multicast:
