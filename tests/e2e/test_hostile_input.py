@@ -7,7 +7,11 @@ from __future__ import annotations
 import http.client
 import json
 import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import anthropic
 import httpx
 import openai
 import pytest
@@ -68,7 +72,8 @@ def test_the_form_interface_refuses_an_invalid_field_with_a_400(server, max_toke
 
 @pytest.fixture(scope="module")
 def short_timeout_server(model_dir, tmp_path_factory):
-    s = Server(model_dir("qwen2_vl"), tmp_path_factory.mktemp("logs") / "slow-body.log", "--request-timeout", "2")
+    s = Server(model_dir("qwen2_vl"), tmp_path_factory.mktemp("logs") / "slow-body.log", "--request-timeout", "2",
+               "--url-allowlist", "127.0.0.1", "--fetch-timeout", "20")
     yield s
     s.stop()
 
@@ -91,3 +96,47 @@ def test_a_body_that_never_arrives_ends_at_the_request_timeout(short_timeout_ser
     error = body["error"]
     field, kind = ("type", "timeout_error") if path == "/v1/messages" else ("code", "timeout")
     assert error[field] == kind
+
+
+class Dribble(BaseHTTPRequestHandler):
+    """An image server that sends a byte every half second, never finishing within --fetch-timeout."""
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Type", "image/png")
+        self.send_header("Content-Length", "100000")
+        self.end_headers()
+        for _ in range(100):
+            try:
+                self.wfile.write(b"x")
+                self.wfile.flush()
+            except OSError:  # the fetch gave up
+                return
+            time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def dribbling_url():
+    origin = ThreadingHTTPServer(("127.0.0.1", 0), Dribble)
+    origin.daemon_threads = True
+    threading.Thread(target=origin.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{origin.server_address[1]}/slow.png"
+    origin.shutdown()
+
+
+def test_fetching_image_urls_counts_against_the_request_timeout(short_timeout_server, dribbling_url):
+    """--request-timeout is counted from the request's start, its URL fetches included: a slow image
+    server (or a hundred of them, fetched eight at a time) cannot stretch a request past it."""
+    client = anthropic.Anthropic(base_url=short_timeout_server.url, api_key=API_KEY, max_retries=0, timeout=120)
+    with pytest.raises(anthropic.APIStatusError) as timed_out:
+        client.messages.create(model="tiny-vl", max_tokens=4, messages=[{"role": "user", "content": [
+            {"type": "image", "source": {"type": "url", "url": dribbling_url}}, {"type": "text", "text": "?"}]}])
+    assert timed_out.value.status_code == 504 and timed_out.value.body["error"]["type"] == "timeout_error"
+    oai = openai.OpenAI(base_url=short_timeout_server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
+    with pytest.raises(openai.APIStatusError) as timed_out:
+        oai.chat.completions.create(model="tiny-vl", max_tokens=4, messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": dribbling_url}}]}])
+    assert timed_out.value.status_code == 504 and timed_out.value.code == "timeout"

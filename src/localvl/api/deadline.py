@@ -34,6 +34,14 @@ class Deadline:
             "ask for fewer max_tokens, or try again when the server is less busy"
         )
 
+    async def within(self, work: Awaitable[T]) -> T:
+        """``work`` (fetching a request's media URLs) within the time left: a slow image server
+        cannot stretch a request past the limit."""
+        try:
+            return await asyncio.wait_for(work, max(self.remaining(), 0))
+        except asyncio.TimeoutError:
+            raise self.error() from None
+
     async def read(self, body: Awaitable[T]) -> T:
         """``body`` (the request's body or form) within the time left: a client that sends its
         headers and then withholds or dribbles the body (slowloris) gets a 504 like any other

@@ -128,7 +128,7 @@ async def start_message(
     """Everything a Message needs before its events: media, conversion, submission to the engine
     (within ``deadline``, which then holds the stream to it too)."""
     signer: ThinkingSigner = state.signer
-    media = await media_for(state, owner, body)
+    media = await (media_for(state, owner, body) if deadline is None else deadline.within(media_for(state, owner, body)))
     generation = await anyio.to_thread.run_sync(convert.generation_request, message_id, body, signer.recover, media)
     generation.priority = priority
     stream: GenerationStream = (
