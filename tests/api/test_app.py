@@ -313,6 +313,33 @@ def test_a_client_that_leaves_mid_body_is_a_499_not_a_server_error(caplog):
     assert not [r for r in caplog.records if r.levelname == "ERROR"]
 
 
+@pytest.mark.parametrize("failure", ["disconnect", "bug"])
+def test_the_middlewares_log_lines_name_the_route_never_the_path(caplog, failure):
+    """A path holds file and batch ids, and is percent-decoded: a client could forge log lines with
+    %0a. The access log writes the route template; so must every other line."""
+    import asyncio
+
+    from starlette.requests import ClientDisconnect
+
+    from localvl.api.middleware import RequestContextMiddleware
+
+    path = "/v1/files/file_011SECRETID\n2026-11-27 00:00:00,000 CRITICAL forged/content"
+
+    async def app(scope, receive, send):
+        raise ClientDisconnect() if failure == "disconnect" else RuntimeError("a bug")
+
+    async def send(message):
+        pass
+
+    async def receive():
+        return {"type": "http.disconnect"}
+
+    scope = {"type": "http", "method": "GET", "path": path, "headers": []}
+    with caplog.at_level("DEBUG"):
+        asyncio.run(RequestContextMiddleware(app, max_request_bytes=1000)(scope, receive, send))
+    assert caplog.records and "SECRETID" not in caplog.text and "forged" not in caplog.text
+
+
 @pytest.mark.parametrize("host, answered", [
     ("localhost:8000", True), ("127.0.0.1:8000", True), ("[::1]:8000", True), ("127.0.0.1", True),
     ("app.localhost:8000", True), ("LOCALHOST.:8000", True),
