@@ -146,7 +146,7 @@ class Settings(BaseSettings):
     batch_expiry: float = Field(24 * 3600, gt=0, description="seconds after which a batch's unstarted requests expire")
     batch_retention: float = Field(29 * 24 * 3600, gt=0, description="seconds a finished batch's results are kept")
     batch_lease: float = Field(120, gt=0, description="seconds a claimed batch request is held without renewal")
-    insecure_no_auth: bool = Field(False, description="allow a non-loopback host with no API key")
+    insecure_no_auth: bool = Field(False, description="allow a non-loopback host, and requests under any Host name, with no API key")
     jwt_secret: str | None = Field(None, description="accept JWT bearer tokens signed with this HS256 secret (32+ characters)")
     jwt_public_key: Path | None = Field(None, description="accept JWT bearer tokens signed by this RS256/ES256 public key (PEM file)")
     jwt_jwks_file: Path | None = Field(None, description="accept JWT bearer tokens signed by a key in this JWKS file")

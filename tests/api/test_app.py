@@ -248,7 +248,7 @@ def test_media_limits_are_settings(loaded_model):
     settings = Settings(served_model_name="tiny-vl", max_images=2, max_image_bytes=4096, max_pdf_pages=1)
     app = create_app(settings, LocalEngine(loaded_model("qwen2_5_vl")))
     picture = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": image_b64(size=(40, 30))}}
-    with TestClient(app) as client:
+    with TestClient(app, base_url="http://localhost") as client:  # an open server answers loopback names
         three = body(messages=[{"role": "user", "content": [picture, picture, picture, {"type": "text", "text": "hi"}]}])
         assert "too many images: 3 > 2" in assert_error(client.post("/v1/messages", json=three), 400, "invalid_request_error")
         heavy = {"type": "image", "source": {"type": "base64", "media_type": "image/png",
@@ -283,7 +283,7 @@ def test_files_belong_to_the_key_that_uploaded_them(client):
 
 def test_file_uploads_have_their_own_limits(loaded_model, tmp_path):
     settings = Settings(served_model_name="tiny-vl", max_request_bytes=4096, max_file_bytes=64 * 1024, data_dir=tmp_path)
-    with TestClient(create_app(settings, LocalEngine(loaded_model("qwen2_5_vl")))) as client:
+    with TestClient(create_app(settings, LocalEngine(loaded_model("qwen2_5_vl"))), base_url="http://localhost") as client:
         ok = client.post("/v1/files", files={"file": ("a.bin", b"x" * 20_000, "application/octet-stream")})
         assert ok.status_code == 200 and ok.json()["size_bytes"] == 20_000  # above the 4 KB body limit of messages
         too_big = client.post("/v1/files", files={"file": ("b.bin", b"x" * 100_000, "application/octet-stream")})
@@ -329,3 +329,55 @@ def test_a_client_that_leaves_mid_body_is_a_499_not_a_server_error(caplog):
         asyncio.run(middleware(scope, receive, send))
     assert statuses == [499]
     assert not [r for r in caplog.records if r.levelname == "ERROR"]
+
+
+@pytest.mark.parametrize("failure", ["disconnect", "bug"])
+def test_the_middlewares_log_lines_name_the_route_never_the_path(caplog, failure):
+    """A path holds file and batch ids, and is percent-decoded: a client could forge log lines with
+    %0a. The access log writes the route template; so must every other line."""
+    import asyncio
+
+    from starlette.requests import ClientDisconnect
+
+    from localvl.api.middleware import RequestContextMiddleware
+
+    path = "/v1/files/file_011SECRETID\n2026-11-27 00:00:00,000 CRITICAL forged/content"
+
+    async def app(scope, receive, send):
+        raise ClientDisconnect() if failure == "disconnect" else RuntimeError("a bug")
+
+    async def send(message):
+        pass
+
+    async def receive():
+        return {"type": "http.disconnect"}
+
+    scope = {"type": "http", "method": "GET", "path": path, "headers": []}
+    with caplog.at_level("DEBUG"):
+        asyncio.run(RequestContextMiddleware(app, max_request_bytes=1000)(scope, receive, send))
+    assert caplog.records and "SECRETID" not in caplog.text and "forged" not in caplog.text
+
+
+@pytest.mark.parametrize("host, answered", [
+    ("localhost:8000", True), ("127.0.0.1:8000", True), ("[::1]:8000", True), ("127.0.0.1", True),
+    ("app.localhost:8000", True), ("LOCALHOST.:8000", True),
+    ("rebound.example:8000", False), ("10.0.0.5:8000", False), ("localhost.rebound.example", False), ("[::ffff:a00:5]", False),
+])
+def test_an_open_server_answers_only_requests_addressed_to_a_loopback_name(loaded_model, tmp_path_factory, host, answered):
+    """With no authentication, a web page whose name its owner rebinds to 127.0.0.1 (DNS rebinding)
+    would be same-origin with the server and read its files and batches; its requests carry that
+    name as Host, which a loopback server has no reason to answer."""
+    settings = Settings(served_model_name="tiny-vl", data_dir=tmp_path_factory.mktemp("data"))
+    with TestClient(create_app(settings, LocalEngine(loaded_model("qwen2_5_vl")))) as client:
+        response = client.get("/v1/files", headers={"host": host})
+        if answered:
+            assert response.status_code == 200, response.text
+        else:
+            assert_error(response, 403, "permission_error")
+        assert client.get("/health", headers={"host": host}).status_code == 200  # probes need no name
+
+
+def test_an_open_server_on_purpose_answers_any_name(loaded_model, tmp_path_factory):
+    settings = Settings(served_model_name="tiny-vl", insecure_no_auth=True, data_dir=tmp_path_factory.mktemp("data"))
+    with TestClient(create_app(settings, LocalEngine(loaded_model("qwen2_5_vl")))) as client:
+        assert client.get("/v1/files", headers={"host": "vl.example:8000"}).status_code == 200

@@ -6,6 +6,8 @@ import asyncio
 import gzip
 import ipaddress
 import threading
+import tracemalloc
+import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -26,6 +28,7 @@ PNG = image_bytes("PNG", size=(40, 30))
         ("100.64.0.1", "carrier-grade NAT"), ("224.0.0.251", "multicast"), ("ff02::1", "multicast"),
         ("0.0.0.0", "unspecified"), ("::", "unspecified"), ("::ffff:127.0.0.1", "loopback"),
         ("2002:7f00:1::", "loopback"), ("fd00:ec2::254", "private"), ("240.0.0.1", "reserved"),
+        ("fec0::1", "site-local"),
         ("8.8.8.8", None), ("2001:4860:4860::8888", None), ("1.1.1.1", None),
     ],
 )
@@ -72,6 +75,21 @@ def test_a_name_with_any_private_answer_is_refused(monkeypatch):
         check("https://images.example/a.png")
 
 
+def _zeros_compressed(compressor, size: int) -> bytes:
+    piece = b"\0" * (1 << 20)
+    return b"".join(compressor.compress(piece) for _ in range(size >> 20)) + compressor.flush()
+
+
+# 256 MiB of zeros each: a few hundred kilobytes (gzip) or a few kilobytes (zstd) on the wire.
+BOMB_SIZE = 256 << 20
+GZIP_BOMB = _zeros_compressed(zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS), BOMB_SIZE)
+try:
+    import zstandard  # httpx decodes zstd by itself whenever this is installed
+except ImportError:
+    zstandard = None
+ZSTD_BOMB = _zeros_compressed(zstandard.ZstdCompressor().compressobj(), BOMB_SIZE) if zstandard else b""
+
+
 class Handler(BaseHTTPRequestHandler):
     hosts: list[str] = []
 
@@ -101,6 +119,10 @@ class Handler(BaseHTTPRequestHandler):
             "/loop": lambda: self._send(302, headers={"Location": "/loop"}),
             "/bomb": lambda: self._send(200, gzip.compress(b"\0" * 2_000_000),
                                         {"Content-Type": "image/png", "Content-Encoding": "gzip"}),
+            "/gzip-bomb": lambda: self._send(200, GZIP_BOMB, {"Content-Type": "image/png", "Content-Encoding": "gzip"}),
+            "/zstd-bomb": lambda: self._send(200, ZSTD_BOMB, {"Content-Type": "image/png", "Content-Encoding": "zstd"}),
+            "/cat.png.gz": lambda: self._send(200, gzip.compress(PNG), {"Content-Type": "image/png", "Content-Encoding": "gzip"}),
+            "/cat.png.deflate": lambda: self._send(200, zlib.compress(PNG), {"Content-Type": "image/png", "Content-Encoding": "deflate"}),
         }
         routes.get(self.path, lambda: self._send(404))()
 
@@ -173,3 +195,36 @@ def test_fetch_all_names_where_a_url_sat(origin):
     with pytest.raises(InvalidRequestError, match=r"^messages\.1\.content\.2\.source\.url: the server sent text/html"):
         asyncio.run(fetch_all(urls, ALLOW, 100_000))
     assert asyncio.run(fetch_all(urls[:1], ALLOW, 100_000)) == {origin + "/cat.png": PNG}
+
+
+def test_compressed_bodies_are_decoded(origin):
+    assert get(origin + "/cat.png.gz").data == PNG
+    assert get(origin + "/cat.png.deflate").data == PNG
+
+
+@pytest.mark.parametrize("path", ["/gzip-bomb", "/zstd-bomb"])
+def test_a_compression_bomb_is_refused_without_being_inflated_in_memory(origin, path):
+    """The byte cap must hold while decoding, not after: a few kilobytes of zstd (or a few hundred
+    of gzip) that inflate to 256 MiB must never be held whole, or even in large pieces."""
+    if path == "/zstd-bomb" and zstandard is None:
+        pytest.skip("zstandard is not installed")
+    tracemalloc.start()
+    try:
+        with pytest.raises(InvalidRequestError):
+            get(origin + path, max_bytes=1_000_000)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20
+
+
+@pytest.mark.parametrize("url", [
+    "http://[127.0.0.1]/a.png",  # urlsplit raises ValueError: an IPv4 address in brackets
+    "http://[::1/a.png",  # an unclosed bracket
+    "http://127.0.0.1:9/" + "a" * 70_000,  # past httpx's URL length
+    "http://127.0.0.1:9/a\x00.png",  # a character httpx refuses to send
+])
+def test_a_url_that_cannot_be_parsed_or_sent_is_an_invalid_request(url):
+    """Refused before any connection is made, as the client's error (a 400), not a crash."""
+    with pytest.raises(InvalidRequestError):
+        get(url)

@@ -6,9 +6,13 @@ files and batches belong to) and ``key_name`` (what the access log shows; never 
 
 from __future__ import annotations
 
+import ipaddress
+
 from starlette.requests import Request
 
+from localvl.errors import PermissionDeniedError
 from localvl.security.authenticator import Authenticator
+from localvl.security.keys import ANONYMOUS
 
 
 def presented_keys(request: Request) -> list[str]:
@@ -22,10 +26,40 @@ def presented_keys(request: Request) -> list[str]:
     return keys
 
 
+def addressed_to_loopback(host_header: str) -> bool:
+    """Whether a ``Host`` header names this machine by a loopback name or address (port aside); a
+    request without one (HTTP/1.0) is no browser's."""
+    host = host_header.strip().lower()
+    if host.startswith("["):
+        host = host[1:].partition("]")[0]
+    elif host.count(":") == 1:
+        host = host.partition(":")[0]
+    host = host.rstrip(".")
+    if host in ("", "localhost") or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 async def require_api_key(request: Request) -> None:
-    """The routers' dependency: the request's identity, or ``AuthenticationError``."""
+    """The routers' dependency: the request's identity, or ``AuthenticationError``.
+
+    An open server (no authentication configured) listens on a loopback address, so the only
+    requests it should see name that address. One naming anything else came through a name that
+    resolves to the loopback address: a web page whose owner rebinds its name to 127.0.0.1 (DNS
+    rebinding) is same-origin with the server and could read its files and batches, and a reverse
+    proxy in front would make it public. Both get 403 unless ``--insecure-no-auth`` says so.
+    """
     authenticator: Authenticator = request.app.state.authenticator
     identity = await authenticator.identify(presented_keys(request))
+    if identity is ANONYMOUS and not request.app.state.settings.insecure_no_auth \
+            and not addressed_to_loopback(request.headers.get("host", "")):
+        raise PermissionDeniedError(
+            "this server has no authentication, so it answers only requests addressed to localhost or a loopback "
+            "address; configure an API key (or --insecure-no-auth) to serve it under another name"
+        )
     request.state.identity = identity
     request.state.owner = identity.owner
     request.state.key_name = identity.name

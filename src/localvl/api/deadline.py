@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Awaitable, TypeVar
 
 from localvl.conversation import GenerationRequest
 from localvl.engine.events import Event
 from localvl.engine.protocol import Engine, GenerationStream
 from localvl.errors import RequestTimeoutError
+
+T = TypeVar("T")
 
 
 class Deadline:
@@ -30,6 +33,25 @@ class Deadline:
             f"the request ran longer than this server's limit of {self.seconds:g} seconds; "
             "ask for fewer max_tokens, or try again when the server is less busy"
         )
+
+    async def within(self, work: Awaitable[T]) -> T:
+        """``work`` (fetching a request's media URLs) within the time left: a slow image server
+        cannot stretch a request past the limit."""
+        try:
+            return await asyncio.wait_for(work, max(self.remaining(), 0))
+        except asyncio.TimeoutError:
+            raise self.error() from None
+
+    async def read(self, body: Awaitable[T]) -> T:
+        """``body`` (the request's body or form) within the time left: a client that sends its
+        headers and then withholds or dribbles the body (slowloris) gets a 504 like any other
+        request past the limit, instead of holding its connection and its place open forever."""
+        try:
+            return await asyncio.wait_for(body, max(self.remaining(), 0))
+        except asyncio.TimeoutError:
+            raise RequestTimeoutError(
+                f"the request body did not arrive within this server's limit of {self.seconds:g} seconds"
+            ) from None
 
     async def submit(self, engine: Engine, request: GenerationRequest) -> DeadlineStream:
         """``engine.submit`` within the time left, so an engine that never takes the request (a hung

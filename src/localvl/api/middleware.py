@@ -145,15 +145,21 @@ class RequestContextMiddleware:
         try:
             await self.app(scope, receive_limited, send_with_id)
         except ClientDisconnect:  # the client left (mid-body, or before its answer): not a server error
-            logger.info("the client left before its answer on %s %s (%s)", scope["method"], scope["path"], request_id)
+            logger.info("the client left before its answer on %s %s (%s)", scope["method"], _route(scope), request_id)
         except Exception as error:
             # Handled here, not re-raised: the server's own traceback logging would print the
             # exception's message, which may quote request content. Only the type is logged.
-            logger.error("unhandled %s on %s %s (%s)", type(error).__name__, scope["method"], scope["path"], request_id)
+            logger.error("unhandled %s on %s %s (%s)", type(error).__name__, scope["method"], _route(scope), request_id)
             if not outcome["started"]:
                 await error_response(scope["path"], request_id, InternalError("internal server error"))(
                     scope, receive, send_with_id
                 )
+
+
+def _route(scope: Scope) -> str:
+    """The route template, as the access log writes it: the path itself holds file and batch ids,
+    and is percent-decoded (a ``%0a`` in it would forge a log line)."""
+    return getattr(scope.get("route"), "path", None) or "unmatched"
 
 
 def _content_length(scope: Scope) -> int | None:

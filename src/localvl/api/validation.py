@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
+from pydantic_core import from_json
 
 from localvl.errors import InvalidRequestError
 
@@ -50,12 +50,20 @@ def parse_body(model: type[BaseModel], body: bytes) -> Any:
         raise _invalid(error) from None
 
 
+def load_json(text: bytes | str) -> Any:
+    """Client JSON read by the parser the request models use, not ``json.loads``: a lone surrogate
+    escape (which no tokenizer can encode) and nesting past its depth limit (``json.loads`` raises
+    RecursionError) are invalid JSON here too, rather than a crash once the value is used.
+    ``ValueError`` when it is not JSON."""
+    return from_json(text)
+
+
 def load_json_object(body: bytes) -> dict[str, Any]:
     """A JSON object body, not yet validated against a model; the same 400s as ``parse_body``."""
     if not body.strip():
         raise InvalidRequestError("request body is empty; expected a JSON object")
     try:
-        value = json.loads(body)
+        value = load_json(body)
     except ValueError:
         raise InvalidRequestError("request body is not valid JSON") from None
     if not isinstance(value, dict):

@@ -7,7 +7,9 @@ cloud metadata service —, CGNAT, multicast, reserved or unspecified, for IPv4 
 embedded in IPv6 included); ``localhost`` names are refused outright. Then the connection goes to
 the address that was checked (the URL's host travels only as the Host header and the TLS server
 name), so a second DNS answer cannot swap in an internal address. Redirects are followed by hand,
-each one checked the same way. The body is read in pieces and abandoned past the byte cap.
+each one checked the same way. The body is read in pieces and abandoned past the byte cap; a
+compressed body is inflated here, a bounded piece at a time, so the cap holds for what it inflates
+to (httpx's own decoders inflate a whole network read at once: kilobytes of zstd become gigabytes).
 ``allow`` (hosts, addresses or networks) admits intranet servers on purpose.
 """
 
@@ -16,8 +18,9 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
+import zlib
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Iterable, Iterator
 from urllib.parse import urljoin, urlsplit
 
 import httpx
@@ -41,6 +44,8 @@ def _rule(address: IPAddress) -> str | None:
         return "a loopback address"
     if address.is_link_local:
         return "a link-local address (the cloud metadata service lives there)"
+    if getattr(address, "is_site_local", False):  # IPv6 fec0::/10: deprecated, still some intranets' own
+        return "a site-local address"
     if isinstance(address, ipaddress.IPv4Address) and address in CGNAT:
         return "a carrier-grade NAT address"
     if address.is_multicast:
@@ -104,10 +109,13 @@ async def _resolve(host: str, port: int) -> list[IPAddress]:
 
 async def checked_address(url: str, policy: UrlPolicy) -> tuple[str, int, IPAddress]:
     """(host, port, address to connect to) of ``url``, or the rule that refuses it."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+    except ValueError:  # an unclosed bracket, an IPv4 address in brackets
+        raise InvalidRequestError("the URL is malformed") from None
     if parts.scheme not in ("http", "https"):
         raise InvalidRequestError("only http and https URLs are fetched")
-    host = parts.hostname
     if not host:
         raise InvalidRequestError("the URL has no host")
     if parts.username or parts.password:
@@ -130,6 +138,43 @@ async def checked_address(url: str, policy: UrlPolicy) -> tuple[str, int, IPAddr
     return host, port, addresses[0]
 
 
+# Only these are asked for and undone; anything else (zstd, br) is refused rather than inflated.
+ACCEPT_ENCODING = "gzip, deflate"
+PIECE = 64 * 1024  # the most one inflate step may produce
+
+
+class _Inflater:
+    """A ``Content-Encoding`` undone piece by piece, never more than ``PIECE`` bytes per step."""
+
+    def __init__(self, encoding: str) -> None:
+        coding = encoding.strip().lower()
+        if coding not in ("", "identity", "gzip", "x-gzip", "deflate"):
+            raise InvalidRequestError(f"the server sent the body as Content-Encoding {coding[:40]!r}, which is not accepted")
+        self._deflate = coding == "deflate"
+        self._zlib = None if coding in ("", "identity") else zlib.decompressobj(
+            zlib.MAX_WBITS if self._deflate else 16 + zlib.MAX_WBITS)
+        self._started = False
+
+    def pieces(self, data: bytes) -> Iterator[bytes]:
+        if self._zlib is None:
+            if data:
+                yield data
+            return
+        if self._deflate and not self._started and data:
+            # "deflate" is meant to be zlib-wrapped, but some servers send it raw (httpx guesses too).
+            self._started = True
+            if (data[0] & 0x0F) != 8 or (len(data) > 1 and ((data[0] << 8) | data[1]) % 31):
+                self._zlib = zlib.decompressobj(-zlib.MAX_WBITS)
+        while data and not self._zlib.eof:
+            try:
+                out = self._zlib.decompress(data, PIECE)
+            except zlib.error:
+                raise InvalidRequestError("the server sent a corrupt compressed body") from None
+            data = self._zlib.unconsumed_tail
+            if out:
+                yield out
+
+
 # What servers send for a file whose type nobody recorded (S3's and GCS's default for uploads
 # without one): like no Content-Type at all, the bytes decide (images are sniffed, PDFs checked).
 UNTYPED = frozenset({"application/octet-stream", "binary/octet-stream"})
@@ -146,7 +191,8 @@ async def fetch(url: str, policy: UrlPolicy, max_bytes: int, accept: Iterable[st
                     parts = urlsplit(url)
                     netloc = f"[{address}]" if address.version == 6 else str(address)
                     target = parts._replace(netloc=f"{netloc}:{port}").geturl()
-                    headers = {"Host": parts.netloc.rsplit("@", 1)[-1], "Accept": ", ".join(f"{a}*" for a in accept)}
+                    headers = {"Host": parts.netloc.rsplit("@", 1)[-1], "Accept": ", ".join(f"{a}*" for a in accept),
+                               "Accept-Encoding": ACCEPT_ENCODING}
                     extensions = {"sni_hostname": host} if parts.scheme == "https" else {}
                     async with client.stream("GET", target, headers=headers, extensions=extensions) as response:
                         if response.is_redirect:
@@ -165,17 +211,21 @@ async def fetch(url: str, policy: UrlPolicy, max_bytes: int, accept: Iterable[st
                         declared = response.headers.get("content-length")
                         if declared is not None and declared.isdigit() and int(declared) > max_bytes:
                             raise InvalidRequestError(f"the file is {int(declared)} bytes, more than the {max_bytes} accepted")
+                        inflater = _Inflater(response.headers.get("content-encoding", ""))
                         chunks: list[bytes] = []
                         size = 0
-                        async for chunk in response.aiter_bytes():  # decoded: the cap holds for compressed bodies
-                            size += len(chunk)
-                            if size > max_bytes:
-                                raise InvalidRequestError(f"the file is larger than the {max_bytes} bytes accepted")
-                            chunks.append(chunk)
+                        async for raw in response.aiter_raw():
+                            for chunk in inflater.pieces(raw):
+                                size += len(chunk)
+                                if size > max_bytes:
+                                    raise InvalidRequestError(f"the file is larger than the {max_bytes} bytes accepted")
+                                chunks.append(chunk)
                         return Fetched(b"".join(chunks), content_type)
                 raise InvalidRequestError(f"more than {MAX_REDIRECTS} redirects")
     except TimeoutError:
         raise InvalidRequestError("fetching the URL timed out") from None
+    except httpx.InvalidURL as error:  # not an HTTPError: what httpx will not send (too long, control characters)
+        raise InvalidRequestError(f"the URL cannot be requested as written: {error}") from None
     except httpx.HTTPError as error:
         raise InvalidRequestError(f"the URL could not be fetched ({type(error).__name__})") from None
 

@@ -146,7 +146,7 @@ async def start_message(
     """Everything a Message needs before its events: media, conversion, submission to the engine
     (within ``deadline``, which then holds the stream to it too)."""
     signer: ThinkingSigner = state.signer
-    media = await media_for(state, owner, body)
+    media = await (media_for(state, owner, body) if deadline is None else deadline.within(media_for(state, owner, body)))
     generation = await anyio.to_thread.run_sync(convert.generation_request, message_id, body, signer.recover, media)
     generation.priority = priority
     stream: GenerationStream = (
@@ -166,9 +166,9 @@ async def create_message(request: Request) -> Any:
     on_done = None
     key = None
     if request.headers.get("content-type", "").startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
-        body = await _form_body(request, names)
+        body = await deadline.read(_form_body(request, names))
     else:
-        raw = await request.body()
+        raw = await deadline.read(request.body())
         data = load_json_object(raw) if b'"thread"' in raw else None
         if data is not None and data.get("thread") is not None:
             body, on_done = _threaded(request, data, len(raw))

@@ -10,6 +10,7 @@ import json
 from typing import Any
 
 from localvl.api.openai.schemas import ChatCompletionRequest, Message
+from localvl.api.validation import load_json
 from localvl.conversation import (
     Conversation,
     GenerationRequest,
@@ -122,8 +123,8 @@ def _tool_calls(message: Message, where: str) -> list[Part]:
             raise InvalidRequestError(f"{at}.function: a tool call needs function.name and function.arguments")
         arguments = function.get("arguments") or "{}"
         try:
-            value = json.loads(arguments) if isinstance(arguments, str) else arguments
-        except (ValueError, RecursionError):
+            value = load_json(arguments) if isinstance(arguments, str) else arguments
+        except ValueError:
             value = _cut_off(arguments)
             if value is None:
                 raise InvalidRequestError(f"{at}.function.arguments: not valid JSON (or nested too deeply)") from None
@@ -140,7 +141,8 @@ def _cut_off(arguments: str) -> dict[str, Any] | None:
         return None
     try:
         value = closed_prefix(arguments)
-    except ValueError:
+        load_json(json.dumps(value))  # held to what a whole body may hold: no lone surrogates, no deep nesting
+    except (ValueError, RecursionError):
         return None
     return value if isinstance(value, dict) else None
 

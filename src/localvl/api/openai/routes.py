@@ -33,7 +33,7 @@ async def chat_completions(request: Request) -> Any:
     state = request.app.state
     deadline = Deadline(state.settings.request_timeout)
     engine: Engine = state.engine
-    raw = await request.body()
+    raw = await deadline.read(request.body())
     body = parse_body(ChatCompletionRequest, raw)
     served = state.model_names.require(body.model).name
     completion_id = new_id("chatcmpl-")
@@ -57,7 +57,7 @@ async def chat_completions(request: Request) -> Any:
                 return StreamingResponse(replayed_chunks(completion, include_usage), media_type="text/event-stream",
                                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
             return JSONResponse(completion)
-    fetched = await fetch_all(convert.image_urls(body), settings.url_policy(), settings.max_image_bytes)
+    fetched = await deadline.within(fetch_all(convert.image_urls(body), settings.url_policy(), settings.max_image_bytes))
     generations = await anyio.to_thread.run_sync(convert.generation_requests, completion_id, body, settings.media(fetched))
     streams: list[GenerationStream] = []
     try:
