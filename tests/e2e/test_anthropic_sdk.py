@@ -10,6 +10,7 @@ import anthropic
 import httpx
 import pytest
 
+from localvl.engine.stops import MAX_STOP_CHARS, MAX_STOPS
 from tests.e2e.conftest import API_KEY
 from tests.helpers import image_b64, prompt_tokens
 
@@ -90,6 +91,16 @@ def test_stop_sequences_end_the_answer_before_them(client):
     message = client.messages.create(model="tiny-vl", max_tokens=40, messages=USER, stop_sequences=[stop], extra_body={"temperature": 0})
     assert message.stop_reason == "stop_sequence" and message.stop_sequence == stop
     assert text_of(message) == full[: full.find(stop)]
+
+
+def test_stop_sequences_past_their_bounds_are_a_400(client):
+    """Every stop is matched at every step: a request may not make each step of the batch slow."""
+    for stops, words in (([f"s{k}" for k in range(MAX_STOPS + 1)], "at most"), (["x" * (MAX_STOP_CHARS + 1)], "characters")):
+        with pytest.raises(anthropic.BadRequestError) as refused:
+            client.messages.create(model="tiny-vl", max_tokens=5, messages=USER, stop_sequences=stops)
+        assert refused.value.body["error"]["type"] == "invalid_request_error" and words in refused.value.message
+    at_bounds = [f"{k:03d}" + "x" * (MAX_STOP_CHARS - 3) for k in range(MAX_STOPS)]
+    assert client.messages.create(model="tiny-vl", max_tokens=5, messages=USER, stop_sequences=at_bounds).type == "message"
 
 
 @pytest.mark.parametrize(

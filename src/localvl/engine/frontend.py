@@ -19,6 +19,7 @@ from localvl.conversation import Conversation, GenerationRequest, SamplingParams
 from localvl.engine.blocks import ImageSpan
 from localvl.engine.runner import PromptState, prepare_prompt
 from localvl.engine.sampling import ResolvedSampling
+from localvl.engine.stops import check_stops
 from localvl.errors import ContextLengthError, InvalidRequestError
 from localvl.prompt.grammar import TagIds, request_grammar
 from localvl.prompt.outputs import THINK_OPEN, OutputParser
@@ -75,6 +76,7 @@ class Frontend:
 
     async def prepare(self, request: GenerationRequest, compact: bool = False) -> Admission:
         """``compact``: images as ``Patches`` (bytes), for an engine in another process to make pixels of."""
+        check_stops(request.sampling.stop_sequences)
         if request.tool_choice.mode in ("any", "tool") and request.conversation.thinking is None:
             # A forced call is the whole answer (Anthropic's API refuses thinking beside one): a
             # template that thinks unless told not to (Qwen3.5) is told not to.
