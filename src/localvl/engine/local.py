@@ -495,7 +495,8 @@ class LocalEngine:
                     job.emit(InternalError("the engine failed to keep the output to its grammar"))
                 self._finish(s.sequence)
                 continue
-            if model_logprobs is not None and row in logprob_row:
+            # A prompt that filled the context still samples once; _append drops that token, so no entry.
+            if model_logprobs is not None and row in logprob_row and len(s.sequence.outputs) < s.sequence.max_new_tokens:
                 self._record_logprob(job, model_logprobs[logprob_row[row]], tokens[row])
             self._append(s.sequence, tokens[row])
 
