@@ -102,6 +102,24 @@ def test_max_tokens_clamped_to_the_context_ends_with_context_window(loaded_model
     assert exact.reason == "max_tokens" and exact.usage.output_tokens == 3
 
 
+def test_a_prompt_that_fills_the_context_lists_no_logprob_for_the_token_it_could_not_write(loaded_model):
+    """The step still samples after such a prompt; that token is dropped, and so must its entry be."""
+    base = loaded_model("qwen2_5_vl")
+    conv = conversation("hi")
+
+    async def measure(engine):
+        return await engine.count_tokens(conv)
+
+    full = dataclasses.replace(base, context_length=run(with_engine(base, measure)))
+
+    async def body(engine):
+        return (await generate(engine, conv, max_tokens=5, logprobs=2))[1]
+
+    *deltas, finished = run(with_engine(full, body, block_size=4))
+    assert finished.reason == "context_window" and finished.usage.output_tokens == 0
+    assert [entry for delta in deltas for entry in delta.logprobs] == []
+
+
 def test_a_prompt_longer_than_the_context_is_refused(loaded_model):
     base = loaded_model("qwen2_5_vl")
     conv = conversation("word " * 50)
