@@ -15,6 +15,15 @@ HYBRID = ("qwen3_5", "qwen3_5_moe")  # linear-attention layers beside full atten
 # The engine tests run on the CPU in CI; LOCALVL_TEST_DEVICE=cuda runs them on a GPU (fp32 still,
 # so equality with the reference model holds).
 TEST_DEVICE = os.environ.get("LOCALVL_TEST_DEVICE", "cpu")
+if TEST_DEVICE.startswith("cuda"):
+    import torch
+
+    # cuDNN runs float32 convolutions in TF32 unless told not to (matmuls it leaves in float32): a
+    # reference run on a model no engine has patched yet (an engine process's tests: that process
+    # patches its own copy) would take the vision tower's Conv3d patch embedding ~1e-3 away from
+    # the engine's float32 matmul of it (qwen_vl.patches_as_matmul), enough to flip a greedy token.
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
 
 
 @pytest.fixture(scope="session")

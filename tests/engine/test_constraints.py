@@ -49,7 +49,10 @@ async def events_of(engine, request):
     return [event async for event in await engine.submit(request)]
 
 
-def sampled(seed: int, max_tokens: int = 400) -> SamplingParams:
+# Room for many calls: where parallel calls are allowed random weights write a geometric number of
+# them (2 of 48 other seeds' Qwen3.5 turns ran past 400 tokens, the longest to 554), and a GPU draws
+# other numbers than a CPU from the same seeds. Turns end long before it: a budget costs nothing.
+def sampled(seed: int, max_tokens: int = 1200) -> SamplingParams:
     return SamplingParams(max_tokens=max_tokens, temperature=1.0, top_p=1.0, top_k=0, seed=seed)
 
 
@@ -263,11 +266,15 @@ def test_forced_calls_to_tools_with_local_refs_validate_against_them(loaded_mode
 
     loaded = loaded_model(family)
 
+    # A tree has no depth limit: random weights made one of 48 seeds' trees 324 tokens long, and a
+    # GPU draws other numbers from the same seeds than a CPU, so the budget leaves room to spare.
+    budget = 600
+
     async def body(engine):
-        requests = [GenerationRequest(f"{tool.name}{seed}", question(tools=(tool, CLOCK), thinking=False), sampled(seed, 300),
+        requests = [GenerationRequest(f"{tool.name}{seed}", question(tools=(tool, CLOCK), thinking=False), sampled(seed, budget),
                                       tool_choice=ToolChoice("tool", tool.name, parallel=False))
                     for tool in (ROUTE, TREE) for seed in range(3)]
-        requests.append(GenerationRequest("both", question(tools=(ROUTE, TREE), thinking=False), sampled(9, 300),
+        requests.append(GenerationRequest("both", question(tools=(ROUTE, TREE), thinking=False), sampled(9, budget),
                                           tool_choice=ToolChoice("any", parallel=False)))
         return await asyncio.gather(*(events_of(engine, r) for r in requests)), requests
 

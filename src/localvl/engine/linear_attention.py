@@ -286,11 +286,14 @@ def mix(layer: Any, hidden_states: torch.Tensor, step: LinearStep) -> torch.Tens
         """``[batch, length, conv_dim]`` → query, key, value ``[batch, length, heads, dim]``."""
         q, k, v = torch.split(mixed, [layer.key_dim, layer.key_dim, layer.value_dim], dim=-1)
         batch, length = mixed.shape[:2]
-        return (
-            q.reshape(batch, length, -1, layer.head_k_dim),
-            k.reshape(batch, length, -1, layer.head_k_dim),
-            v.reshape(batch, length, -1, layer.head_v_dim),
-        )
+        q, k = q.reshape(batch, length, -1, layer.head_k_dim), k.reshape(batch, length, -1, layer.head_k_dim)
+        if layer.num_v_heads != layer.num_k_heads:
+            # Each query/key head serves a group of value heads. transformers 5.17 (pyproject's floor)
+            # repeats them in the layer, before its delta rules; later ones inside the rules, which
+            # then repeat nothing more: the same values either way.
+            q = q.repeat_interleave(layer.num_v_heads // layer.num_k_heads, dim=2)
+            k = k.repeat_interleave(layer.num_v_heads // layer.num_k_heads, dim=2)
+        return q, k, v.reshape(batch, length, -1, layer.head_v_dim)
 
     if step.singles is not None:
         at, slots = step.singles, step.single_slots
