@@ -28,10 +28,12 @@ python3 -c "import torch, transformers; print('torch', torch.__version__, 'trans
 step load "${LOAD_S:-220}" python3 benchmarks/load.py --shape 3b --device cuda --concurrency 1,16,64 --requests 64 \
   --single-requests 8 --baseline-requests 2 --tokens 128 --in-process --json "$out/load.json" 2>&1 | grep -v -E "Loading|Writing" | tee "$out/load.txt"
 # The engine tests on CUDA, four workers sharing the card (pytest-xdist is on the device image; the
-# tests are fp32 tiny models, so launches, not the card, bound them); the whole log comes back.
-step tests "${TESTS_S:-200}" env LOCALVL_TEST_DEVICE=cuda python3 -m pytest -q -rfE -n "${TEST_WORKERS:-4}" -p no:cacheprovider \
-  tests/engine tests/models/test_patches.py -k "not compiled" > "$out/tests-full.txt" 2>&1
-tail -25 "$out/tests-full.txt" | tee "$out/tests.txt"
+# tests are fp32 tiny models, so launches, not the card, bound them); the whole log comes back in
+# results.tgz, one line per test as it ends (-v), so a step cut off by its timeout still names its failures.
+step tests "${TESTS_S:-200}" env LOCALVL_TEST_DEVICE=cuda python3 -m pytest -v -rfE -n "${TEST_WORKERS:-4}" -p no:cacheprovider \
+  tests/engine tests/models/test_patches.py tests/models/test_loading.py -k "not compiled" > "$out/tests-full.txt" 2>&1
+grep -E "(FAILED|ERROR) " "$out/tests-full.txt" | sort -u | head -60 | tee "$out/tests.txt"
+tail -3 "$out/tests-full.txt" | tee -a "$out/tests.txt"
 # As `localvl serve` runs it: the engine in a process of its own, at 64 concurrent.
 step load-process "${LOAD_PROCESS_S:-120}" python3 benchmarks/load.py --shape 3b --device cuda --concurrency 64 --requests 64 \
   --baseline-requests 1 --tokens 128 --vision-images 1 --json "$out/load-process.json" 2>&1 | grep -v -E "Loading|Writing" | tee "$out/load-process.txt"
