@@ -266,6 +266,15 @@ def test_media_limits_are_settings(loaded_model):
         assert "2 pages; at most 1" in message
 
 
+def test_an_unreachable_database_is_a_503_on_every_route_that_needs_it(loaded_model, tmp_path):
+    settings = Settings(served_model_name="tiny-vl", data_dir=tmp_path,
+                        database_url="postgresql+asyncpg://user:secret@127.0.0.1:1/nowhere")
+    with TestClient(create_app(settings, LocalEngine(loaded_model("qwen2_5_vl"))), base_url="http://localhost") as open_client:
+        for response in (open_client.post("/v1/messages", json=body()), open_client.get("/v1/files")):
+            assert "unreachable" in assert_error(response, 503, "overloaded_error")
+            assert response.headers["retry-after"] == "5"
+
+
 def test_files_belong_to_the_key_that_uploaded_them(client):
     uploaded = client.post("/v1/files", files={"file": ("a.png", image_bytes("PNG"), "image/png")})
     assert uploaded.status_code == 200, uploaded.text

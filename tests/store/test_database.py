@@ -2,8 +2,10 @@
 
 import asyncio
 
+import pytest
 import sqlalchemy as sa
 
+from localvl.errors import ServiceUnavailableError
 from localvl.store import database as db
 
 
@@ -67,3 +69,21 @@ def test_servers_starting_together_on_one_fresh_database_all_start(database_url)
                 await database.stop()
 
     assert asyncio.run(start_together()) == [len(db.MIGRATIONS)] * 4
+
+
+def test_a_database_that_cannot_be_reached_is_a_503_to_retry_not_a_500():
+    """Connection refused: the server's trouble; SDKs retry a 503 (with stored keys, every route needs the store)."""
+    database = db.Database("postgresql+asyncpg://user:secret@127.0.0.1:1/nowhere")
+
+    async def body():
+        try:
+            with pytest.raises(ServiceUnavailableError) as refused:
+                await database.start()
+            assert refused.value.headers == {"retry-after": "5"} and "secret" not in refused.value.message
+            with pytest.raises(OSError):  # an OSError of the caller's own work inside the block stays what it is
+                async with db.Database("sqlite+aiosqlite://").connect():
+                    raise FileNotFoundError("the caller's")
+        finally:
+            await database.stop()
+
+    asyncio.run(body())

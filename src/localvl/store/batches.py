@@ -74,7 +74,7 @@ class BatchStore:
     async def create(self, owner: str, requests: list[tuple[str, dict[str, Any]]], ttl: dt.timedelta) -> Batch:
         batch_id = "msgbatch_01" + "".join(secrets.choice(_ALPHABET) for _ in range(22))
         now = _now()
-        async with self.database.engine.begin() as connection:
+        async with self.database.begin() as connection:
             await connection.execute(batches.insert().values(
                 id=batch_id, owner=owner, created_at=now, expires_at=now + ttl, total=len(requests)
             ))
@@ -88,7 +88,7 @@ class BatchStore:
         return await self.get(owner, batch_id)
 
     async def get(self, owner: str, batch_id: str) -> Batch:
-        async with self.database.engine.connect() as connection:
+        async with self.database.connect() as connection:
             row = (await connection.execute(
                 sa.select(batches).where(batches.c.id == batch_id, batches.c.owner == owner)
             )).mappings().first()
@@ -113,7 +113,7 @@ class BatchStore:
         anchor = await self.get(owner, after_id or before_id or "") if (after_id or before_id) else None
         query = newest_first(sa.select(batches).where(batches.c.owner == owner), batches,
                              anchor and (anchor.created_at, anchor.id), bool(after_id), limit)
-        async with self.database.engine.connect() as connection:
+        async with self.database.connect() as connection:
             rows = (await connection.execute(query)).mappings().all()
             found = [_batch(row, await self._counts(connection, row["id"])) for row in rows[:limit]]
         if before_id and not after_id:  # both given: after_id pages, as /v1/models does
@@ -124,7 +124,7 @@ class BatchStore:
         """Requests not yet started are canceled; those running finish."""
         batch = await self.get(owner, batch_id)
         if batch.ended_at is None:
-            async with self.database.engine.begin() as connection:
+            async with self.database.begin() as connection:
                 await connection.execute(batches.update().where(
                     batches.c.id == batch_id, batches.c.cancel_initiated_at.is_(None)
                 ).values(cancel_initiated_at=_now()))
@@ -140,7 +140,7 @@ class BatchStore:
             raise InvalidRequestError(
                 f"batch {batch_id} is still being processed; cancel it and wait for it to end before deleting it"
             )
-        async with self.database.engine.begin() as connection:
+        async with self.database.begin() as connection:
             await connection.execute(batch_requests.delete().where(batch_requests.c.batch_id == batch_id))
             await connection.execute(batches.delete().where(batches.c.id == batch_id))
 
@@ -153,7 +153,7 @@ class BatchStore:
             raise NotFoundError(f"the results of batch {batch_id} were deleted")
         position = -1
         while True:
-            async with self.database.engine.connect() as connection:
+            async with self.database.connect() as connection:
                 rows = (await connection.execute(
                     sa.select(batch_requests.c.position, batch_requests.c.custom_id, batch_requests.c.result)
                     .where(batch_requests.c.batch_id == batch_id, batch_requests.c.position > position)
@@ -169,7 +169,7 @@ class BatchStore:
     # ------------------------------------------------------------------ the worker's side
 
     async def owner_of(self, batch_id: str) -> str:
-        async with self.database.engine.connect() as connection:
+        async with self.database.connect() as connection:
             owner = (await connection.execute(sa.select(batches.c.owner).where(batches.c.id == batch_id))).scalar()
         if owner is None:
             raise NotFoundError(f"batch not found: {batch_id}")
@@ -178,7 +178,7 @@ class BatchStore:
     async def reclaim_all(self) -> int:
         """Every running request back to pending: for a database only this server uses (SQLite),
         whose claims were all made by this server's earlier run."""
-        async with self.database.engine.begin() as connection:
+        async with self.database.begin() as connection:
             done = await connection.execute(batch_requests.update().where(batch_requests.c.status == "running")
                                             .values(status="pending", claimed_by=None, claimed_at=None))
         return done.rowcount
@@ -198,7 +198,7 @@ class BatchStore:
 
     async def _claim_once(self, worker: str, count: int) -> tuple[list[Claimed], bool]:
         now = _now()
-        async with self.database.engine.begin() as connection:
+        async with self.database.begin() as connection:
             pending = (
                 sa.select(batch_requests.c.batch_id, batch_requests.c.position, batch_requests.c.attempts)
                 .join(batches, batches.c.id == batch_requests.c.batch_id)
@@ -239,7 +239,7 @@ class BatchStore:
         """Keep the claims of requests still being worked on (their lease starts again)."""
         if not keys:
             return
-        async with self.database.engine.begin() as connection:
+        async with self.database.begin() as connection:
             for batch_id, position in keys:
                 await connection.execute(batch_requests.update().where(
                     batch_requests.c.batch_id == batch_id, batch_requests.c.position == position,
@@ -248,7 +248,7 @@ class BatchStore:
 
     async def finish(self, worker: str, batch_id: str, position: int, status: str, result: dict[str, Any]) -> bool:
         """Write a result, if this worker still holds the request; whether it did."""
-        async with self.database.engine.begin() as connection:
+        async with self.database.begin() as connection:
             done = await connection.execute(batch_requests.update().where(
                 batch_requests.c.batch_id == batch_id, batch_requests.c.position == position,
                 batch_requests.c.claimed_by == worker, batch_requests.c.status == "running",
@@ -261,7 +261,7 @@ class BatchStore:
         another claim will do it, or, in a batch canceled meanwhile, the sweep cancels it (no
         claim takes it any more). Only an ``attempted`` one (its engine died under it) counts
         towards ``MAX_ATTEMPTS``: a busy or stopping server never makes a request fail."""
-        async with self.database.engine.begin() as connection:
+        async with self.database.begin() as connection:
             await connection.execute(batch_requests.update().where(
                 batch_requests.c.batch_id == batch_id, batch_requests.c.position == position,
                 batch_requests.c.claimed_by == worker, batch_requests.c.status == "running",
@@ -270,7 +270,7 @@ class BatchStore:
 
     async def settle(self, batch_id: str) -> None:
         """End the batch once no request of it is pending or running."""
-        async with self.database.engine.begin() as connection:
+        async with self.database.begin() as connection:
             open_requests = (await connection.execute(
                 sa.select(sa.func.count()).where(batch_requests.c.batch_id == batch_id,
                                                  batch_requests.c.status.in_(("pending", "running")))
@@ -284,7 +284,7 @@ class BatchStore:
         """Claims past their lease go back to pending; expired batches' pending requests expire;
         results older than ``retention`` after their batch ended are deleted (the batch is archived)."""
         now = _now()
-        async with self.database.engine.begin() as connection:
+        async with self.database.begin() as connection:
             await connection.execute(batch_requests.update().where(
                 batch_requests.c.status == "running",
                 batch_requests.c.claimed_at < now - dt.timedelta(seconds=self.lease_s),

@@ -8,14 +8,17 @@ never needs a wiped database.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, AsyncIterator, Callable
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from localvl.errors import ServiceUnavailableError
 
 logger = logging.getLogger(__name__)
 
@@ -172,6 +175,17 @@ def default_url(data_dir: Path) -> str:
     return f"sqlite+aiosqlite:///{data_dir / 'localvl.db'}"
 
 
+def _dropped(context: Any) -> None:
+    """A connection lost mid-query: the database's trouble, not the request's (see ``Database.begin``)."""
+    if context.is_disconnect:
+        logger.error("the database connection was lost (%s)", type(context.original_exception).__name__)
+        raise _unavailable() from context.original_exception
+
+
+def _unavailable() -> ServiceUnavailableError:
+    return ServiceUnavailableError("the database is unreachable; retry shortly", headers={"retry-after": "5"})
+
+
 class Database:
     def __init__(self, url: str) -> None:
         self.url = url
@@ -185,10 +199,38 @@ class Database:
                 cursor.execute("PRAGMA journal_mode=WAL")
                 cursor.execute("PRAGMA busy_timeout=30000")
                 cursor.close()
+        sa.event.listen(self.engine.sync_engine, "handle_error", _dropped)
+
+    @contextlib.asynccontextmanager
+    async def begin(self) -> AsyncIterator[AsyncConnection]:
+        """A connection in a transaction, committed at the end (``AsyncEngine.begin``).
+
+        A database that cannot be reached (refused, unresolvable) is a 503 the SDKs retry, not a
+        500 on every route that needs it (with stored keys, every route); only connecting is
+        translated, so an OSError of the caller's own work inside the block stays what it is.
+        """
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                connection = await stack.enter_async_context(self.engine.begin())
+            except OSError as error:
+                logger.error("the database is unreachable (%s)", type(error).__name__)
+                raise _unavailable() from error
+            yield connection
+
+    @contextlib.asynccontextmanager
+    async def connect(self) -> AsyncIterator[AsyncConnection]:
+        """A connection without a transaction of its own (``AsyncEngine.connect``); as ``begin``."""
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                connection = await stack.enter_async_context(self.engine.connect())
+            except OSError as error:
+                logger.error("the database is unreachable (%s)", type(error).__name__)
+                raise _unavailable() from error
+            yield connection
 
     async def start(self) -> int:
         """Bring the schema up to date; returns the version it is at."""
-        async with self.engine.begin() as connection:
+        async with self.begin() as connection:
             return await connection.run_sync(_migrate)
 
     async def stop(self) -> None:

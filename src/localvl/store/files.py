@@ -79,7 +79,7 @@ class FileStore:
         names, removed = await anyio.to_thread.run_sync(stale), 0
         for start in range(0, len(names), 500):
             some = names[start : start + 500]
-            async with self.database.engine.connect() as connection:
+            async with self.database.connect() as connection:
                 known = set((await connection.execute(sa.select(files.c.id).where(files.c.id.in_(some)))).scalars())
             for name in some:
                 if name not in known:
@@ -102,7 +102,7 @@ class FileStore:
         expires = None if expires_in is None else now + dt.timedelta(seconds=expires_in)
         record = FileRecord(file_id, owner, filename, mime_type, size, digest, now, expires)
         try:
-            async with self.database.engine.begin() as connection:
+            async with self.database.begin() as connection:
                 await connection.execute(files.insert().values(**record.__dict__))
         except BaseException:  # no row will ever point at these bytes
             self.path(file_id).unlink(missing_ok=True)
@@ -114,7 +114,7 @@ class FileStore:
     ) -> FileRecord:
         # The pieces and the row in one transaction: a server killed mid-upload leaves nothing.
         digest, size, seq = hashlib.sha256(), 0, 0
-        async with self.database.engine.begin() as connection:
+        async with self.database.begin() as connection:
             while chunk := await anyio.to_thread.run_sync(source.read, CHUNK):
                 digest.update(chunk)
                 size += len(chunk)
@@ -138,7 +138,7 @@ class FileStore:
         return size, digest.hexdigest()
 
     async def get(self, owner: str, file_id: str) -> FileRecord:
-        async with self.database.engine.connect() as connection:
+        async with self.database.connect() as connection:
             row = (await connection.execute(
                 sa.select(files).where(files.c.id == file_id, files.c.owner == owner)
             )).mappings().first()
@@ -174,7 +174,7 @@ class FileStore:
     async def _database_pieces(self, file_id: str) -> AsyncIterator[bytes]:
         seq = 0
         while True:
-            async with self.database.engine.connect() as connection:
+            async with self.database.connect() as connection:
                 piece = (await connection.execute(sa.select(file_chunks.c.data).where(
                     file_chunks.c.file_id == file_id, file_chunks.c.seq == seq))).scalar()
             if piece is None:
@@ -203,7 +203,7 @@ class FileStore:
             query = query.where(files.c.id.in_(ids))
         anchor = await self.get(owner, after_id or before_id or "") if (after_id or before_id) else None
         query = newest_first(query, files, anchor and (anchor.created_at, anchor.id), bool(after_id), limit)
-        async with self.database.engine.connect() as connection:
+        async with self.database.connect() as connection:
             rows = (await connection.execute(query)).mappings().all()
         records = [_record(row) for row in rows[:limit]]
         if before_id and not after_id:  # both given: after_id pages, as /v1/models does
@@ -211,7 +211,7 @@ class FileStore:
         return records, len(rows) > limit
 
     async def delete(self, owner: str, file_id: str) -> None:
-        async with self.database.engine.begin() as connection:
+        async with self.database.begin() as connection:
             deleted = await connection.execute(files.delete().where(files.c.id == file_id, files.c.owner == owner))
             if deleted.rowcount and self.in_database:
                 await connection.execute(file_chunks.delete().where(file_chunks.c.file_id == file_id))

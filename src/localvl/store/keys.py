@@ -43,7 +43,7 @@ class KeyStore:
         values = dict(id=new_id("key_"), name=name, key_hash=key_hash(key), hint=key_hint(key), rpm=limits.rpm,
                       itpm=limits.itpm, otpm=limits.otpm, max_streams=limits.max_streams,
                       created_at=dt.datetime.now(dt.timezone.utc), revoked_at=None)
-        async with self.database.engine.begin() as connection:
+        async with self.database.begin() as connection:
             await connection.execute(api_keys.insert().values(**values))
         return KeyRecord(values["id"], name, values["hint"], limits, values["created_at"], None), key
 
@@ -51,14 +51,14 @@ class KeyStore:
         query = sa.select(api_keys).order_by(api_keys.c.created_at, api_keys.c.id)
         if not include_revoked:
             query = query.where(api_keys.c.revoked_at.is_(None))
-        async with self.database.engine.connect() as connection:
+        async with self.database.connect() as connection:
             return [_record(row) for row in (await connection.execute(query)).all()]
 
     async def revoke(self, id_or_name: str) -> list[KeyRecord]:
         """Revoke the key with this id, or every active key with this name; the ones revoked."""
         now = dt.datetime.now(dt.timezone.utc)
         match = sa.or_(api_keys.c.id == id_or_name, api_keys.c.name == id_or_name)
-        async with self.database.engine.begin() as connection:
+        async with self.database.begin() as connection:
             rows = (await connection.execute(sa.select(api_keys).where(match, api_keys.c.revoked_at.is_(None)))).all()
             if rows:
                 await connection.execute(
@@ -69,7 +69,7 @@ class KeyStore:
     async def find(self, key: str) -> KeyRecord | None:
         """The active key's record, or None (unknown or revoked)."""
         query = sa.select(api_keys).where(api_keys.c.key_hash == key_hash(key), api_keys.c.revoked_at.is_(None))
-        async with self.database.engine.connect() as connection:
+        async with self.database.connect() as connection:
             row = (await connection.execute(query)).first()
         return _record(row) if row is not None else None
 
@@ -77,5 +77,5 @@ class KeyStore:
         query = sa.select(sa.func.count()).select_from(api_keys)
         if not include_revoked:
             query = query.where(api_keys.c.revoked_at.is_(None))
-        async with self.database.engine.connect() as connection:
+        async with self.database.connect() as connection:
             return int((await connection.execute(query)).scalar() or 0)
