@@ -157,6 +157,10 @@ class Settings(BaseSettings):
     otpm: int | None = Field(None, ge=1, description="output tokens per minute per key")
     max_streams_per_key: int | None = Field(None, ge=1, description="requests (streaming or not) one key may have running at once (across every server sharing --redis-url)")
     redis_url: str | None = Field(None, description="Redis shared by several servers: rate limits and the response cache (redis://host:6379/0)")
+    body_timeout: float = Field(
+        60.0, gt=0, description="seconds a client may pause while sending a request body (uploads included) before "
+        "the request ends with a timeout error",
+    )
     request_timeout: float = Field(600.0, gt=0, description="seconds a Messages or Chat Completions request may run before it ends with a timeout error")
     response_cache: int = Field(0, ge=0, description="deterministic Messages and Chat Completions answers kept for exact repeats (entries; 0: off)")
     response_cache_ttl: float = Field(3600.0, gt=0, description="seconds a cached answer is served")

@@ -73,7 +73,7 @@ def test_the_form_interface_refuses_an_invalid_field_with_a_400(server, max_toke
 @pytest.fixture(scope="module")
 def short_timeout_server(model_dir, tmp_path_factory):
     s = Server(model_dir("qwen2_vl"), tmp_path_factory.mktemp("logs") / "slow-body.log", "--request-timeout", "2",
-               "--url-allowlist", "127.0.0.1", "--fetch-timeout", "20")
+               "--body-timeout", "3", "--url-allowlist", "127.0.0.1", "--fetch-timeout", "20")
     yield s
     s.stop()
 
@@ -96,6 +96,26 @@ def test_a_body_that_never_arrives_ends_at_the_request_timeout(short_timeout_ser
     error = body["error"]
     field, kind = ("type", "timeout_error") if path == "/v1/messages" else ("code", "timeout")
     assert error[field] == kind
+
+
+@pytest.mark.parametrize("path, content_type", [
+    ("/v1/messages/count_tokens", "application/json"), ("/v1/messages/batches", "application/json"),
+    ("/v1/files", "multipart/form-data; boundary=x"),
+])
+def test_a_body_that_stalls_ends_at_the_body_timeout_on_every_route(short_timeout_server, path, content_type):
+    """Routes without a --request-timeout of their own (uploads may rightly take long) still end a
+    body that stops arriving, after --body-timeout seconds without a byte."""
+    with socket.create_connection(("127.0.0.1", short_timeout_server.port)) as connection:
+        connection.sendall(f"POST {path} HTTP/1.1\r\nHost: localvl\r\nx-api-key: {API_KEY}\r\n"
+                           f"anthropic-beta: files-api-2025-04-14\r\n"
+                           f"content-type: {content_type}\r\ncontent-length: 1000\r\n\r\n".encode())
+        connection.sendall(b"--x\r\n" if path == "/v1/files" else b"{")  # a body begun as its type begins
+        connection.settimeout(120)  # only so that a failure cannot hang the suite
+        response = http.client.HTTPResponse(connection)
+        response.begin()
+        body = json.loads(response.read())
+    assert response.status == 504 and body["error"]["type"] == "timeout_error"
+    assert "stalled" in body["error"]["message"]
 
 
 class Dribble(BaseHTTPRequestHandler):

@@ -144,7 +144,8 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
 
     app.add_middleware(RequestContextMiddleware, max_request_bytes=settings.max_request_bytes,
                        upload_bytes={"/v1/files": settings.max_file_bytes + MULTIPART_ALLOWANCE, "/v1/messages/batches": settings.batch_max_bytes},
-                       on_response=count_response, traffic=app.state.traffic)
+                       on_response=count_response, traffic=app.state.traffic,
+                       body_timeout=settings.body_timeout)
 
     @app.get("/ready")
     async def ready(request: Request) -> JSONResponse:

@@ -22,7 +22,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from localvl.api.errors import error_response
-from localvl.errors import InternalError, RequestTooLargeError, ServiceUnavailableError
+from localvl.errors import InternalError, RequestTimeoutError, RequestTooLargeError, ServiceUnavailableError
 
 logger = logging.getLogger(__name__)
 
@@ -69,8 +69,12 @@ class RequestContextMiddleware:
         on_response: Callable[[Scope, int, float], Awaitable[None]] | None = None,
         traffic: Traffic | None = None,
         always_open: tuple[str, ...] = ("/health", "/ready", "/metrics"),
+        body_timeout: float = 60.0,
     ) -> None:
         self.app = app
+        # Seconds a client may pause mid-body (nginx's client_body_timeout): every route's body,
+        # uploads and count_tokens included, so a withheld body cannot hold a connection forever.
+        self.body_timeout = body_timeout
         self.max_request_bytes = max_request_bytes
         self.upload_bytes = upload_bytes or {}  # paths that take uploads, and their own limit
         self.on_response = on_response  # (scope, status, seconds) once the request is over: metrics, access log
@@ -132,12 +136,19 @@ class RequestContextMiddleware:
             return
 
         received = 0
+        body_done = False
 
         async def receive_limited() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, body_done
+            if body_done:  # after the body, receive only tells of a disconnect: as long as it takes
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.body_timeout)
+            except asyncio.TimeoutError:
+                raise RequestTimeoutError(f"the request body stalled for {self.body_timeout:g} seconds") from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                body_done = not message.get("more_body", False)
                 if received > limit:
                     raise RequestTooLargeError(f"request body exceeds the limit of {limit} bytes")
             return message
