@@ -235,9 +235,9 @@ class StepClock:
             self.prepare.append(time.perf_counter() - start)
             return stream
 
-        def clocked_append(seq: Any, token: int) -> None:
+        def clocked_append(seq: Any, token: int, *rest: Any) -> None:
             self.first_token.setdefault(seq.id, time.perf_counter())
-            append(seq, token)
+            append(seq, token, *rest)
 
         engine.submit = clocked_submit  # type: ignore[method-assign]
         engine._append = clocked_append  # type: ignore[method-assign]
