@@ -386,6 +386,24 @@ def test_an_open_server_answers_only_requests_addressed_to_a_loopback_name(loade
         assert client.get("/health", headers={"host": host}).status_code == 200  # probes need no name
 
 
+@pytest.mark.parametrize("origin, answered", [
+    (None, True), ("http://127.0.0.1:8000", True), ("http://localhost:3000", True),
+    ("https://attacker.example", False), ("null", False), ("http://127.0.0.1.attacker.example", False),
+])
+def test_an_open_server_answers_no_web_page_of_another_origin(loaded_model, tmp_path_factory, origin, answered):
+    """A page elsewhere cannot read an open server's answers, but its form POSTs would still run the
+    model and act on batches and files; the playground (same origin) and the SDKs (no Origin) are
+    answered. With a key configured, the key decides."""
+    settings = Settings(served_model_name="tiny-vl", data_dir=tmp_path_factory.mktemp("data"))
+    headers = {} if origin is None else {"origin": origin}
+    with TestClient(create_app(settings, LocalEngine(loaded_model("qwen2_5_vl"))), base_url="http://127.0.0.1:8000") as client:
+        response = client.post("/v1/messages/count_tokens", json=body(), headers=headers)
+        if answered:
+            assert response.status_code == 200, response.text
+        else:
+            assert "origin" in assert_error(response, 403, "permission_error")
+
+
 def test_an_open_server_on_purpose_answers_any_name(loaded_model, tmp_path_factory):
     settings = Settings(served_model_name="tiny-vl", insecure_no_auth=True, data_dir=tmp_path_factory.mktemp("data"))
     with TestClient(create_app(settings, LocalEngine(loaded_model("qwen2_5_vl")))) as client:

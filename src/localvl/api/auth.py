@@ -7,6 +7,7 @@ files and batches belong to) and ``key_name`` (what the access log shows; never 
 from __future__ import annotations
 
 import ipaddress
+from urllib.parse import urlsplit
 
 from starlette.requests import Request
 
@@ -54,12 +55,22 @@ async def require_api_key(request: Request) -> None:
     """
     authenticator: Authenticator = request.app.state.authenticator
     identity = await authenticator.identify(presented_keys(request))
-    if identity is ANONYMOUS and not request.app.state.settings.insecure_no_auth \
-            and not addressed_to_loopback(request.headers.get("host", "")):
-        raise PermissionDeniedError(
-            "this server has no authentication, so it answers only requests addressed to localhost or a loopback "
-            "address; configure an API key (or --insecure-no-auth) to serve it under another name"
-        )
+    if identity is ANONYMOUS and not request.app.state.settings.insecure_no_auth:
+        if not addressed_to_loopback(request.headers.get("host", "")):
+            raise PermissionDeniedError(
+                "this server has no authentication, so it answers only requests addressed to localhost or a loopback "
+                "address; configure an API key (or --insecure-no-auth) to serve it under another name"
+            )
+        # A page on another site cannot read the answers (no CORS headers are sent), but a plain
+        # form or text POST would still make the model work for it, and batch and file routes
+        # would act on its behalf. Browsers name the page's origin on such requests; SDKs send none.
+        origin = request.headers.get("origin")
+        where = None if origin is None else urlsplit(origin).netloc  # "null" (a sandboxed page, a file) has none
+        if where is not None and not (where and addressed_to_loopback(where)):
+            raise PermissionDeniedError(
+                "this server has no authentication, so it answers no requests from web pages of other origins; "
+                "configure an API key (or --insecure-no-auth) to serve them"
+            )
     request.state.identity = identity
     request.state.owner = identity.owner
     request.state.key_name = identity.name
