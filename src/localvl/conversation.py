@@ -80,6 +80,9 @@ class Tool:
     name: str
     description: str | None
     input_schema: dict[str, Any]
+    # Left out of the prompt's tool list until a tool search finds it (Anthropic's
+    # ``defer_loading``); still callable, and its definition reads where the search answered.
+    deferred: bool = False
 
 
 # What both APIs take as a tool's name (Anthropic's pattern; OpenAI's is the same to 64). A name

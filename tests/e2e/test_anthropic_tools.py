@@ -272,6 +272,12 @@ def test_a_tool_search_answered_with_tool_references_goes_on(client):
                                    thinking={"type": "between_tools"})
     counted = client.messages.count_tokens(model="tiny-vl", messages=messages, tools=tools).input_tokens
     assert counted == reply.usage.input_tokens + reply.usage.cache_read_input_tokens + reply.usage.cache_creation_input_tokens
+    # deferred tools are left out of the prompt's tool list (fewer tokens), yet stay callable
+    listed = client.messages.count_tokens(model="tiny-vl", messages=ASK, tools=[search, WEATHER, CLOCK]).input_tokens
+    assert client.messages.count_tokens(model="tiny-vl", messages=ASK, tools=tools).input_tokens < listed
+    forced = client.messages.create(model="tiny-vl", max_tokens=200, messages=messages, tools=tools,
+                                    tool_choice={"type": "tool", "name": "get_weather"})
+    assert [block.name for block in forced.content if block.type == "tool_use"][:1] == ["get_weather"]
     messages[-1]["content"][0]["content"] = [{"type": "tool_reference", "tool_name": "get_stock"}]
     with pytest.raises(anthropic.BadRequestError) as caught:
         client.messages.create(model="tiny-vl", max_tokens=8, messages=messages, tools=tools)

@@ -17,7 +17,7 @@ from typing import Any
 import jinja2
 import torch
 
-from localvl.conversation import Conversation, Image, Text, Thinking, ToolCall, ToolResult, Turn
+from localvl.conversation import Conversation, Image, Text, Thinking, Tool, ToolCall, ToolResult, Turn
 from localvl.engine.qwen_vl import PromptInputs
 from localvl.errors import InvalidRequestError
 from localvl.models import patches
@@ -72,16 +72,16 @@ def _assistant_message(turn: Turn) -> dict[str, Any]:
     return message
 
 
+def tool_definition(tool: Tool) -> dict[str, Any]:
+    """A tool as the chat templates (and the Hermes tool list) take it."""
+    return {"type": "function", "function": {"name": tool.name, "description": tool.description or "", "parameters": tool.input_schema}}
+
+
 def template_tools(conversation: Conversation) -> list[dict[str, Any]] | None:
-    if not conversation.tools:
-        return None
-    return [
-        {
-            "type": "function",
-            "function": {"name": t.name, "description": t.description or "", "parameters": t.input_schema},
-        }
-        for t in conversation.tools
-    ]
+    """The prompt's tool list: every tool but deferred ones (their definitions come with the tool
+    search results that name them), so the list, and the prefix cache, stay the same all along."""
+    listed = [tool_definition(t) for t in conversation.tools if not t.deferred]
+    return listed or None
 
 
 class Renderer:

@@ -12,6 +12,7 @@ from localvl.api.anthropic.schemas import CountTokensRequest, MessagesRequest
 from localvl.api.validation import parse_body
 from localvl.conversation import Image, Text, Thinking, Tool, ToolCall, ToolResult
 from localvl.errors import InvalidRequestError
+from localvl.prompt.render import template_tools, tool_definition
 from tests.helpers import image_b64
 
 
@@ -195,13 +196,26 @@ def test_tool_result_without_content_is_empty():
     assert part == ToolResult("a", (), False)
 
 
-def test_a_tool_search_result_of_tool_references_reads_as_the_names_it_found():
-    tools = [{"name": n, "input_schema": {"type": "object"}, "defer_loading": n != "f"} for n in ("f", "g", "h")]
-    refs = [{"type": "tool_reference", "tool_name": "g"}, {"type": "tool_reference", "tool_name": "h"}]
-    part = convert(answered({"type": "tool_result", "tool_use_id": "a", "content": refs}), tools=tools).turns[2].parts[0]
-    assert part == ToolResult("a", (Text("g"), Text("\nh")), False)
+def test_a_tool_search_result_of_tool_references_reads_as_the_definitions_it_found():
+    """A deferred tool is in no list the model saw: the reference brings its definition, where
+    Anthropic expands it; a listed tool's reference names it."""
+    tools = [{"name": n, "description": f"does {n}", "input_schema": {"type": "object"}, "defer_loading": n != "f"}
+             for n in ("f", "g", "h")]
+    refs = [{"type": "tool_reference", "tool_name": "g"}, {"type": "tool_reference", "tool_name": "f"}]
+    conversation = convert(answered({"type": "tool_result", "tool_use_id": "a", "content": refs}), tools=tools)
+    found, named = conversation.turns[2].parts[0].content
+    assert json.loads(found.text) == tool_definition(conversation.tools[1]) and named == Text("\nf")
+    assert [t.deferred for t in conversation.tools] == [False, True, True]
+    assert [t["function"]["name"] for t in template_tools(conversation)] == ["f"]  # the list leaves deferred ones out
     stray = answered({"type": "tool_result", "tool_use_id": "a", "content": [{"type": "tool_reference", "tool_name": "zz"}]})
     assert refused(stray, tools=tools).startswith("messages.2.content.0.content.0.tool_name: ")
+
+
+def test_every_tool_deferred_lists_them_all():
+    """Only a client's own search can find deferred tools; with no tool listed there is none."""
+    tools = [{"name": n, "input_schema": {"type": "object"}, "defer_loading": True} for n in ("g", "h")]
+    conversation = convert([{"role": "user", "content": "hi"}], tools=tools)
+    assert not any(t.deferred for t in conversation.tools) and len(template_tools(conversation)) == 2
 
 
 def test_tool_result_image_is_found_by_conversation_images():

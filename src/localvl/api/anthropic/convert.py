@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import json
 
 from typing import Any, Callable, Sequence
 
@@ -29,6 +31,7 @@ from localvl.media.context import MEDIA, Media, converting
 from localvl.media.documents import pdf_parts
 from localvl.media.images import check_images, sniff_media_type
 from localvl.media.images import decode_base64, load_image
+from localvl.prompt.render import tool_definition
 
 
 def _image(block: s.ImageBlockParam, where: str) -> Image:
@@ -189,7 +192,8 @@ def _readable(block: Any, at: str) -> list[Text | Image] | None:
 Verifier = Callable[[str, str], "str | None"]
 
 
-def _parts(role: str, content: str | list[Any], where: str, verify: Verifier | None = None) -> list[Part]:
+def _parts(role: str, content: str | list[Any], where: str, verify: Verifier | None = None,
+           definitions: dict[str, str] | None = None) -> list[Part]:
     if isinstance(content, str):
         return [Text(content)] if content else []
     parts: list[Part] = []
@@ -210,7 +214,7 @@ def _parts(role: str, content: str | list[Any], where: str, verify: Verifier | N
         elif isinstance(block, s.ToolResultBlockParam):
             if role != "user":
                 raise InvalidRequestError(f"{at}: tool_result blocks may only appear in user messages")
-            parts.append(_tool_result(block, at))
+            parts.append(_tool_result(block, at, definitions or {}))
         elif isinstance(block, s.ThinkingBlockParam):
             if role != "assistant":
                 raise InvalidRequestError(f"{at}: thinking blocks may only appear in assistant messages")
@@ -222,16 +226,17 @@ def _parts(role: str, content: str | list[Any], where: str, verify: Verifier | N
     return parts
 
 
-def _tool_result(block: s.ToolResultBlockParam, where: str) -> ToolResult:
+def _tool_result(block: s.ToolResultBlockParam, where: str, definitions: dict[str, str]) -> ToolResult:
     content: list[Text | Image] = []
     if isinstance(block.content, str):
         content.append(Text(block.content))
     elif block.content:
         for k, item in enumerate(block.content):
             if isinstance(item, s.ToolReferenceBlockParam):
-                # Anthropic expands a reference into the deferred tool's definition; every tool is
-                # given to the model from the first turn here, so the model reads the name it found.
-                content.append(Text(("\n" if content else "") + item.tool_name))
+                # Anthropic expands a reference into the tool's definition where it stands: a
+                # deferred tool is in no list the model has seen; a listed one is named.
+                found = definitions.get(item.tool_name, item.tool_name)
+                content.append(Text(("\n" if content else "") + found))
             else:
                 content.extend(_readable(item, f"{where}.content.{k}") or [])
     return ToolResult(block.tool_use_id, tuple(content), bool(block.is_error))
@@ -324,8 +329,10 @@ def _conversation(body: s._ConversationFields, verify: Verifier | None) -> Conve
     turns: list[Turn] = []
     if (system := _system_turn(body.system)) is not None:
         turns.append(system)
+    tools = _tools(body.tools or [])
+    definitions = {t.name: json.dumps(tool_definition(t), ensure_ascii=False) for t in tools if t.deferred}
     for i, message in enumerate(body.messages):
-        parts = _parts(message.role, message.content, f"messages.{i}", verify)
+        parts = _parts(message.role, message.content, f"messages.{i}", verify, definitions)
         if not parts:
             empty_prefill = message.role == "assistant" and i == len(body.messages) - 1
             # e.g. only redacted thinking or Anthropic's server-tool blocks: nothing a local model reads
@@ -342,7 +349,6 @@ def _conversation(body: s._ConversationFields, verify: Verifier | None) -> Conve
         raise InvalidRequestError("messages: at least one user message is required")
     if dialogue[0].role != "user":
         raise InvalidRequestError('messages: the first message must use the "user" role')
-    tools = _tools(body.tools or [])
     forced = _tool_choice(body.tool_choice, tools, _server_tools(body)).mode in ("any", "tool")  # (checked here for count_tokens too)
     thinking = _thinking(body.thinking)[0]
     if thinking and forced:
@@ -364,7 +370,11 @@ def _tools(tools: Sequence[s.ToolParam]) -> list[Tool]:
             raise InvalidRequestError(f"tools.{k}.name: String should match pattern '{TOOL_NAME_PATTERN}'")
         if any(t.name == seen.name for seen in out):
             raise InvalidRequestError(f"tools.{k}.name: tool names must be unique ({t.name!r} appears twice)")
-        out.append(Tool(t.name, t.description, t.input_schema))
+        out.append(Tool(t.name, t.description, t.input_schema, deferred=(t.model_extra or {}).get("defer_loading") is True))
+    if all(t.deferred for t in out):
+        # Deferred tools wait for a search to find them; with no client tool listed there is no
+        # search here (Anthropic's server search tool does not run locally): list them all.
+        out = [dataclasses.replace(t, deferred=False) for t in out]
     return out
 
 
