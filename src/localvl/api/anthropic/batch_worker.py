@@ -111,7 +111,10 @@ class BatchWorker:
         try:
             status, result = await self._run(store, item)
         except asyncio.CancelledError:
-            await asyncio.shield(store.release(self.id, item.batch_id, item.position))
+            # A dying engine process stops the server too, whose drain may cancel this before its
+            # EngineDiedError arrives: the request was in flight all the same, and counts as tried.
+            died = bool(getattr(self.state.engine, "died", False))
+            await asyncio.shield(store.release(self.id, item.batch_id, item.position, attempted=died))
             raise
         except NOT_THE_REQUESTS_FAULT as error:
             await store.release(self.id, item.batch_id, item.position, attempted=isinstance(error, EngineDiedError))
