@@ -186,6 +186,18 @@ def _unavailable() -> ServiceUnavailableError:
     return ServiceUnavailableError("the database is unreachable; retry shortly", headers={"retry-after": "5"})
 
 
+@contextlib.asynccontextmanager
+async def _reached(opening: Any) -> AsyncIterator[AsyncConnection]:
+    """``opening`` entered, a failure to connect turned into ``_unavailable()``; the block's own errors pass."""
+    async with contextlib.AsyncExitStack() as stack:
+        try:
+            connection = await stack.enter_async_context(opening)
+        except OSError as error:
+            logger.error("the database is unreachable (%s)", type(error).__name__)
+            raise _unavailable() from error
+        yield connection
+
+
 class Database:
     def __init__(self, url: str) -> None:
         self.url = url
@@ -209,23 +221,13 @@ class Database:
         500 on every route that needs it (with stored keys, every route); only connecting is
         translated, so an OSError of the caller's own work inside the block stays what it is.
         """
-        async with contextlib.AsyncExitStack() as stack:
-            try:
-                connection = await stack.enter_async_context(self.engine.begin())
-            except OSError as error:
-                logger.error("the database is unreachable (%s)", type(error).__name__)
-                raise _unavailable() from error
+        async with _reached(self.engine.begin()) as connection:
             yield connection
 
     @contextlib.asynccontextmanager
     async def connect(self) -> AsyncIterator[AsyncConnection]:
         """A connection without a transaction of its own (``AsyncEngine.connect``); as ``begin``."""
-        async with contextlib.AsyncExitStack() as stack:
-            try:
-                connection = await stack.enter_async_context(self.engine.connect())
-            except OSError as error:
-                logger.error("the database is unreachable (%s)", type(error).__name__)
-                raise _unavailable() from error
+        async with _reached(self.engine.connect()) as connection:
             yield connection
 
     async def start(self) -> int:
