@@ -158,3 +158,21 @@ def test_unusable_jwt_settings_are_refused_before_the_model_loads(tmp_path, caps
     assert "--jwt-secret" in capsys.readouterr().err
     assert main(["serve", "--model", missing, "--jwt-jwks-file", str(tmp_path / "absent.json")]) == 2
     assert "JWKS" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag,url", [
+    ("--database-url", "postgresql://localvl:hunter2@db/localvl"),  # psycopg: not an async driver
+    ("--database-url", "mysql+aiomysql://localvl:hunter2@db/localvl"),  # a driver not installed
+    ("--database-url", "hunter2 is not a URL"),
+    ("--redis-url", "http://:hunter2@cache:6379/0"),
+])
+def test_an_unusable_store_url_is_refused_at_start_without_printing_it(tmp_path, capsys, flag, url):
+    # Before, the server started and every request that needed the store was a 500.
+    assert main(["serve", "--model", str(tmp_path / "nothing"), flag, url]) == 2
+    err = capsys.readouterr().err
+    assert flag.removeprefix("--").replace("-", "_") in err
+    assert "hunter2" not in err  # the URL's password stays out of the terminal and the service's log
+    if flag == "--database-url":
+        assert main(["keys", "list", flag, url]) == 2
+        err = capsys.readouterr().err
+        assert "database_url" in err and "hunter2" not in err

@@ -210,3 +210,11 @@ def test_documented_devices_are_accepted(device):
 def test_an_unknown_device_is_refused_before_loading(device):
     with pytest.raises(ValidationError, match="device"):
         Settings(device=device)
+
+
+def test_store_urls_with_async_drivers_are_taken_as_given():
+    url = "postgresql+asyncpg://localvl:secret@db:5432/localvl"
+    assert Settings(database_url=url, redis_url="rediss://cache:6380/1").database_url == url
+    assert Settings(database_url="sqlite+aiosqlite:////var/lib/localvl/db").redis_url is None
+    with pytest.raises(ValidationError, match="synchronous driver"):
+        Settings(database_url="sqlite:////var/lib/localvl/db")

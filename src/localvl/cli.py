@@ -110,12 +110,12 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"  # the engine pro
 def serve(flags: dict[str, Any]) -> int:
     from pydantic import ValidationError
 
-    from localvl.settings import Settings
+    from localvl.settings import Settings, describe_invalid
 
     try:
         settings = Settings(**flags)
     except ValidationError as error:
-        print(f"localvl serve: invalid settings:\n{error}", file=sys.stderr)
+        print(f"localvl serve: invalid settings:\n{describe_invalid(error)}", file=sys.stderr)
         return 2
     except ValueError as error:
         print(f"localvl serve: {error}", file=sys.stderr)

@@ -217,6 +217,45 @@ class Settings(BaseSettings):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, not {value!r}")
         return value
 
+    @field_validator("database_url")
+    @classmethod
+    def _usable_database_url(cls, value: str | None) -> str | None:
+        # Checked here: a URL the store cannot open was a 500 on every request that needed it.
+        # The messages never repeat the URL, which may hold a password.
+        if value is None:
+            return value
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+        try:
+            dialect = make_url(value).get_dialect()
+        except (ArgumentError, NoSuchModuleError, ValueError) as error:
+            raise ValueError(f"database_url is not a database URL this server knows ({type(error).__name__}); "
+                             "use postgresql+asyncpg://user:password@host/db or sqlite+aiosqlite:///path") from None
+        if not dialect.is_async:
+            raise ValueError(f"database_url names the synchronous driver {dialect.driver!r}; use an async one: "
+                             "postgresql+asyncpg://... or sqlite+aiosqlite:///...")
+        try:
+            dialect.import_dbapi()
+        except ImportError:
+            extra = " (pip install 'localvl[postgres]')" if dialect.driver == "asyncpg" else ""
+            raise ValueError(f"database_url's driver {dialect.driver!r} is not installed{extra}") from None
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _usable_redis_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        from redis.asyncio.connection import parse_url
+
+        try:
+            parse_url(value)
+        except ValueError:
+            raise ValueError("redis_url is not a Redis URL: use redis://[:password@]host:port/db, rediss://... "
+                             "or unix:///path") from None
+        return value
+
     @field_validator("api_key", "alias", "url_allowlist", mode="before")
     @classmethod
     def _split_commas(cls, value: Any) -> Any:
@@ -260,3 +299,15 @@ class _ConfigFileSource(PydanticBaseSettingsSource):
         if unknown:
             raise ValueError(f"unknown settings in {path}: {', '.join(unknown)}")
         return values
+
+
+def describe_invalid(error: Exception) -> str:
+    """Settings' validation errors as lines of ``field: why``, without the values given: a database
+    URL or a secret would otherwise be printed to the terminal and the service's log."""
+    from pydantic import ValidationError
+
+    if not isinstance(error, ValidationError):
+        return str(error)
+    return "\n".join(
+        f"  {'.'.join(str(part) for part in item['loc']) or 'settings'}: {item['msg']}" for item in error.errors()
+    )

@@ -40,13 +40,13 @@ def add_parser(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from localvl.settings import Settings
+    from localvl.settings import Settings, describe_invalid
 
     flags = {k: getattr(args, k) for k in ("config", "data_dir", "database_url") if getattr(args, k) is not None}
     try:
         settings = Settings(**flags)
     except (ValidationError, ValueError) as error:
-        print(f"localvl keys: {error}", file=sys.stderr)
+        print(f"localvl keys: invalid settings:\n{describe_invalid(error)}", file=sys.stderr)
         return 2
     if args.action == "create":
         for name, _ in _LIMIT_FLAGS:
