@@ -132,3 +132,29 @@ def test_whole_files_no_row_points_at_are_swept_once_stale(tmp_path):
             await database.stop()
 
     asyncio.run(body())
+
+
+def test_expired_files_are_swept_without_being_asked_for(database_url, tmp_path):
+    async def body():
+        database = Database(database_url)
+        await database.start()
+        store = FileStore(database, tmp_path / "files")
+        try:
+            kept = await store.create("alice", "kept.txt", "text/plain", io.BytesIO(b"stays"))
+            lasting = await store.create("bob", "later.txt", "text/plain", io.BytesIO(b"a day"), expires_in=86400)
+            brief = [await store.create(owner, "brief.txt", "text/plain", io.BytesIO(b"soon gone" * 100), expires_in=0.01)
+                     for owner in ("alice", "bob")]
+            await asyncio.sleep(0.05)
+            assert await store.sweep_expired() == 2
+            assert await store.sweep_expired() == 0
+            async with database.connect() as connection:
+                ids = set((await connection.execute(sa.text("SELECT id FROM files"))).scalars())
+                pieces = set((await connection.execute(sa.select(file_chunks.c.file_id))).scalars())
+            assert ids == {kept.id, lasting.id}
+            for record in brief:  # no bytes left behind, wherever this backend keeps them
+                assert record.id not in pieces and not store.path(record.id).exists()
+            assert (await store.read("alice", kept.id))[1] == b"stays"
+        finally:
+            await database.stop()
+
+    asyncio.run(body())

@@ -220,6 +220,24 @@ class FileStore:
         self.path(file_id).unlink(missing_ok=True)
 
 
+    async def sweep_expired(self, limit: int = 1000) -> int:
+        """Delete up to ``limit`` files whose expiry has passed; how many. Without it an expired
+        file's bytes stayed (on disk or in the database) until someone asked for the file."""
+        now = dt.datetime.now(dt.timezone.utc)
+        async with self.database.connect() as connection:
+            rows = (await connection.execute(
+                sa.select(files.c.id, files.c.owner).where(files.c.expires_at <= now).limit(limit)
+            )).all()
+        swept = 0
+        for file_id, owner in rows:
+            try:
+                await self.delete(owner, file_id)
+                swept += 1
+            except NotFoundError:  # deleted meanwhile, by its owner or another server's sweep
+                pass
+        return swept
+
+
 def _record(row: sa.RowMapping) -> FileRecord:
     return FileRecord(row["id"], row["owner"], row["filename"], row["mime_type"], row["size_bytes"], row["sha256"],
                       utc(row["created_at"]), utc(row["expires_at"]))  # type: ignore[arg-type]

@@ -78,3 +78,19 @@ def test_requests_the_engine_died_under_are_done_again(loaded_model, tmp_path, e
     assert engine.submitted == submitted
     if result == "errored":
         assert {line["result"]["error"]["error"]["type"] for line in lines} == {"api_error"}
+
+
+def test_the_worker_sweeps_expired_uploads(loaded_model, tmp_path):
+    # The server's one background loop over the store deletes expired files' bytes, which before
+    # stayed on disk until someone asked for the file.
+    settings = Settings(api_key=[KEY], served_model_name="tiny-vl", data_dir=tmp_path, batch_lease=1.5)
+    with TestClient(create_app(settings, LocalEngine(loaded_model("qwen2_5_vl"))), headers={"x-api-key": KEY}) as client:
+        uploaded = client.post("/v1/files", files={"file": ("note.txt", b"brief", "text/plain")},
+                               data={"expires_in_seconds": "0.5"}, headers={"anthropic-beta": "files-api-2025-04-14"})
+        assert uploaded.status_code == 200, uploaded.text
+        stored = tmp_path / "files"
+        assert any(stored.iterdir())
+        deadline = time.monotonic() + 60  # a guard against hanging, not a timing
+        while any(path.is_file() for path in stored.iterdir()):
+            assert time.monotonic() < deadline, list(stored.iterdir())
+            time.sleep(0.1)

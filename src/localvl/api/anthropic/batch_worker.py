@@ -77,6 +77,8 @@ class BatchWorker:
                 if loop.time() - last_sweep > min(SWEEP_S, store.lease_s / 3):
                     await store.renew(self.id, list(self._running))
                     await store.sweep(dt.timedelta(seconds=self.settings.batch_retention))
+                    # The store's one background loop: expired uploads go here too.
+                    await (await self.state.store.files()).sweep_expired()
                     last_sweep = loop.time()
                 room = 0 if self._paused else self.settings.batch_concurrency - len(self._running)
                 claimed = await store.claim(self.id, room) if room > 0 else []
