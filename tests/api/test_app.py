@@ -189,6 +189,20 @@ def test_multipart_form_takes_an_image_part_without_a_filename(client):
     assert prompt_tokens(by_field.json()["usage"]) == prompt_tokens(text_only.json()["usage"])  # the UTF-8 prompt intact
 
 
+def test_multipart_form_text_fields_sent_as_files_are_read(client):
+    """curl's ``-F system=@prompt.txt`` sends a field as a file: its text counts, as typed in would."""
+    system = "你是一位细心的会计。Answer in one line."
+    typed = client.post("/v1/messages", data={"prompt": "总额是多少？", "system": system, "max_tokens": "3"})
+    as_files = client.post("/v1/messages", files={
+        "prompt": ("q.txt", "总额是多少？".encode(), "text/plain"), "system": ("s.txt", system.encode(), "text/plain"),
+        "max_tokens": ("n.txt", b"3\n", "text/plain")})
+    bare = client.post("/v1/messages", data={"prompt": "总额是多少？", "max_tokens": "3"})
+    assert typed.status_code == as_files.status_code == 200, as_files.text
+    assert prompt_tokens(as_files.json()["usage"]) == prompt_tokens(typed.json()["usage"]) > prompt_tokens(bare.json()["usage"])
+    not_text = client.post("/v1/messages", files={"prompt": ("q.txt", b"\xff\xfe\x00bad", "text/plain")})
+    assert "prompt" in assert_error(not_text, 400, "invalid_request_error")
+
+
 def test_multipart_form_errors_are_400(client):
     assert_error(client.post("/v1/messages", data={"max_tokens": "5"}, files={"x": ("a", b"b")}), 400, "invalid_request_error")
     bad = {"image": ("a.png", b"not an image at all", "image/png")}

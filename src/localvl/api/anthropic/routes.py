@@ -68,9 +68,22 @@ async def _form_body(request: Request, names: ModelNames) -> MessagesRequest:
         await form.close()
 
 
+async def _form_text(form: FormData, name: str, field: Callable[[str], str]) -> str:
+    """A text field's value; sent as a file (curl's ``-F system=@prompt.txt``), the file's text."""
+    value = form.get(name)
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return field(value)
+    try:
+        return (await value.read()).decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidRequestError(f"{name}: the file is not UTF-8 text") from None
+
+
 async def _form_message(form: FormData, field: Callable[[str], str], names: ModelNames) -> MessagesRequest:
-    prompt = form.get("prompt")
-    if not isinstance(prompt, str) or not field(prompt).strip():
+    prompt = await _form_text(form, "prompt", field)
+    if not prompt.strip():
         raise InvalidRequestError("prompt: a non-empty form field is required")
     content: list[dict[str, Any]] = []
     upload = form.get("image")
@@ -85,17 +98,17 @@ async def _form_message(form: FormData, field: Callable[[str], str], names: Mode
         content.append(
             {"type": "image", "source": {"type": "base64", "media_type": media_type, "data": base64.b64encode(data).decode()}}
         )
-    content.append({"type": "text", "text": field(prompt)})
-    model = form.get("model")
-    body: dict[str, Any] = {"model": field(model) if isinstance(model, str) and model else names.default.name,
+    content.append({"type": "text", "text": prompt})
+    model = await _form_text(form, "model", field)
+    body: dict[str, Any] = {"model": model.strip() or names.default.name,
                             "messages": [{"role": "user", "content": content}]}
-    max_tokens = form.get("max_tokens") or "1024"
+    max_tokens = (await _form_text(form, "max_tokens", field)).strip() or "1024"
     try:
-        body["max_tokens"] = int(str(max_tokens))
+        body["max_tokens"] = int(max_tokens)
     except ValueError:
         raise InvalidRequestError("max_tokens: must be an integer") from None
-    if isinstance(system := form.get("system"), str) and system:
-        body["system"] = field(system)
+    if system := await _form_text(form, "system", field):
+        body["system"] = system
     return parse_value(MessagesRequest, body, "")  # a 400 naming the field, as for a JSON body
 
 
