@@ -108,3 +108,38 @@ def test_blocks_a_preempted_sequence_already_counted_are_not_created_again():
     prompt = list(range(13))  # three full prompt blocks
     table = bm.allocate(prompt, ())
     assert bm.register(table, prompt, (), computed=13, prompt_length=13, settled=2) == 4  # block 2 alone
+
+
+def test_a_prefix_computed_twice_at_once_stays_hittable_while_either_copy_lives():
+    bm = BlockManager(num_blocks=8, block_size=4)
+    prompt = list(range(9))  # two full blocks and a last one
+    first, second = bm.allocate(prompt, ()), bm.allocate(prompt, ())  # both before either is computed
+    assert set(first.blocks).isdisjoint(second.blocks)
+    assert bm.register(first, prompt, (), computed=9, prompt_length=9) == 8
+    assert bm.register(second, prompt, (), computed=9, prompt_length=9) == 0  # a copy creates nothing new
+    bm.check([first, second])
+    assert bm.cached_prefix(prompt, ()) == first.blocks[:2]
+    bm.free(first)
+    hog = bm.allocate(list(range(100, 100 + 4 * bm.free_blocks)), ())  # every free block reused: first's copy is gone
+    assert set(hog.blocks) >= set(first.blocks)
+    bm.check([second, hog])
+    assert bm.cached_prefix(prompt, ()) == second.blocks[:2]  # before, nothing: only the first copy was indexed
+    kept = second.blocks[:2]
+    bm.free(hog)
+    bm.free(second)
+    assert bm.cached_prefix(prompt, ()) == kept  # freed, still hittable until reused
+    bm.check([])
+
+
+def test_a_freed_copy_is_reused_before_blocks_whose_content_is_held_nowhere_else():
+    bm = BlockManager(num_blocks=8, block_size=4)
+    prompt = list(range(9))
+    first, second = bm.allocate(prompt, ()), bm.allocate(prompt, ())
+    bm.register(first, prompt, (), computed=9, prompt_length=9)
+    bm.register(second, prompt, (), computed=9, prompt_length=9)
+    copies = second.blocks[:2]
+    bm.free(second)  # its first two blocks are stand-ins for first's
+    taken = bm.allocate(list(range(50, 58)), ())  # two blocks
+    assert set(taken.blocks) == set(copies)
+    bm.check([first, taken])
+    assert bm.cached_prefix(prompt, ()) == first.blocks[:2]

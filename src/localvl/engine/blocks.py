@@ -6,6 +6,10 @@ computed are registered under a chained hash of everything up to and including t
 and the content keys of any image inside), so a later sequence with the same prefix maps the
 same blocks instead of recomputing them. Freed blocks keep their hash until they are reused, so a
 prefix stays hittable for as long as memory allows.
+
+Sequences that compute one prefix at the same time (``n`` choices, identical concurrent requests)
+each hold a copy. One copy is published; the others are kept as its stand-ins, so the prefix
+stays hittable while any copy lives, and a freed stand-in is the first block reused.
 """
 
 from __future__ import annotations
@@ -82,6 +86,7 @@ class BlockManager:
         # Free blocks, least recently freed first (dict order; O(1) removal when a hit revives one).
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self._by_hash: dict[bytes, int] = {}
+        self._copies: dict[bytes, set[int]] = {}  # unpublished blocks holding a published hash's content
 
     @property
     def free_blocks(self) -> int:
@@ -98,8 +103,16 @@ class BlockManager:
         block_id, _ = self._free.popitem(last=False)
         block = self._blocks[block_id]
         if block.hash is not None:  # its old content is about to be overwritten
+            copies = self._copies.get(block.hash)
             if self._by_hash.get(block.hash) == block_id:
-                del self._by_hash[block.hash]
+                if copies:  # another block holds the same content: the prefix stays hittable
+                    self._by_hash[block.hash] = copies.pop()
+                else:
+                    del self._by_hash[block.hash]
+            elif copies is not None:
+                copies.discard(block_id)
+            if copies is not None and not copies:
+                del self._copies[block.hash]
             block.hash = None
         block.ref_count = 1
         return block_id
@@ -179,12 +192,14 @@ class BlockManager:
         created = 0
         hashes = block_hashes(tokens, images, self.block_size, full, table.hashed, table.tail)
         for index, digest in zip(range(table.hashed, full), hashes):
-            block = self._blocks[table.blocks[index]]
-            if digest not in self._by_hash:
-                self._by_hash[digest] = table.blocks[index]
-                block.hash = digest
-                if index >= settled and (index + 1) * self.block_size <= prompt_length:
-                    created += self.block_size
+            block_id = table.blocks[index]
+            block = self._blocks[block_id]
+            block.hash = digest
+            published = self._by_hash.setdefault(digest, block_id)
+            if published != block_id:
+                self._copies.setdefault(digest, set()).add(block_id)
+            elif index >= settled and (index + 1) * self.block_size <= prompt_length:
+                created += self.block_size
         table.hashed = full
         table.tail = hashes[-1]
         return created
@@ -196,6 +211,8 @@ class BlockManager:
             block.ref_count -= 1
             if block.ref_count == 0:
                 self._free[block_id] = None
+                if block.hash is not None and self._by_hash.get(block.hash) != block_id:
+                    self._free.move_to_end(block_id, last=False)  # a stand-in: its content is kept elsewhere
         table.blocks = []
         table.hashed = 0
         table.tail = b""
@@ -215,3 +232,11 @@ class BlockManager:
         for digest, block_id in self._by_hash.items():
             if self._blocks[block_id].hash != digest:
                 raise AssertionError(f"hash index points at block {block_id}, which holds other content")
+        for block_id, block in enumerate(self._blocks):
+            if block.hash is not None and self._by_hash.get(block.hash) != block_id \
+                    and block_id not in self._copies.get(block.hash, ()):
+                raise AssertionError(f"block {block_id} holds registered content that nothing indexes")
+        for digest, copies in self._copies.items():
+            for block_id in copies:
+                if self._blocks[block_id].hash != digest or self._by_hash.get(digest) in (None, block_id):
+                    raise AssertionError(f"block {block_id} stands in for content it does not hold, or unpublished")
