@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 import anthropic
+import httpx
 import jsonschema
 import pytest
 
@@ -297,3 +298,16 @@ def test_a_server_tool_is_dropped_and_forcing_it_says_why(client):
         client.messages.create(model="tiny-vl", max_tokens=4, messages=ASK, tools=[search, WEATHER],
                                tool_choice={"type": "tool", "name": "web_search"})
     assert "server tools" in caught.value.body["error"]["message"]
+
+
+def test_a_streamed_line_break_character_leaves_every_event_on_one_line(server):
+    # JSON may carry U+2028, U+2029 and NEL raw; httpx's iter_lines (str.splitlines) ends a line at each.
+    value = "a\u2028b\u2029c\x85d"
+    tool = {"name": "say", "input_schema": {"type": "object", "properties": {"word": {"enum": [value]}},
+                                            "required": ["word"], "additionalProperties": False}}
+    body = {"model": "tiny-vl", "max_tokens": 40, "stream": True, "tools": [tool], "tool_choice": {"type": "any"},
+            "messages": [{"role": "user", "content": "say it"}]}
+    with httpx.stream("POST", server.url + "/v1/messages", json=body, headers={"x-api-key": API_KEY}, timeout=60) as response:
+        events = [json.loads(line[len("data: "):]) for line in response.iter_lines() if line.startswith("data: ")]
+    inputs = [json.loads(e["delta"]["partial_json"]) for e in events if e["type"] == "content_block_delta"]
+    assert inputs and all(i == {"word": value} for i in inputs)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import httpx
 import jsonschema
 import openai
 import pytest
@@ -150,3 +151,18 @@ def test_reasoning_comes_as_reasoning_content(thinking_server):
     assert reasoning and "<think>" not in reasoning and "<think>" not in (message.content or "")
     plain = client.chat.completions.create(model="tiny-vl", messages=ASK, max_tokens=8, reasoning_effort="none")
     assert "reasoning_content" not in (plain.choices[0].message.model_extra or {})
+
+
+def test_a_streamed_line_break_character_leaves_every_chunk_on_one_line(server):
+    # JSON may carry U+2028, U+2029 and NEL raw; httpx's iter_lines (str.splitlines) ends a line at each.
+    value = "a\u2028b\u2029c\x85d"
+    function = {"name": "say", "parameters": {"type": "object", "properties": {"word": {"enum": [value]}},
+                                              "required": ["word"], "additionalProperties": False}}
+    body = {"model": "tiny-vl", "max_tokens": 40, "stream": True, "tools": [{"type": "function", "function": function}],
+            "tool_choice": "required", "parallel_tool_calls": False, "messages": [{"role": "user", "content": "say it"}]}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body,
+                      headers={"authorization": f"Bearer {API_KEY}"}, timeout=60) as response:
+        chunks = [json.loads(line[len("data: "):]) for line in response.iter_lines() if line.startswith("data: {")]
+    arguments = "".join(call["function"].get("arguments") or "" for chunk in chunks for choice in chunk["choices"]
+                        for call in choice["delta"].get("tool_calls") or [])
+    assert json.loads(arguments) == {"word": value}

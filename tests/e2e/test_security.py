@@ -138,6 +138,19 @@ def test_jwt_bearer_tokens_through_the_sdk(keyed):
     assert "expired" in raised.value.message
 
 
+def test_a_thread_is_continued_by_the_key_that_made_it_alone(keyed):
+    server, made, _ = keyed
+    owner, other = client(server, made["free"]), client(server, API_KEY)
+    first = owner.beta.messages.create(model="claude-sonnet-4-5", max_tokens=4, system="the owner's system prompt",
+                                       messages=[{"role": "user", "content": "hi"}], thread={"type": "create"})
+    follow = dict(model="claude-sonnet-4-5", max_tokens=4, messages=[{"role": "user", "content": "and then?"}],
+                  thread={"type": "continue", "previous_message_id": first.id})
+    with pytest.raises(anthropic.NotFoundError) as stranger:  # as if there were no thread: an id tells nothing
+        other.beta.messages.create(**follow)
+    assert stranger.value.error_code == "thread_not_found"
+    assert owner.beta.messages.create(**follow).usage.output_tokens > 0  # the stranger's try left it as it was
+
+
 def test_the_response_cache_through_the_sdk(keyed):
     server, made, _ = keyed
     c = client(server, made["free"])

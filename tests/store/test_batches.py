@@ -179,3 +179,17 @@ def test_a_request_given_back_because_the_server_was_busy_or_stopping_never_runs
 
     batch = run(database_url, body)
     assert batch.counts["succeeded"] == 1
+
+
+def test_results_stay_one_line_each_for_readers_that_split_on_unicode_line_breaks(database_url):
+    # JSON may carry U+2028, U+2029 and NEL raw in a string; str.splitlines() breaks lines at them.
+    text = "a\u2028b\u2029c\x85d"
+
+    async def body(store):
+        batch = await store.create("", REQUESTS[:2], dt.timedelta(hours=1))
+        for item in await store.claim("w", 2):
+            await store.finish("w", item.batch_id, item.position, "succeeded", {"type": "succeeded", "text": text})
+        return b"".join([chunk async for chunk in store.results("", batch.id)]).decode()
+
+    lines = run(database_url, body).splitlines()
+    assert [json.loads(line)["result"]["text"] for line in lines] == [text, text]

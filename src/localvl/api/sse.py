@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from typing import Any, AsyncIterator, TypeVar
+
+from localvl.json_lines import dumps
 
 T = TypeVar("T")
 
 
 def sse_event(name: str, data: dict[str, Any]) -> bytes:
     """One event with both an ``event:`` line and a ``data:`` line (SDKs dispatch on the name)."""
-    return f"event: {name}\ndata: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n".encode()
+    return f"event: {name}\ndata: {dumps(data)}\n\n".encode()
 
 
 class Heartbeat:

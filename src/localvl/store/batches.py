@@ -21,6 +21,7 @@ from typing import Any, AsyncIterator
 import sqlalchemy as sa
 
 from localvl.errors import InvalidRequestError, NotFoundError
+from localvl.json_lines import one_line
 from localvl.store.database import Database, batch_requests, batches, newest_first, utc
 
 _ALPHABET = string.ascii_letters + string.digits
@@ -161,7 +162,7 @@ class BatchStore:
                 )).all()
             if not rows:
                 return
-            lines = [b'{"custom_id":' + json.dumps(custom_id).encode() + b',"result":' + (result or "null").encode() + b"}\n"
+            lines = [b'{"custom_id":' + json.dumps(custom_id).encode() + b',"result":' + one_line(result or "null").encode() + b"}\n"
                      for _, custom_id, result in rows]
             yield b"".join(lines)
             position = rows[-1][0]

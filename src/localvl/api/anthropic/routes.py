@@ -137,7 +137,8 @@ def _threaded(
     """A request under ``thread``: the full conversation it stands for, and what to do once answered
     (keep the conversation under the reply's id; free the thread it continued)."""
     threads: ThreadStore = request.app.state.threads
-    full, previous = threads.begin(data)
+    owner = request.state.owner
+    full, previous = threads.begin(data, owner)
     try:
         body = parse_value(MessagesRequest, full, "")
     except BaseException:
@@ -147,7 +148,7 @@ def _threaded(
     def on_done(message_id: str, message: dict[str, Any] | None) -> None:
         threads.end(previous, continued=message is not None)
         if message is not None:
-            threads.store(message_id, full, message, size=size)
+            threads.store(message_id, owner, full, message, size=size)
 
     return body, on_done
 

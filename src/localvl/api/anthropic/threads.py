@@ -7,7 +7,8 @@ previous_message_id}`` sends only the new turn's messages, and the server puts t
 default. Each reply can be continued once. State is kept in memory, bounded in count and age: a
 thread that is gone is a 404 ``thread_not_found``, on which the SDK replays the whole conversation
 under a new thread, so losing state (a restart, eviction) costs one replay, never an error the
-client sees.
+client sees. A thread belongs to the key that made it, as files and batches do: another key's
+continue finds nothing (a message id is no secret: it travels in logs and transcripts).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ CREATE_ONLY = ("system", "tools")  # taken from the thread on a continue
 
 @dataclass
 class _Thread:
+    owner: str  # the key (or JWT subject) whose request made it
     fields: dict[str, Any]  # system, tools as the create request sent them (JSON)
     messages: list[dict[str, Any]]  # the whole history, the reply included
     size: int  # bytes of the request and reply that made it, roughly what it holds
@@ -51,8 +53,9 @@ class ThreadStore:
     def _drop(self, message_id: str) -> None:
         self.bytes -= self._items.pop(message_id).size
 
-    def begin(self, body: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
-        """The full request a ``continue`` stands for, and the id it continues (None for other requests).
+    def begin(self, body: dict[str, Any], owner: str) -> tuple[dict[str, Any], str | None]:
+        """The full request a ``continue`` by ``owner`` stands for, and the id it continues (None for
+        other requests).
 
         Raises the errors the SDK recovers from by replaying the conversation.
         """
@@ -66,7 +69,7 @@ class ThreadStore:
             raise InvalidRequestError("thread.previous_message_id: Field required")
         with self._lock:
             item = self._get(previous)
-            if item is None:
+            if item is None or item.owner != owner:
                 raise NotFoundError(f"thread: no stored conversation for {previous}", code="thread_not_found")
             if item.in_flight:
                 raise InvalidRequestError(
@@ -98,15 +101,16 @@ class ThreadStore:
                 item.in_flight = False
                 item.continued = item.continued or continued
 
-    def store(self, message_id: str, body: dict[str, Any], reply: dict[str, Any], size: int) -> None:
-        """Keep the conversation ``body`` (its full form) plus the assistant ``reply`` under ``message_id``;
-        ``size``: the bytes it came in (the oldest threads go first when the store holds too many)."""
+    def store(self, message_id: str, owner: str, body: dict[str, Any], reply: dict[str, Any], size: int) -> None:
+        """Keep the conversation ``body`` (its full form) plus the assistant ``reply`` under ``message_id``,
+        for ``owner`` alone to continue; ``size``: the bytes it came in (the oldest threads go first
+        when the store holds too many)."""
         messages = list(body.get("messages") or [])
         if reply.get("content"):
             messages.append({"role": "assistant", "content": reply["content"]})
         fields = {name: body[name] for name in CREATE_ONLY if name in body}
         with self._lock:
-            self._items[message_id] = _Thread(fields, messages, size)
+            self._items[message_id] = _Thread(owner, fields, messages, size)
             self.bytes += size
             while self.bytes > self.max_bytes and len(self._items) > 1:
                 self._drop(next(iter(self._items)))

@@ -16,6 +16,7 @@ from localvl.api.sse import HEARTBEAT, with_heartbeats
 from localvl.engine.events import Event, FinishReason, Finished, TextDelta, ThinkingDelta, TokenLogprob, ToolCallEvent
 from localvl.engine.protocol import GenerationStream
 from localvl.errors import InternalError, LocalvlError
+from localvl.json_lines import dumps
 
 logger = logging.getLogger(__name__)
 
@@ -187,7 +188,7 @@ async def collect_completion(
 
 
 def _data(payload: dict[str, Any]) -> bytes:
-    return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n".encode()
+    return f"data: {dumps(payload)}\n\n".encode()
 
 
 async def completion_chunks(
