@@ -4,7 +4,7 @@ import pytest
 from transformers import GenerationConfig, Qwen2Config
 
 from localvl.engine.sampling import ResolvedSampling
-from localvl.models.loader import ModelLoadError, load_model, pick_device, sampling_defaults
+from localvl.models.loader import ModelLoadError, load_model, model_context, pick_device, sampling_defaults
 
 
 def test_loads_each_family_with_context_and_eos(loaded_model):
@@ -17,6 +17,26 @@ def test_loads_each_family_with_context_and_eos(loaded_model):
 def test_max_model_len_overrides_the_context(model_dir):
     loaded = load_model(str(model_dir("qwen2_vl")), max_model_len=512)
     assert loaded.context_length == 512
+
+
+def test_max_model_len_beyond_the_models_positions_is_refused_before_the_weights_load(model_dir, monkeypatch):
+    import transformers
+
+    def never(*args, **kwargs):
+        raise AssertionError("the weights were loaded")
+
+    monkeypatch.setattr(transformers.AutoModelForImageTextToText, "from_pretrained", never)
+    with pytest.raises(ModelLoadError, match="--max-model-len 1000000 is beyond the 32768 tokens"):
+        load_model(str(model_dir("qwen2_vl")), max_model_len=1_000_000)
+
+
+def test_a_yarn_rope_scaling_stretches_the_models_context():
+    # as Qwen's model cards have users extend Qwen2.5-VL: rope_scaling {type: yarn, factor 4, original 32768}
+    plain = Qwen2Config(max_position_embeddings=32768)
+    assert model_context(plain) == 32768
+    yarn = Qwen2Config(max_position_embeddings=32768, rope_parameters={
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768, "rope_theta": 1e6})
+    assert model_context(yarn) == 131072
 
 
 def test_a_text_only_model_is_refused_with_a_clear_message(tmp_path):

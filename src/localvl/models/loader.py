@@ -94,6 +94,19 @@ def sampling_defaults(generation_config: Any) -> ResolvedSampling:
     )
 
 
+def model_context(text_config: Any) -> int:
+    """The longest context the model's positions reach: ``max_position_embeddings``, or as far as a
+    rope scaling in its config stretches them (the YaRN entry Qwen's model cards have users add for
+    long inputs: ``original_max_position_embeddings`` × ``factor``)."""
+    base = int(getattr(text_config, "max_position_embeddings", None) or 32768)
+    rope = getattr(text_config, "rope_parameters", None) or {}
+    factor = rope.get("factor") if isinstance(rope, dict) else None
+    if factor and rope.get("rope_type") in ("yarn", "linear", "dynamic", "longrope"):
+        original = rope.get("original_max_position_embeddings") or base
+        return max(base, int(original * float(factor)))
+    return base
+
+
 def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
     ids: set[int] = set()
     for source in (getattr(model, "generation_config", None), model.config.get_text_config()):
@@ -247,6 +260,16 @@ def load_model(
             f"{name_or_path!r} is {kind}; localvl serves Qwen vision-language models "
             f"({', '.join(SUPPORTED_MODEL_TYPES)})"
         )
+    context = model_context(config.get_text_config())
+    if max_model_len and max_model_len > context:
+        # Checked before the weights load: past its positions a model's output degrades silently,
+        # while /v1/models would tell clients the larger window is theirs to fill.
+        raise ModelLoadError(
+            f"--max-model-len {max_model_len} is beyond the {context} tokens {name_or_path!r} was made for "
+            "(max_position_embeddings in its config.json): give at most that, or extend its context as its "
+            "model card says (a rope_scaling of type yarn in config.json)"
+        )
+    context = max_model_len or context
     chosen_device = pick_device(device)
     chosen_dtype = pick_dtype(dtype, chosen_device)
     chosen_attention = pick_attention(attention, chosen_device)
@@ -273,9 +296,6 @@ def load_model(
         model.to(chosen_device)
     model.eval()
     torch.set_grad_enabled(False)
-    context = int(getattr(config.get_text_config(), "max_position_embeddings", 32768))
-    if max_model_len:
-        context = max_model_len
     logger.info(
         "loaded %s (%s) on %s as %s, attention %s%s, context %d tokens",
         name_or_path, config.model_type, chosen_device, str(chosen_dtype).removeprefix("torch."), chosen_attention,
