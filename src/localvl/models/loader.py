@@ -283,6 +283,7 @@ def load_model(
     try:
         processor = load_processor(name_or_path, **kwargs)
         apply_pixel_budget(processor, min_pixels, max_pixels)
+        require_chat_template(processor, name_or_path)
         model = AutoModelForImageTextToText.from_pretrained(name_or_path, **load_kwargs)
     except OSError as error:
         raise ModelLoadError(f"could not load {name_or_path!r}: {error}") from None
@@ -320,5 +321,18 @@ def load_frontend_processor(
 
     processor = load_processor(name_or_path, **({"revision": revision} if revision else {}))
     apply_pixel_budget(processor, min_pixels, max_pixels)
+    require_chat_template(processor, name_or_path)
     return processor
+
+
+def require_chat_template(processor: Any, name_or_path: str) -> None:
+    """Refuse a folder without a chat template: every prompt is rendered with the folder's own, so
+    without one the server would start and then turn every request away as the client's fault."""
+    owners = (processor, getattr(processor, "tokenizer", None))
+    if not any(getattr(owner, "chat_template", None) for owner in owners):
+        raise ModelLoadError(
+            f"{name_or_path} has no chat template (chat_template.jinja, chat_template.json, or chat_template in "
+            "tokenizer_config.json): a base model or a folder saved without it. Serve the Instruct model, or copy "
+            "its chat template file into the folder"
+        )
 
