@@ -56,6 +56,38 @@ def test_a_folder_missing_a_part_says_which(model_dir, tmp_path, remove, message
         load_model(str(folder))
 
 
+def test_weights_cloned_without_git_lfs_or_cut_short_are_refused_by_name(model_dir, tmp_path):
+    # transformers' own errors were a SafetensorError "header too large" / "incomplete metadata"
+    folder = copy_model(model_dir, tmp_path)
+    weights = folder / "model.safetensors"
+    whole = weights.read_bytes()
+    weights.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:" + "0" * 64 + "\nsize 12345\n")
+    with pytest.raises(ModelLoadError, match="model.safetensors .* is a git-lfs pointer.*git lfs pull"):
+        load_model(str(folder))
+    for cut in (whole[: len(whole) // 2], whole[:4], whole[:-1], whole + b"\0"):
+        weights.write_bytes(cut)
+        with pytest.raises(ModelLoadError, match="model.safetensors .* is not a whole safetensors file"):
+            check_folder(folder)
+    weights.write_bytes(whole)
+    check_folder(folder)
+
+
+def test_a_damaged_json_file_is_named(model_dir, tmp_path):
+    folder = copy_model(model_dir, tmp_path)
+    (folder / "tokenizer_config.json").write_text("{not json")  # was a bare JSONDecodeError traceback
+    with pytest.raises(ModelLoadError, match="tokenizer_config.json is not valid JSON"):
+        load_model(str(folder))
+
+
+def test_weights_of_another_size_than_the_config_say_so(model_dir, tmp_path):
+    folder = copy_model(model_dir, tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    config["text_config"]["intermediate_size"] *= 2
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match="weights of .* do not match its config.json"):
+        load_model(str(folder))
+
+
 def move_chat_template(folder: Path, where: str) -> None:
     """Keep the folder's template only where ``where`` says, as published folders variously keep it."""
     template = (folder / "chat_template.jinja").read_text()

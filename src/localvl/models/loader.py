@@ -149,6 +149,13 @@ def check_folder(folder: str | Path) -> dict[str, Any]:
     if not any(any(folder.glob(pattern)) for pattern in WEIGHT_PATTERNS):
         raise ModelLoadError(f"{folder} has no weights (*.safetensors or *.bin): the download may be incomplete; "
                              "pull it again (`localvl pull MODEL`)")
+    for path in sorted(folder.glob("*.json")):
+        if path.name != "config.json" and path.stat().st_size < 1 << 20:  # not tokenizer.json's megabytes
+            try:
+                json.loads(path.read_text())
+            except ValueError as error:
+                raise ModelLoadError(f"{path} is not valid JSON ({error}): copy the whole model folder, or pull it "
+                                     "again") from None
     index = next(iter(folder.glob("*.index.json")), None)
     if index is not None:
         shards = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
@@ -156,6 +163,8 @@ def check_folder(folder: str | Path) -> dict[str, Any]:
         if missing:
             raise ModelLoadError(f"{folder} lacks {len(missing)} of its {len(shards)} weight files ({missing[0]}, ...): "
                                  "the download is incomplete; pull it again (`localvl pull MODEL`) to resume")
+    for path in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")):
+        _check_weights_file(path)
     if not (folder / "tokenizer.json").is_file() and not (folder / "vocab.json").is_file():
         raise ModelLoadError(f"{folder} has no tokenizer (tokenizer.json or vocab.json): copy the whole model "
                              "folder, or pull it again")
@@ -172,6 +181,33 @@ def check_folder(folder: str | Path) -> dict[str, Any]:
                 f"pip install {' '.join(missing)} (its kernels usually need a CUDA GPU)"
             )
     return config
+
+
+def _check_weights_file(path: Path) -> None:
+    """A weights file that is a git-lfs pointer or cut short (safetensors' header and length
+    disagree), refused by name: transformers' own error is a bare "header too large"."""
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        head = handle.read(8)
+        if size < 1024 and (head + handle.read(1016)).startswith(b"version https://git-lfs"):
+            raise ModelLoadError(
+                f"{path.name} in {path.parent} is a git-lfs pointer, not the weights: the folder was cloned without "
+                "git-lfs. Run `git lfs pull` in it, or pull the model with `localvl pull MODEL`"
+            )
+        if path.suffix != ".safetensors":
+            return
+        length = int.from_bytes(head, "little") if len(head) == 8 else size
+        header = handle.read(length) if 8 + length <= size else b""
+    try:
+        tensors = json.loads(header)
+        end = max((t["data_offsets"][1] for k, t in tensors.items() if k != "__metadata__"), default=0)
+    except (ValueError, TypeError, KeyError, IndexError):
+        end = -1
+    if 8 + length + end != size:
+        raise ModelLoadError(
+            f"{path.name} in {path.parent} is not a whole safetensors file ({size} bytes): the download was cut "
+            "short or the file is damaged. Pull the model again (`localvl pull MODEL`)"
+        )
 
 
 def pick_attention(attention: str, device: str) -> str:
@@ -289,6 +325,14 @@ def load_model(
         raise ModelLoadError(f"could not load {name_or_path!r}: {error}") from None
     except ImportError as error:  # a quantization or attention backend that is not installed
         raise ModelLoadError(f"could not load {name_or_path!r}: {error}") from None
+    except RuntimeError as error:
+        if "mismatched" not in str(error):
+            raise
+        # transformers printed its load report (which weights, which shapes) just above
+        raise ModelLoadError(
+            f"the weights of {name_or_path!r} do not match its config.json (shapes in the load report above): "
+            "the config belongs to another model or size; copy the folder whole"
+        ) from None
     except ValueError as error:
         if "pixel" in str(error):
             raise ModelLoadError(f"--min-pixels/--max-pixels: {error}") from None
