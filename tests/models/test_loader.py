@@ -80,3 +80,25 @@ def test_cuda_asked_for_where_there_is_none_says_so(monkeypatch):
         with pytest.raises(ModelLoadError, match="--device cpu"):
             pick_device(device)
     assert pick_device("auto") == "cpu" and pick_device("cpu") == "cpu"
+
+
+def test_a_folders_published_generation_config_fills_each_unset_field_on_its_own(model_dir, tmp_path):
+    """Qwen3-VL-Instruct's generation_config.json: a client that gives only a temperature (Anthropic's
+    SDKs default none; some clients send 1.0) still gets the folder's top_p and top_k."""
+    import shutil
+
+    from localvl.conversation import SamplingParams
+    from localvl.engine.frontend import Frontend, ModelFacts
+
+    folder = tmp_path / "model"
+    shutil.copytree(model_dir("qwen3_vl"), folder)
+    (folder / "generation_config.json").write_text(json.dumps({
+        "bos_token_id": 151643, "pad_token_id": 151643, "do_sample": True, "eos_token_id": [151645, 151643],
+        "top_k": 20, "top_p": 0.8, "repetition_penalty": 1.0, "temperature": 0.7, "transformers_version": "4.56.0"}))
+    loaded = load_model(str(folder))
+    assert loaded.sampling_defaults == ResolvedSampling(temperature=0.7, top_p=0.8, top_k=20)
+    frontend = Frontend(loaded.processor, ModelFacts(0, 2, loaded.sampling_defaults, 4096))
+    assert frontend._resolve(SamplingParams(max_tokens=8)) == loaded.sampling_defaults
+    assert frontend._resolve(SamplingParams(max_tokens=8, temperature=1.0)) == ResolvedSampling(1.0, 0.8, 20)
+    given = SamplingParams(max_tokens=8, temperature=0.0, top_p=0.5, top_k=3, repetition_penalty=1.2)
+    assert frontend._resolve(given) == ResolvedSampling(0.0, 0.5, 3, 1.2)
