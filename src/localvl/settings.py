@@ -59,7 +59,9 @@ class Settings(BaseSettings):
     )
     device: str = Field("auto", description="auto, cpu, cuda, cuda:1, ...")
     dtype: str = Field("auto", description="auto, bfloat16, float16 or float32")
-    max_model_len: int | None = Field(None, ge=16, description="context length; default: the model's")
+    max_model_len: int | None = Field(
+        None, ge=16, description="context length, at most the model's (a larger one is refused); default: the model's"
+    )
     max_batch_tokens: int | None = Field(
         None, ge=16,
         description="tokens per engine step (decodes plus prefill chunks); smaller: shorter pauses in running streams "

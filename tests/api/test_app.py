@@ -258,6 +258,26 @@ def test_served_name_is_the_folder_name_or_the_whole_hub_id(tmp_path):
     assert served_name(Settings(served_model_name="vl"), engine("Qwen/Qwen2.5-VL-7B-Instruct")) == "vl"
 
 
+def test_a_hub_cache_snapshot_given_as_a_folder_is_served_under_its_hub_id(tmp_path):
+    # `--model ~/.cache/huggingface/hub/models--Qwen--.../snapshots/<commit>`: was served as the commit hash
+    from types import SimpleNamespace
+
+    from localvl.api.app import served_name
+    from localvl.engine.protocol import ModelInfo
+
+    commit = "0b8dda4ccf6c3d4444a660fe4e8f027dca55e2e7"
+    hugging_face = tmp_path / "hub" / "models--Qwen--Qwen2.5-VL-3B-Instruct" / "snapshots" / commit
+    modelscope = tmp_path / "modelscope" / "models" / "Qwen--Qwen3-VL-2B-Instruct" / "snapshots" / "master"
+    other = tmp_path / "snapshots" / "mine"
+    for folder in (hugging_face, modelscope, other):
+        folder.mkdir(parents=True)
+    engine = lambda source: SimpleNamespace(info=ModelInfo(str(source), "qwen2_5_vl", 4096))  # noqa: E731
+    assert served_name(Settings(), engine(hugging_face)) == "Qwen/Qwen2.5-VL-3B-Instruct"
+    assert served_name(Settings(), engine(modelscope)) == "Qwen/Qwen3-VL-2B-Instruct"
+    assert served_name(Settings(), engine(other)) == "mine"
+    assert served_name(Settings(served_model_name="vl"), engine(hugging_face)) == "vl"
+
+
 def test_media_limits_are_settings(loaded_model):
     settings = Settings(served_model_name="tiny-vl", max_images=2, max_image_bytes=4096, max_pdf_pages=1)
     app = create_app(settings, LocalEngine(loaded_model("qwen2_5_vl")))

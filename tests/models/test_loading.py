@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from localvl.media.images import load_image
-from localvl.models.loader import ModelLoadError, check_folder, load_model, pick_attention
+from localvl.models.loader import ModelLoadError, check_folder, load_frontend_processor, load_model, pick_attention
 from localvl.prompt.render import Renderer
 from localvl.conversation import Conversation, Text, Turn
 from tests.engine.test_local import generate, run, with_engine, conversation
@@ -53,6 +53,72 @@ def test_a_folder_missing_a_part_says_which(model_dir, tmp_path, remove, message
     folder = copy_model(model_dir, tmp_path)
     (folder / remove).unlink()
     with pytest.raises(ModelLoadError, match=message):
+        load_model(str(folder))
+
+
+def test_weights_cloned_without_git_lfs_or_cut_short_are_refused_by_name(model_dir, tmp_path):
+    # transformers' own errors were a SafetensorError "header too large" / "incomplete metadata"
+    folder = copy_model(model_dir, tmp_path)
+    weights = folder / "model.safetensors"
+    whole = weights.read_bytes()
+    weights.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:" + "0" * 64 + "\nsize 12345\n")
+    with pytest.raises(ModelLoadError, match="model.safetensors .* is a git-lfs pointer.*git lfs pull"):
+        load_model(str(folder))
+    for cut in (whole[: len(whole) // 2], whole[:4], whole[:-1], whole + b"\0"):
+        weights.write_bytes(cut)
+        with pytest.raises(ModelLoadError, match="model.safetensors .* is not a whole safetensors file"):
+            check_folder(folder)
+    weights.write_bytes(whole)
+    check_folder(folder)
+
+
+def test_a_damaged_json_file_is_named(model_dir, tmp_path):
+    folder = copy_model(model_dir, tmp_path)
+    (folder / "tokenizer_config.json").write_text("{not json")  # was a bare JSONDecodeError traceback
+    with pytest.raises(ModelLoadError, match="tokenizer_config.json is not valid JSON"):
+        load_model(str(folder))
+
+
+def test_weights_of_another_size_than_the_config_say_so(model_dir, tmp_path):
+    folder = copy_model(model_dir, tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    config["text_config"]["intermediate_size"] *= 2
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match="weights of .* do not match its config.json"):
+        load_model(str(folder))
+
+
+def move_chat_template(folder: Path, where: str) -> None:
+    """Keep the folder's template only where ``where`` says, as published folders variously keep it."""
+    template = (folder / "chat_template.jinja").read_text()
+    (folder / "chat_template.jinja").unlink()
+    if where == "chat_template.jinja":
+        (folder / "chat_template.jinja").write_text(template)
+    elif where == "chat_template.json":  # Qwen2-VL / Qwen2.5-VL
+        (folder / "chat_template.json").write_text(json.dumps({"chat_template": template}))
+    elif where == "tokenizer_config.json":
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+        (folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": template}))
+
+
+@pytest.mark.parametrize("where", ["chat_template.jinja", "chat_template.json", "tokenizer_config.json"])
+def test_the_chat_template_is_read_wherever_the_folder_keeps_it(model_dir, tmp_path, where):
+    folder = copy_model(model_dir, tmp_path)
+    move_chat_template(folder, where)
+    text = Renderer(load_frontend_processor(str(folder))).prompt_text(Conversation([Turn("user", [Text("hi")])]))
+    assert text.endswith("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_a_folder_without_a_chat_template_is_refused_at_load(model_dir, tmp_path, monkeypatch):
+    # else the server started, then answered every request with a 400 blaming the conversation
+    import transformers
+
+    folder = copy_model(model_dir, tmp_path)
+    move_chat_template(folder, "nowhere")
+    with pytest.raises(ModelLoadError, match="has no chat template"):
+        load_frontend_processor(str(folder))
+    monkeypatch.setattr(transformers.AutoModelForImageTextToText, "from_pretrained", lambda *a, **k: 1 / 0)
+    with pytest.raises(ModelLoadError, match="has no chat template"):
         load_model(str(folder))
 
 

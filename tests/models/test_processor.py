@@ -69,3 +69,21 @@ def test_a_torchvision_image_processor_is_swapped_for_the_pil_one_with_the_fast_
     assert isinstance(loaded.image_processor, _FastPatches)
     monkeypatch.undo()
     assert loaded.image_processor.to_dict() == load_processor(folder).image_processor.to_dict()
+
+
+def test_a_pixel_budget_saved_as_min_and_max_pixels_in_size_is_read(model_dir, tmp_path):
+    """transformers 4.45-4.49 saved ``size: {min_pixels, max_pixels}`` (fine-tunes of that time
+    carry it); transformers 5 loads it and then refused every image, so every image request was a 400."""
+    import json
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(model_dir("qwen2_5_vl"), folder)
+    config = json.loads((folder / "processor_config.json").read_text())
+    size = config["image_processor"]["size"]
+    config["image_processor"]["size"] = {"min_pixels": size["shortest_edge"], "max_pixels": size["longest_edge"]}
+    (folder / "processor_config.json").write_text(json.dumps(config))
+    legacy, current = load_processor(str(folder)), load_processor(str(model_dir("qwen2_5_vl")))
+    picture = Image.new("RGB", (300, 200), (10, 20, 30))
+    grids = [p.image_processor(images=[picture], return_tensors="pt")["image_grid_thw"] for p in (legacy, current)]
+    assert torch.equal(*grids)

@@ -28,6 +28,7 @@ from localvl.api.model_names import ModelNames, ServedModel, parse_aliases
 from localvl.api.response_cache import MemoryCache, RedisCache, ResponseCache, model_fingerprint
 from localvl.api.signatures import ThinkingSigner
 from localvl.engine.protocol import Engine
+from localvl.models.hub.common import snapshot_repo_id
 from localvl.models.tiny import default_cache_dir
 from localvl.observability.access import log_access
 from localvl.observability.metrics import Metrics
@@ -40,11 +41,14 @@ from localvl.store.lazy import LazyStore
 
 
 def served_name(settings: Settings, engine: Engine) -> str:
-    """The API name of the model: --served-model-name, else a folder's name or the hub id itself."""
+    """The API name of the model: --served-model-name, else a folder's name or the hub id itself
+    (a snapshot folder in a hub's cache is named by its hub id, not its commit hash)."""
     if settings.served_model_name:
         return settings.served_model_name
     source = engine.info.name_or_path
-    return Path(source).name if Path(source).is_dir() else source
+    if not Path(source).is_dir():
+        return source
+    return snapshot_repo_id(Path(source)) or Path(source).name
 
 
 def model_names(settings: Settings, engine: Engine, created_at: datetime | None = None) -> ModelNames:

@@ -94,6 +94,19 @@ def sampling_defaults(generation_config: Any) -> ResolvedSampling:
     )
 
 
+def model_context(text_config: Any) -> int:
+    """The longest context the model's positions reach: ``max_position_embeddings``, or as far as a
+    rope scaling in its config stretches them (the YaRN entry Qwen's model cards have users add for
+    long inputs: ``original_max_position_embeddings`` × ``factor``)."""
+    base = int(getattr(text_config, "max_position_embeddings", None) or 32768)
+    rope = getattr(text_config, "rope_parameters", None) or {}
+    factor = rope.get("factor") if isinstance(rope, dict) else None
+    if factor and rope.get("rope_type") in ("yarn", "linear", "dynamic", "longrope"):
+        original = rope.get("original_max_position_embeddings") or base
+        return max(base, int(original * float(factor)))
+    return base
+
+
 def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
     ids: set[int] = set()
     for source in (getattr(model, "generation_config", None), model.config.get_text_config()):
@@ -136,6 +149,13 @@ def check_folder(folder: str | Path) -> dict[str, Any]:
     if not any(any(folder.glob(pattern)) for pattern in WEIGHT_PATTERNS):
         raise ModelLoadError(f"{folder} has no weights (*.safetensors or *.bin): the download may be incomplete; "
                              "pull it again (`localvl pull MODEL`)")
+    for path in sorted(folder.glob("*.json")):
+        if path.name != "config.json" and path.stat().st_size < 1 << 20:  # not tokenizer.json's megabytes
+            try:
+                json.loads(path.read_text())
+            except ValueError as error:
+                raise ModelLoadError(f"{path} is not valid JSON ({error}): copy the whole model folder, or pull it "
+                                     "again") from None
     index = next(iter(folder.glob("*.index.json")), None)
     if index is not None:
         shards = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
@@ -143,6 +163,8 @@ def check_folder(folder: str | Path) -> dict[str, Any]:
         if missing:
             raise ModelLoadError(f"{folder} lacks {len(missing)} of its {len(shards)} weight files ({missing[0]}, ...): "
                                  "the download is incomplete; pull it again (`localvl pull MODEL`) to resume")
+    for path in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")):
+        _check_weights_file(path)
     if not (folder / "tokenizer.json").is_file() and not (folder / "vocab.json").is_file():
         raise ModelLoadError(f"{folder} has no tokenizer (tokenizer.json or vocab.json): copy the whole model "
                              "folder, or pull it again")
@@ -159,6 +181,33 @@ def check_folder(folder: str | Path) -> dict[str, Any]:
                 f"pip install {' '.join(missing)} (its kernels usually need a CUDA GPU)"
             )
     return config
+
+
+def _check_weights_file(path: Path) -> None:
+    """A weights file that is a git-lfs pointer or cut short (safetensors' header and length
+    disagree), refused by name: transformers' own error is a bare "header too large"."""
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        head = handle.read(8)
+        if size < 1024 and (head + handle.read(1016)).startswith(b"version https://git-lfs"):
+            raise ModelLoadError(
+                f"{path.name} in {path.parent} is a git-lfs pointer, not the weights: the folder was cloned without "
+                "git-lfs. Run `git lfs pull` in it, or pull the model with `localvl pull MODEL`"
+            )
+        if path.suffix != ".safetensors":
+            return
+        length = int.from_bytes(head, "little") if len(head) == 8 else size
+        header = handle.read(length) if 8 + length <= size else b""
+    try:
+        tensors = json.loads(header)
+        end = max((t["data_offsets"][1] for k, t in tensors.items() if k != "__metadata__"), default=0)
+    except (ValueError, TypeError, KeyError, IndexError):
+        end = -1
+    if 8 + length + end != size:
+        raise ModelLoadError(
+            f"{path.name} in {path.parent} is not a whole safetensors file ({size} bytes): the download was cut "
+            "short or the file is damaged. Pull the model again (`localvl pull MODEL`)"
+        )
 
 
 def pick_attention(attention: str, device: str) -> str:
@@ -247,6 +296,16 @@ def load_model(
             f"{name_or_path!r} is {kind}; localvl serves Qwen vision-language models "
             f"({', '.join(SUPPORTED_MODEL_TYPES)})"
         )
+    context = model_context(config.get_text_config())
+    if max_model_len and max_model_len > context:
+        # Checked before the weights load: past its positions a model's output degrades silently,
+        # while /v1/models would tell clients the larger window is theirs to fill.
+        raise ModelLoadError(
+            f"--max-model-len {max_model_len} is beyond the {context} tokens {name_or_path!r} was made for "
+            "(max_position_embeddings in its config.json): give at most that, or extend its context as its "
+            "model card says (a rope_scaling of type yarn in config.json)"
+        )
+    context = max_model_len or context
     chosen_device = pick_device(device)
     chosen_dtype = pick_dtype(dtype, chosen_device)
     chosen_attention = pick_attention(attention, chosen_device)
@@ -260,11 +319,20 @@ def load_model(
     try:
         processor = load_processor(name_or_path, **kwargs)
         apply_pixel_budget(processor, min_pixels, max_pixels)
+        require_chat_template(processor, name_or_path)
         model = AutoModelForImageTextToText.from_pretrained(name_or_path, **load_kwargs)
     except OSError as error:
         raise ModelLoadError(f"could not load {name_or_path!r}: {error}") from None
     except ImportError as error:  # a quantization or attention backend that is not installed
         raise ModelLoadError(f"could not load {name_or_path!r}: {error}") from None
+    except RuntimeError as error:
+        if "mismatched" not in str(error):
+            raise
+        # transformers printed its load report (which weights, which shapes) just above
+        raise ModelLoadError(
+            f"the weights of {name_or_path!r} do not match its config.json (shapes in the load report above): "
+            "the config belongs to another model or size; copy the folder whole"
+        ) from None
     except ValueError as error:
         if "pixel" in str(error):
             raise ModelLoadError(f"--min-pixels/--max-pixels: {error}") from None
@@ -273,9 +341,6 @@ def load_model(
         model.to(chosen_device)
     model.eval()
     torch.set_grad_enabled(False)
-    context = int(getattr(config.get_text_config(), "max_position_embeddings", 32768))
-    if max_model_len:
-        context = max_model_len
     logger.info(
         "loaded %s (%s) on %s as %s, attention %s%s, context %d tokens",
         name_or_path, config.model_type, chosen_device, str(chosen_dtype).removeprefix("torch."), chosen_attention,
@@ -300,5 +365,18 @@ def load_frontend_processor(
 
     processor = load_processor(name_or_path, **({"revision": revision} if revision else {}))
     apply_pixel_budget(processor, min_pixels, max_pixels)
+    require_chat_template(processor, name_or_path)
     return processor
+
+
+def require_chat_template(processor: Any, name_or_path: str) -> None:
+    """Refuse a folder without a chat template: every prompt is rendered with the folder's own, so
+    without one the server would start and then turn every request away as the client's fault."""
+    owners = (processor, getattr(processor, "tokenizer", None))
+    if not any(getattr(owner, "chat_template", None) for owner in owners):
+        raise ModelLoadError(
+            f"{name_or_path} has no chat template (chat_template.jinja, chat_template.json, or chat_template in "
+            "tokenizer_config.json): a base model or a folder saved without it. Serve the Instruct model, or copy "
+            "its chat template file into the folder"
+        )
 

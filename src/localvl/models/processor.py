@@ -79,8 +79,19 @@ def _pil_images(processor: Any, name_or_path: str, **kwargs: Any) -> Any:
 def _faster(processor: Any) -> Any:
     image_processor = getattr(processor, "image_processor", None)
     if image_processor is not None:
+        _read_legacy_size(image_processor)
         fast_patches(image_processor)
     return processor
+
+
+def _read_legacy_size(image_processor: Any) -> None:
+    """A pixel budget saved as ``size: {min_pixels, max_pixels}`` (transformers 4.45-4.49 wrote it so,
+    and fine-tunes of that time carry it) read as the ``shortest_edge``/``longest_edge`` that
+    transformers 5 loads it beside and then demands of every image."""
+    size = dict(getattr(image_processor, "size", None) or {})
+    if size.get("shortest_edge") is None and size.get("longest_edge") is None and size.get("max_pixels"):
+        edges = {"shortest_edge": int(size.get("min_pixels") or 56 * 56), "longest_edge": int(size["max_pixels"])}
+        image_processor.size = {**{k: v for k, v in size.items() if k not in ("min_pixels", "max_pixels")}, **edges}
 
 
 def apply_pixel_budget(processor: Any, min_pixels: int | None = None, max_pixels: int | None = None) -> None:

@@ -40,6 +40,15 @@ def is_hub_id(model: str) -> bool:
     return bool(HUB_ID.match(model)) and not os.path.exists(model)
 
 
+def snapshot_repo_id(folder: Path) -> str | None:
+    """The hub id of a folder that is a snapshot in a hub's cache (``models--Qwen--Qwen2.5-VL-3B-Instruct/
+    snapshots/<commit>``; ModelScope's ``models/Qwen--Qwen2.5-VL-3B-Instruct/snapshots/<revision>``), else None."""
+    folder = Path(folder).absolute()
+    if folder.parent.name != "snapshots":
+        return None
+    owner, sep, name = folder.parent.parent.name.removeprefix("models--").partition("--")
+    return f"{owner}/{name}" if sep and owner and name else None
+
 
 def progress_class() -> type:
     """A tqdm class writing to stderr whether or not it is a terminal.
