@@ -197,7 +197,8 @@ def serve(flags: dict[str, Any]) -> int:
         return 2
     # SIGTERM/SIGINT: refuse new requests, let running ones (streams included) finish for up to
     # --shutdown-timeout seconds, then stop the batch worker (its claims go back) and the engine.
-    serving.run(app, settings.host, settings.port, settings.log_level.lower(), settings.shutdown_timeout)
+    serving.run(app, settings.host, settings.port, settings.log_level.lower(), settings.shutdown_timeout,
+                settings.forwarded_allow_ips)
     # Shut down cleanly (the lifespan stopped the batch worker, the engine and the store): exit now,
     # rather than wait at interpreter teardown on a thread some library left running.
     logging.shutdown()

@@ -148,6 +148,11 @@ class Settings(BaseSettings):
     batch_expiry: float = Field(24 * 3600, gt=0, description="seconds after which a batch's unstarted requests expire")
     batch_retention: float = Field(29 * 24 * 3600, gt=0, description="seconds a finished batch's results are kept")
     batch_lease: float = Field(120, gt=0, description="seconds a claimed batch request is held without renewal")
+    forwarded_allow_ips: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["127.0.0.1"],
+        description="addresses or networks (CIDR) of reverse proxies whose X-Forwarded-Proto and X-Forwarded-For are "
+        "believed ('*': any), so a batch's results_url keeps the https:// its clients used",
+    )
     insecure_no_auth: bool = Field(False, description="allow a non-loopback host, and requests under any Host name, with no API key")
     jwt_secret: str | None = Field(None, description="accept JWT bearer tokens signed with this HS256 secret (32+ characters)")
     jwt_public_key: Path | None = Field(None, description="accept JWT bearer tokens signed by this RS256/ES256 public key (PEM file)")
@@ -258,7 +263,7 @@ class Settings(BaseSettings):
                              "or unix:///path") from None
         return value
 
-    @field_validator("api_key", "alias", "url_allowlist", mode="before")
+    @field_validator("api_key", "alias", "url_allowlist", "forwarded_allow_ips", mode="before")
     @classmethod
     def _split_commas(cls, value: Any) -> Any:
         if isinstance(value, str):

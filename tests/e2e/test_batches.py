@@ -226,3 +226,25 @@ def test_a_debug_log_holds_no_client_content(client, server):
         "model": "tiny-vl", "max_tokens": 2, "messages": [{"role": "user", "content": f"{marker} in a batch"}]}}])
     wait_until_ended(client, batch.id)
     assert marker not in server.log()
+
+
+def test_results_url_keeps_the_scheme_a_believed_proxy_reports(model_dir, tmp_path):
+    """Behind a proxy that ends TLS, results_url must say https, or the SDK would send its key over
+    plain HTTP to fetch the results. Proxies are believed by --forwarded-allow-ips (loopback by default)."""
+    server = Server(model_dir("qwen2_vl"), tmp_path / "server.log", "--forwarded-allow-ips", "10.0.0.0/8,192.168.7.7")
+    try:
+        client = anthropic.Anthropic(base_url=server.url, api_key=API_KEY, max_retries=0, timeout=60)
+        batch = wait_until_ended(client, client.messages.batches.create(requests=[{"custom_id": "a", "params": params(0)}]).id)
+        assert batch.results_url.startswith("http://")
+        # this client (127.0.0.1) is no proxy named: what it claims about the scheme is not taken
+        claimed = client.messages.batches.retrieve(batch.id, extra_headers={"x-forwarded-proto": "https"})
+        assert claimed.results_url.startswith("http://127.0.0.1")
+    finally:
+        server.stop()
+    trusting = Server(model_dir("qwen2_vl"), tmp_path / "trusting.log", "--data-dir", str(server.log_path.parent / f"data-{server.port}"))
+    try:
+        client = anthropic.Anthropic(base_url=trusting.url, api_key=API_KEY, max_retries=0, timeout=60)
+        behind_tls = client.messages.batches.retrieve(batch.id, extra_headers={"x-forwarded-proto": "https"})
+        assert behind_tls.results_url == f"https://127.0.0.1:{trusting.port}/v1/messages/batches/{batch.id}/results"
+    finally:
+        trusting.stop()

@@ -77,10 +77,13 @@ class DrainingServer(uvicorn.Server):
         return drained.result()
 
 
-def run(app: Any, host: str, port: int, log_level: str, shutdown_timeout: float) -> None:
+def run(app: Any, host: str, port: int, log_level: str, shutdown_timeout: float,
+        forwarded_allow_ips: list[str] | None = None) -> None:
     # uvicorn's own grace period only covers what the drain already waited for. Its access log is
     # off: it writes each request's path and query string (ids, whatever a client put there);
     # localvl.access logs the route template instead. Its own messages stay at INFO or above.
     uvicorn_level = "info" if log_level.lower() in ("debug", "trace") else log_level
-    config = uvicorn.Config(app, host=host, port=port, log_level=uvicorn_level, access_log=False, timeout_graceful_shutdown=1)
+    # The proxies named are believed about the scheme the client used (uvicorn's proxy headers).
+    config = uvicorn.Config(app, host=host, port=port, log_level=uvicorn_level, access_log=False, timeout_graceful_shutdown=1,
+                            forwarded_allow_ips=forwarded_allow_ips or ["127.0.0.1"])
     DrainingServer(config, shutdown_timeout).run()
