@@ -309,6 +309,41 @@ def test_file_uploads_have_their_own_limits(loaded_model, tmp_path):
         assert client.get(f"/v1/files/{ok.json()['id']}/content").content == b"x" * 20_000
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_database(request, tmp_path):
+    if request.param == "sqlite":
+        yield None
+        return
+    from tests.store.conftest import POSTGRES, drop_postgres_database, fresh_postgres_database
+
+    if not POSTGRES:
+        pytest.skip("no PostgreSQL server (set LOCALVL_TEST_POSTGRES_URL; .ci/run starts one)")
+    url, name = fresh_postgres_database()
+    yield url
+    drop_postgres_database(name)
+
+
+def test_upload_names_and_types_the_store_cannot_keep_are_400s_or_set_aside(loaded_model, tmp_path, any_database):
+    # PostgreSQL refuses a NUL and values past a column's length: each was a 500 there, while SQLite kept them
+    settings = Settings(served_model_name="tiny-vl", data_dir=tmp_path, database_url=any_database)
+    with TestClient(create_app(settings, LocalEngine(loaded_model("qwen2_5_vl"))), base_url="http://localhost") as client:
+        longest = client.post("/v1/files", files={"file": ("文" * 508 + ".txt", b"x", "text/plain")})
+        assert longest.status_code == 200 and longest.json()["filename"] == "文" * 508 + ".txt"
+        too_long = client.post("/v1/files", files={"file": ("文" * 509 + ".txt", b"x", "text/plain")})
+        assert "at most 512 characters" in assert_error(too_long, 400, "invalid_request_error")
+        form = (b'--X\r\nContent-Disposition: form-data; name="file"; filename="a\x00b.txt"\r\n'
+                b"Content-Type: text/plain\r\n\r\nx\r\n--X--\r\n")
+        nul = client.post("/v1/files", content=form, headers={"content-type": "multipart/form-data; boundary=X"})
+        assert "NUL" in assert_error(nul, 400, "invalid_request_error")
+        # a declared type that is no media type (too long, or not ASCII) is set aside as an undeclared one
+        for declared in ("text/" + "x" * 300, "text/中文"):
+            upload = client.post("/v1/files", files={"file": ("notes.txt", b"x", declared)})
+            assert upload.status_code == 200 and upload.json()["mime_type"] == "text/plain", upload.text
+        kept = client.post("/v1/files", files={"file": ("a.csv", b"x", "text/csv; charset=utf-8")})
+        assert kept.json()["mime_type"] == "text/csv; charset=utf-8"
+        assert len(client.get("/v1/files").json()["data"]) == 4
+
+
 def test_a_client_that_leaves_mid_body_is_a_499_not_a_server_error(caplog):
     import asyncio
 
