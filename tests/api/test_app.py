@@ -344,6 +344,22 @@ def test_upload_names_and_types_the_store_cannot_keep_are_400s_or_set_aside(load
         assert len(client.get("/v1/files").json()["data"]) == 4
 
 
+@pytest.mark.parametrize("name", ["报告/2024 草稿.txt", "résumé 2024.txt", "plain-name_1.txt", "a b;c.txt"])
+def test_a_download_names_its_file_per_rfc_6266_with_an_ascii_fallback(client, name):
+    import re
+    from urllib.parse import unquote
+
+    uploaded = client.post("/v1/files", files={"file": (name, "内容".encode(), "text/plain")}).json()
+    assert uploaded["filename"] == name
+    header = client.get(f"/v1/files/{uploaded['id']}/content").headers["content-disposition"]
+    plain = re.fullmatch(r'attachment; filename="([\x20-\x7e]*)"(?:; filename\*=UTF-8\'\'([^;\s]*))?', header)
+    assert plain is not None, header  # the ASCII filename first, for clients that read only it
+    if plain.group(2) is None:
+        assert plain.group(1) == name
+    else:  # RFC 5987: only attr-chars and percent-escapes (no "/", no space)
+        assert re.fullmatch(r"[A-Za-z0-9!#$&+.^_`|~%-]*", plain.group(2)) and unquote(plain.group(2)) == name
+
+
 def test_a_client_that_leaves_mid_body_is_a_499_not_a_server_error(caplog):
     import asyncio
 

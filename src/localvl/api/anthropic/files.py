@@ -158,8 +158,13 @@ async def content(request: Request, file_id: str) -> StreamingResponse:
 
 
 def _disposition(filename: str) -> str:
-    quoted = quote(filename)
-    return f"attachment; filename*=utf-8''{quoted}" if quoted != filename else f'attachment; filename="{filename}"'
+    """RFC 6266: the name as RFC 5987's ``filename*`` (whose value may hold no "/", which ``quote``
+    keeps by default), after a plain ``filename`` fallback for clients that read only that."""
+    encoded = quote(filename, safe="")
+    fallback = "".join(c if " " <= c <= "~" and c not in '"\\' else "_" for c in filename)
+    if encoded == filename:
+        return f'attachment; filename="{filename}"'
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{encoded}"
 
 
 @router.delete("/v1/files/{file_id}")
