@@ -189,6 +189,16 @@ def test_multipart_form_takes_an_image_part_without_a_filename(client):
     assert prompt_tokens(by_field.json()["usage"]) == prompt_tokens(text_only.json()["usage"])  # the UTF-8 prompt intact
 
 
+def test_an_urlencoded_form_reads_utf_8_raw_or_percent_encoded(client):
+    """``curl -d "prompt=你好"`` sends the UTF-8 bytes raw; browsers and ``--data-urlencode`` escape them."""
+    urlencoded = {"content-type": "application/x-www-form-urlencoded"}
+    raw = client.post("/v1/messages", content="prompt=这是 什么？&max_tokens=1&system=系统".encode(), headers=urlencoded)
+    escaped = client.post("/v1/messages", data={"prompt": "这是 什么？", "max_tokens": "1", "system": "系统"})
+    as_json = client.post("/v1/messages", json=body(max_tokens=1, system="系统", messages=[{"role": "user", "content": "这是 什么？"}]))
+    assert raw.status_code == escaped.status_code == as_json.status_code == 200, raw.text
+    assert prompt_tokens(raw.json()["usage"]) == prompt_tokens(escaped.json()["usage"]) == prompt_tokens(as_json.json()["usage"])
+
+
 def test_multipart_form_errors_are_400(client):
     assert_error(client.post("/v1/messages", data={"max_tokens": "5"}, files={"x": ("a", b"b")}), 400, "invalid_request_error")
     bad = {"image": ("a.png", b"not an image at all", "image/png")}
