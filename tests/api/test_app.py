@@ -203,6 +203,16 @@ def test_multipart_form_text_fields_sent_as_files_are_read(client):
     assert "prompt" in assert_error(not_text, 400, "invalid_request_error")
 
 
+def test_an_urlencoded_form_reads_utf_8_raw_or_percent_encoded(client):
+    """``curl -d "prompt=你好"`` sends the UTF-8 bytes raw; browsers and ``--data-urlencode`` escape them."""
+    urlencoded = {"content-type": "application/x-www-form-urlencoded"}
+    raw = client.post("/v1/messages", content="prompt=这是 什么？&max_tokens=1&system=系统".encode(), headers=urlencoded)
+    escaped = client.post("/v1/messages", data={"prompt": "这是 什么？", "max_tokens": "1", "system": "系统"})
+    as_json = client.post("/v1/messages", json=body(max_tokens=1, system="系统", messages=[{"role": "user", "content": "这是 什么？"}]))
+    assert raw.status_code == escaped.status_code == as_json.status_code == 200, raw.text
+    assert prompt_tokens(raw.json()["usage"]) == prompt_tokens(escaped.json()["usage"]) == prompt_tokens(as_json.json()["usage"])
+
+
 def test_multipart_form_errors_are_400(client):
     assert_error(client.post("/v1/messages", data={"max_tokens": "5"}, files={"x": ("a", b"b")}), 400, "invalid_request_error")
     bad = {"image": ("a.png", b"not an image at all", "image/png")}
@@ -341,6 +351,57 @@ def test_file_uploads_have_their_own_limits(loaded_model, tmp_path):
         both = client.get("/v1/files", params={"ids": ok.json()["id"], "limit": 5})
         assert "mutually exclusive" in assert_error(both, 400, "invalid_request_error")
         assert client.get(f"/v1/files/{ok.json()['id']}/content").content == b"x" * 20_000
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_database(request, tmp_path):
+    if request.param == "sqlite":
+        yield None
+        return
+    from tests.store.conftest import POSTGRES, drop_postgres_database, fresh_postgres_database
+
+    if not POSTGRES:
+        pytest.skip("no PostgreSQL server (set LOCALVL_TEST_POSTGRES_URL; .ci/run starts one)")
+    url, name = fresh_postgres_database()
+    yield url
+    drop_postgres_database(name)
+
+
+def test_upload_names_and_types_the_store_cannot_keep_are_400s_or_set_aside(loaded_model, tmp_path, any_database):
+    # PostgreSQL refuses a NUL and values past a column's length: each was a 500 there, while SQLite kept them
+    settings = Settings(served_model_name="tiny-vl", data_dir=tmp_path, database_url=any_database)
+    with TestClient(create_app(settings, LocalEngine(loaded_model("qwen2_5_vl"))), base_url="http://localhost") as client:
+        longest = client.post("/v1/files", files={"file": ("文" * 508 + ".txt", b"x", "text/plain")})
+        assert longest.status_code == 200 and longest.json()["filename"] == "文" * 508 + ".txt"
+        too_long = client.post("/v1/files", files={"file": ("文" * 509 + ".txt", b"x", "text/plain")})
+        assert "at most 512 characters" in assert_error(too_long, 400, "invalid_request_error")
+        form = (b'--X\r\nContent-Disposition: form-data; name="file"; filename="a\x00b.txt"\r\n'
+                b"Content-Type: text/plain\r\n\r\nx\r\n--X--\r\n")
+        nul = client.post("/v1/files", content=form, headers={"content-type": "multipart/form-data; boundary=X"})
+        assert "NUL" in assert_error(nul, 400, "invalid_request_error")
+        # a declared type that is no media type (too long, or not ASCII) is set aside as an undeclared one
+        for declared in ("text/" + "x" * 300, "text/中文"):
+            upload = client.post("/v1/files", files={"file": ("notes.txt", b"x", declared)})
+            assert upload.status_code == 200 and upload.json()["mime_type"] == "text/plain", upload.text
+        kept = client.post("/v1/files", files={"file": ("a.csv", b"x", "text/csv; charset=utf-8")})
+        assert kept.json()["mime_type"] == "text/csv; charset=utf-8"
+        assert len(client.get("/v1/files").json()["data"]) == 4
+
+
+@pytest.mark.parametrize("name", ["报告/2024 草稿.txt", "résumé 2024.txt", "plain-name_1.txt", "a b;c.txt"])
+def test_a_download_names_its_file_per_rfc_6266_with_an_ascii_fallback(client, name):
+    import re
+    from urllib.parse import unquote
+
+    uploaded = client.post("/v1/files", files={"file": (name, "内容".encode(), "text/plain")}).json()
+    assert uploaded["filename"] == name
+    header = client.get(f"/v1/files/{uploaded['id']}/content").headers["content-disposition"]
+    plain = re.fullmatch(r'attachment; filename="([\x20-\x7e]*)"(?:; filename\*=UTF-8\'\'([^;\s]*))?', header)
+    assert plain is not None, header  # the ASCII filename first, for clients that read only it
+    if plain.group(2) is None:
+        assert plain.group(1) == name
+    else:  # RFC 5987: only attr-chars and percent-escapes (no "/", no space)
+        assert re.fullmatch(r"[A-Za-z0-9!#$&+.^_`|~%-]*", plain.group(2)) and unquote(plain.group(2)) == name
 
 
 def test_a_client_that_leaves_mid_body_is_a_499_not_a_server_error(caplog):

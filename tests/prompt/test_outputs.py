@@ -222,6 +222,32 @@ def test_numbers_past_a_floats_range_come_back_finite():
     json.dumps(hermes.input, allow_nan=False)  # what the API writes: strict JSON
 
 
+def utf8(value) -> bytes:
+    return json.dumps(value, ensure_ascii=False).encode("utf-8")  # what the API writes
+
+
+def test_surrogate_escapes_come_back_as_characters_and_a_lone_half_as_u_fffd():
+    # Models often write emoji as surrogate-pair escapes; whole pairs are the character, and a half
+    # left alone (a pair cut by the token limit, or a model's slip) must not make the response
+    # unencodable.
+    whole = parse_tool_call('{"name": "f", "arguments": {"q": "\\ud83c\\udf38\\u5317"}}')
+    assert whole.input == {"q": "🌸北"}
+    lone = parse_tool_call('{"name": "f", "arguments": {"q": ["a\\ud83c b"], "\\udc00": 1}}')
+    assert lone.input == {"q": ["a\ufffd b"], "\ufffd": 1}
+    xml = parse_tool_call("<function=f>\n<parameter=q>\n[\"\\ud83c\"]\n</parameter>\n</function>",
+                          {"f": {"properties": {"q": {"type": "array"}}}})
+    assert xml.input == {"q": ["\ufffd"]}
+    for call in (whole, lone, xml):
+        utf8(call.input)
+
+
+@pytest.mark.parametrize("arguments", ['{"q": "\\ud83c\\udf38\\ud83c', '"{\\"q\\": \\"\\ud83c\\udf38\\ud83c'])
+def test_a_call_cut_between_the_halves_of_a_surrogate_pair_encodes(arguments):
+    parser = OutputParser(tools=True, thinking=False)
+    [call] = run(parser, '<tool_call>{"name": "f", "arguments": ' + arguments, truncated=True)
+    utf8(call.input), utf8(call.partial)
+
+
 def test_xml_values_of_untyped_enums_take_their_values_types():
     schemas = {"pick": {"type": "object", "properties": {
         "n": {"enum": [1, 2, 3]}, "b": {"enum": [True, False]}, "m": {"enum": ["a", 1, None]}, "c": {"const": 7}}}}

@@ -76,13 +76,34 @@ def _constant(name: str) -> float | None:
     return None if name == "NaN" else math.copysign(sys.float_info.max, -1.0 if name.startswith("-") else 1.0)
 
 
-def loads(text: str) -> Any:
+def loads(text: str, paired: bool = True) -> Any:
     """``json.loads`` for what a model wrote: numbers past a float's range, and the non-JSON
-    ``Infinity``/``NaN``, become finite numbers (or null), so what reaches the client is JSON."""
+    ``Infinity``/``NaN``, become finite numbers (or null), and (``paired``) a lone surrogate escape
+    becomes U+FFFD, so what reaches the client is JSON that encodes as UTF-8."""
     try:
-        return json.loads(text, parse_float=_finite, parse_constant=_constant)
+        value = json.loads(text, parse_float=_finite, parse_constant=_constant)
     except RecursionError:  # nested past the parser's depth: unparseable, as any malformed text
         raise ValueError("JSON nested too deeply") from None
+    return _paired(value) if paired and _SURROGATE_ESCAPE.search(text) else value
+
+
+# A surrogate written as an escape (a model that writes emoji as "\ud83d\ude00", cut off by the
+# token limit between the two halves, leaves the first alone). json.loads joins whole pairs; a
+# half left alone would make every response holding it fail to encode as UTF-8.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _paired(value: Any) -> Any:
+    """``value`` with every lone surrogate in its strings and keys replaced by U+FFFD (what a UTF-8
+    decoder makes of a character that never completed)."""
+    if isinstance(value, str):
+        return _SURROGATE.sub("\ufffd", value)
+    if isinstance(value, list):
+        return [_paired(item) for item in value]
+    if isinstance(value, dict):
+        return {_paired(key): _paired(item) for key, item in value.items()}
+    return value
 
 
 def pointed(root: Any, ref: str) -> Any:
@@ -244,7 +265,7 @@ def parse_cut_tool_call(body: str, schemas: Schemas | None = None) -> ToolCallPi
     named = _NAME.match(body)
     if named is None:
         return None
-    name = json.loads(f'"{named.group(1)}"')
+    name = loads(f'"{named.group(1)}"')
     partial = _written_arguments(body, named.end())
     try:
         value = closed_prefix(body, named.end())
@@ -271,13 +292,14 @@ def is_json_prefix(text: str) -> bool:
     return False
 
 
-def closed_prefix(text: str, floor: int = 0) -> Any:
+def closed_prefix(text: str, floor: int = 0, paired: bool = True) -> Any:
     """The value of the longest prefix of cut-off JSON ``text`` that parses once its open string,
     arrays and objects are closed (trimmed back up to 64 characters, never before ``floor``);
-    ``ValueError`` if none does."""
+    ``ValueError`` if none does. ``paired``: as ``loads``'s (a client's text keeps its lone
+    surrogates, for its check to refuse them)."""
     for cut in range(len(text), max(floor, len(text) - 64) - 1, -1):
         try:
-            return loads(_closed(text[:cut].rstrip().rstrip(",:")))
+            return loads(_closed(text[:cut].rstrip().rstrip(",:")), paired)
         except ValueError:
             continue
     raise ValueError("no prefix parses")
@@ -292,7 +314,7 @@ def _written_arguments(body: str, after_name: int) -> str:
     written = body[key.end() :]
     if written.startswith('"'):  # arguments written as a JSON string: the text it holds so far
         try:
-            written = json.loads(_closed(written))
+            written = loads(_closed(written))
         except ValueError:  # cut inside an escape
             return ""
         if not isinstance(written, str):

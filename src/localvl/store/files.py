@@ -27,6 +27,9 @@ from localvl.store.database import Database, file_chunks, files, newest_first, u
 
 _ALPHABET = string.ascii_letters + string.digits
 CHUNK = 1 << 20
+# The columns' lengths, in characters: PostgreSQL refuses longer values (SQLite would keep them).
+MAX_FILENAME = files.c.filename.type.length
+MAX_MIME_TYPE = files.c.mime_type.type.length
 
 
 @dataclass(frozen=True)

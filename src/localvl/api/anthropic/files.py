@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 from typing import Any, AsyncIterator
 from urllib.parse import quote
 
@@ -14,7 +15,7 @@ from localvl.api.auth import require_api_key
 from localvl.api.forms import form_text, read_form
 from localvl.errors import InvalidRequestError, RequestTooLargeError
 from localvl.media.images import sniff_media_type
-from localvl.store.files import FileRecord, FileStore
+from localvl.store.files import MAX_FILENAME, MAX_MIME_TYPE, FileRecord, FileStore
 
 MULTIPART_ALLOWANCE = 1 << 20  # an upload's body is the file plus its form: boundaries, headers, fields
 MAX_EXPIRES_IN = 100 * 365 * 24 * 3600
@@ -39,11 +40,20 @@ async def _files(request: Request) -> FileStore:
     return await request.app.state.store.files()
 
 
+# type/subtype, then any parameters, in printable ASCII: a part's Content-Type arrives decoded as
+# latin-1 (forms.py), so anything else would be stored as mojibake.
+_MEDIA_TYPE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+/[!#$%&'*+.^_`|~0-9A-Za-z-]+(?:\s*;[\x20-\x7e]*)?")
+
+
+def _is_media_type(value: str) -> bool:
+    return len(value) <= MAX_MIME_TYPE and _MEDIA_TYPE.fullmatch(value) is not None
+
+
 def _mime_type(declared: str | None, filename: str, head: bytes) -> str:
     sniffed = sniff_media_type(head) or ("application/pdf" if head.startswith(b"%PDF-") else None)
     if sniffed is not None:
         return sniffed
-    if declared and declared != "application/octet-stream":
+    if declared and declared != "application/octet-stream" and _is_media_type(declared):
         return declared
     if filename.lower().endswith((".txt", ".md", ".csv")):
         return "text/plain"
@@ -71,6 +81,10 @@ async def _store_upload(request: Request, form: FormData, limit: int) -> JSONRes
         size: int | None = len(upload)
     else:
         content, filename, declared, size = upload.file, form_text(upload.filename or "") or "upload", upload.content_type, upload.size
+        if len(filename) > MAX_FILENAME:
+            raise InvalidRequestError(f"file: the filename may be at most {MAX_FILENAME} characters; it has {len(filename)}")
+        if "\x00" in filename:
+            raise InvalidRequestError("file: the filename may not contain a NUL character")
     if size is not None and size > limit:  # the body's limit allows for the form around it
         raise RequestTooLargeError(f"file is {size} bytes; the limit is {limit} bytes")
     head = content.read(16)
@@ -144,8 +158,13 @@ async def content(request: Request, file_id: str) -> StreamingResponse:
 
 
 def _disposition(filename: str) -> str:
-    quoted = quote(filename)
-    return f"attachment; filename*=utf-8''{quoted}" if quoted != filename else f'attachment; filename="{filename}"'
+    """RFC 6266: the name as RFC 5987's ``filename*`` (whose value may hold no "/", which ``quote``
+    keeps by default), after a plain ``filename`` fallback for clients that read only that."""
+    encoded = quote(filename, safe="")
+    fallback = "".join(c if " " <= c <= "~" and c not in '"\\' else "_" for c in filename)
+    if encoded == filename:
+        return f'attachment; filename="{filename}"'
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{encoded}"
 
 
 @router.delete("/v1/files/{file_id}")

@@ -20,7 +20,7 @@ from localvl.api.anthropic.stream import Output, collect_message, message_events
 from localvl.api.auth import require_api_key
 from localvl.api.deadline import Deadline
 from localvl.api.disconnect import until_disconnect
-from localvl.api.forms import form_bytes, form_text, read_form
+from localvl.api.forms import form_bytes, form_text, read_form, read_urlencoded
 from localvl.api.limits import rate_limited
 from localvl.api.middleware import new_id
 from localvl.prompt.outputs import tool_call_id
@@ -57,40 +57,41 @@ def _signer(request: Request) -> ThinkingSigner:
 
 async def _form_body(request: Request, names: ModelNames) -> MessagesRequest:
     """The seed's original interface: a form with ``prompt`` and an optional ``image`` file."""
-    if request.headers["content-type"].startswith("multipart/form-data"):
+    multipart = request.headers["content-type"].startswith("multipart/form-data")
+    if multipart:
         form = await read_form(request, request.app.state.settings.max_request_bytes)
-        field = form_text
     else:
-        form, field = await request.form(), str
+        form = await read_urlencoded(request)
     try:
-        return await _form_message(form, field, names)
+        return await _form_message(form, multipart, names)
     finally:
         await form.close()
 
 
-async def _form_text(form: FormData, name: str, field: Callable[[str], str]) -> str:
-    """A text field's value; sent as a file (curl's ``-F system=@prompt.txt``), the file's text."""
+async def _form_text(form: FormData, name: str) -> str:
+    """A text field's value (both form readers leave fields as latin-1: ``form_text`` reads them);
+    sent as a file (curl's ``-F system=@prompt.txt``), the file's text."""
     value = form.get(name)
     if value is None:
         return ""
     if isinstance(value, str):
-        return field(value)
+        return form_text(value)
     try:
         return (await value.read()).decode("utf-8")
     except UnicodeDecodeError:
         raise InvalidRequestError(f"{name}: the file is not UTF-8 text") from None
 
 
-async def _form_message(form: FormData, field: Callable[[str], str], names: ModelNames) -> MessagesRequest:
-    prompt = await _form_text(form, "prompt", field)
+async def _form_message(form: FormData, multipart: bool, names: ModelNames) -> MessagesRequest:
+    prompt = await _form_text(form, "prompt")
     if not prompt.strip():
         raise InvalidRequestError("prompt: a non-empty form field is required")
     content: list[dict[str, Any]] = []
     upload = form.get("image")
-    if isinstance(upload, str) and upload and field is str:
+    if isinstance(upload, str) and upload and not multipart:
         raise InvalidRequestError("image: send the image as a file part of a multipart/form-data form")
     # Without a filename the image arrives as a field; an HTML form's empty file input sends no bytes.
-    data = b"" if upload is None or field is str else await form_bytes(upload)
+    data = b"" if upload is None or not multipart else await form_bytes(upload)
     if data:
         media_type = sniff_media_type(data)
         if media_type is None:
@@ -99,15 +100,15 @@ async def _form_message(form: FormData, field: Callable[[str], str], names: Mode
             {"type": "image", "source": {"type": "base64", "media_type": media_type, "data": base64.b64encode(data).decode()}}
         )
     content.append({"type": "text", "text": prompt})
-    model = await _form_text(form, "model", field)
+    model = await _form_text(form, "model")
     body: dict[str, Any] = {"model": model.strip() or names.default.name,
                             "messages": [{"role": "user", "content": content}]}
-    max_tokens = (await _form_text(form, "max_tokens", field)).strip() or "1024"
+    max_tokens = (await _form_text(form, "max_tokens")).strip() or "1024"
     try:
         body["max_tokens"] = int(max_tokens)
     except ValueError:
         raise InvalidRequestError("max_tokens: must be an integer") from None
-    if system := await _form_text(form, "system", field):
+    if system := await _form_text(form, "system"):
         body["system"] = system
     return parse_value(MessagesRequest, body, "")  # a 400 naming the field, as for a JSON body
 

@@ -140,7 +140,7 @@ def _cut_off(arguments: str) -> dict[str, Any] | None:
     if not arguments.lstrip().startswith("{") or not is_json_prefix(arguments):
         return None
     try:
-        value = closed_prefix(arguments)
+        value = closed_prefix(arguments, paired=False)
         load_json(json.dumps(value))  # held to what a whole body may hold: no lone surrogates, no deep nesting
     except (ValueError, RecursionError):
         return None
