@@ -39,6 +39,8 @@ step load-process "${LOAD_PROCESS_S:-120}" python3 benchmarks/load.py --shape 3b
   --baseline-requests 1 --tokens 128 --vision-images 1 --json "$out/load-process.json" 2>&1 | grep -v -E "Loading|Writing" | tee "$out/load-process.txt"
 # Sampling: draws without sorting the vocabulary against sort + multinomial; batched penalties against row by row.
 step sampling "${SAMPLING_S:-40}" python3 benchmarks/sampling.py --device cuda 2>&1 | tail -5 | tee "$out/sampling.txt"
+# Constrained rows' masks over the real vocabulary: unpacked on the GPU from the packed bitmask against the old host unpacking.
+step constrained "${CONSTRAINED_S:-30}" python3 benchmarks/constrained_step.py --device cuda 2>&1 | tail -5 | tee "$out/constrained.txt"
 # The compiled decoder's fidelity (16 concurrent requests per family) with decode steps as CUDA graphs.
 step compiled-tests "${COMPILED_TESTS_S:-100}" env LOCALVL_TEST_DEVICE=cuda python3 -m pytest -q -x -p no:cacheprovider \
   tests/engine/test_batching.py -k compiled 2>&1 | tail -15 | tee "$out/compiled-tests.txt"

@@ -91,3 +91,7 @@ def test_the_engine_alone_runs_beside_the_baseline():
 def test_the_image_stall_benchmark_runs():
     out = run("benchmarks/image_stall.py", "--streams", "2", "--images", "3", "--image", "112", "--max-batch-tokens", "64")
     assert "its prefill:" in out and "all 3 images through the vision tower in one call" in out
+
+
+def test_the_constrained_step_benchmark_runs_and_checks_both_unpackings_equal():
+    assert "ratio" in run("benchmarks/constrained_step.py", "--rows", "2", "--repeats", "1")

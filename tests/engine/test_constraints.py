@@ -394,3 +394,25 @@ def test_a_tool_call_nested_past_jsons_depth_comes_back_as_text_not_a_failed_ste
     events = run_engine(loaded, body)
     assert isinstance(events[-1], Finished) and not [e for e in events if isinstance(e, ToolCallEvent)]
     assert "[" * 1200 in "".join(e.text for e in events if isinstance(e, TextDelta))
+
+
+@pytest.mark.parametrize("vocab_size", [1, 31, 32, 33, 151_936])
+def test_a_bitmask_unpacks_to_the_tokens_its_bits_admit(vocab_size):
+    import random
+
+    import torch
+
+    from localvl.engine.constraints import unpack_bitmask
+
+    rng = random.Random(vocab_size)
+    words = -(-vocab_size // 32)
+    admitted = [sorted(rng.sample(range(vocab_size), min(vocab_size, k))) for k in (0, 1, 7, vocab_size)]
+    bitmask = torch.zeros(len(admitted), words, dtype=torch.int32)
+    for row, tokens in enumerate(admitted):
+        for token in tokens:  # bit i of word j admits token 32j + i (llguidance's layout), bit 31 the sign bit
+            word, bit = divmod(token, 32)
+            bitmask[row, word] |= torch.tensor(1 << bit if bit < 31 else -(1 << 31), dtype=torch.int32)
+    allowed = unpack_bitmask(bitmask, vocab_size, torch.device("cpu"))
+    assert allowed.shape == (len(admitted), vocab_size) and allowed.dtype == torch.bool
+    for row, tokens in enumerate(admitted):
+        assert allowed[row].nonzero().flatten().tolist() == tokens

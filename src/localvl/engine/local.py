@@ -458,9 +458,10 @@ class LocalEngine:
             logits[torch.tensor(rows, device=logits.device), torch.tensor(ids, device=logits.device)] = float("-inf")
         constrained = [row for row, s in enumerate(samplers) if s.sequence.payload.matcher is not None]
         if constrained:
-            allowed = allowed_tokens([samplers[row].sequence.payload.matcher for row in constrained], logits.shape[1])
+            allowed = allowed_tokens([samplers[row].sequence.payload.matcher for row in constrained], logits.shape[1],
+                                     logits.device)
             index = torch.tensor(constrained, device=logits.device)
-            logits[index] = logits[index].masked_fill(~allowed.to(logits.device), float("-inf"))
+            logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
             # A row with no token left (a schema no finite output satisfies, or one that allows only
             # banned tokens) is the request's fault; its logits are reset so the batch samples safely.
             dead = [constrained[i] for i in (~torch.isfinite(logits[index]).any(dim=1)).nonzero().flatten().tolist()]
