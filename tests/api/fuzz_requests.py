@@ -240,6 +240,8 @@ def anthropic_body(rng: random.Random, count_tokens: bool = False) -> dict[str, 
         body["max_tokens"] = 1024 + rng.randrange(1, 12)
     elif thinking < 0.2:
         body["thinking"] = {"type": rng.choice(("disabled", "adaptive") if not forced else ("disabled",))}
+        if body["thinking"]["type"] == "adaptive" and rng.random() < 0.4:
+            body["thinking"]["display"] = "omitted"  # the signature carries the thinking back
     if count_tokens:
         return body
     if rng.random() < 0.3:
@@ -1214,6 +1216,14 @@ class ApiFuzzer:
                     # the answer sent back, as an agent loop does: the server must take its own words
                     later = follow_up(rng, request, answer)
                     result.outcomes.append("next " + (await self.send(later))[0])
+                elif request.valid and request.route in ("messages", "chat") and rng.random() < 0.15:
+                    # a client that gives up mid-request: the generation is aborted, nothing is left held
+                    try:
+                        await asyncio.wait_for(self.client.post(request.path, content=request.content(), headers=request.headers),
+                                               rng.choice((0.001, 0.02, 0.1, 0.3)))
+                        result.outcomes.append("abandoned too late")
+                    except asyncio.TimeoutError:
+                        result.outcomes.append("abandoned")
                 elif request.valid and request.route in ("messages", "chat") and rng.random() < 0.2:
                     again = dataclasses.replace(request, body=dict(request.body, stream=rng.random() < 0.5), kind="again")
                     result.outcomes.append("again " + (await self.send(again))[0])
@@ -1223,10 +1233,27 @@ class ApiFuzzer:
                 result.failures.append(f"{request.describe()}: {type(error).__name__}: {error}")
 
         await asyncio.gather(*(one(r) for r in case.requests))
+        try:
+            await self.settle()
+        except Defect as defect:
+            result.failures.append(str(defect))
         if self.capture.leaks:
             result.failures.extend(f"log leak: {leak}" for leak in self.capture.leaks)
             self.capture.leaks.clear()
         return result
+
+    async def settle(self, wait: float = 30.0) -> None:
+        """Once its requests are answered (or abandoned) and no batch runs, the engine holds
+        nothing: no sequence, no KV block, and no step failed."""
+        engine = self.engine
+        deadline = time.monotonic() + wait
+        while len(engine.scheduler) or engine._active or engine._submitted != engine._started:
+            if self.app.state.batch_worker._running:
+                return  # a batch is running: its requests are checked when it ends
+            _require(time.monotonic() < deadline, f"the engine did not settle: {len(engine._active)} requests left in it")
+            await asyncio.sleep(0.02)
+        _require(engine.blocks.used_blocks == 0, f"{engine.blocks.used_blocks} KV blocks left held")
+        _require(engine.failures == 0, "an engine step failed")
 
     async def finish_batches(self, wait: float = 120.0) -> list[str]:
         """Every batch created ends; its results are Messages or errored envelopes."""
