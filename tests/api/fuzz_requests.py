@@ -1111,7 +1111,6 @@ class ApiFuzzer:
         self.batches: list[str] = []
         self.capture = Capture()
         self._lifespan: Any = None
-        self.statuses: dict[str, int] = {}
 
     async def start(self) -> None:
         self._lifespan = self.app.router.lifespan_context(self.app)
@@ -1147,7 +1146,6 @@ class ApiFuzzer:
         except asyncio.TimeoutError:
             raise Defect(f"no answer within {HANG:.0f} s") from None
         status = response.status_code
-        self.statuses[f"{request.route} {status}"] = self.statuses.get(f"{request.route} {status}", 0) + 1
         _require(response.headers.get("request-id", "").startswith("req_"), "no request-id header")
         if status >= 500 and status != 504:
             raise Defect(f"status {status}: {response.text[:300]}")
