@@ -92,6 +92,22 @@ def test_a_value_the_xml_form_cannot_hold_refuses_a_strict_tool_and_frees_anothe
     assert accepts(tokenizer, forced(tokenizer, tool), call(("v", "anything"), name="f"))
 
 
+@pytest.mark.parametrize("schema", [
+    {"type": "object", "properties": {"v": {"type": "integer"}}, "required": 1e308},
+    {"type": "object", "properties": {"v": {"type": "integer"}}, "required": True},
+    {"type": "object", "properties": {"v": {"anyOf": 5}}, "required": ["v"]},
+    {"type": "object", "properties": {"v": {"oneOf": True}}, "required": ["v"]},
+    {"type": "object", "properties": {"v": {"type": "string", "minLength": [5]}}, "required": ["v"]},
+    {"type": "object", "properties": {"v": {"type": "string", "maxLength": {}}}, "required": ["v"]},
+])
+def test_a_schema_malformed_where_the_xml_form_reads_it_refuses_a_strict_tool_and_frees_another(tokenizer, schema):
+    # (a TypeError here was the API's 500; a ValueError is its 400)
+    tool = Tool("f", None, schema)
+    with pytest.raises(ValueError):
+        forced(tokenizer, tool, strict=True)
+    assert accepts(tokenizer, forced(tokenizer, tool), call(("v", "1"), name="f"))
+
+
 def test_a_parameter_name_the_xml_form_cannot_write_refuses_a_strict_tool(tokenizer):
     tool = Tool("f", None, {"type": "object", "properties": {"a>b": {"type": "integer"}}})
     with pytest.raises(ValueError, match="parameter name"):

@@ -256,6 +256,13 @@ def test_xml_values_of_untyped_enums_take_their_values_types():
     assert parse_tool_call(body, schemas).input == {"n": 2, "b": True, "m": None, "c": 7}
 
 
+def test_xml_values_of_schemas_malformed_where_they_are_read_are_read_as_json():
+    # anyOf/oneOf that are no lists (a client's schema may hold anything): no TypeError in the engine
+    schemas = {"f": {"type": "object", "properties": {"a": {"anyOf": 5}, "o": {"oneOf": True}}}}
+    body = "<function=f>\n<parameter=a>\n3\n</parameter>\n<parameter=o>\nhi\n</parameter>\n</function>"
+    assert parse_tool_call(body, schemas).input == {"a": 3, "o": "hi"}
+
+
 def test_xml_parameters_keep_their_names_and_end_at_their_closing_line():
     schemas = {"f": {"type": "object", "properties": {" x": {"type": "integer"}, "s": {"type": "string"}}}}
     body = ("<function=f>\n<parameter= x>\n4\n</parameter>\n<parameter=s>\nsee </parameter> here\n</parameter>\n"

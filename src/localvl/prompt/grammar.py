@@ -131,12 +131,20 @@ _STRING_KEYS = {"type", "description", "title", "default", "examples", "minLengt
                 "nullable", "$comment", "deprecated", "readOnly", "writeOnly"}
 
 
+def _length(value: Any) -> bool:
+    """Whether a ``minLength``/``maxLength`` is one: a non-negative integer (5.0 is one, as JSON
+    Schema counts it)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0 and float(value).is_integer()
+
+
 def _string_regex(schema: dict[str, Any]) -> str | None:
     """A lazy regex for a string value held to its schema, closing line included; None where the
     schema says more than this can hold (a ``format``, a pattern and a length together)."""
     if set(schema) - _STRING_KEYS:
         return None
     low, high = schema.get("minLength"), schema.get("maxLength")
+    if not all(bound is None or _length(bound) for bound in (low, high)):
+        return None
     pattern = schema.get("pattern")
     if pattern is not None and (low is not None or high is not None or not isinstance(pattern, str)):
         return None
@@ -182,7 +190,9 @@ def _string_option(schema: dict[str, Any]) -> dict[str, Any] | None:
     kind = schema.get("type")
     if kind == "string" or (isinstance(kind, list) and "string" in kind):
         return schema
-    options = schema.get("anyOf") or schema.get("oneOf") or []
+    options = schema.get("anyOf") or schema.get("oneOf")
+    if not isinstance(options, list):  # (a client's schema may hold anything there)
+        return None
     return next((o for o in options if isinstance(o, dict) and o.get("type") == "string"), None)
 
 
@@ -262,7 +272,12 @@ def _xml_call(index: int, tool: Tool, held: bool, strict: bool, lines: list[str]
     if not isinstance(properties, dict) or not properties:
         lines.append(f'{rule}: {head} xml_any* "</function>"')
         return rule
-    required = [k for k in schema.get("required") or [] if isinstance(k, str)]
+    required = schema.get("required") or []
+    if not isinstance(required, list):  # no names at all: a strict tool is refused; another's are all optional
+        if strict:
+            raise ValueError(f"tool {tool.name!r}: its schema's required is not a list of names")
+        required = []
+    required = [k for k in required if isinstance(k, str)]
     # A required name the properties leave out takes any value after them.
     properties = {**properties, **{k: {} for k in required if k not in properties}}
     parts: list[str] = []

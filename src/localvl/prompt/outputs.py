@@ -135,7 +135,8 @@ def _schema_types(schema: Any) -> set[str]:
     kind = schema.get("type")
     types = {kind} if isinstance(kind, str) else {k for k in kind if isinstance(k, str)} if isinstance(kind, list) else set()
     for key in ("anyOf", "oneOf"):
-        for option in schema.get(key) or []:
+        options = schema.get(key)
+        for option in options if isinstance(options, list) else ():
             types |= _schema_types(option)
     values = [schema["const"]] if "const" in schema else schema.get("enum")
     if not types and isinstance(values, list):  # untyped: the types of the values it lists

@@ -203,3 +203,15 @@ def test_an_earlier_refusal_in_the_history_is_skipped_not_refused():
                     {"role": "assistant", "content": None, "refusal": "I can't help with that"}):
         history[1] = refusal
         assert [t.role for t in conversation_from(body(messages=history)).turns] == ["user"]
+
+
+def test_an_earlier_answer_that_said_nothing_is_taken_back():
+    # This API answers "" when a turn wrote no text (max_tokens 1, say); an agent loop sends it back.
+    for said_nothing in ("", [], [{"type": "text", "text": ""}]):
+        history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": said_nothing, "refusal": None},
+                   {"role": "user", "content": "again"}]
+        turns = conversation_from(body(messages=history)).turns
+        assert turns[0].role == "user" and turns[-1].role == "user" and len(turns) in (1, 3)
+    with pytest.raises(InvalidRequestError, match="messages.1.content: assistant messages must have non-empty content"):
+        conversation_from(body(messages=[{"role": "user", "content": "hi"}, {"role": "assistant", "content": None},
+                                         {"role": "user", "content": "again"}]))  # null without calls: OpenAI's 400 too

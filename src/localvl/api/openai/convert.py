@@ -226,8 +226,11 @@ def conversation_from(body: ChatCompletionRequest) -> Conversation:
                 parts += _tool_calls(message, where)
             role = ROLES[message.role]
         if not parts:
-            if message.role == "assistant" and (i == len(body.messages) - 1 or _refused(message)):
-                continue  # an empty final assistant message: nothing to continue; or a refusal
+            # An empty final assistant message: nothing to continue; a refusal; an answer that said
+            # nothing ("": this API's own answer when a turn wrote no text, which OpenAI's API
+            # takes back; only null without tool calls it refuses).
+            if message.role == "assistant" and (i == len(body.messages) - 1 or _refused(message) or message.content is not None):
+                continue
             raise InvalidRequestError(f"{where}.content: {message.role} messages must have non-empty content")
         if turns and turns[-1].role == role:
             turns[-1].parts.extend(parts)
