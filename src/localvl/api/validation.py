@@ -72,8 +72,10 @@ def load_json_object(body: bytes) -> dict[str, Any]:
 
 
 def parse_value(model: type[BaseModel], value: Any, where: str) -> Any:
-    """Validate a nested value (already parsed JSON) the same way, reporting ``where`` it sits."""
+    """Validate a nested value (already parsed JSON) the same way, reporting ``where`` it sits: as
+    strictly as a body, so a batch request's params (``"max_tokens": "8"``) are held to what
+    ``/v1/messages`` takes."""
     try:
-        return model.model_validate(value, strict=False)
+        return model.model_validate(value, strict=True)
     except ValidationError as error:
         raise _invalid(error, where) from None

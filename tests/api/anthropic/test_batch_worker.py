@@ -94,3 +94,25 @@ def test_the_worker_sweeps_expired_uploads(loaded_model, tmp_path):
         while any(path.is_file() for path in stored.iterdir()):
             assert time.monotonic() < deadline, list(stored.iterdir())
             time.sleep(0.1)
+
+
+def test_batch_params_are_held_to_what_the_messages_route_takes(loaded_model, tmp_path):
+    settings = Settings(api_key=[KEY], served_model_name="tiny-vl", data_dir=tmp_path)
+    good = {"model": "tiny-vl", "max_tokens": 2, "messages": [{"role": "user", "content": "Hello"}]}
+    loose = {**good, "max_tokens": "2"}  # a string where an integer belongs
+    with TestClient(create_app(settings, LocalEngine(loaded_model("qwen2_5_vl"))), headers={"x-api-key": KEY}) as client:
+        direct = client.post("/v1/messages", json=loose)
+        assert direct.status_code == 400 and "max_tokens" in direct.json()["error"]["message"]
+        created = client.post("/v1/messages/batches", json={"requests": [
+            {"custom_id": "good", "params": good}, {"custom_id": "loose", "params": loose}]})
+        assert created.status_code == 200, created.text
+        url = f"/v1/messages/batches/{created.json()['id']}"
+        deadline = time.monotonic() + 120  # a guard against hanging, not a timing
+        while client.get(url).json()["processing_status"] != "ended":
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        results = {line["custom_id"]: line["result"] for line in map(json.loads, client.get(url + "/results").text.splitlines())}
+    assert results["good"]["type"] == "succeeded"
+    assert results["loose"]["type"] == "errored"
+    error = results["loose"]["error"]["error"]
+    assert error["type"] == "invalid_request_error" and error["message"].startswith("params.max_tokens")
