@@ -288,6 +288,26 @@ def test_a_hub_cache_snapshot_given_as_a_folder_is_served_under_its_hub_id(tmp_p
     assert served_name(Settings(served_model_name="vl"), engine(hugging_face)) == "vl"
 
 
+def test_a_folder_also_answers_to_the_path_it_was_given_by_unlisted(tmp_path):
+    """vLLM serves ``--model /models/qwen-vl`` under that path: clients moved from it send the path."""
+    from types import SimpleNamespace
+
+    from localvl.api.app import model_names
+    from localvl.engine.protocol import ModelInfo
+
+    folder = tmp_path / "models" / "qwen-vl"
+    folder.mkdir(parents=True)
+    engine = SimpleNamespace(info=ModelInfo(str(folder), "qwen2_5_vl", 4096))
+    names = model_names(Settings(model=str(folder)), engine)
+    assert names.require(str(folder)).name == names.require("qwen-vl").name == "qwen-vl"
+    assert [name for name, _ in names.listed()] == ["qwen-vl"]  # the host's path is not listed
+    named = model_names(Settings(model=str(folder), served_model_name="vl"), engine)
+    assert named.resolve(str(folder)) is None  # a chosen name is the only one
+    hub = model_names(Settings(model="Qwen/Qwen2.5-VL-3B-Instruct"),
+                      SimpleNamespace(info=ModelInfo("Qwen/Qwen2.5-VL-3B-Instruct", "qwen2_5_vl", 4096)))
+    assert [name for name, _ in hub.listed()] == ["Qwen/Qwen2.5-VL-3B-Instruct"]
+
+
 def test_media_limits_are_settings(loaded_model):
     settings = Settings(served_model_name="tiny-vl", max_images=2, max_image_bytes=4096, max_pdf_pages=1)
     app = create_app(settings, LocalEngine(loaded_model("qwen2_5_vl")))

@@ -54,7 +54,11 @@ def served_name(settings: Settings, engine: Engine) -> str:
 def model_names(settings: Settings, engine: Engine, created_at: datetime | None = None) -> ModelNames:
     name = served_name(settings, engine)
     served = ServedModel(name, created_at or datetime.now(timezone.utc), engine.info.context_length)
-    return ModelNames([served], parse_aliases(settings.alias, name))
+    # A folder served under its name also answers to the path it was given by, which vLLM serves it
+    # under: clients moved from there keep working. Not listed: the path is the host's business.
+    given = settings.model if not settings.served_model_name else None
+    unlisted = {given: name} if given and given != name and Path(given).is_dir() else {}
+    return ModelNames([served], parse_aliases(settings.alias, name), unlisted)
 
 
 def authenticator(settings: Settings, store: LazyStore | None) -> Authenticator:

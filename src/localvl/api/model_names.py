@@ -39,12 +39,14 @@ def parse_aliases(values: list[str], default_target: str) -> list[Alias]:
 
 
 class ModelNames:
-    def __init__(self, models: list[ServedModel], aliases: list[Alias]) -> None:
+    def __init__(self, models: list[ServedModel], aliases: list[Alias], unlisted: dict[str, str] | None = None) -> None:
+        """``unlisted``: names taken exactly (no glob) but not listed, each for a served model."""
         self.models = {m.name: m for m in models}
         for alias in aliases:
             if alias.target not in self.models:
                 raise ValueError(f"alias {alias.pattern!r} points at {alias.target!r}, which is not served")
         self.aliases = aliases
+        self.unlisted = {name: self.models[target] for name, target in (unlisted or {}).items()}
 
     @property
     def default(self) -> ServedModel:
@@ -54,6 +56,8 @@ class ModelNames:
     def resolve(self, requested: str) -> ServedModel | None:
         if requested in self.models:
             return self.models[requested]
+        if requested in self.unlisted:
+            return self.unlisted[requested]
         for alias in self.aliases:
             if fnmatch.fnmatchcase(requested, alias.pattern):
                 return self.models[alias.target]
