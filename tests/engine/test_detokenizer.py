@@ -152,3 +152,22 @@ def test_token_bytes_concatenate_to_the_text(loaded_model):
     assert b"".join(token_bytes(tokenizer, i) for i in ids) == text.encode("utf-8")
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert token_bytes(tokenizer, im_end) == b"<|im_end|>"
+
+
+def test_stray_bytes_on_end_are_released_and_never_decoded_whole_at_every_step(tok):
+    # 0x80 alone is a continuation byte with nothing to continue: the text never completes.
+    from localvl.models.byte_level import bytes_to_unicode
+
+    stray = tok.convert_tokens_to_ids(bytes_to_unicode()[0x80])
+    assert tok.decode([stray]) == REPLACEMENT
+    detok = IncrementalDetokenizer(tok)
+    decoded = []
+    real = detok._decode
+    detok._decode = lambda ids: decoded.append(len(ids)) or real(ids)
+    released = "".join(detok.add(stray) for _ in range(2000)) + detok.flush()
+    assert released == REPLACEMENT * 2000
+    assert max(decoded) <= 2 * 16  # before: the whole run, up to 2,000 tokens, at every step
+    # a real character split over byte tokens still comes out whole
+    ids = tok.encode("a😀b")
+    deltas, tail = stream(tok, ids)
+    assert "".join(deltas) + tail == "a😀b" and REPLACEMENT not in "".join(deltas)

@@ -2,7 +2,8 @@
 
 Byte-level BPE tokens can end in the middle of a multi-byte UTF-8 character. Text is decoded
 over a short window of recent tokens and released only once it no longer ends in an incomplete
-character, so the concatenation of everything released equals the decoded whole.
+character, so the concatenation of everything released equals the decoded whole (but for text
+broken for ``MAX_HELD`` tokens on end, released as it stands).
 """
 
 from __future__ import annotations
@@ -12,6 +13,11 @@ from typing import Any, Callable, Iterable
 from localvl.models.byte_level import bytes_to_unicode
 
 _REPLACEMENT = "\ufffd"
+# A character is at most 4 bytes, so at most 4 byte tokens: text still unfinished after this many
+# held tokens is broken, not waiting for its end. Releasing it then keeps each step's decode short:
+# held on, a model writing stray bytes for thousands of tokens (a logit bias can make it) would be
+# decoded whole at every step, work growing with the square of its length in the engine's thread.
+MAX_HELD = 16
 
 
 class IncrementalDetokenizer:
@@ -31,7 +37,7 @@ class IncrementalDetokenizer:
         seen = self._seen
         text = self._decode(self._ids[self._prefix :])
         if text.endswith(_REPLACEMENT) or len(text) <= len(seen):
-            return ""
+            return self.flush() if len(self._ids) - self._read >= MAX_HELD else ""
         self._prefix, self._read = self._read, len(self._ids)
         self._seen = self._decode(self._ids[self._prefix : self._read])
         return text[len(seen) :]
