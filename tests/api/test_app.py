@@ -127,6 +127,18 @@ def test_non_json_and_empty_bodies_are_400(client):
         assert_error(response, 400, "invalid_request_error")
 
 
+def test_a_json_body_behind_a_byte_order_mark_is_read(client):
+    """Some Windows clients' UTF-8 encoders write a BOM first; RFC 8259 lets a parser ignore it."""
+    bom = b"\xef\xbb\xbf"
+    headers = {"content-type": "application/json"}
+    for route, payload in (("/v1/messages", body(max_tokens=1)), ("/v1/messages/count_tokens", body()),
+                           ("/v1/chat/completions", {"model": "tiny-vl", "max_tokens": 1,
+                                                     "messages": [{"role": "user", "content": "hi"}]})):
+        response = client.post(route, content=bom + json.dumps(payload).encode(), headers=headers)
+        assert response.status_code == 200, response.text
+    assert_error(client.post("/v1/messages", content=bom, headers=headers), 400, "invalid_request_error")
+
+
 def test_unknown_fields_betas_and_ignored_blocks_are_accepted(client):
     payload = body(
         context_management={"edits": []},

@@ -32,8 +32,12 @@ def _invalid(error: ValidationError, prefix: str = "") -> InvalidRequestError:
     return InvalidRequestError(f"{where}: {best['msg']}" if where else best["msg"])
 
 
+_BOM = b"\xef\xbb\xbf"  # RFC 8259 lets a parser ignore it; some Windows clients' encoders write it
+
+
 def parse_body(model: type[BaseModel], body: bytes) -> Any:
     """Validate a JSON body; any problem becomes a 400 that says where and what."""
+    body = body.removeprefix(_BOM)
     if not body.strip():
         raise InvalidRequestError("request body is empty; expected a JSON object")
     try:
@@ -60,6 +64,7 @@ def load_json(text: bytes | str) -> Any:
 
 def load_json_object(body: bytes) -> dict[str, Any]:
     """A JSON object body, not yet validated against a model; the same 400s as ``parse_body``."""
+    body = body.removeprefix(_BOM)
     if not body.strip():
         raise InvalidRequestError("request body is empty; expected a JSON object")
     try:
