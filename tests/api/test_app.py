@@ -366,6 +366,17 @@ def test_files_belong_to_the_key_that_uploaded_them(client):
     assert client.post("/v1/messages/count_tokens", json=body(messages=[{"role": "user", "content": [picture]}])).status_code == 200
 
 
+def test_an_uploaded_text_files_byte_order_mark_is_not_read_as_text(client):
+    counts = []
+    for data in ("总额：42 元".encode(), b"\xef\xbb\xbf" + "总额：42 元".encode()):
+        uploaded = client.post("/v1/files", files={"file": ("note.txt", data, "text/plain")})
+        assert uploaded.status_code == 200, uploaded.text
+        document = {"type": "document", "source": {"type": "file", "file_id": uploaded.json()["id"]}}
+        counted = client.post("/v1/messages/count_tokens", json=body(messages=[{"role": "user", "content": [document]}]))
+        counts.append(counted.json()["input_tokens"])
+    assert counts[0] == counts[1]
+
+
 def test_file_uploads_have_their_own_limits(loaded_model, tmp_path):
     settings = Settings(served_model_name="tiny-vl", max_request_bytes=4096, max_file_bytes=64 * 1024, data_dir=tmp_path)
     with TestClient(create_app(settings, LocalEngine(loaded_model("qwen2_5_vl"))), base_url="http://localhost") as client:

@@ -86,7 +86,7 @@ def _file_document(file_id: str, where: str) -> list[Text | Image]:
     if sniff_media_type(data) is not None:
         return [load_image(data, None, where)]
     try:
-        return [Text(data.decode("utf-8"))]
+        return [Text(data.decode("utf-8-sig"))]  # a byte order mark (Windows editors write one) is no text
     except UnicodeDecodeError:
         raise InvalidRequestError(f"{where}: the file is not a PDF, an image or UTF-8 text") from None
 
