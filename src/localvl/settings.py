@@ -157,7 +157,7 @@ class Settings(BaseSettings):
     jwt_secret: str | None = Field(None, description="accept JWT bearer tokens signed with this HS256 secret (32+ characters)")
     jwt_public_key: Path | None = Field(None, description="accept JWT bearer tokens signed by this RS256/ES256 public key (PEM file)")
     jwt_jwks_file: Path | None = Field(None, description="accept JWT bearer tokens signed by a key in this JWKS file")
-    jwt_audience: str | None = Field(None, description="the aud claim JWTs must carry")
+    jwt_audience: str | None = Field(None, description="the aud claim JWTs must carry (unset: tokens that name any audience are refused)")
     jwt_issuer: str | None = Field(None, description="the iss claim JWTs must carry")
     rpm: int | None = Field(None, ge=1, description="requests per minute per key (keys created with their own limits keep theirs)")
     itpm: int | None = Field(None, ge=1, description="input tokens per minute per key")

@@ -11,6 +11,7 @@ class FakeStream:
     def __init__(self, items, delay=0.0):
         self.request_id = "r1"
         self.input_tokens = 7
+        self.generated = 0
         self.items = list(items)
         self.delay = delay
         self.closed = False

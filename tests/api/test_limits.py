@@ -169,6 +169,23 @@ def test_a_shared_response_cache_serves_every_key(engine, tmp_path):
         assert client.post("/v1/messages", json=ask, headers={"x-api-key": "sk-other"}).headers["x-localvl-cache"] == "hit"
 
 
+def test_a_shared_response_cache_never_answers_about_another_keys_file(engine, tmp_path):
+    # The cache is read before the request's files are: shared, a key that knew another's file id
+    # got the answer about that file, which it may not read.
+    from tests.helpers import image_bytes
+
+    with make_client(engine, tmp_path, response_cache=8, response_cache_shared=True) as client:
+        beta = {"anthropic-beta": "files-api-2025-04-14"}
+        uploaded = client.post("/v1/files", files={"file": ("a.png", image_bytes(), "image/png")}, headers=beta).json()
+        image = {"type": "image", "source": {"type": "file", "file_id": uploaded["id"]}}
+        ask = body(max_tokens=6, temperature=0, messages=[{"role": "user", "content": [image, {"type": "text", "text": "what?"}]}])
+        first = client.post("/v1/messages", json=ask, headers=beta)
+        assert first.status_code == 200 and first.headers["x-localvl-cache"] == "miss"
+        assert client.post("/v1/messages", json=ask, headers=beta).headers["x-localvl-cache"] == "hit"
+        stranger = client.post("/v1/messages", json=ask, headers={**beta, "x-api-key": "sk-other"})
+        assert "file not found" in assert_error(stranger, 400, "invalid_request_error")
+
+
 def test_chat_completions_are_cached_too(engine, tmp_path):
     with make_client(engine, tmp_path, response_cache=8) as client:
         ask = {"model": "tiny-vl", "max_tokens": 10, "temperature": 0, "messages": [{"role": "user", "content": "cache me too"}]}

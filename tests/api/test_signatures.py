@@ -30,3 +30,25 @@ def test_the_key_is_kept_across_restarts(tmp_path):
     assert (tmp_path / "thinking.key").stat().st_mode & 0o777 == 0o600
     with pytest.raises(ValueError):
         ThinkingSigner(b"short")
+
+
+def test_a_forged_embedded_signature_is_not_unpacked_past_a_cap():
+    # Its MAC is checked after unpacking: 200 KB of compressed zeros must not become 200 MiB.
+    import base64
+    import tracemalloc
+    import zlib
+
+    signer = ThinkingSigner(b"k" * 32)
+    bomb = base64.b64encode(zlib.compress(b"a" * (200 << 20), 9)).decode()
+    mac = base64.b64encode(b"x" * 32).decode()
+    tracemalloc.start()
+    try:
+        assert signer.recover("", f"lvl1.{bomb}.{mac}") is None
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 << 20
+    cut = signer.sign("think", embed=True)
+    packed, mac = cut[len("lvl1."):].split(".")
+    truncated = base64.b64encode(base64.b64decode(packed)[:-3]).decode()
+    assert signer.recover("", f"lvl1.{truncated}.{mac}") is None

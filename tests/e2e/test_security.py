@@ -22,7 +22,8 @@ def keyed(model_dir, tmp_path_factory):
     """A server whose keys live in its store (plus JWTs), with a response cache."""
     data = tmp_path_factory.mktemp("keyed-data")
     made = {}
-    keys = (("limited", ["--rpm", "2"]), ("free", []), ("single", ["--max-streams", "1"]), ("openai", ["--rpm", "5", "--otpm", "1000"]))
+    keys = (("limited", ["--rpm", "2"]), ("free", []), ("single", ["--max-streams", "1"]), ("openai", ["--rpm", "5", "--otpm", "1000"]),
+            ("leaving", ["--itpm", "60", "--otpm", "60"]))
     for name, limits in keys:
         import contextlib
         import io
@@ -203,6 +204,24 @@ def test_a_cached_tool_call_comes_back_with_an_id_of_its_own(keyed):
     answers = [o.chat.completions.create(**asked).choices[0].message.tool_calls for _ in range(2)]
     assert answers[0] and [c.function.arguments for c in answers[0]] == [c.function.arguments for c in answers[1]]
     assert {c.id for c in answers[0]}.isdisjoint(c.id for c in answers[1])
+
+
+def test_a_client_that_leaves_mid_answer_is_charged_for_what_it_used(keyed, model_dir):
+    # Tokens are charged from the answer's usage, which a client that leaves before the end never
+    # gets: leaving just before it made every answer free of the token limits.
+    import openai
+    from transformers import AutoTokenizer
+
+    server, made, _ = keyed
+    c = openai.OpenAI(base_url=server.url + "/v1", api_key=made["leaving"], max_retries=0)
+    eos = AutoTokenizer.from_pretrained(model_dir("qwen2_5_vl")).convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+    long = dict(model="tiny-vl", max_tokens=2000, n=2, logit_bias={str(token): -100 for token in eos},
+                messages=[{"role": "user", "content": "word " * 200}])
+    with c.chat.completions.create(**long, stream=True) as stream:
+        next(iter(stream))  # the answer has begun: leave
+    # Its prompt (200 tokens and more) put the key in debt against 60 a minute.
+    with pytest.raises(openai.RateLimitError):
+        c.chat.completions.create(model="tiny-vl", max_tokens=1, messages=[{"role": "user", "content": "hi"}])
 
 
 def test_an_unreachable_redis_lets_requests_through_unlimited_and_uncached(model_dir, tmp_path):

@@ -129,3 +129,19 @@ def test_with_an_interval_the_end_does_not_wait_for_it():
     rest, took = asyncio.run(main())
     assert rest == [TextDelta("bc"), Finished("eos", Usage(2, 3))]
     assert took < 1.0  # not the 5 s interval
+
+
+def test_a_stream_counts_what_was_generated_read_or_not_for_a_request_that_never_finishes():
+    from localvl.engine.events import ToolCallEvent
+
+    async def main():
+        seq, outbox, stream = streaming(interval=60.0)
+        for item in (TextDelta("a"), TextDelta("b"), ThinkingDelta("c"), ToolCallEvent("t", "f", {}), TextDelta("d")):
+            seq.payload.emit(item)
+        outbox.flush()
+        await asyncio.sleep(0)
+        assert isinstance(await stream.__anext__(), TextDelta)  # "a" and "b" merged, the thinking held
+        await stream.aclose()  # the client left: what was made but never read counts too
+        return stream.generated
+
+    assert asyncio.run(main()) == 5

@@ -54,6 +54,17 @@ def test_claims_are_checked(claims, reason):
     assert reason in raised.value.message
 
 
+def test_a_token_made_for_another_audience_is_refused_when_the_server_names_none():
+    # The same issuer's token for another service (its aud) must not be replayable here.
+    verifier = TokenVerifier(secret=SECRET)
+    assert verifier.identify(token()).name == "jwt:alice"
+    for audience in ("another-service", ["another-service", "a-third"]):
+        with pytest.raises(AuthenticationError) as raised:
+            verifier.identify(token({"aud": audience}))
+        assert "--jwt-audience" in raised.value.message
+    assert TokenVerifier(secret=SECRET, audience="localvl").identify(token({"aud": ["localvl", "x"]})).name == "jwt:alice"
+
+
 def test_forged_or_unsigned_tokens_are_refused():
     verifier = TokenVerifier(secret=SECRET)
     with pytest.raises(AuthenticationError):

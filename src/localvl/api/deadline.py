@@ -73,6 +73,10 @@ class DeadlineStream:
         self.request_id = stream.request_id
         self.input_tokens = stream.input_tokens
 
+    @property
+    def generated(self) -> int:
+        return self.stream.generated
+
     def __aiter__(self) -> DeadlineStream:
         return self
 

@@ -3,10 +3,11 @@ count, checked before any work starts, and its tokens charged once it ends."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 from starlette.requests import Request
 
+from localvl.engine.protocol import GenerationStream
 from localvl.security.keys import Identity
 from localvl.security.ratelimit import HeaderStyle, RateLimiter, headers, openai_headers
 
@@ -37,10 +38,22 @@ async def _limit(request: Request, style: HeaderStyle) -> None:
     state.setdefault("response_headers", {}).update(await limiter.admit(identity.owner, limits, style))
 
     async def charge() -> None:
-        usage = state.get("usage")
-        if isinstance(usage, dict) and not state.get("cache_hit"):  # a cached answer used no model time
+        usage, streams = state.get("usage"), state.get("streams")
+        if state.get("cache_hit"):  # a cached answer used no model time
+            return
+        if isinstance(usage, dict):
             # Anthropic counts cache reads apart from input tokens: they do not use up the limit.
             input_tokens = int(usage.get("input_tokens") or 0) + int(usage.get("cache_creation_input_tokens") or 0)
             await limiter.charge(identity.owner, limits, input_tokens, int(usage.get("output_tokens") or 0))
+        elif streams:
+            # Ended without its usage (the client left mid-answer, an error): the whole prompt and
+            # what was generated, or leaving just before the end would make every answer free.
+            input_tokens = max(stream.input_tokens for stream in streams)
+            await limiter.charge(identity.owner, limits, input_tokens, sum(stream.generated for stream in streams))
 
     finishers.append(charge)
+
+
+def charge_unfinished(request: Request, streams: Sequence[GenerationStream]) -> None:
+    """The engine streams a request runs on, charged by what they did should it end without usage."""
+    request.scope["state"]["streams"] = list(streams)

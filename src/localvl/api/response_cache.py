@@ -4,7 +4,8 @@ Opt-in (``--response-cache N``), for Messages and Chat Completions alike. Only r
 answer is a function of the request are cached: temperature 0 (or a fixed seed), no thread, no
 media named by an http(s) URL (what a URL serves can change). The key hashes the normalised request (``stream`` aside: a streamed request and a plain
 one share an answer), the served model and its revision, and the caller's identity unless
-``--response-cache-shared``. In-process LRU by default; Redis when ``--redis-url`` is set, so
+``--response-cache-shared`` (requests naming uploaded files, which are
+their owner's alone, are keyed by identity even then). In-process LRU by default; Redis when ``--redis-url`` is set, so
 several servers share it.
 """
 
@@ -43,6 +44,15 @@ def _fetches(value: Any) -> bool:
     return False
 
 
+def _names_files(value: Any) -> bool:
+    """Whether an uploaded file is named (a ``file_id``) anywhere in ``value``."""
+    if isinstance(value, dict):
+        return "file_id" in value or any(_names_files(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_names_files(v) for v in value)
+    return False
+
+
 def model_fingerprint(source: str, revision: str | None) -> str:
     """What identifies the weights answering: the source, the revision asked for, and for a
     folder the names, sizes and times of its files — new weights in the same folder (or a cache
@@ -68,7 +78,8 @@ def request_key(state: Any, owner: str, data: dict[str, Any], served: str, diale
     no cache or the request is not to be cached."""
     if state.response_cache is None or not cacheable(data):
         return None
-    who = "" if state.settings.response_cache_shared else owner
+    # An uploaded file is its owner's alone: shared answers about one would skip that check.
+    who = "" if state.settings.response_cache_shared and not _names_files(data) else owner
     return cache_key(data, f"{dialect}\0{served}\0{state.model_fingerprint}", who)
 
 

@@ -18,6 +18,10 @@ from pathlib import Path
 
 
 EMBEDDED = "lvl1."  # a signature that carries its (compressed) thinking
+# The most an embedded signature may unpack to. Its MAC covers the thinking, so it can only be
+# checked after unpacking: without a cap, a few hundred KB of compressed zeros in a forged
+# signature unpack to gigabytes. Thinking this server wrote (at most a context of tokens) is far below.
+MAX_EMBEDDED_BYTES = 8 << 20
 
 
 class ThinkingSigner:
@@ -51,8 +55,10 @@ class ThinkingSigner:
         if signature.startswith(EMBEDDED):
             try:
                 packed, mac = signature[len(EMBEDDED) :].split(".", 1)
-                embedded = zlib.decompress(base64.b64decode(packed, validate=True), bufsize=1 << 16).decode()
+                embedded = _unpack(base64.b64decode(packed, validate=True))
             except (ValueError, zlib.error, UnicodeDecodeError):
+                return None
+            if embedded is None:
                 return None
             if thinking and thinking != embedded:
                 return None
@@ -62,6 +68,15 @@ class ThinkingSigner:
         except ValueError:
             return None
         return thinking if hmac.compare_digest(self._mac(thinking), given) else None
+
+
+def _unpack(packed: bytes) -> str | None:
+    """The text a signature carries, or None past ``MAX_EMBEDDED_BYTES`` (or a truncated stream)."""
+    inflater = zlib.decompressobj()
+    data = inflater.decompress(packed, MAX_EMBEDDED_BYTES)
+    if inflater.unconsumed_tail or not inflater.eof:
+        return None
+    return data.decode()
 
 
 def _stored_key(path: Path) -> bytes:

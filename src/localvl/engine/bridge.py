@@ -15,7 +15,7 @@ from typing import Any, Callable
 import torch
 
 from localvl.engine.detokenizer import IncrementalDetokenizer
-from localvl.engine.events import Event, Finished, TextDelta, ThinkingDelta, TokenLogprob
+from localvl.engine.events import Event, Finished, TextDelta, ThinkingDelta, TokenLogprob, ToolCallEvent
 from localvl.engine.runner import PromptState
 from localvl.engine.sampling import ResolvedSampling
 from localvl.engine.stops import StopMatcher
@@ -114,6 +114,14 @@ class Stream:
         self._last_delta = float("-inf")  # loop time the last delta went out
         self._done = False
         self._held: Event | LocalvlError | None = None
+        # Outputs the engine sent (one per token that showed text, about): what a request that
+        # never finished is charged for, its Finished and usage never coming.
+        self.generated = 0
+
+    def _count(self, item: Event | LocalvlError) -> Event | LocalvlError:
+        if isinstance(item, (TextDelta, ThinkingDelta, ToolCallEvent)):
+            self.generated += max(1, len(item.logprobs)) if isinstance(item, TextDelta) else 1
+        return item
 
     def __aiter__(self) -> Stream:
         return self
@@ -124,7 +132,7 @@ class Stream:
         if self._held is not None:
             item, self._held = self._held, None
         else:
-            item = await self._events.get()
+            item = self._count(await self._events.get())
         if isinstance(item, (TextDelta, ThinkingDelta)):
             item = await self._gather(item)
         if isinstance(item, LocalvlError):
@@ -157,7 +165,7 @@ class Stream:
         """Move the queued deltas of ``deltas``' kind onto it, up to the first other event, held."""
         events = self._events
         while not events.empty():
-            following = events.get_nowait()
+            following = self._count(events.get_nowait())
             if type(following) is not type(deltas[0]):
                 self._held = following
                 return
@@ -167,3 +175,5 @@ class Stream:
         if not self._done:
             self._done = True
             self._abort(self.request_id)
+            while not self._events.empty():  # made, if never read
+                self._count(self._events.get_nowait())

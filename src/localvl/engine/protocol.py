@@ -23,7 +23,8 @@ class GenerationStream(Protocol):
     """The events of one admitted request. Closing it early aborts the generation."""
 
     request_id: str
-    input_tokens: int
+    input_tokens: int  # the whole prompt
+    generated: int  # outputs so far, about one per token (what an unfinished request is charged)
 
     def __aiter__(self) -> AsyncIterator[Event]: ...
 

@@ -1,5 +1,6 @@
 """JWT bearer tokens as an alternative to API keys: verified with an HS256 secret, or an RS256/ES256
-public key (PEM) or JWKS file; ``exp`` is required and ``nbf``/``aud``/``iss`` checked. The token's
+public key (PEM) or JWKS file; ``exp`` is required and ``nbf``/``aud``/``iss`` checked (without
+``--jwt-audience``, a token naming any audience is refused: it was made for another service). The token's
 ``sub`` becomes the identity its files, batches and limits belong to."""
 
 from __future__ import annotations
@@ -73,13 +74,17 @@ class TokenVerifier:
                 raise AuthenticationError("invalid bearer token: unknown key id")
             claims = jwt.decode(
                 token, key, algorithms=algorithms, audience=self.audience, issuer=self.issuer, leeway=self.leeway,
-                options={"require": ["exp", "sub"], "verify_aud": self.audience is not None},
+                options={"require": ["exp", "sub"]},
             )
         except jwt.ExpiredSignatureError:
             raise AuthenticationError("invalid bearer token: expired") from None
         except jwt.ImmatureSignatureError:
             raise AuthenticationError("invalid bearer token: not valid yet (nbf)") from None
         except jwt.InvalidAudienceError:
+            if self.audience is None:
+                # A token minted for another service of the same issuer must not open this one.
+                raise AuthenticationError("invalid bearer token: it names an audience (aud) and this server "
+                                          "accepts none; configure --jwt-audience") from None
             raise AuthenticationError("invalid bearer token: wrong audience") from None
         except jwt.InvalidIssuerError:
             raise AuthenticationError("invalid bearer token: wrong issuer") from None

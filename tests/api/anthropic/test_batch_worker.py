@@ -23,6 +23,10 @@ class _Dying:
         self.request_id, self.input_tokens = stream.request_id, stream.input_tokens
         self.events = 0
 
+    @property
+    def generated(self):
+        return self.stream.generated
+
     def __aiter__(self):
         return self
 

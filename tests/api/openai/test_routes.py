@@ -16,6 +16,10 @@ class _Tracked:
         self.stream, self.closed = stream, closed
         self.request_id, self.input_tokens = stream.request_id, stream.input_tokens
 
+    @property
+    def generated(self):
+        return self.stream.generated
+
     def __aiter__(self):
         return self
 

@@ -21,7 +21,7 @@ from localvl.api.auth import require_api_key
 from localvl.api.deadline import Deadline
 from localvl.api.disconnect import until_disconnect
 from localvl.api.forms import form_bytes, form_text, read_form, read_urlencoded
-from localvl.api.limits import rate_limited
+from localvl.api.limits import charge_unfinished, rate_limited
 from localvl.api.middleware import new_id
 from localvl.prompt.outputs import tool_call_id
 from localvl.api.model_names import ModelNames
@@ -216,6 +216,7 @@ async def create_message(request: Request) -> Any:
         if on_done is not None:
             on_done(message_id, None)
         raise
+    charge_unfinished(request, [stream])
     request.state.model = served  # for the access log: the served name
     thread_done = None if on_done is None else functools.partial(on_done, message_id)
 

@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from localvl.api.auth import require_api_key
 from localvl.api.deadline import Deadline
 from localvl.api.disconnect import until_disconnect
-from localvl.api.limits import openai_rate_limited
+from localvl.api.limits import charge_unfinished, openai_rate_limited
 from localvl.api.middleware import new_id
 from localvl.prompt.outputs import tool_call_id
 from localvl.api.openai import convert
@@ -71,6 +71,7 @@ async def chat_completions(request: Request) -> Any:
         for stream in streams:
             await stream.aclose()
         raise
+    charge_unfinished(request, streams)
     created = int(time.time())
     request.state.model = served
 
