@@ -139,6 +139,7 @@ def test_the_thinking_budget_ends_thinking_and_the_answer_follows(loaded_model):
     assert all(k is ThinkingDelta for k in kinds[:first_text])  # thinking, then the answer
     assert all(k is not ThinkingDelta for k in kinds[first_text:])
     assert events[-1].usage.output_tokens == 40
+    assert events[-1].usage.reasoning_tokens == 12  # the thinking, </think> included, spends the budget and no more
 
 
 def test_a_schema_llguidance_cannot_use_is_a_client_error(loaded_model):

@@ -182,3 +182,21 @@ def test_a_strict_tool_whose_parameter_is_only_a_name_for_itself_is_refused(toke
 ])
 def test_a_schema_whose_refs_lead_somewhere_is_taken(tokenizer, schema):
     assert request_grammar([], ToolChoice("auto"), (), schema, TagIds.of(tokenizer), False)
+
+
+def test_a_forced_call_after_an_opened_think_thinks_first_only_when_thought_is_allowed(tokenizer):
+    """A template that opens <think> whatever it is told (Qwen3-VL-Thinking): a forced call not
+    asked to think closes the thinking at once, empty; asked to think, it may think first."""
+    tags = TagIds.of(tokenizer)
+    ll = llguidance.hf.from_tokenizer(tokenizer, n_vocab=len(tokenizer), eos_token=[tokenizer.eos_token_id or 0])
+    body = tokenizer.encode(call(("city", "Paris"), ("days", "3")), add_special_tokens=False)
+
+    def admits(thought: bool, thinking: str) -> bool:
+        grammar = request_grammar([WEATHER], ToolChoice("any", parallel=False), (), None, tags, True, xml=True, thought=thought)
+        matcher = llguidance.LLMatcher(ll, llguidance.LLMatcher.grammar_from_lark(grammar), log_level=0)
+        ids = [*tokenizer.encode(thinking, add_special_tokens=False), tags.think_close, tags.tool_open, *body, tags.tool_close]
+        return all(matcher.consume_token(t) for t in ids) and matcher.is_accepting()
+
+    assert admits(True, "let me see\n") and admits(True, "")
+    assert admits(False, "\n") and admits(False, "")
+    assert not admits(False, "let me see\n")

@@ -97,6 +97,9 @@ class Frontend:
             grammar = request_grammar(
                 conversation.tools, choice, request.strict_tools, request.output_schema, self.tags, in_thinking,
                 xml=self.renderer.xml_tool_calls,
+                # A forced call not asked to think after (Anthropic's API allows no thinking beside
+                # one) comes at once, even where the template opened <think> regardless.
+                thought=not (choice.mode in ("any", "tool") and conversation.thinking is False),
             )
         except ValueError as error:
             raise InvalidRequestError(f"this model cannot constrain its output that way: {error}") from None
@@ -131,11 +134,14 @@ class Frontend:
 
     def _parser(self, request: GenerationRequest, ids: list[int]) -> OutputParser | None:
         tools = bool(request.conversation.tools) and request.tool_choice.mode != "none"
-        thinking = self.renderer.thinks and request.conversation.thinking is not False
+        # Thinking templates open <think> in the generation prompt: the output starts inside it.
+        # Some open it whatever they are told (Qwen3-VL-Thinking has no enable_thinking): the
+        # model thinks unasked, and its thinking must still come back as thinking, not as text
+        # ending in the </think> markup.
+        opened = self.renderer.thinks and self._tokenizer.decode(ids[-3:]).rstrip().endswith(THINK_OPEN)
+        thinking = opened or (self.renderer.thinks and request.conversation.thinking is not False)
         if not (tools or thinking):
             return None
-        # Thinking templates open <think> in the generation prompt: the output starts inside it.
-        opened = thinking and self._tokenizer.decode(ids[-3:]).rstrip().endswith(THINK_OPEN)
         schemas = {tool.name: tool.input_schema for tool in request.conversation.tools} if tools else None
         return OutputParser(tools=tools, thinking=thinking, in_thinking=opened, schemas=schemas)
 

@@ -51,7 +51,7 @@ from localvl.engine.stops import StopMatcher
 from localvl.engine.vision import ImageCache
 from localvl.errors import InternalError, InvalidRequestError, OverloadedError, ServiceUnavailableError
 from localvl.models.loader import LoadedModel
-from localvl.prompt.outputs import THINK_OPEN, TOOL_OPEN, Piece, TextPiece, ThinkingPiece, tool_call_id
+from localvl.prompt.outputs import THINK_CLOSE, THINK_OPEN, TOOL_OPEN, Piece, TextPiece, ThinkingPiece, tool_call_id
 from localvl.prompt.render import Renderer
 
 logger = logging.getLogger(__name__)
@@ -96,6 +96,10 @@ class LocalEngine:
         vocab_size = int(self.model.text_config.vocab_size)
         self.constraints = Constraints(loaded.tokenizer, vocab_size, loaded.eos_token_ids)
         self._think_close_ids = self._tokenizer.encode("\n</think>\n\n", add_special_tokens=False)
+        # Of those, the ones still counted as thinking (up to </think>): forced early enough, the
+        # thinking, its closing tag included, stays within the budget.
+        close = self._tokenizer.convert_tokens_to_ids(THINK_CLOSE)
+        self._think_close_cost = self._think_close_ids.index(close) + 1 if close in self._think_close_ids else 0
         # Tokens that open reasoning or a tool call: markup, not the answer's content.
         self._opening_ids = {ids[0] for ids in (self._tokenizer.encode(t, add_special_tokens=False) for t in (TOOL_OPEN, THINK_OPEN)) if len(ids) == 1}
         self.linear_states = None
@@ -597,7 +601,7 @@ class LocalEngine:
             self._emit_text(job, text)
             job.thinking_tokens += thinking  # the token that closes the thinking too
             if job.thinking_budget is not None and job.parser is not None and job.parser.in_thinking:
-                if job.thinking_tokens >= job.thinking_budget and not job.forced:
+                if job.thinking_tokens + self._think_close_cost >= job.thinking_budget and not job.forced:
                     job.forced = list(self._think_close_ids)
                     job.thinking_budget = None  # forced once
             if job.stops.matched is not None:

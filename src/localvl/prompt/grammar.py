@@ -289,10 +289,11 @@ def _xml_call(index: int, tool: Tool, held: bool, strict: bool, lines: list[str]
     return rule
 
 
-def _thinking_prefix(tags: TagIds) -> str:
+def _thinking_prefix(tags: TagIds, free: bool) -> str:
     if tags.think_close is None:
         raise ValueError("the model's vocabulary has no </think> token")
-    return f'thought: THOUGHT <[{tags.think_close}]> /\\n*/\nTHOUGHT: /(.|\\n)*/\n'
+    thought = "(.|\\n)*" if free else "\\n*"  # not free: the thinking is closed at once, empty
+    return f'thought: THOUGHT <[{tags.think_close}]> /\\n*/\nTHOUGHT: /{thought}/\n'
 
 
 def request_grammar(
@@ -303,13 +304,16 @@ def request_grammar(
     tags: TagIds,
     in_thinking: bool,
     xml: bool = False,
+    thought: bool = True,
 ) -> str | None:
     """The grammar of this request's answer, or None if nothing about it is constrained.
 
     A forced tool call admits only tool calls; a JSON schema admits the JSON answer (or, when
     tools may be called, tool calls instead); strict tools under ``auto`` admit free text and then
     tool calls valid against their schemas. ``xml``: the model writes tool calls in Qwen3.5's XML
-    form (``<function=…>`` with ``<parameter=…>`` values) rather than as JSON.
+    form (``<function=…>`` with ``<parameter=…>`` values) rather than as JSON. ``in_thinking``:
+    the prompt left the model inside ``<think>``; ``thought``: it may think there, else it must
+    close the thinking at once.
     """
     callable_tools = tools if choice.mode != "none" else []
     forced = choice.mode in ("any", "tool")
@@ -349,4 +353,4 @@ def request_grammar(
         lines.append("TEXT: /(.|\\n)+/")
         start = f"start: {head}TEXT? ({calls})?"
     grammar = "\n".join([start, *lines]) + "\n"
-    return grammar + (_thinking_prefix(tags) if in_thinking else "")
+    return grammar + (_thinking_prefix(tags, thought) if in_thinking else "")

@@ -531,8 +531,10 @@ def test_tools_a_call_could_not_honour_are_refused(tools, message):
     ({"type": "enabled", "budget_tokens": 1024.0}, "thinking.enabled.budget_tokens: Input should be a valid integer"),
     ({"type": "enabled", "budget_tokens": "1024"}, "thinking.enabled.budget_tokens: Input should be a valid integer"),
     ({"type": "enabled", "budget_tokens": 100}, "thinking.enabled.budget_tokens: Input should be greater than or equal to 1024"),
+    ({"type": "enabled", "budget_tokens": 1024, "display": "omit"}, "thinking.enabled.display: Input should be 'summarized' or 'omitted'"),
+    ({"type": "adaptive", "display": "hidden"}, "thinking.adaptive.display: Input should be 'summarized' or 'omitted'"),
 ])
-def test_a_thinking_budget_that_is_no_integer_of_1024_or_more_is_named_for_what_it_is(thinking, message):
+def test_a_thinking_budget_under_1024_or_an_unknown_display_is_named_for_what_it_is(thinking, message):
     assert refused([USER], thinking=thinking).startswith(message)
 
 

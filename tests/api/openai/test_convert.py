@@ -215,3 +215,21 @@ def test_an_earlier_answer_that_said_nothing_is_taken_back():
     with pytest.raises(InvalidRequestError, match="messages.1.content: assistant messages must have non-empty content"):
         conversation_from(body(messages=[{"role": "user", "content": "hi"}, {"role": "assistant", "content": None},
                                          {"role": "user", "content": "again"}]))  # null without calls: OpenAI's 400 too
+
+
+def test_reasoning_sent_back_with_a_tool_call_is_the_turns_thinking():
+    """A tool loop sends back the answer it got, reasoning_content and all: a thinking template
+    renders that reasoning in the turns after the last user message, as the model wrote it."""
+    from localvl.conversation import Thinking, ToolCall
+
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    answer = {"role": "assistant", "content": None, "tool_calls": [call], "reasoning_content": "need f"}
+    history = [{"role": "user", "content": "hi"}, answer, {"role": "tool", "tool_call_id": "c1", "content": "r"}]
+    assert conversation_from(body(messages=history)).turns[1].parts == [Thinking("need f"), ToolCall("c1", "f", {})]
+    # reasoning alone, with no answer, stays skipped as an empty answer is
+    history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "", "reasoning_content": "hm"},
+               {"role": "user", "content": "again"}]
+    assert [t.role for t in conversation_from(body(messages=history)).turns] == ["user"]
+    with pytest.raises(InvalidRequestError, match=r"messages.1.reasoning_content: Input should be a valid string"):
+        conversation_from(body(messages=[{"role": "user", "content": "hi"}, {**answer, "reasoning_content": 3},
+                                         {"role": "tool", "tool_call_id": "c1", "content": "r"}]))

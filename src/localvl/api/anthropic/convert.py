@@ -385,6 +385,9 @@ def _thinking(thinking: dict[str, Any] | None) -> tuple[bool | None, int | None]
     if thinking is None:
         return False, None
     kind = thinking.get("type")
+    if kind != "disabled" and thinking.get("display") not in (None, "summarized", "omitted"):
+        # else a misspelt "omitted" would show the thinking its client meant to hide
+        raise InvalidRequestError(f"thinking.{kind}.display: Input should be 'summarized' or 'omitted'")
     if kind == "enabled":
         budget = thinking.get("budget_tokens")
         if budget is None:

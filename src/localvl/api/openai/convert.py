@@ -20,6 +20,7 @@ from localvl.conversation import (
     TOOL_NAME_PATTERN,
     SamplingParams,
     Text,
+    Thinking,
     Tool,
     ToolCall,
     ToolChoice,
@@ -204,6 +205,15 @@ def _refused(message: Message) -> bool:
     return bool((message.model_extra or {}).get("refusal")) or (bool(parts) and all(p.type == "refusal" for p in parts))
 
 
+def _reasoning(message: Message, where: str) -> list[Part]:
+    """The ``reasoning_content`` an earlier answer came with (this API's, vLLM's and DeepSeek's
+    field), sent back: a thinking template re-renders it inside a tool loop, as the model wrote it."""
+    reasoning = (message.model_extra or {}).get("reasoning_content")
+    if reasoning is not None and not isinstance(reasoning, str):
+        raise InvalidRequestError(f"{where}.reasoning_content: Input should be a valid string")
+    return [Thinking(reasoning)] if reasoning else []
+
+
 def conversation_from(body: ChatCompletionRequest) -> Conversation:
     _refuse_what_cannot_be_honoured(body)
     _check_tool_pairs(body.messages)
@@ -224,6 +234,8 @@ def conversation_from(body: ChatCompletionRequest) -> Conversation:
                 if message.role != "assistant":
                     raise InvalidRequestError(f"{where}.tool_calls: only assistant messages carry tool calls")
                 parts += _tool_calls(message, where)
+            if message.role == "assistant" and parts:
+                parts[:0] = _reasoning(message, where)
             role = ROLES[message.role]
         if not parts:
             # An empty final assistant message: nothing to continue; a refusal; an answer that said
