@@ -50,6 +50,7 @@ import httpx
 from localvl.api.app import create_app
 from localvl.engine.local import EngineConfig, LocalEngine
 from localvl.settings import Settings
+from tests.engine.fuzz import load
 from tests.helpers import image_bytes, pdf_bytes
 
 KEY = "sk-fuzz"
@@ -1293,17 +1294,6 @@ class ApiFuzzer:
                     failures.append(f"batch {batch_id} result: {type(defect).__name__}: {defect}")
         self.batches.clear()
         return failures
-
-
-def load(family: str, root: str) -> Any:
-    from localvl.models.loader import load_model
-    from localvl.models.tiny import build_tiny_model
-
-    folder = Path(root) / family
-    if not (folder / "config.json").exists():
-        folder.mkdir(parents=True, exist_ok=True)
-        build_tiny_model(folder, family, "tiny")
-    return load_model(str(folder), device="cpu", dtype="float32")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,6 +9,7 @@ from localvl.api.app import create_app
 from localvl.engine.local import LocalEngine
 from localvl.settings import Settings
 from tests.helpers import image_b64, image_bytes, prompt_tokens
+from tests.store.conftest import database_url  # noqa: F401  (a fixture: SQLite, and PostgreSQL where there is one)
 
 KEY = "sk-test-123"
 
@@ -396,23 +397,9 @@ def test_file_uploads_have_their_own_limits(loaded_model, tmp_path):
         assert client.get(f"/v1/files/{ok.json()['id']}/content").content == b"x" * 20_000
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def any_database(request, tmp_path):
-    if request.param == "sqlite":
-        yield None
-        return
-    from tests.store.conftest import POSTGRES, drop_postgres_database, fresh_postgres_database
-
-    if not POSTGRES:
-        pytest.skip("no PostgreSQL server (set LOCALVL_TEST_POSTGRES_URL; .ci/run starts one)")
-    url, name = fresh_postgres_database()
-    yield url
-    drop_postgres_database(name)
-
-
-def test_upload_names_and_types_the_store_cannot_keep_are_400s_or_set_aside(loaded_model, tmp_path, any_database):
+def test_upload_names_and_types_the_store_cannot_keep_are_400s_or_set_aside(loaded_model, tmp_path, database_url):
     # PostgreSQL refuses a NUL and values past a column's length: each was a 500 there, while SQLite kept them
-    settings = Settings(served_model_name="tiny-vl", data_dir=tmp_path, database_url=any_database)
+    settings = Settings(served_model_name="tiny-vl", data_dir=tmp_path, database_url=database_url)
     with TestClient(create_app(settings, LocalEngine(loaded_model("qwen2_5_vl"))), base_url="http://localhost") as client:
         longest = client.post("/v1/files", files={"file": ("文" * 508 + ".txt", b"x", "text/plain")})
         assert longest.status_code == 200 and longest.json()["filename"] == "文" * 508 + ".txt"
